@@ -1,0 +1,172 @@
+"""The attention-method interface every model, engine and sparse method meets on.
+
+Shapes (B batch, T tokens, H query heads, G KV heads, g = H // G, d head dim):
+
+* prefill inputs: ``q [B, T, H, d]``, ``k/v [B, T, G, d]`` (post-RoPE), right-padded
+  to a bucket length ``T``; ``lengths [B]`` holds each sequence's real prompt length.
+  Query head ``h`` reads KV head ``h // g``.
+* decode inputs: ``q [B, H, d]`` (one new token per sequence) and the layer's
+  :class:`~sparse_jax.engine.kv_cache.PagedKVCache`, into which the engine has already
+  appended the new token's key and value.
+
+A method implements any subset of ``prefill``, ``compress`` and ``decode``; the
+:class:`AttentionMethod` defaults fall back to dense attention and to keeping every
+prompt token, so a prefill-only method (block-sparse) or a decode-only method (Quest)
+overrides one hook and inherits the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:  # Imported for annotations only; the engine imports this module.
+    from sparse_jax.engine.kv_cache import PagedKVCache
+
+
+class LayerSpec(NamedTuple):
+    """Static facts about the attention of one decoder layer.
+
+    Attributes:
+      index: layer number, 0-based.
+      scale: softmax scale applied to ``q . k`` (``1/sqrt(d)`` for Llama/Qwen,
+        ``query_pre_attn_scalar ** -0.5`` for Gemma 3).
+      sliding_window: for local (sliding-window) layers, the number of most recent
+        keys a query may see, itself included; ``None`` for global layers.
+    """
+
+    index: int
+    scale: float
+    sliding_window: int | None = None
+
+
+class PrefillStats(NamedTuple):
+    """What a prefill attention actually computed, per sequence and query head.
+
+    Attributes:
+      attended_pairs: ``[B, H]`` float32, number of causal (query, key) pairs whose
+        score was computed, over the real (unpadded) prompt only.
+      causal_pairs: ``[B]`` float32, ``L (L + 1) / 2`` for prompt length ``L`` (or the
+        sliding-window count for local layers): the dense pair count.
+      reported_sparsity: ``[B, H]`` float32, the reference framework's own per-method
+        sparsity figure (REFERENCE.md section 4), kept for comparison with its numbers.
+    """
+
+    attended_pairs: jax.Array
+    causal_pairs: jax.Array
+    reported_sparsity: jax.Array
+
+
+class DecodeStats(NamedTuple):
+    """Tokens read by one decode step, per sequence and query head.
+
+    Attributes:
+      tokens_read: ``[B, H]`` float32, cached tokens whose keys were scored.
+      tokens_cached: ``[B, H]`` float32, tokens the full (uncompressed) cache of this
+        sequence would hold at this step: the dense read count.
+    """
+
+    tokens_read: jax.Array
+    tokens_cached: jax.Array
+
+
+class KeptTokens(NamedTuple):
+    """Token indices kept in the cache after KV eviction (SnapKV-style compression).
+
+    Attributes:
+      indices: ``[B, G, capacity]`` int32 prompt positions kept per KV head, ascending;
+        entries at and past ``counts`` are padding and never read.
+      counts: ``[B, G]`` int32, tokens kept per KV head (may differ between heads).
+      reported_sparsity: ``[B]`` float32, the reference's per-layer figure
+        (``1 - kept / L``) for this compression.
+    """
+
+    indices: jax.Array
+    counts: jax.Array
+    reported_sparsity: jax.Array
+
+
+def dense_prefill_stats(lengths: jax.Array, num_heads: int, window: int | None = None) -> PrefillStats:
+    """Stats of a dense causal prefill: every causal pair attended, sparsity 0.
+
+    Args:
+      lengths: ``[B]`` int32 prompt lengths.
+      num_heads: number of query heads ``H``.
+      window: sliding window of a local layer, or ``None``.
+    """
+    pairs = causal_pair_count(lengths, window)
+    attended = jnp.broadcast_to(pairs[:, None], (lengths.shape[0], num_heads))
+    return PrefillStats(attended, pairs, jnp.zeros_like(attended))
+
+
+def causal_pair_count(lengths: jax.Array, window: int | None = None) -> jax.Array:
+    """``[B]`` float32 number of (query, key) pairs a causal (optionally windowed) mask allows."""
+    n = lengths.astype(jnp.float32)
+    full = n * (n + 1.0) / 2.0
+    if window is None:
+        return full
+    w = jnp.float32(window)
+    # Rows i < w see i + 1 keys; later rows see exactly w keys.
+    head = jnp.minimum(n, w)
+    return head * (head + 1.0) / 2.0 + jnp.maximum(n - w, 0.0) * w
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMethod:
+    """Base class: dense causal prefill, no eviction, dense decode.
+
+    Subclasses are frozen dataclasses whose fields are the method's hyper-parameters,
+    so a method instance is hashable and usable as a static argument under ``jax.jit``.
+    """
+
+    name: ClassVar[str] = "dense"
+
+    def prefill(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, *, lengths: jax.Array, layer: LayerSpec
+    ) -> tuple[jax.Array, PrefillStats]:
+        """Causal attention over the prompt.
+
+        Args:
+          q: ``[B, T, H, d]`` post-RoPE queries.
+          k: ``[B, T, G, d]`` post-RoPE keys.
+          v: ``[B, T, G, d]`` values.
+          lengths: ``[B]`` int32 real prompt lengths (``T`` is the padded bucket).
+          layer: the layer's static attention facts.
+
+        Returns:
+          ``out [B, T, H, d]`` in ``q.dtype`` and the :class:`PrefillStats`.
+        """
+        from sparse_jax.attention.dense import dense_causal_attention
+
+        out = dense_causal_attention(q, k, v, scale=layer.scale, sliding_window=layer.sliding_window)
+        return out, dense_prefill_stats(lengths, q.shape[2], layer.sliding_window)
+
+    def compress(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, *, lengths: jax.Array, layer: LayerSpec
+    ) -> KeptTokens | None:
+        """Which prompt tokens to keep in the cache; ``None`` keeps them all.
+
+        Same argument shapes as :meth:`prefill`.
+        """
+        del q, k, v, lengths, layer
+        return None
+
+    def decode(self, q: jax.Array, cache: PagedKVCache, *, layer: LayerSpec) -> tuple[jax.Array, DecodeStats]:
+        """One decode step over the layer's cache (which already holds the new token).
+
+        Args:
+          q: ``[B, H, d]`` post-RoPE query of the newest token.
+          cache: the layer's paged cache.
+          layer: the layer's static attention facts.
+
+        Returns:
+          ``out [B, H, d]`` and the :class:`DecodeStats`.
+        """
+        return cache.dense_decode(q, scale=layer.scale, sliding_window=layer.sliding_window)
+
+    def describe(self) -> dict[str, Any]:
+        """The method's name and hyper-parameters, for results keys and reports."""
+        return {"name": self.name, **dataclasses.asdict(self)}
