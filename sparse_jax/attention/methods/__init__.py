@@ -1,0 +1,1 @@
+"""Built-in sparse attention methods; importing this package registers them."""
