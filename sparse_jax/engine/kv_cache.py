@@ -15,6 +15,10 @@ P pages per row):
 * ``seq_lengths``: ``[B]`` int32 tokens the sequence has produced so far (prompt plus
   generated), i.e. what an uncompressed cache would hold; also the absolute position
   of the next token.
+
+The engine allocates each row a contiguous run of ``P`` pages (row ``b`` of every KV
+head owns pages ``b * P .. b * P + P - 1`` of that head's pool), but every read and
+write goes through ``page_table``, so methods and kernels may rely only on the table.
 """
 
 from __future__ import annotations
@@ -24,7 +28,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.paged_decode.reference import paged_decode_attention
-from sparse_jax.attention.base import DecodeStats
+from sparse_jax.attention.base import DecodeStats, KeptTokens
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    """Pages needed to hold ``tokens`` tokens."""
+    return -(-tokens // page_size)
 
 
 @flax.struct.dataclass
@@ -36,6 +45,138 @@ class PagedKVCache:
     page_table: jax.Array
     lengths: jax.Array
     seq_lengths: jax.Array
+
+    @classmethod
+    def allocate(
+        cls,
+        *,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        pages_per_row: int,
+        page_size: int,
+        dtype: jnp.dtype,
+    ) -> PagedKVCache:
+        """An empty cache whose rows own contiguous runs of ``pages_per_row`` pages.
+
+        Summaries start at ``+inf`` / ``-inf`` (empty pages), lengths at 0.
+        """
+        pool = batch * pages_per_row
+        shape = (num_kv_heads, pool, page_size, head_dim)
+        row_pages = jnp.arange(batch, dtype=jnp.int32)[:, None] * pages_per_row + jnp.arange(
+            pages_per_row, dtype=jnp.int32
+        )
+        return cls(
+            k_pages=jnp.zeros(shape, dtype),
+            v_pages=jnp.zeros(shape, dtype),
+            k_min=jnp.full((num_kv_heads, pool, head_dim), jnp.inf, dtype),
+            k_max=jnp.full((num_kv_heads, pool, head_dim), -jnp.inf, dtype),
+            page_table=jnp.broadcast_to(row_pages[:, None, :], (batch, num_kv_heads, pages_per_row)),
+            lengths=jnp.zeros((batch, num_kv_heads), jnp.int32),
+            seq_lengths=jnp.zeros((batch,), jnp.int32),
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.page_table.shape[0]
+
+    @property
+    def pages_per_row(self) -> int:
+        return self.page_table.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        """Tokens one row can hold."""
+        return self.pages_per_row * self.page_size
+
+    def write_prompt(
+        self,
+        k: jax.Array,
+        v: jax.Array,
+        prompt_lengths: jax.Array,
+        *,
+        row_start: jax.Array | int = 0,
+        kept: KeptTokens | None = None,
+    ) -> PagedKVCache:
+        """Fill rows ``row_start .. row_start + b - 1`` from a prefill, replacing their contents.
+
+        Args:
+          k: ``[b, T, G, d]`` post-RoPE prompt keys (right-padded to ``T``).
+          v: ``[b, T, G, d]`` prompt values.
+          prompt_lengths: ``[b]`` int32 real prompt lengths.
+          row_start: first cache row to fill (may be traced).
+          kept: if given, only ``kept.indices[:, g, :kept.counts[:, g]]`` are stored for
+            KV head ``g`` (KV eviction); otherwise the whole prompt is.
+
+        Returns:
+          The cache with those rows' pages, page summaries, ``lengths`` and
+          ``seq_lengths`` (= ``prompt_lengths``) rewritten.
+        """
+        b, t, g, _ = k.shape
+        k_rows = jnp.swapaxes(k, 1, 2)  # [b, G, T, d]
+        v_rows = jnp.swapaxes(v, 1, 2)
+        if kept is None:
+            row_lengths = jnp.broadcast_to(prompt_lengths[:, None], (b, g)).astype(jnp.int32)
+        else:
+            idx = jnp.clip(kept.indices, 0, t - 1)[..., None]  # padding entries may be anything
+            k_rows = jnp.take_along_axis(k_rows, idx, axis=2)
+            v_rows = jnp.take_along_axis(v_rows, idx, axis=2)
+            row_lengths = kept.counts.astype(jnp.int32)
+        return self._write_rows(k_rows, v_rows, row_lengths, prompt_lengths.astype(jnp.int32), row_start)
+
+    def _write_rows(self, k_rows, v_rows, row_lengths, seq_lengths, row_start) -> PagedKVCache:
+        """Write ``[b, G, C, d]`` token rows (``row_lengths [b, G]`` valid) at the start of their pages."""
+        b, g, c, d = k_rows.shape
+        s = self.page_size
+        n = pages_for(c, s)
+        if n > self.pages_per_row:
+            raise ValueError(
+                f"a prompt of {c} tokens needs {n} pages per row but the cache has {self.pages_per_row}; "
+                "allocate the cache for the longest (bucketed) prompt plus the new tokens"
+            )
+        pad = ((0, 0), (0, 0), (0, n * s - c), (0, 0))
+        k_new = jnp.pad(k_rows, pad).astype(self.k_pages.dtype).reshape(b, g, n, s, d)
+        v_new = jnp.pad(v_rows, pad).astype(self.v_pages.dtype).reshape(b, g, n, s, d)
+        table = jax.lax.dynamic_slice_in_dim(self.page_table, row_start, b, axis=0)
+        heads = jnp.arange(g)[None, :, None]
+        pages = table[:, :, :n]  # [b, G, n]
+        valid = (jnp.arange(n * s).reshape(n, s) < row_lengths[:, :, None, None])[..., None]  # [b, G, n, s, 1]
+        k_min = jnp.where(valid, k_new, jnp.inf).min(axis=3)
+        k_max = jnp.where(valid, k_new, -jnp.inf).max(axis=3)
+        # Pages past the written ones belong to this row too; they must read as empty again.
+        rest = table[:, :, n:]
+        return self.replace(
+            k_pages=self.k_pages.at[heads, pages].set(k_new),
+            v_pages=self.v_pages.at[heads, pages].set(v_new),
+            k_min=self.k_min.at[heads, pages].set(k_min).at[heads, rest].set(jnp.inf),
+            k_max=self.k_max.at[heads, pages].set(k_max).at[heads, rest].set(-jnp.inf),
+            lengths=jax.lax.dynamic_update_slice_in_dim(self.lengths, row_lengths, row_start, axis=0),
+            seq_lengths=jax.lax.dynamic_update_slice_in_dim(self.seq_lengths, seq_lengths, row_start, axis=0),
+        )
+
+    def append(self, k: jax.Array, v: jax.Array) -> PagedKVCache:
+        """Append one token per sequence at each row's length and update its page summary.
+
+        Args:
+          k: ``[B, G, d]`` post-RoPE key of the newest token.
+          v: ``[B, G, d]`` its value.
+
+        The caller guarantees ``lengths < capacity`` (the engine sizes the pool for the
+        longest prompt plus every new token).
+        """
+        s = self.page_size
+        heads = jnp.arange(self.num_kv_heads)[None, :]
+        page = jnp.take_along_axis(self.page_table, (self.lengths // s)[..., None], axis=2)[..., 0]  # [B, G]
+        slot = self.lengths % s
+        k = k.astype(self.k_pages.dtype)
+        return self.replace(
+            k_pages=self.k_pages.at[heads, page, slot].set(k),
+            v_pages=self.v_pages.at[heads, page, slot].set(v.astype(self.v_pages.dtype)),
+            k_min=self.k_min.at[heads, page].min(k),
+            k_max=self.k_max.at[heads, page].max(k),
+            lengths=self.lengths + 1,
+            seq_lengths=self.seq_lengths + 1,
+        )
 
     @property
     def page_size(self) -> int:

@@ -1,1 +1,14 @@
-"""Built-in sparse attention methods; importing this package registers them."""
+"""Built-in sparse attention methods; importing this package registers them.
+
+Prefill: ``block_sparse``, ``vertical_and_slash``, ``flexprefill``. KV eviction after a
+dense prefill: ``snapkv``, ``ada_snapkv``. Decode-time page selection: ``quest``.
+"""
+
+from sparse_jax.attention.methods.ada_snapkv import AdaSnapKV
+from sparse_jax.attention.methods.block_sparse import BlockSparse
+from sparse_jax.attention.methods.flexprefill import FlexPrefill
+from sparse_jax.attention.methods.quest import Quest
+from sparse_jax.attention.methods.snapkv import SnapKV
+from sparse_jax.attention.methods.vertical_and_slash import VerticalAndSlash
+
+__all__ = ["AdaSnapKV", "BlockSparse", "FlexPrefill", "Quest", "SnapKV", "VerticalAndSlash"]

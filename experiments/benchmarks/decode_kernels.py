@@ -1,0 +1,201 @@
+"""Paged decode kernels on one GPU: dense, Quest-selected and evicted caches (issue 7).
+
+Shapes: 32 query heads, 8 KV heads, d=128, bf16, page size 16, shuffled page tables.
+Each timed function runs ``REPEATS`` independent decode steps inside one jit (distinct
+queries, no loop), so host dispatch is amortised; we report the median per step over
+``TRIALS`` calls after warm-up. Bandwidth counts the K and V bytes of the valid tokens.
+
+Run on the device: ``PYTHONUNBUFFERED=1 python experiments/benchmarks/decode_kernels.py --out $OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from pallas_kernels.paged_decode import DecodeConfig, default_config, gpu_triton, quest, reference
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+H, G, D, PAGE = 32, 8, 128, 16
+REPEATS, TRIALS = 10, 15
+INTERPRET = False  # --interpret: CPU smoke run of the script
+SCALE = D**-0.5
+
+
+def make_cache(key, batch: int, pages_per_row: int, lengths: np.ndarray):
+    """Pools sized to the tables, shuffled tables; ``lengths [batch, G]``."""
+    pool = batch * pages_per_row
+    kk, kv, kq, kt, km = jax.random.split(key, 5)
+    k = jax.random.normal(kk, (G, pool, PAGE, D), jnp.bfloat16)
+    v = jax.random.normal(kv, (G, pool, PAGE, D), jnp.bfloat16)
+    qs = jax.random.normal(kq, (REPEATS, batch, H, D), jnp.bfloat16)
+    perms = jax.vmap(lambda kk_: jax.random.permutation(kk_, pool))(jax.random.split(kt, G))  # [G, pool]
+    table = jnp.swapaxes(perms.reshape(G, batch, pages_per_row), 0, 1).astype(jnp.int32)
+    k_min = jax.random.normal(km, (G, pool, D), jnp.bfloat16)
+    k_max = k_min + jnp.abs(jax.random.normal(kk, (G, pool, D), jnp.bfloat16))
+    return dict(qs=qs, k=k, v=v, table=table, lengths=jnp.asarray(lengths, jnp.int32), k_min=k_min, k_max=k_max)
+
+
+def time_steps(fn, *args) -> float:
+    """Median seconds per decode step of ``fn(q, *args)`` over the REPEATS queries in ``args[0]``."""
+    many = jax.jit(lambda qs, *rest: [fn(qs[i], *rest) for i in range(REPEATS)])
+    jax.block_until_ready(many(*args))
+    jax.block_until_ready(many(*args))
+    times = []
+    for _ in range(TRIALS):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / REPEATS
+
+
+def kv_bytes(tokens: int) -> int:
+    return tokens * G * D * 2 * 2  # K and V, bf16
+
+
+def kernel_fn(config: DecodeConfig):
+    def fn(q, k, v, table, lengths):
+        return gpu_triton.paged_decode_attention(q, k, v, table, lengths, scale=SCALE, config=config,
+                                               interpret=INTERPRET)
+    return fn
+
+
+def reference_fn(q, k, v, table, lengths):
+    return reference.paged_decode_attention(q, k, v, table, lengths, scale=SCALE)
+
+
+def xla_contiguous_fn(q, k, v):
+    """Dense decode over a contiguous ``[B, G, T, d]`` cache, as XLA compiles it."""
+    b = q.shape[0]
+    qg = q.reshape(b, G, H // G, D)
+    s = jnp.einsum("bgnd,bgtd->bgnt", qg, k, preferred_element_type=jnp.float32) * SCALE
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bgnt,bgtd->bgnd", p.astype(k.dtype), v).reshape(b, H, D)
+
+
+def quest_fn(config: DecodeConfig, budget: int):
+    def fn(q, k, v, table, lengths, k_min, k_max):
+        sel, sel_len = quest.quest_page_table(
+            q, k_min, k_max, table, lengths, page_size=PAGE, token_budget=budget, share_pages=True
+        )
+        return gpu_triton.paged_decode_attention(q, k, v, sel, sel_len, scale=SCALE, config=config,
+                                               interpret=INTERPRET)
+    return fn
+
+
+def selection_fn(budget: int):
+    def fn(q, table, lengths, k_min, k_max):
+        return quest.quest_page_table(q, k_min, k_max, table, lengths, page_size=PAGE, token_budget=budget,
+                                      share_pages=True)
+    return fn
+
+
+def check(out, want, name):
+    err = float(jnp.linalg.norm((out - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
+    status = "ok" if err < 2e-2 else "FAIL"
+    print(f"  check {name}: rel err {err:.2e} {status}")
+    return err
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--context", type=int, default=128 * 1024)
+    parser.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke run)")
+    args = parser.parse_args()
+    global INTERPRET, TRIALS
+    INTERPRET = args.interpret
+    if INTERPRET:
+        TRIALS = 1
+    print(jax.devices())
+    ctx = args.context
+    rows = []
+    key = jax.random.key(0)
+    sweep = [DecodeConfig(pages_per_block=p, num_splits=1, num_warps=w, num_stages=s)
+             for p, w, s in [(8, 4, 2), (8, 4, 3), (16, 4, 2), (8, 8, 2), (16, 8, 3), (4, 4, 3)]]
+
+    def record(name, seconds, tokens, **extra):
+        bw = kv_bytes(tokens) / seconds / 1e12 if tokens else None
+        rows.append(dict(name=name, us=seconds * 1e6, tb_s=bw, **extra))
+        bw_txt = f"{bw:6.2f} TB/s" if bw else ""
+        tqdm.write(f"{name:58s} {seconds * 1e6:10.1f} us  {bw_txt}")
+
+    for batch in (8, 1):
+        pages = ctx // PAGE
+        lengths = np.full((batch, G), ctx)
+        c = make_cache(key, batch, pages, lengths)
+        base = (c["qs"], c["k"], c["v"], c["table"], c["lengths"])
+        tokens = batch * ctx
+        want = reference_fn(c["qs"][0], *base[1:])
+        best = None
+        for cfg in tqdm(sweep, desc=f"dense b{batch} sweep"):
+            cfg = DecodeConfig(pages_per_block=cfg.pages_per_block, num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages,
+                               num_splits=default_config(batch, G, pages, pages_per_block=cfg.pages_per_block).num_splits)
+            check(kernel_fn(cfg)(c["qs"][0], *base[1:]), want, f"dense b{batch} {cfg}")
+            t = time_steps(kernel_fn(cfg), *base)
+            record(f"dense kernel b{batch} ppb{cfg.pages_per_block} w{cfg.num_warps} s{cfg.num_stages} "
+                   f"sp{cfg.num_splits}", t, tokens, config=str(cfg))
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        try:
+            record(f"dense jnp reference (gather) b{batch}", time_steps(reference_fn, *base), tokens)
+        except Exception as e:  # the fp32 gathered copies may not fit at batch 8
+            tqdm.write(f"dense jnp reference b{batch}: {type(e).__name__}: {str(e)[:200]}")
+        kc = jax.random.normal(key, (batch, G, ctx, D), jnp.bfloat16)
+        record(f"dense XLA contiguous b{batch}", time_steps(xla_contiguous_fn, c["qs"], kc, kc), tokens)
+        del kc
+        best_t, best_cfg = best
+        # Quest, 4096-token budget, selection included.
+        budget = 4096
+        qargs = base + (c["k_min"], c["k_max"])
+        qcfg = default_config(batch, G, budget // PAGE + 1, pages_per_block=best_cfg.pages_per_block)
+        qcfg = DecodeConfig(pages_per_block=qcfg.pages_per_block, num_splits=qcfg.num_splits,
+                            num_warps=best_cfg.num_warps, num_stages=best_cfg.num_stages)
+        sel, sel_len = selection_fn(budget)(c["qs"][0], c["table"], c["lengths"], c["k_min"], c["k_max"])
+        check(quest_fn(qcfg, budget)(c["qs"][0], *qargs[1:]),
+              reference_fn(c["qs"][0], c["k"], c["v"], sel, sel_len), f"quest b{batch}")
+        t_quest = time_steps(quest_fn(qcfg, budget), *qargs)
+        t_sel = time_steps(selection_fn(budget), c["qs"], c["table"], c["lengths"], c["k_min"], c["k_max"])
+        record(f"quest {budget} b{batch} (selection + kernel)", t_quest, batch * (budget + PAGE),
+               speedup_vs_dense=best_t / t_quest)
+        record(f"quest {budget} b{batch} selection only", t_sel, None)
+        del c, base, qargs
+        # SnapKV-evicted: 1024 kept per head in a 128K-capacity table vs a dense 1024-token cache.
+        kept = 1024
+        rng = np.random.default_rng(batch)
+        for name, lens, width in [
+            ("evicted 1024/128K", np.full((batch, G), kept), pages),
+            ("evicted ragged (Ada) mean 1024/128K", rng.integers(kept // 2, 3 * kept // 2 + 1, (batch, G)), pages),
+            ("dense 1024 cache", np.full((batch, G), kept), kept // PAGE),
+        ]:
+            c = make_cache(key, batch, width, lens)
+            cfg = default_config(batch, G, -(-int(lens.max()) // PAGE), pages_per_block=best_cfg.pages_per_block)
+            cfg = DecodeConfig(pages_per_block=cfg.pages_per_block, num_splits=cfg.num_splits,
+                               num_warps=best_cfg.num_warps, num_stages=best_cfg.num_stages)
+            base = (c["qs"], c["k"], c["v"], c["table"], c["lengths"])
+            check(kernel_fn(cfg)(c["qs"][0], *base[1:]), reference_fn(c["qs"][0], *base[1:]), name)
+            record(f"{name} b{batch}", time_steps(kernel_fn(cfg), *base), int(lens.sum()) // G)
+            del c, base
+
+    print("\nSUMMARY")
+    for r in rows:
+        extra = f"  speedup {r['speedup_vs_dense']:.1f}x" if "speedup_vs_dense" in r else ""
+        bw = f"{r['tb_s']:.2f} TB/s" if r["tb_s"] else ""
+        print(f"{r['name']:58s} {r['us']:10.1f} us {bw:>11s}{extra}")
+    if args.out:
+        with open(f"{args.out}/decode_kernels.json", "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Quest page selection (REFERENCE.md section 4.7), producing a page table the decode kernels read.
+
+Each cached page keeps element-wise ``k_min`` / ``k_max`` of its keys. For a query ``q``
+the largest possible ``q . k`` inside the page is
+``sum_d max(q_d * min_d, q_d * max_d) = relu(q) . max + min(q, 0) . min``, so page scores
+are two matrix products instead of a ``[pages, d]`` element-wise pass. Products are taken
+in the inputs' dtype with fp32 accumulation (bf16 x bf16 products are exact in fp32).
+
+Selection of one row (a KV head with ``share_pages``: group scores summed; else a query
+head): ``n`` cached tokens (the newest included), current page ``c = (n - 1) // S``; the
+``b = token_budget // S`` best complete pages ``p < c`` plus page ``c``, read with length
+``b * S + (n - c * S)``. A row with ``c <= b`` has no more pages than the budget and
+keeps all of them (the explicit dense fallback; the reference asserts instead).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def page_upper_bounds(
+    q: jax.Array, k_min: jax.Array, k_max: jax.Array, page_table: jax.Array, *, share_pages: bool
+) -> jax.Array:
+    """Upper bound of ``q . k`` over each page of each row.
+
+    Args:
+      q: ``[B, H, d]`` query of the newest token.
+      k_min, k_max: ``[G, N, d]`` per-page key summaries of each KV head's pool.
+      page_table: ``[B, G, P]`` int32 pages of each (sequence, KV head).
+      share_pages: sum the scores of each KV head's query group (one row per KV head)
+        instead of scoring per query head.
+
+    Returns:
+      ``[B, G, P]`` (``share_pages``) or ``[B, H, P]`` fp32 scores; pages past a row's
+      length hold meaningless values and must be masked by the caller.
+    """
+    b, h, d = q.shape
+    g, num_pool_pages, _ = k_min.shape
+    qg = jnp.swapaxes(q.reshape(b, g, h // g, d), 0, 1)  # [G, B, g, d]
+    pos = jnp.maximum(qg, 0).astype(k_max.dtype)
+    neg = jnp.minimum(qg, 0).astype(k_min.dtype)
+    if num_pool_pages <= b * page_table.shape[2]:
+        # The tables cover the pool: score every pool page once per query head, then
+        # pick each row's pages, instead of gathering summaries per row.
+        spec = "jbnd,jpd->jbnp"
+        scores = jnp.einsum(spec, pos, k_max, preferred_element_type=jnp.float32) + jnp.einsum(
+            spec, neg, k_min, preferred_element_type=jnp.float32
+        )  # [G, B, g, N]
+        idx = jnp.swapaxes(page_table, 0, 1)[:, :, None, :]  # [G, B, 1, P]
+        rows = jnp.take_along_axis(scores, idx, axis=3)  # [G, B, g, P]
+    else:
+        heads = jnp.arange(g)[:, None, None]
+        table = jnp.swapaxes(page_table, 0, 1)  # [G, B, P]
+        spec = "jbnd,jbpd->jbnp"
+        rows = jnp.einsum(spec, pos, k_max[heads, table], preferred_element_type=jnp.float32) + jnp.einsum(
+            spec, neg, k_min[heads, table], preferred_element_type=jnp.float32
+        )
+    rows = jnp.swapaxes(rows, 0, 1)  # [B, G, g, P]
+    if share_pages:
+        return rows.sum(axis=2)
+    return rows.reshape(b, h, -1)
+
+
+def select_pages(
+    scores: jax.Array, page_table: jax.Array, lengths: jax.Array, *, page_size: int, token_budget: int
+) -> tuple[jax.Array, jax.Array]:
+    """The pages each row reads under the budget, as a page table for the decode kernels.
+
+    Args:
+      scores: ``[B, R, P]`` page scores (``R = G`` or ``H``), from :func:`page_upper_bounds`.
+      page_table: ``[B, G, P]`` int32 cache page table.
+      lengths: ``[B, G]`` int32 cached tokens per KV head, the newest included.
+      page_size: tokens per page ``S``.
+      token_budget: Quest's budget; a multiple of ``page_size``.
+
+    Returns:
+      ``(table [B, R, b + 1], row_lengths [B, R])`` int32 with ``b = token_budget // S``:
+      the chosen pool pages (best first, current page last) and their valid tokens. If the
+      cache table has no more than ``b + 1`` pages, it is returned unchanged (dense read).
+    """
+    if token_budget % page_size or token_budget <= 0:
+        raise ValueError(f"token_budget ({token_budget}) must be a positive multiple of page_size ({page_size})")
+    b, rows, num_pages = scores.shape
+    group = rows // page_table.shape[1]
+    table = jnp.repeat(page_table, group, axis=1)  # [B, R, P]
+    n = jnp.repeat(lengths, group, axis=1)
+    budget_pages = token_budget // page_size
+    if num_pages <= budget_pages + 1:
+        return table, n
+    current = jnp.maximum(n - 1, 0) // page_size  # [B, R]
+    eligible = jnp.arange(num_pages)[None, None, :] < current[..., None]
+    _, best = jax.lax.top_k(jnp.where(eligible, scores, -jnp.inf), budget_pages)  # [B, R, b]
+    chosen = jnp.concatenate([best, current[..., None]], axis=2)
+    dense = current <= budget_pages
+    chosen = jnp.where(dense[..., None], jnp.arange(budget_pages + 1)[None, None, :], chosen)
+    row_lengths = jnp.where(dense, n, budget_pages * page_size + n - current * page_size)
+    return jnp.take_along_axis(table, chosen, axis=2), row_lengths.astype(jnp.int32)
+
+
+def quest_page_table(
+    q: jax.Array,
+    k_min: jax.Array,
+    k_max: jax.Array,
+    page_table: jax.Array,
+    lengths: jax.Array,
+    *,
+    page_size: int,
+    token_budget: int,
+    share_pages: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Score and select: ``(table [B, R, b + 1], lengths [B, R])`` for the decode kernels.
+
+    Shapes as in :func:`page_upper_bounds` and :func:`select_pages`; ``R = G`` with
+    ``share_pages``, else ``H``.
+    """
+    scores = page_upper_bounds(q, k_min, k_max, page_table, share_pages=share_pages)
+    return select_pages(scores, page_table, lengths, page_size=page_size, token_budget=token_budget)

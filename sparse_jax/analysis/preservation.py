@@ -1,0 +1,241 @@
+"""Accuracy preservation: the highest sparsity that is statistically no worse than dense.
+
+Test (a paired non-inferiority test)
+------------------------------------
+For one sparse run and the dense run of the same (model, task, max_input_tokens), take the
+samples scored in both (same sample index, non-null score in both) and their differences
+``D_i = sparse_i - dense_i``. With margin ``delta`` (in score units; scores are in [0, 1])
+and level ``alpha``:
+
+    H0: mean(D) <= -delta   (sparse is worse than dense by at least the margin)
+    H1: mean(D) >  -delta   (sparse is no worse than dense, up to the margin)
+
+The run *preserves accuracy* when H0 is rejected, i.e. when the one-sided ``1 - alpha``
+lower confidence bound of ``mean(D)`` lies above ``-delta``:
+
+* ``paired_t``: bound ``mean(D) - t_{1-alpha, n-1} * sd(D) / sqrt(n)`` (Student t, ddof 1);
+  p-value ``P(T_{n-1} > (mean(D) + delta) / (sd(D)/sqrt(n)))``. With ``sd(D) = 0`` the mean
+  is exact and the run preserves accuracy iff ``mean(D) > -delta``.
+* ``bootstrap``: the ``alpha`` quantile of ``num_bootstrap`` resampled means of ``D``
+  (percentile bootstrap, fixed seed); p-value = share of resampled means ``<= -delta``.
+
+The burden of proof is on the sparse run: few samples or noisy scores give "not preserved".
+At ``mean(D) = -delta`` the test declares preservation with probability ``alpha`` (exactly
+for normal differences with ``paired_t``; approximately otherwise) -- the false-positive rate
+checked in ``tests/test_analysis_preservation.py``.
+
+Aggregation
+-----------
+Per (model, task, length, method) the runs form a sweep over sparsity levels
+(:attr:`RunRecord.level`). With ``monotone=True`` (default) levels are tested in increasing
+order and the sweep stops at the first failure (fixed-sequence testing), so the reported
+maximum preserving sparsity holds with family-wise error at most ``alpha``. With
+``monotone=False`` it is the largest level that passes on its own. Across tasks, a level
+holds when it holds on every task (an intersection-union test: level ``alpha`` without any
+correction); a level absent on one task cannot hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import numpy as np
+from scipy import stats
+
+from sparse_jax.analysis.records import RunRecord
+
+TestName = Literal["paired_t", "bootstrap"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreservationConfig:
+    """Settings of the preservation test (see the module docstring).
+
+    Attributes:
+      margin: non-inferiority margin ``delta`` in score units (0.05 = 5 points of accuracy).
+      alpha: one-sided level; the lower bound has confidence ``1 - alpha``.
+      test: ``"paired_t"`` or ``"bootstrap"``.
+      num_bootstrap: resamples of the bootstrap test.
+      seed: bootstrap seed.
+      monotone: stop a sweep at its first failing level (fixed-sequence testing).
+    """
+
+    margin: float = 0.05
+    alpha: float = 0.05
+    test: TestName = "paired_t"
+    num_bootstrap: int = 2000
+    seed: int = 0
+    monotone: bool = True
+
+    def __post_init__(self) -> None:
+        if self.test not in ("paired_t", "bootstrap"):
+            raise ValueError(f"unknown preservation test {self.test!r}; use 'paired_t' or 'bootstrap'.")
+        if not 0.0 < self.alpha < 0.5:
+            raise ValueError(f"alpha must be in (0, 0.5), got {self.alpha}.")
+        if self.margin < 0.0:
+            raise ValueError(f"margin must be >= 0 (a tolerated score drop), got {self.margin}.")
+
+    def describe(self) -> str:
+        """One paragraph stating the test, for reports."""
+        name = ("one-sided paired t-test" if self.test == "paired_t"
+                else f"one-sided paired percentile bootstrap ({self.num_bootstrap} resamples, seed {self.seed})")
+        order = ("levels tested in increasing sparsity, stopping at the first failure (family-wise error "
+                 f"<= {self.alpha})" if self.monotone else "each level tested on its own")
+        return (f"Non-inferiority {name} on per-sample score differences (sparse - dense, same samples): "
+                f"a run preserves accuracy when the {1 - self.alpha:.0%} lower confidence bound of the mean "
+                f"difference exceeds -{self.margin} (margin {self.margin} in score units, alpha {self.alpha}); "
+                f"{order}. Across tasks, a level must hold on every task.")
+
+
+class PairedTest(NamedTuple):
+    """Outcome of one non-inferiority test."""
+
+    n: int
+    mean_diff: float
+    lower_bound: float
+    p_value: float
+    preserved: bool
+
+
+def noninferiority_test(sparse: np.ndarray, dense: np.ndarray, config: PreservationConfig) -> PairedTest:
+    """Paired non-inferiority test of ``sparse`` against ``dense`` (see the module docstring).
+
+    Args:
+      sparse, dense: ``[n]`` per-sample scores, aligned by sample.
+      config: margin, level and test.
+    """
+    sparse, dense = np.asarray(sparse, np.float64), np.asarray(dense, np.float64)
+    if sparse.shape != dense.shape or sparse.ndim != 1:
+        raise ValueError(f"paired scores must be two 1-D arrays of one length, got {sparse.shape} and {dense.shape}.")
+    diff = sparse - dense
+    n = diff.size
+    if n < 2:
+        return PairedTest(n, float(diff.mean()) if n else math.nan, -math.inf, 1.0, False)
+    mean = float(diff.mean())
+    if config.test == "paired_t":
+        se = float(diff.std(ddof=1)) / math.sqrt(n)
+        if se == 0.0:
+            lower, p_value = mean, float(mean <= -config.margin)
+        else:
+            lower = mean - float(stats.t.ppf(1.0 - config.alpha, n - 1)) * se
+            p_value = float(stats.t.sf((mean + config.margin) / se, n - 1))
+    else:
+        rng = np.random.default_rng(config.seed)
+        means = diff[rng.integers(0, n, size=(config.num_bootstrap, n))].mean(axis=1)
+        lower = float(np.quantile(means, config.alpha))
+        p_value = float((np.sum(means <= -config.margin) + 1) / (config.num_bootstrap + 1))
+    return PairedTest(n, mean, lower, p_value, lower > -config.margin)
+
+
+def paired_scores(sparse: RunRecord, dense: RunRecord) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of the samples scored (non-null) in both runs, ordered by sample index."""
+    common = sorted(i for i, s in sparse.scores.items() if s is not None and dense.scores.get(i) is not None)
+    return (np.array([sparse.scores[i] for i in common], np.float64),
+            np.array([dense.scores[i] for i in common], np.float64))
+
+
+SweepKey = tuple[str, str, int, str]  # (model, task, max_input_tokens, method)
+
+
+def _sweeps(records: Sequence[RunRecord]) -> tuple[dict[tuple[str, str, int], RunRecord], dict[SweepKey, list[RunRecord]]]:
+    """Dense baseline per (model, task, length) and sparse runs per sweep, by increasing level."""
+    dense: dict[tuple[str, str, int], RunRecord] = {}
+    sweeps: dict[SweepKey, dict[float, RunRecord]] = defaultdict(dict)
+    for rec in records:
+        base = (rec.model.name, rec.task, rec.max_input_tokens)
+        if rec.is_dense:
+            if base in dense:
+                raise ValueError(f"two dense runs for {base}: {dense[base].path} and {rec.path}; keep one.")
+            dense[base] = rec
+            continue
+        levels = sweeps[(*base, rec.method)]
+        if rec.level in levels:
+            raise ValueError(
+                f"two {rec.method} runs at sparsity level {rec.level} for {base}: {levels[rec.level].path} and "
+                f"{rec.path}; give them distinct target_sparsity values or remove one."
+            )
+        levels[rec.level] = rec
+    return dense, {key: [levels[s] for s in sorted(levels)] for key, levels in sorted(sweeps.items())}
+
+
+def level_tests(records: Sequence[RunRecord], config: PreservationConfig) -> list[dict]:
+    """One row per sparse run with a dense baseline: the test at that level."""
+    dense, sweeps = _sweeps(records)
+    rows = []
+    for (model, task, length, method), runs in sweeps.items():
+        baseline = dense.get((model, task, length))
+        if baseline is None:
+            continue
+        for run in runs:
+            result = noninferiority_test(*paired_scores(run, baseline), config)
+            rows.append({
+                "model": model, "task": task, "max_input_tokens": length, "method": method,
+                "level": run.level, "prefill_sparsity": run.prefill_sparsity, "decode_sparsity": run.decode_sparsity,
+                "dense_score": baseline.mean_score, "sparse_score": run.mean_score, **result._asdict(),
+            })
+    return rows
+
+
+def sweeps_without_baseline(records: Sequence[RunRecord]) -> list[SweepKey]:
+    """Sweeps that have no dense run of the same (model, task, length) and so cannot be tested."""
+    dense, sweeps = _sweeps(records)
+    return [key for key in sweeps if key[:3] not in dense]
+
+
+def _max_level(levels: Sequence[tuple[float, bool]], monotone: bool) -> float | None:
+    """Largest preserving level of one sweep (``levels`` sorted by level), or ``None``."""
+    best = None
+    for level, preserved in levels:
+        if preserved:
+            best = level
+        elif monotone:
+            break
+    return best
+
+
+def max_preserving(level_rows: Sequence[dict], config: PreservationConfig) -> list[dict]:
+    """Per (model, task, length, method): the highest level that preserves accuracy.
+
+    ``max_sparsity`` is ``None`` when no level preserves; ``achieved_*`` are the run's
+    measured sparsities at that level.
+    """
+    groups: dict[SweepKey, list[dict]] = defaultdict(list)
+    for row in level_rows:
+        groups[(row["model"], row["task"], row["max_input_tokens"], row["method"])].append(row)
+    out = []
+    for (model, task, length, method), rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["level"])
+        best = _max_level([(r["level"], r["preserved"]) for r in rows], config.monotone)
+        at = next((r for r in rows if r["level"] == best), None)
+        out.append({
+            "model": model, "task": task, "max_input_tokens": length, "method": method,
+            "levels_tested": len(rows), "max_sparsity": best,
+            "achieved_prefill": at["prefill_sparsity"] if at else None,
+            "achieved_decode": at["decode_sparsity"] if at else None,
+        })
+    return out
+
+
+def max_preserving_across_tasks(level_rows: Sequence[dict], config: PreservationConfig) -> list[dict]:
+    """Per (model, length, method): the highest level that preserves accuracy on every task.
+
+    ``limiting_task`` names a task that fails (or lacks) the next level up, if any.
+    """
+    by_group: dict[tuple[str, int, str], dict[str, dict[float, bool]]] = defaultdict(lambda: defaultdict(dict))
+    for row in level_rows:
+        by_group[(row["model"], row["max_input_tokens"], row["method"])][row["task"]][row["level"]] = row["preserved"]
+    out = []
+    for (model, length, method), tasks in sorted(by_group.items()):
+        all_levels = sorted({lvl for levels in tasks.values() for lvl in levels})
+        holds = [(lvl, all(levels.get(lvl, False) for levels in tasks.values())) for lvl in all_levels]
+        best = _max_level(holds, config.monotone)
+        above = [lvl for lvl in all_levels if best is None or lvl > best]
+        limiting = (next(t for t, levels in sorted(tasks.items()) if not levels.get(above[0], False))
+                    if above else None)
+        out.append({"model": model, "max_input_tokens": length, "method": method, "tasks": len(tasks),
+                    "max_sparsity_all_tasks": best, "limiting_task": limiting})
+    return out

@@ -1,0 +1,352 @@
+"""One record per evaluated run: the input of every analysis in this package.
+
+On-disk format (``format_version`` 1)
+-------------------------------------
+A results directory is a folder tree; every folder that holds a ``run.json`` is one run
+(any depth, any folder names). Next to ``run.json`` the folder holds ``scores.jsonl``.
+
+``run.json`` (one JSON object; ``null`` where a value is unknown; the ``#`` comments below
+explain the fields and are not part of the file)::
+
+    {
+      "format_version": 1,
+      "model": {
+        "name": "Qwen2.5-7B-Instruct",      # str, the checkpoint name
+        "family": "qwen2.5",                 # optional str; inferred from name if absent
+        "num_layers": 28,                    # int, decoder layers
+        "hidden_size": 3584,                 # int
+        "intermediate_size": 18944,          # int, gated-MLP width
+        "vocab_size": 152064,                # int
+        "num_heads": 28,                     # int, query heads H
+        "num_kv_heads": 4,                   # int, KV heads G
+        "head_dim": 128,                     # int, d
+        "num_parameters": 7615616512,        # int, all weights incl. embeddings
+        "sliding_window": null,              # optional int, window of local layers
+        "num_sliding_layers": 0              # optional int, layers using that window
+      },
+      "task": "ruler_niah",                  # str
+      "max_input_tokens": 16384,             # int, the prompt budget
+      "method": {"name": "quest",            # str, attention method ("dense" for dense)
+                 "args": {"token_budget": 1632, "page_size": 16}},  # dict, its arguments
+      "target_sparsity": 0.9,                # float in [0, 1) or null (not part of a sweep)
+      "summary": {
+        "prefill_sparsity": 0.0,             # float, achieved, see below
+        "decode_sparsity": 0.897,            # float, achieved, see below
+        "mean_prompt_tokens": 16012.4,       # float, mean prompt length (chat template included)
+        "mean_output_tokens": 23.1,          # float, mean generated tokens (stop token included)
+        "prefill_seconds": null,             # optional float, mean wall time of one prefill
+        "decode_seconds": null,              # optional float, mean wall time of all decode steps of one sample
+        "device": null                       # optional str, e.g. "NVIDIA H100 80GB HBM3"
+      }
+    }
+
+Achieved sparsities are ratios of sums over every layer, query head and sample, from the
+attention methods' statistics (``sparse_jax.attention.base``)::
+
+    prefill_sparsity = 1 - sum(PrefillStats.attended_pairs) / sum(PrefillStats.causal_pairs)
+    decode_sparsity  = 1 - sum(DecodeStats.tokens_read)     / sum(DecodeStats.tokens_cached)
+
+so ``(1 - sparsity) * dense work`` is exactly the attention work done (the cost model relies
+on this). They are not the reference framework's per-method estimates (REFERENCE.md 4.0).
+
+``scores.jsonl``: one JSON object per line and per sample, ``{"index": int, "score": float}``;
+``score`` is ``null`` for a sample the task metric skips (e.g. an unparseable story-multihop
+answer). Indices are the dataset sample indices, identical across methods for the same
+(model, task, max_input_tokens), which is what pairs sparse with dense samples. Scores are
+the task's per-sample metric in [0, 1] (REFERENCE.md 5.9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import re
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
+
+FORMAT_VERSION = 1
+RUN_FILE = "run.json"
+SCORES_FILE = "scores.jsonl"
+
+_SIZE_TOKEN = re.compile(r"[-_ ]\d+(\.\d+)?[bm](?![a-z])", re.IGNORECASE)
+
+
+def infer_family(model_name: str) -> str:
+    """The model family: the name up to its size token (``Qwen2.5-7B-Instruct`` -> ``qwen2.5``)."""
+    match = _SIZE_TOKEN.search(model_name)
+    return (model_name[: match.start()] if match else model_name).lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The architecture numbers the cost model and the scaling fits need."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_parameters: int
+    family: str = ""
+    sliding_window: int | None = None
+    num_sliding_layers: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.family:
+            object.__setattr__(self, "family", infer_family(self.name))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model {self.name!r}: num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}; fix the model config numbers."
+            )
+        if not 0 <= self.num_sliding_layers <= self.num_layers:
+            raise ValueError(f"model {self.name!r}: num_sliding_layers must be in [0, num_layers={self.num_layers}].")
+        if self.num_sliding_layers and not self.sliding_window:
+            raise ValueError(f"model {self.name!r}: num_sliding_layers > 0 needs a positive sliding_window.")
+
+    @property
+    def num_global_layers(self) -> int:
+        """Layers with full causal attention (where sparse methods act)."""
+        return self.num_layers - self.num_sliding_layers
+
+
+class BenchmarkRecord(NamedTuple):
+    """Measured times of one configuration, for validating the cost model.
+
+    Attributes:
+      prompt_tokens, output_tokens: the sample's lengths (means over samples).
+      prefill_seconds: wall time of one prefill (``None`` if not measured).
+      decode_seconds: wall time of all decode steps of one sample (``None`` if not measured).
+      device: the accelerator's name as the benchmark saw it.
+    """
+
+    model: ModelConfig
+    method: str
+    method_args: dict[str, Any]
+    prompt_tokens: float
+    output_tokens: float
+    prefill_sparsity: float
+    decode_sparsity: float
+    prefill_seconds: float | None
+    decode_seconds: float | None
+    device: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One evaluated run; see the module docstring for the meaning of every field."""
+
+    model: ModelConfig
+    task: str
+    max_input_tokens: int
+    method: str
+    method_args: dict[str, Any]
+    target_sparsity: float | None
+    prefill_sparsity: float
+    decode_sparsity: float
+    scores: dict[int, float | None]
+    mean_prompt_tokens: float
+    mean_output_tokens: float
+    prefill_seconds: float | None = None
+    decode_seconds: float | None = None
+    device: str | None = None
+    path: str = ""
+
+    @property
+    def is_dense(self) -> bool:
+        return self.method == "dense"
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved sparsity of the phase the method acts in (the larger of the two)."""
+        return max(self.prefill_sparsity, self.decode_sparsity)
+
+    @property
+    def level(self) -> float:
+        """Sweep level: the target sparsity, else the achieved one (3 decimals); dense is 0."""
+        if self.is_dense:
+            return 0.0
+        return self.target_sparsity if self.target_sparsity is not None else round(self.sparsity, 3)
+
+    @property
+    def mean_score(self) -> float:
+        """Mean of the non-null per-sample scores (NaN if there are none)."""
+        valid = [s for s in self.scores.values() if s is not None]
+        return sum(valid) / len(valid) if valid else math.nan
+
+    def benchmark(self) -> BenchmarkRecord | None:
+        """The run's timing as a :class:`BenchmarkRecord`, or ``None`` if it has no times."""
+        if self.prefill_seconds is None and self.decode_seconds is None:
+            return None
+        return BenchmarkRecord(
+            self.model, self.method, self.method_args, self.mean_prompt_tokens, self.mean_output_tokens,
+            self.prefill_sparsity, self.decode_sparsity, self.prefill_seconds, self.decode_seconds, self.device,
+        )
+
+
+def group_over_shared_tasks(
+    records: Sequence[RunRecord], key: Callable[[RunRecord], Hashable], min_tasks: int = 2
+) -> dict[Hashable, list[RunRecord]]:
+    """Records per configuration ``key(record)``, restricted to the tasks every configuration has.
+
+    Returns ``{}`` when fewer than ``min_tasks`` tasks are shared. Each list is sorted by task, so
+    averaging it gives a task-balanced mean comparable across configurations.
+    """
+    configs: dict[Hashable, dict[str, RunRecord]] = defaultdict(dict)
+    for rec in records:
+        configs[key(rec)][rec.task] = rec
+    shared = set.intersection(*(set(tasks) for tasks in configs.values())) if configs else set()
+    if not shared or len(shared) < min_tasks:
+        return {}
+    return {k: [tasks[t] for t in sorted(shared)] for k, tasks in configs.items()}
+
+
+def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, optional: bool = False) -> Any:
+    if key not in obj:
+        if optional:
+            return None
+        raise ValueError(f"{where}: missing key {key!r}; see sparse_jax/analysis/records.py for the format.")
+    value = obj[key]
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ValueError(f"{where}: {key!r} must be {names}, got {value!r}.")
+    return value
+
+
+def _parse_model(obj: dict[str, Any], where: str) -> ModelConfig:
+    where = f"{where} 'model'"
+    ints = ("num_layers", "hidden_size", "intermediate_size", "vocab_size", "num_heads", "num_kv_heads",
+            "head_dim", "num_parameters")
+    kwargs: dict[str, Any] = {"name": _require(obj, "name", str, where)}
+    for key in ints:
+        kwargs[key] = _require(obj, key, int, where)
+        if kwargs[key] <= 0:
+            raise ValueError(f"{where}: {key!r} must be positive, got {kwargs[key]}.")
+    kwargs["family"] = _require(obj, "family", str, where, optional=True) or ""
+    kwargs["sliding_window"] = _require(obj, "sliding_window", int, where, optional=True)
+    kwargs["num_sliding_layers"] = _require(obj, "num_sliding_layers", int, where, optional=True) or 0
+    try:
+        return ModelConfig(**kwargs)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _parse_scores(path: pathlib.Path) -> dict[int, float | None]:
+    scores: dict[int, float | None] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object.") from None
+        index = _require(obj, "index", int, where)
+        if "score" not in obj:
+            raise ValueError(f"{where}: missing key 'score' (use null for a skipped sample).")
+        score = _require(obj, "score", (int, float), where, optional=True)
+        if index in scores:
+            raise ValueError(f"{where}: sample index {index} appears twice; keep one line per sample.")
+        if score is not None and not math.isfinite(score):
+            raise ValueError(f"{where}: score must be finite or null, got {score!r}.")
+        scores[index] = None if score is None else float(score)
+    return scores
+
+
+def load_run(run_dir: str | pathlib.Path) -> RunRecord:
+    """Read one run folder (``run.json`` + ``scores.jsonl``).
+
+    Raises:
+      ValueError: a missing file or key, a wrong type, or an unsupported format version;
+        the message names the file and the offending key.
+    """
+    run_dir = pathlib.Path(run_dir)
+    run_path, scores_path = run_dir / RUN_FILE, run_dir / SCORES_FILE
+    if not scores_path.exists():
+        raise ValueError(f"{run_dir}: has {RUN_FILE} but no {SCORES_FILE}; rerun the evaluation or remove the folder.")
+    try:
+        obj = json.loads(run_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{run_path}: not valid JSON ({err.msg}).") from None
+    where = str(run_path)
+    version = obj.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{where}: format_version is {version!r}; this reader understands {FORMAT_VERSION}.")
+    method = _require(obj, "method", dict, where)
+    summary = _require(obj, "summary", dict, where)
+    swhere = f"{where} 'summary'"
+    target = _require(obj, "target_sparsity", (int, float), where, optional=True)
+    if target is not None and not 0.0 <= target < 1.0:
+        raise ValueError(f"{where}: target_sparsity must be in [0, 1) or null, got {target}.")
+    record = RunRecord(
+        model=_parse_model(_require(obj, "model", dict, where), where),
+        task=_require(obj, "task", str, where),
+        max_input_tokens=_require(obj, "max_input_tokens", int, where),
+        method=_require(method, "name", str, f"{where} 'method'"),
+        method_args=_require(method, "args", dict, f"{where} 'method'"),
+        target_sparsity=None if target is None else float(target),
+        prefill_sparsity=float(_require(summary, "prefill_sparsity", (int, float), swhere)),
+        decode_sparsity=float(_require(summary, "decode_sparsity", (int, float), swhere)),
+        scores=_parse_scores(scores_path),
+        mean_prompt_tokens=float(_require(summary, "mean_prompt_tokens", (int, float), swhere)),
+        mean_output_tokens=float(_require(summary, "mean_output_tokens", (int, float), swhere)),
+        prefill_seconds=_require(summary, "prefill_seconds", (int, float), swhere, optional=True),
+        decode_seconds=_require(summary, "decode_seconds", (int, float), swhere, optional=True),
+        device=_require(summary, "device", str, swhere, optional=True),
+        path=str(run_dir),
+    )
+    for key in ("prefill_sparsity", "decode_sparsity"):
+        if not 0.0 <= getattr(record, key) <= 1.0:
+            raise ValueError(f"{swhere}: {key} must be in [0, 1] (a ratio of attended to dense work), "
+                             f"got {getattr(record, key)}.")
+    return record
+
+
+def load_records(results_dir: str | pathlib.Path) -> list[RunRecord]:
+    """Every run under ``results_dir`` (folders holding ``run.json``), sorted by path.
+
+    Raises:
+      ValueError: ``results_dir`` does not exist or holds no run, or a run folder is
+        malformed (see :func:`load_run`).
+    """
+    root = pathlib.Path(results_dir)
+    if not root.is_dir():
+        raise ValueError(f"results directory {root} does not exist; pass the folder the pipeline wrote.")
+    records = [load_run(path.parent) for path in sorted(root.rglob(RUN_FILE))]
+    if not records:
+        raise ValueError(f"no {RUN_FILE} found under {root}; is this the pipeline's results folder?")
+    return records
+
+
+def save_run(record: RunRecord, run_dir: str | pathlib.Path) -> None:
+    """Write ``record`` as a run folder in the format :func:`load_run` reads."""
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    obj = {
+        "format_version": FORMAT_VERSION,
+        "model": dataclasses.asdict(record.model),
+        "task": record.task,
+        "max_input_tokens": record.max_input_tokens,
+        "method": {"name": record.method, "args": record.method_args},
+        "target_sparsity": record.target_sparsity,
+        "summary": {
+            "prefill_sparsity": record.prefill_sparsity,
+            "decode_sparsity": record.decode_sparsity,
+            "mean_prompt_tokens": record.mean_prompt_tokens,
+            "mean_output_tokens": record.mean_output_tokens,
+            "prefill_seconds": record.prefill_seconds,
+            "decode_seconds": record.decode_seconds,
+            "device": record.device,
+        },
+    }
+    (run_dir / RUN_FILE).write_text(json.dumps(obj, indent=2) + "\n")
+    lines = (json.dumps({"index": i, "score": s}) for i, s in sorted(record.scores.items()))
+    (run_dir / SCORES_FILE).write_text("".join(line + "\n" for line in lines))

@@ -1,0 +1,149 @@
+"""Quest: query-aware page selection at every decode step (REFERENCE.md section 4.7).
+
+The full cache is kept. At each decode step every complete earlier page is scored by
+the upper bound of ``q . k`` over its keys, from the page's element-wise key min/max
+(``sum_d max(q_d min_d, q_d max_d)``); with ``share_pages`` the scores of a KV head's
+query heads are summed and the group shares one selection. Each row reads its
+``token_budget / page_size`` best earlier pages plus the current (partly filled) page.
+
+Differences from the reference, by design:
+
+* Rows with no more complete earlier pages than the page budget read all their pages
+  (dense). The reference asserts instead, crashing on prompts shorter than
+  ``(token_budget / page_size + 1) * page_size + 1`` tokens (1041 with defaults).
+* Sliding-window (local) layers decode densely.
+
+Prefill is dense; its ``reported_sparsity`` is the reference's ``1 - token_budget / L``
+(negative when ``L < token_budget``), a statement about later decode reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.paged_decode.quest import page_upper_bounds
+from pallas_kernels.paged_decode.reference import paged_decode_attention
+from sparse_jax.attention.base import AttentionMethod, DecodeStats, LayerSpec, PrefillStats
+from sparse_jax.attention.methods import budgets
+from sparse_jax.attention.methods.scoring import NEG_INF, compact_ascending, top_k_valid
+from sparse_jax.attention.registry import register
+
+if TYPE_CHECKING:  # The engine imports the methods; avoid the cycle at run time.
+    from sparse_jax.engine.kv_cache import PagedKVCache
+
+
+def select_pages(
+    scores: jax.Array,
+    page_table: jax.Array,
+    lengths: jax.Array,
+    budget_pages: jax.Array,
+    *,
+    page_size: int,
+    max_budget_pages: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The pages each row reads: its best complete earlier pages plus its current page.
+
+    Args:
+      scores: ``[B, R, P]`` page scores of each row's pages (``R = G`` or ``H``).
+      page_table: ``[B, G, P]`` int32 cache page table.
+      lengths: ``[B, G]`` int32 cached tokens per KV head, the newest included.
+      budget_pages: ``[B, R]`` int32 earlier pages each row may read (``<= max_budget_pages``).
+      page_size: tokens per page ``S``.
+      max_budget_pages: static bound of ``budget_pages``.
+
+    Returns:
+      ``table [B, R, min(max_budget_pages, P) + 1]`` int32 pool pages (selected earlier
+      pages ascending, then the current page; padding repeats it) and ``row_lengths
+      [B, R]`` int32 valid tokens (``selected * S`` plus the current page's tokens).
+    """
+    rows, num_pages = scores.shape[1], scores.shape[2]
+    group = rows // page_table.shape[1]
+    table = jnp.repeat(page_table, group, axis=1)
+    n = jnp.repeat(lengths, group, axis=1)
+    current = jnp.maximum(n - 1, 0) // page_size  # [B, R]
+    earlier = jnp.arange(num_pages) < current[..., None]
+    slots = min(max_budget_pages, num_pages)
+    ids, valid = top_k_valid(jnp.where(earlier, scores, NEG_INF), slots, budget_pages)
+    ids = jnp.concatenate([ids, current[..., None]], axis=-1)
+    valid = jnp.concatenate([valid, jnp.ones_like(valid[..., :1])], axis=-1)
+    chosen, counts = compact_ascending(ids, valid)
+    row_lengths = (counts - 1) * page_size + n - current * page_size
+    return jnp.take_along_axis(table, chosen, axis=-1), row_lengths.astype(jnp.int32)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Quest(AttentionMethod):
+    """Quest decode-time page selection.
+
+    Attributes:
+      token_budget: tokens read per decode step besides the current page's
+        (a multiple of ``page_size``).
+      page_size: tokens per page; must equal the cache's page size.
+      share_pages: one selection per KV head (group scores summed) instead of one per
+        query head.
+      sparsity: if set, replaces ``token_budget`` at every step by
+        ``ceil((1 - s) n / page_size) * page_size`` for the ``n`` cached tokens (and the
+        prefill figure by the same with ``n = L``); ``s = 0`` reads every page.
+    """
+
+    name: ClassVar[str] = "quest"
+    token_budget: int = 1024
+    page_size: int = 16
+    share_pages: bool = True
+    sparsity: float | None = None
+
+    def __post_init__(self):
+        budgets.check_positive(self.name, token_budget=self.token_budget, page_size=self.page_size)
+        if self.token_budget % self.page_size:
+            raise ValueError(
+                f"quest: token_budget={self.token_budget} must be a multiple of page_size={self.page_size}; "
+                f"use e.g. {self.token_budget // self.page_size * self.page_size or self.page_size}."
+            )
+        budgets.check_sparsity(self.sparsity, self.name)
+
+    def budget_tokens(self, n: jax.Array) -> jax.Array:
+        """Tokens read (besides the current page) with ``n`` tokens cached."""
+        if self.sparsity is None:
+            return jnp.full(n.shape, self.token_budget, jnp.int32)
+        return budgets.token_budget(n, self.sparsity, self.page_size, jnp)
+
+    def prefill(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, *, lengths: jax.Array, layer: LayerSpec
+    ) -> tuple[jax.Array, PrefillStats]:
+        out, stats = super().prefill(q, k, v, lengths=lengths, layer=layer)
+        if layer.sliding_window is not None:
+            return out, stats
+        reported = 1.0 - self.budget_tokens(lengths).astype(jnp.float32) / lengths.astype(jnp.float32)
+        return out, stats._replace(reported_sparsity=jnp.broadcast_to(reported[:, None], stats.attended_pairs.shape))
+
+    def decode(self, q: jax.Array, cache: PagedKVCache, *, layer: LayerSpec) -> tuple[jax.Array, DecodeStats]:
+        if layer.sliding_window is not None:
+            return cache.dense_decode(q, scale=layer.scale, sliding_window=layer.sliding_window)
+        if cache.page_size != self.page_size:
+            raise ValueError(
+                f"quest: page_size={self.page_size} but the cache has pages of {cache.page_size} tokens; "
+                "build the cache with the method's page_size (or set quest page_size to match)."
+            )
+        h = q.shape[1]
+        g = cache.num_kv_heads
+        scores = page_upper_bounds(q, cache.k_min, cache.k_max, cache.page_table, share_pages=self.share_pages)
+        rows = scores.shape[1]
+        n = jnp.repeat(cache.lengths, rows // g, axis=1)
+        if self.sparsity is None:
+            max_pages = self.token_budget // self.page_size
+        else:
+            capacity = cache.page_table.shape[2] * self.page_size
+            max_pages = int(budgets.token_budget(capacity, self.sparsity, self.page_size)) // self.page_size
+        budget_pages = self.budget_tokens(n) // self.page_size
+        table, row_lengths = select_pages(
+            scores, cache.page_table, cache.lengths, budget_pages, page_size=self.page_size, max_budget_pages=max_pages
+        )
+        out = paged_decode_attention(q, cache.k_pages, cache.v_pages, table, row_lengths, scale=layer.scale)
+        read = jnp.repeat(row_lengths, h // rows, axis=1).astype(jnp.float32)
+        cached = jnp.broadcast_to(cache.seq_lengths[:, None], read.shape).astype(jnp.float32)
+        return out, DecodeStats(tokens_read=read, tokens_cached=cached)

@@ -1,0 +1,209 @@
+"""Selected verticals and slashes -> :class:`VerticalSlashIndex` (REFERENCE.md section 4.3).
+
+Shared by ``vertical_and_slash`` and ``flexprefill``. Queries are cut into row blocks
+of ``block_m`` tokens (row ``r`` ends at ``e_r = block_m (r + 1)``). For each row block,
+the selected slash offsets ``delta`` (query position - key position) below ``e_r`` are
+walked in descending order; each maps to a ``block_n``-wide key window ending at
+``e = max(e_r - delta, block_n)``. A running range ``[start, end)`` opens at the first
+window, and for each next window end ``e``: ``e > end + block_n`` closes it and opens
+``[e - block_n, e)``; ``end < e <= end + block_n`` extends it by exactly ``block_n``;
+otherwise nothing. Every open or extend contributes one ``block_n``-wide block whose
+start is the new range start or the old end, so block starts come out ascending.
+Selected verticals that lie in no range and before the last range's end become single
+key columns.
+
+The walk is a ``lax.scan`` over the (static) slash budget, vectorised over row blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from collections.abc import Callable
+
+from pallas_kernels.vertical_slash.index import VerticalSlashIndex
+from pallas_kernels.vertical_slash.reference import vertical_slash_attention
+from sparse_jax.attention.base import PrefillStats, causal_pair_count
+from sparse_jax.attention.methods.scoring import NEG_INF, POS_INF, compact_ascending, map_query_heads, top_k_valid
+
+TILE = 64  # The reference's row-block and range-block size.
+FORCED_VERTICALS = 4  # Key tokens 0..3 are always kept.
+LOCAL_DIAGONALS = 64  # Slash offsets 0..63 are always kept.
+_NO_RANGE = -(2**30)
+
+# ``score_fn(q [T, d], k [T, d], length, nv, ns) -> (vertical_scores [T], slash_scores [T], nv', ns')``
+# for one head of one sequence: given the sequence's base budgets, the scores and the
+# head's final (traced) budgets.
+ScoreFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
+
+
+def index_from_scores(
+    score_fn: ScoreFn,
+    q: jax.Array,
+    k: jax.Array,
+    lengths: jax.Array,
+    vertical_budgets: jax.Array,
+    slash_budgets: jax.Array,
+    *,
+    nv_max: int,
+    ns_max: int,
+) -> VerticalSlashIndex:
+    """Per query head: scores -> forced top-``nv`` verticals and top-``ns`` slashes -> index.
+
+    Key tokens ``0..3`` and offsets ``0..63`` are forced in (when inside the prompt);
+    keys and offsets at or past ``L`` are never selected, so budgets are effectively
+    ``min(budget, L)``.
+
+    Args:
+      score_fn: the method's estimation for one head of one sequence (see ``ScoreFn``).
+      q: ``[B, T, H, d]``; k: ``[B, T, G, d]``; lengths: ``[B]``.
+      vertical_budgets, slash_budgets: ``[B]`` int32 base budgets handed to ``score_fn``.
+      nv_max, ns_max: static upper bounds of the budgets ``score_fn`` returns (``<= T``).
+
+    Returns:
+      :class:`VerticalSlashIndex` over ``ceil(T / 64)`` row blocks of 64 queries.
+    """
+    t = q.shape[1]
+    num_row_blocks = -(-t // TILE)
+
+    def one_sequence(qs, ks, length, nv, ns):
+        v_score, s_score, nv, ns = score_fn(qs, ks, length, nv, ns)
+        pos = jnp.arange(t)
+        real = pos < length
+        v_score = jnp.where(real, jnp.where(pos < FORCED_VERTICALS, POS_INF, v_score), NEG_INF)
+        s_score = jnp.where(real, jnp.where(pos < LOCAL_DIAGONALS, POS_INF, s_score), NEG_INF)
+        verticals, vertical_valid = top_k_valid(v_score, nv_max, nv)
+        offsets, offset_valid = top_k_valid(s_score, ns_max, ns)
+        return _build_one(
+            verticals, vertical_valid, offsets, offset_valid, num_row_blocks=num_row_blocks, block_m=TILE, block_n=TILE
+        )
+
+    def one_head(qh, kh):
+        return jax.vmap(one_sequence)(qh, kh, lengths, vertical_budgets, slash_budgets)
+
+    arrays = map_query_heads(one_head, q, k)  # [H, B, ...] each
+    return VerticalSlashIndex(*(jnp.swapaxes(a, 0, 1) for a in arrays), TILE, TILE)
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashIndex, *, lengths: jax.Array, scale: float
+) -> tuple[jax.Array, PrefillStats]:
+    """Attention restricted to ``index`` plus its exact and reported statistics.
+
+    Returns:
+      ``out [B, T, H, d]`` and :class:`PrefillStats` (see :func:`index_stats`).
+    """
+    out = vertical_slash_attention(q, k, v, index, scale=scale)
+    attended, reported = index_stats(index, lengths)
+    return out, PrefillStats(attended, causal_pair_count(lengths), reported)
+
+
+@functools.partial(jax.jit, static_argnames=("num_row_blocks", "block_m", "block_n"))
+def build_index(
+    verticals: jax.Array,
+    vertical_valid: jax.Array,
+    offsets: jax.Array,
+    offset_valid: jax.Array,
+    *,
+    num_row_blocks: int,
+    block_m: int = TILE,
+    block_n: int = TILE,
+) -> VerticalSlashIndex:
+    """Vertical-slash index of one or many heads from their selected columns and diagonals.
+
+    Args:
+      verticals: ``[..., nv]`` int32 selected key positions, any order.
+      vertical_valid: ``[..., nv]`` bool, which entries of ``verticals`` are selected.
+      offsets: ``[..., ns]`` int32 selected slash offsets (query - key), any order;
+        offset 0 must be among the valid ones (every method forces it).
+      offset_valid: ``[..., ns]`` bool.
+      num_row_blocks: static number of query row blocks ``R``.
+      block_m: queries per row block.
+      block_n: keys per range block.
+
+    Returns:
+      :class:`VerticalSlashIndex` with ``block_starts [..., R, min(ns, R)]`` and
+      ``columns [..., R, nv]``; padding repeats the last valid entry.
+    """
+    lead = verticals.shape[:-1]
+    flat = [x.reshape(-1, x.shape[-1]) for x in (verticals, vertical_valid, offsets, offset_valid)]
+    build = functools.partial(_build_one, num_row_blocks=num_row_blocks, block_m=block_m, block_n=block_n)
+    starts, block_counts, columns, column_counts = (x.reshape(lead + x.shape[1:]) for x in jax.vmap(build)(*flat))
+    return VerticalSlashIndex(starts, block_counts, columns, column_counts, block_m, block_n)
+
+
+def _build_one(verticals, vertical_valid, offsets, offset_valid, *, num_row_blocks, block_m, block_n):
+    """One head: ``[nv]``, ``[nv]``, ``[ns]``, ``[ns]`` -> starts, counts, columns, counts."""
+    # Descending offsets, unselected ones (-1) last.
+    offsets = -jnp.sort(-jnp.where(offset_valid, offsets, -1))
+    row_end = block_m * (jnp.arange(num_row_blocks, dtype=jnp.int32) + 1)  # [R]
+
+    def step(end, delta):
+        active = (delta >= 0) & (delta < row_end)
+        e = jnp.maximum(row_end - delta, block_n)
+        opens = active & (e > end + block_n)
+        extends = active & ~opens & (e > end)
+        start = jnp.where(opens, e - block_n, end)
+        end = jnp.where(opens, e, jnp.where(extends, end + block_n, end))
+        return end, (opens | extends, start)
+
+    init = jnp.full((num_row_blocks,), _NO_RANGE, jnp.int32)
+    last_end, (emitted, starts) = jax.lax.scan(step, init, offsets)  # [ns, R] each
+    # Ranges are disjoint block_n-wide blocks below e_r + block_n, so a row holds <= R blocks.
+    starts, block_counts = compact_ascending(starts.T, emitted.T, size=min(offsets.shape[0], num_row_blocks))
+
+    # A vertical is a column iff it lies in no emitted block and before the last range's end.
+    def columns_of_row(row_starts, count, end):
+        holder = jnp.searchsorted(row_starts, verticals, side="right") - 1
+        covered = (holder >= 0) & (count > 0) & (verticals < row_starts[jnp.maximum(holder, 0)] + block_n)
+        return vertical_valid & ~covered & (verticals < end)
+
+    is_column = jax.vmap(columns_of_row)(starts, block_counts, last_end)  # [R, nv]
+    columns, column_counts = compact_ascending(jnp.broadcast_to(verticals, is_column.shape), is_column)
+    return starts, block_counts, columns, column_counts
+
+
+def _clamped_ramp_sum(n: jax.Array, width: int) -> jax.Array:
+    """``sum_{x=1}^{n} min(x, width)`` for ``n >= 0`` (float32)."""
+    n = n.astype(jnp.float32)
+    w = float(width)
+    return jnp.where(n <= w, n * (n + 1.0) / 2.0, w * (w + 1.0) / 2.0 + w * (n - w))
+
+
+def index_stats(index: VerticalSlashIndex, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Exact attended pairs and the reference's sparsity figure of a vertical-slash index.
+
+    Args:
+      index: ``[B, H, R, ...]`` index.
+      lengths: ``[B]`` real prompt lengths.
+
+    Returns:
+      ``attended [B, H]`` float32: causal (query, key) pairs with query and key below
+      ``L`` that the index computes; ``reported [B, H]`` float32: the reference's
+      ``1 - (block_m block_n sum_r blocks_r + block_m sum_r columns_r) / (L (L + 1) / 2)``
+      over the ``ceil(L / block_m)`` real row blocks, which counts whole tiles and so
+      overestimates computed pairs (it can be negative for short prompts).
+    """
+    bm, bn = index.block_m, index.block_n
+    num_rows = index.block_counts.shape[-1]
+    row_first = bm * jnp.arange(num_rows)  # [R]
+    length = lengths[:, None, None]  # [B, 1, 1]
+    n_queries = jnp.clip(length - row_first, 0, bm)  # [B, 1, R] real queries per row block
+    # Query i sees min(i + 1 - s, bn) keys of the block starting at s (when positive).
+    s = index.block_starts
+    lo = (row_first[:, None] + 1 - s).astype(jnp.int32)  # [B, H, R, nb]
+    hi = lo + n_queries[..., None] - 1
+    per_block = _clamped_ramp_sum(jnp.maximum(hi, 0), bn) - _clamped_ramp_sum(jnp.maximum(lo - 1, 0), bn)
+    live = jnp.arange(s.shape[-1]) < index.block_counts[..., None]
+    block_pairs = jnp.where(live & (n_queries[..., None] > 0), per_block, 0.0).sum(axis=(-1, -2))
+    column_pairs = (index.column_counts * n_queries).astype(jnp.float32).sum(axis=-1)
+    attended = block_pairs + column_pairs
+
+    real_row = (row_first < length).astype(jnp.float32)  # [B, 1, R]
+    tiles = (index.block_counts * real_row).sum(-1) * (bm * bn) + (index.column_counts * real_row).sum(-1) * bm
+    n = lengths.astype(jnp.float32)[:, None]
+    reported = 1.0 - tiles / (n * (n + 1.0) / 2.0)
+    return attended, reported

@@ -1,0 +1,1 @@
+"""Checkpoint readers (Hugging Face folders, GGUF files) and the Orbax parameter cache."""

@@ -1,0 +1,135 @@
+"""The ``sparse-jax`` command line.
+
+Subcommands:
+  generate  greedy answer from a model to one prompt
+  run       one experiment from gin files: prepare, predict, evaluate
+  sweep     a grid of experiments from a sweep gin file
+  report    tables and plots of a results folder
+  analyze   statistics, cost model, Pareto frontier and scaling fits of a results folder
+  demo      the README's main job: the demo sweep on the embedded model, then its report
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEMO_SWEEP = Path(__file__).resolve().parent.parent / "configs" / "sweeps" / "demo.gin"
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from sparse_jax.pipeline.generate_one import generate_answer
+
+    text = generate_answer(
+        args.prompt,
+        model=args.model,
+        method=args.method,
+        max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype,
+    )
+    print(text)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sparse_jax.pipeline.experiment import parse_gin, current_config
+    from sparse_jax.pipeline.runner import run_experiment
+
+    parse_gin(args.gin_file, args.gin_param)
+    config = current_config()
+    run = run_experiment(config, stages=args.stages.split(","))
+    print(f"results: {config.run_dir()}")
+    if run is not None:
+        from sparse_jax.pipeline.report import print_summary
+
+        print_summary([run | {"run_dir": str(config.run_dir())}])
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from sparse_jax.pipeline.runner import run_sweep
+
+    return run_sweep(args.sweep_file, args.gin_param, dry_run=args.dry_run, shard_spec=args.shard)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from sparse_jax.pipeline.report import write_report
+
+    write_report(Path(args.results_dir), out_dir=Path(args.out) if args.out else None, sweep_file=args.sweep)
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from sparse_jax.analysis import main_analyze
+
+    main_analyze(Path(args.results_dir), Path(args.out) if args.out else Path(args.results_dir) / "analysis")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sparse_jax.pipeline.report import write_report
+    from sparse_jax.pipeline.runner import run_sweep
+
+    code = run_sweep(DEMO_SWEEP, args.gin_param, dry_run=False, shard_spec="0/1")
+    results = Path(args.results_dir)
+    write_report(results, out_dir=results / "report", sweep_file=DEMO_SWEEP)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="greedy answer from a model to one prompt")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a Hugging Face checkpoint folder")
+    p.add_argument("--method", default="dense", help="attention method name")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("run", help="one experiment from gin files")
+    p.add_argument("--gin_file", action="append", default=[], required=True)
+    p.add_argument("--gin_param", action="append", default=[])
+    p.add_argument("--stages", default="prepare,predict,evaluate", help="comma-separated subset, run in this order")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("sweep", help="a grid of experiments from a sweep gin file")
+    p.add_argument("sweep_file")
+    p.add_argument("--gin_param", action="append", default=[])
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    p.add_argument("--shard", default=None, help="i/n: run only this worker's share (default: JAX process index/count)")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("report", help="tables (CSV, markdown) and plots of a results folder")
+    p.add_argument("results_dir")
+    p.add_argument("--out", default=None, help="output folder (default RESULTS_DIR/report)")
+    p.add_argument("--sweep", default=None, help="sweep gin file: mark its runs that have no results yet")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("analyze", help="accuracy-preservation tests, cost model, Pareto and scaling fits")
+    p.add_argument("results_dir")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("demo", help="the README main job on the embedded SmolLM2")
+    p.add_argument("--gin_param", action="append", default=[])
+    p.add_argument("--results_dir", default="experiments/runs")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sparse_jax.pipeline.experiment import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"sparse-jax: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,524 @@
+"""Batched generation: one jitted prefill per batch, then one jitted ``lax.while_loop`` decode.
+
+Per batch of prompts (unequal lengths, right-padded to a length bucket):
+
+1. **Prefill** (one compiled program per (rows, bucket)): every layer runs the method's
+   prefill attention, asks ``method.compress`` which prompt tokens to keep, and writes
+   them into the paged cache (page summaries built on the way). The first new token is
+   taken from the logits at each sequence's last real position. Large batches may be
+   prefilled in row micro-batches that write into the same (donated) cache.
+2. **Decode** (one compiled program per (batch, bucket, max_new_tokens)): a single
+   ``lax.while_loop``; each step feeds the previous token at its true absolute position
+   (prompt length + step, whatever was evicted), appends its key/value to each layer's
+   cache, calls ``method.decode``, and picks the next token. A sequence stops on a stop
+   id or at ``max_new_tokens``; the loop ends when all have stopped. The caches are
+   donated, so they are updated in place, never copied per step.
+
+Sparsity statistics are real attended fractions per (sample, layer, query head):
+prefill = computed causal pairs / all causal pairs; decode = cached tokens read / tokens
+a full cache would hold, averaged over the steps the sample actually decoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sparse_jax.attention.base import AttentionMethod
+from sparse_jax.attention.registry import get_method
+from sparse_jax.engine.buckets import bucket_length, group_by_bucket
+from sparse_jax.engine.kv_cache import PagedKVCache, pages_for
+from sparse_jax.engine.memory import MemoryPlan, plan_memory, pytree_bytes
+from sparse_jax.engine.prefill_attention import PrefillBackend, prefill_attention, resolve_backend
+from sparse_jax.engine.sampling import SamplingParams, sample_tokens
+
+log = logging.getLogger(__name__)
+
+
+class Detokenizer(Protocol):
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the generation engine.
+
+    Attributes:
+      page_size: tokens per KV-cache page.
+      bucket_granularity: prompt buckets are powers of two up to this length, then
+        multiples of it (see :mod:`sparse_jax.engine.buckets`).
+      batch_size: prompts per batch when :meth:`Engine.generate` gets more prompts.
+      prefill_rows: rows per prefill call (micro-batch), ``None`` for the whole batch;
+        bounds prefill activation memory without changing results.
+      max_input_tokens: longest accepted prompt; ``None`` accepts any length.
+      sampling: next-token choice (greedy by default).
+      prefill_backend: ``auto`` (cuDNN flash attention for dense-prefill methods on GPU),
+        ``method`` (always ``method.prefill``) or ``cudnn`` (required).
+      memory_limit_bytes: usable device memory; ``None`` reads the device's memory
+        statistics (host memory on CPU).
+      cache_dtype: KV-cache dtype; ``None`` uses the model's compute dtype.
+    """
+
+    page_size: int = 16
+    bucket_granularity: int = 1024
+    batch_size: int = 1
+    prefill_rows: int | None = None
+    max_input_tokens: int | None = None
+    sampling: SamplingParams = SamplingParams()
+    prefill_backend: PrefillBackend = "auto"
+    memory_limit_bytes: int | None = None
+    cache_dtype: Any = None
+
+    def __post_init__(self):
+        for name in ("page_size", "bucket_granularity", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_rows is not None and self.prefill_rows < 1:
+            raise ValueError(f"EngineConfig.prefill_rows must be >= 1 or None, got {self.prefill_rows}")
+        if self.bucket_granularity % self.page_size:
+            raise ValueError(
+                f"EngineConfig.bucket_granularity ({self.bucket_granularity}) must be a multiple of "
+                f"page_size ({self.page_size})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityStats:
+    """Attended fractions of one sample.
+
+    Attributes:
+      prefill_density: ``[layers, H]`` computed causal pairs / all causal pairs.
+      decode_density: ``[layers, H]`` cached tokens read / full-cache tokens, mean over
+        the sample's decode steps (NaN when it decoded none).
+      reported_sparsity: the reference's single figure (REFERENCE.md section 4.0): mean
+        over layers of the method's per-layer ``reported_sparsity``.
+    """
+
+    prefill_density: np.ndarray
+    decode_density: np.ndarray
+    reported_sparsity: float
+
+    @property
+    def prefill_sparsity(self) -> float:
+        return float(1.0 - self.prefill_density.mean())
+
+    @property
+    def decode_sparsity(self) -> float:
+        return float(1.0 - self.decode_density.mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchTiming:
+    """Wall times of one batch (shared by its samples).
+
+    Attributes:
+      batch_size: sequences in the batch.
+      bucket: padded prompt length.
+      compile_seconds: compilation of programs this batch needed first (0 on reuse).
+      prefill_seconds: all prefill calls of the batch.
+      decode_seconds: the decode loop.
+      decode_steps: loop iterations (decode forward passes of the whole batch).
+    """
+
+    batch_size: int
+    bucket: int
+    compile_seconds: float
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return self.decode_seconds / self.decode_steps if self.decode_steps else None
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """One sample's output.
+
+    Attributes:
+      token_ids: generated ids, the stop token included when generation stopped on one.
+      text: ``tokenizer.decode(token_ids)`` when a tokenizer was given.
+      output_length: ``len(token_ids)`` (counts the stop token, REFERENCE.md section 2.3).
+      stopped: generation ended on a stop id (not on ``max_new_tokens``).
+      prompt_length: prompt tokens.
+      timing: the wall times of the sample's batch.
+      sparsity: attended fractions and the reference's sparsity figure.
+    """
+
+    token_ids: list[int]
+    text: str | None
+    output_length: int
+    stopped: bool
+    prompt_length: int
+    timing: BatchTiming
+    sparsity: SparsityStats
+
+
+class Engine:
+    """Compiles and runs batched prefill + decode of one model with one attention method.
+
+    Args:
+      model: a :class:`sparse_jax.models.transformer.Transformer` (NNX module).
+      method: an :class:`AttentionMethod` or a registered method name.
+      config: engine settings.
+    """
+
+    def __init__(self, model: nnx.Module, method: AttentionMethod | str = "dense", config: EngineConfig = EngineConfig()):
+        self.method = get_method(method) if isinstance(method, str) else method
+        self.config = config
+        self.model_config = model.config
+        self.graphdef, self.params = nnx.split(model)
+        self.cache_dtype = jnp.dtype(config.cache_dtype or model.dtype)
+        self.weight_bytes = pytree_bytes(self.params)
+        self.prefill_backend = resolve_backend(config.prefill_backend, self.method, self.cache_dtype)
+        self._compiled: dict[tuple, Any] = {}
+
+    # --- public API ----------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        tokenizer: Detokenizer | None = None,
+        rng: jax.Array | None = None,
+        progress: bool = True,
+    ) -> list[GenerationResult]:
+        """Generate for many prompts: batches of up to ``config.batch_size`` sharing a length bucket.
+
+        Arguments as :meth:`generate_batch`; ``progress`` shows a bar over samples.
+
+        Returns:
+          One :class:`GenerationResult` per prompt, in input order.
+        """
+        prompts = self._validate(prompts, max_new_tokens, stop_ids)
+        rng = jax.random.PRNGKey(0) if rng is None else rng
+        cfg = self.config
+        batches = group_by_bucket(
+            [len(p) for p in prompts],
+            batch_size=cfg.batch_size,
+            granularity=cfg.bucket_granularity,
+            page_size=cfg.page_size,
+        )
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        with tqdm(total=len(prompts), desc=f"generate [{self.method.name}]", disable=not progress) as bar:
+            for n, members in enumerate(batches):
+                batch = self._run_batch(
+                    [prompts[i] for i in members], max_new_tokens, stop_ids, tokenizer, jax.random.fold_in(rng, n)
+                )
+                for i, result in zip(members, batch):
+                    results[i] = result
+                bar.update(len(members))
+        return results
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        tokenizer: Detokenizer | None = None,
+        rng: jax.Array | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for one batch: all prompts prefilled together, padded to the longest one's bucket.
+
+        Args:
+          prompts: token-id lists (after the chat template), of any lengths.
+          max_new_tokens: most tokens generated per prompt (stop token included).
+          stop_ids: token ids that end a sequence.
+          tokenizer: if given, each result carries the decoded text.
+          rng: PRNG key for sampling (default ``PRNGKey(0)``; unused when greedy).
+
+        Returns:
+          One :class:`GenerationResult` per prompt, in input order.
+        """
+        prompts = self._validate(prompts, max_new_tokens, stop_ids)
+        rng = jax.random.PRNGKey(0) if rng is None else rng
+        return self._run_batch(prompts, max_new_tokens, stop_ids, tokenizer, rng)
+
+    def memory_plan(self, batch: int, bucket: int, max_new_tokens: int) -> MemoryPlan:
+        """The memory plan of one batch with prompts padded to ``bucket``."""
+        return plan_memory(
+            self.model_config,
+            batch=batch,
+            bucket=bucket,
+            pages_per_row=self._pages_per_row(bucket, max_new_tokens),
+            page_size=self.config.page_size,
+            prefill_rows=min(self.config.prefill_rows or batch, batch),
+            cache_dtype=self.cache_dtype,
+            weight_bytes=self.weight_bytes,
+            limit_bytes=self.config.memory_limit_bytes,
+        )
+
+    # --- checks --------------------------------------------------------------------
+
+    def _validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int]) -> list[list[int]]:
+        """Check the request; returns the prompts as lists of Python ints."""
+        vocab = self.model_config.vocab_size
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts:
+            raise ValueError("generate() got no prompts; pass a non-empty list of token-id lists")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        bad_stop = [s for s in stop_ids if not 0 <= int(s) < vocab]
+        if bad_stop:
+            raise ValueError(
+                f"stop ids {bad_stop} are outside the model's vocabulary [0, {vocab}); "
+                "take them from the checkpoint's generation_config.json (LoadedModel.stop_ids)"
+            )
+        limit = self.config.max_input_tokens
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            if limit is not None and len(p) > limit:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens, more than max_input_tokens={limit}; "
+                    "shorten the prompt or raise EngineConfig.max_input_tokens"
+                )
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"prompt {i} holds token ids outside the vocabulary [0, {vocab})")
+        return prompts
+
+    # --- one batch -----------------------------------------------------------------
+
+    def _pages_per_row(self, bucket: int, max_new_tokens: int) -> int:
+        # The prefill writes `bucket` slots; decoding appends at most max_new_tokens - 1
+        # tokens (the last generated token is never fed back) after the real prompt.
+        return pages_for(bucket + max_new_tokens - 1, self.config.page_size)
+
+    def _run_batch(self, prompts, max_new_tokens, stop_ids, tokenizer, rng) -> list[GenerationResult]:
+        cfg, mcfg = self.config, self.model_config
+        b = len(prompts)
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        bucket = bucket_length(int(lengths.max()), granularity=cfg.bucket_granularity, page_size=cfg.page_size)
+        rows = min(cfg.prefill_rows or b, b)
+        plan = self.memory_plan(b, bucket, max_new_tokens)
+        log.info("batch of %d (bucket %d): %s", b, bucket, plan.describe())
+        plan.check()
+
+        tokens = np.zeros((b, bucket), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+        pages_per_row = self._pages_per_row(bucket, max_new_tokens)
+        caches = [
+            PagedKVCache.allocate(
+                batch=b,
+                num_kv_heads=mcfg.num_kv_heads,
+                head_dim=mcfg.head_dim,
+                pages_per_row=pages_per_row,
+                page_size=cfg.page_size,
+                dtype=self.cache_dtype,
+            )
+            for _ in range(mcfg.num_layers)
+        ]
+        prefill_key, decode_key = jax.random.split(rng)
+
+        compile_s = prefill_s = 0.0
+        firsts, densities, reported = [], [], []
+        for start in range(0, b, rows):
+            stop = min(start + rows, b)
+            args = (
+                self.params,
+                caches,
+                jnp.asarray(tokens[start:stop]),
+                jnp.asarray(lengths[start:stop]),
+                jnp.int32(start),
+                jax.random.fold_in(prefill_key, start),
+            )
+            fn, seconds = self._compile(("prefill", stop - start, bucket, pages_per_row, b), self._prefill_fn, args)
+            compile_s += seconds
+            t0 = time.perf_counter()
+            caches, first, density, rep = jax.block_until_ready(fn(*args))
+            prefill_s += time.perf_counter() - t0
+            firsts.append(first)
+            densities.append(density)
+            reported.append(rep)
+        first = jnp.concatenate(firsts)
+        prefill_density = np.asarray(jnp.concatenate(densities))  # [B, L, H]
+        reported_sparsity = np.asarray(jnp.concatenate(reported)).mean(axis=1)  # [B]
+
+        decode_s, steps = 0.0, 0
+        if max_new_tokens > 1:
+            args = (
+                self.params,
+                caches,
+                first,
+                jnp.asarray(lengths),
+                _stop_array(stop_ids),
+                decode_key,
+            )
+            fn, seconds = self._compile(
+                ("decode", b, bucket, pages_per_row, max_new_tokens, args[4].shape[0]),
+                lambda *a: self._decode_fn(*a, max_new_tokens=max_new_tokens),
+                args,
+            )
+            compile_s += seconds
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(fn(*args))
+            decode_s = time.perf_counter() - t0
+            caches, out_tokens, n_out, loop_end, decode_sum, decode_count = out
+            steps = int(loop_end) - 1
+            out_tokens, n_out = np.asarray(out_tokens), np.asarray(n_out)
+            decode_density = np.asarray(decode_sum) / np.maximum(np.asarray(decode_count), 1)[:, None, None]
+            decode_density[np.asarray(decode_count) == 0] = np.nan
+        else:
+            out_tokens, n_out = np.asarray(first)[:, None], np.ones(b, np.int32)
+            decode_density = np.full_like(prefill_density, np.nan)
+        del caches
+
+        timing = BatchTiming(b, bucket, compile_s, prefill_s, decode_s, steps)
+        stop_set = set(int(s) for s in stop_ids)
+        results = []
+        for i in range(b):
+            ids = out_tokens[i, : n_out[i]].tolist()
+            results.append(
+                GenerationResult(
+                    token_ids=ids,
+                    text=tokenizer.decode(ids) if tokenizer is not None else None,
+                    output_length=len(ids),
+                    stopped=bool(ids) and ids[-1] in stop_set,
+                    prompt_length=int(lengths[i]),
+                    timing=timing,
+                    sparsity=SparsityStats(prefill_density[i], decode_density[i], float(reported_sparsity[i])),
+                )
+            )
+        return results
+
+    def _compile(self, key: tuple, fn, args) -> tuple[Any, float]:
+        """The compiled program for ``key`` (caches donated) and the seconds spent compiling it."""
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn, donate_argnums=(1,)).lower(*args).compile()
+        self._compiled[key] = compiled
+        return compiled, time.perf_counter() - t0
+
+    # --- traced programs -------------------------------------------------------------
+
+    def _prefill_fn(self, params, caches, tokens, lengths, row_start, key):
+        """Prefill rows ``row_start ..`` of the caches.
+
+        Args:
+          tokens: ``[b, T]`` int32 right-padded prompts; lengths: ``[b]`` int32.
+
+        Returns:
+          ``(caches, first_tokens [b], prefill_density [b, L, H], reported_sparsity [b, L])``.
+        """
+        model = nnx.merge(self.graphdef, params)
+        b, t = tokens.shape
+        method, backend = self.method, self.prefill_backend
+
+        def attend(layer, q, k, v, cache):
+            out, stats = prefill_attention(method, q, k, v, lengths=lengths, layer=layer, backend=backend)
+            kept = method.compress(q, k, v, lengths=lengths, layer=layer)
+            cache = cache.write_prompt(k, v, lengths, row_start=row_start, kept=kept)
+            density = stats.attended_pairs / stats.causal_pairs[:, None]
+            reported = stats.reported_sparsity.mean(axis=1) if kept is None else kept.reported_sparsity
+            return out, (cache, density, reported)
+
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        logits, states = model(tokens, positions, attend=attend, layer_states=caches, logits_at=lengths - 1)
+        first = sample_tokens(logits, key, self.config.sampling)
+        caches = [s[0] for s in states]
+        density = jnp.stack([s[1] for s in states], axis=1)
+        reported = jnp.stack([s[2] for s in states], axis=1)
+        return caches, first, density, reported
+
+    def _decode_fn(self, params, caches, first, prompt_lengths, stop_ids, key, *, max_new_tokens):
+        """The decode loop.
+
+        Args:
+          first: ``[B]`` int32 tokens chosen from the prefill logits.
+          prompt_lengths: ``[B]`` int32.
+          stop_ids: ``[S]`` int32.
+
+        Returns:
+          ``(caches, tokens [B, max_new_tokens], n_out [B], loop_end, decode_sum [B, L, H],
+          decode_count [B])``; ``tokens[b, :n_out[b]]`` are sample ``b``'s outputs and the
+          loop ran ``loop_end - 1`` decode steps.
+        """
+        model = nnx.merge(self.graphdef, params)
+        method, sampling = self.method, self.config.sampling
+        b = first.shape[0]
+        num_layers, num_heads = self.model_config.num_layers, self.model_config.num_heads
+
+        def attend(layer, q, k, v, cache):
+            cache = cache.append(k[:, 0], v[:, 0])
+            out, stats = method.decode(q[:, 0], cache, layer=layer)
+            return out[:, None], (cache, stats.tokens_read / stats.tokens_cached)
+
+        def cond(carry):
+            step, _, done, *_ = carry
+            return (step < max_new_tokens) & ~jnp.all(done)
+
+        def body(carry):
+            step, tokens, done, n_out, caches, decode_sum, decode_count = carry
+            fed = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1)  # [B, 1]
+            positions = (prompt_lengths + step - 1)[:, None]
+            logits, states = model(
+                fed, positions, attend=attend, layer_states=caches, logits_at=jnp.zeros((b,), jnp.int32)
+            )
+            active = ~done
+            density = jnp.stack([s[1] for s in states], axis=1)  # [B, L, H]
+            decode_sum = decode_sum + jnp.where(active[:, None, None], density, 0.0)
+            nxt = jnp.where(active, sample_tokens(logits, jax.random.fold_in(key, step), sampling), 0)
+            tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, step, axis=1)
+            done = done | (active & jnp.isin(nxt, stop_ids))
+            return (
+                step + 1,
+                tokens,
+                done,
+                n_out + active,
+                [s[0] for s in states],
+                decode_sum,
+                decode_count + active,
+            )
+
+        tokens = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
+        init = (
+            jnp.int32(1),
+            tokens,
+            jnp.isin(first, stop_ids),
+            jnp.ones((b,), jnp.int32),
+            caches,
+            jnp.zeros((b, num_layers, num_heads), jnp.float32),
+            jnp.zeros((b,), jnp.int32),
+        )
+        step, tokens, _, n_out, caches, decode_sum, decode_count = jax.lax.while_loop(cond, body, init)
+        return caches, tokens, n_out, step, decode_sum, decode_count
+
+
+def _stop_array(stop_ids: Sequence[int]) -> jax.Array:
+    """Stop ids padded with ``-1`` (never a token) to a multiple of 8, so stop lists share programs."""
+    n = max(8, -(-len(stop_ids) // 8) * 8)
+    padded = np.full(n, -1, np.int32)
+    padded[: len(stop_ids)] = stop_ids
+    return jnp.asarray(padded)
+
+
+def generate(
+    model: nnx.Module,
+    prompts: Sequence[Sequence[int]],
+    method: AttentionMethod | str = "dense",
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    tokenizer: Detokenizer | None = None,
+    rng: jax.Array | None = None,
+    config: EngineConfig = EngineConfig(),
+) -> list[GenerationResult]:
+    """All ``prompts`` as one batch: :meth:`Engine.generate_batch` of a fresh engine."""
+    return Engine(model, method, config).generate_batch(
+        prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, tokenizer=tokenizer, rng=rng
+    )

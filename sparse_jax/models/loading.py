@@ -1,0 +1,112 @@
+"""``load_model``: a Hugging Face folder or a ``.gguf`` file -> a ready Flax model.
+
+With ``cache_dir`` the converted parameters are stored once with Orbax and restored
+on later runs (see :mod:`sparse_jax.checkpoints.orbax_cache`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from sparse_jax.checkpoints import hf, orbax_cache
+from sparse_jax.models.config import ConfigError, ModelConfig
+from sparse_jax.models.transformer import Transformer
+
+
+class LoadedModel(NamedTuple):
+    """A loaded model.
+
+    Attributes:
+      model: the Flax transformer.
+      config: its architecture (after the run-length RoPE rule).
+      stop_ids: generation stop token ids.
+      source: the folder or file it came from.
+      from_cache: whether the parameters were restored from the Orbax cache.
+    """
+
+    model: Transformer
+    config: ModelConfig
+    stop_ids: tuple[int, ...]
+    source: Path
+    from_cache: bool = False
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+def _read_source(path: Path) -> tuple[dict[str, Any], dict[str, Any], tuple[int, ...]]:
+    """``(hf_config, tensors, stop_ids)`` of a folder or a GGUF file."""
+    if _is_gguf(path):
+        from sparse_jax.checkpoints.gguf import read_gguf
+
+        contents = read_gguf(path)
+        stop_ids = tuple(dict.fromkeys(ModelConfig.from_hf_dict(contents.hf_config).eos_token_ids))
+        if not stop_ids:
+            raise hf.CheckpointError(f"{path}: no eos_token_id in the GGUF metadata")
+        return contents.hf_config, contents.tensors, stop_ids
+    checkpoint = hf.read_checkpoint(path)
+    return checkpoint.config, checkpoint.tensors, checkpoint.stop_ids
+
+
+def _model_config(hf_config: dict[str, Any], path: Path, max_length: int | None) -> ModelConfig:
+    where = path if _is_gguf(path) else path / hf.CONFIG_FILE
+    try:
+        config = ModelConfig.from_hf_dict(hf_config)
+    except ConfigError as e:
+        raise hf.CheckpointError(f"{where}: {e}") from e
+    return config if max_length is None else config.for_run_length(max_length)
+
+
+def load_model(
+    source: str | Path,
+    *,
+    dtype=jnp.bfloat16,
+    max_length: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> LoadedModel:
+    """Loads a model for inference.
+
+    Args:
+      source: a Hugging Face checkpoint folder or a ``.gguf`` file.
+      dtype: parameter and activation dtype (``jnp.bfloat16`` or ``jnp.float32``).
+      max_length: longest run (prompt + output) this model will serve; Qwen2 past
+        32768 tokens then uses YaRN (REFERENCE.md section 2.1).
+      cache_dir: folder for the Orbax parameter cache; ``None`` disables caching.
+
+    Raises:
+      FileNotFoundError: ``source`` does not exist.
+      CheckpointError / GGUFError: unreadable checkpoint, unsupported architecture,
+        dtype or tensor shape (the message names the file and tensor).
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: model source not found (expected a Hugging Face folder or a .gguf file)")
+    if path.is_file() and not _is_gguf(path):
+        raise hf.CheckpointError(f"{path}: a model file must be a .gguf; for safetensors pass the checkpoint folder")
+
+    key = None
+    if cache_dir is not None:
+        files = [path] if _is_gguf(path) else hf.source_files(path)
+        key = orbax_cache.cache_key(path, files, dtype)
+        meta = orbax_cache.load_meta(cache_dir, key)
+        if meta is not None:
+            config = _model_config(meta["hf_config"], path, max_length)
+            abstract = Transformer.param_shapes(config, dtype=dtype)
+            params = orbax_cache.restore_params(cache_dir, key, abstract)
+            model = Transformer.from_flat_params(config, params, dtype=dtype)
+            return LoadedModel(model, config, tuple(meta["stop_ids"]), path, from_cache=True)
+
+    hf_config, tensors, stop_ids = _read_source(path)
+    config = _model_config(hf_config, path, max_length)
+    try:
+        model = Transformer.from_hf_tensors(config, tensors, dtype=dtype, progress=True)
+    except ValueError as e:
+        raise hf.CheckpointError(f"{path}: {e}") from e
+    if key is not None:
+        meta = {"hf_config": hf_config, "stop_ids": list(stop_ids), "source": str(path.resolve())}
+        orbax_cache.save_entry(cache_dir, key, model.flat_params(), meta)
+    return LoadedModel(model, config, stop_ids, path)

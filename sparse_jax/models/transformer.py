@@ -1,0 +1,304 @@
+"""Decoder-only transformer (Llama 3.x / SmolLM2, Qwen2.5, Gemma 3 text) in Flax NNX.
+
+The attention core is pluggable: the model computes post-RoPE ``q``, ``k``, ``v`` for
+each layer and hands them to an ``attend`` callable together with that layer's
+:class:`~sparse_jax.attention.base.LayerSpec` and a caller-owned per-layer state
+(e.g. a KV cache). Everything outside ``attend`` is linear in the sequence length.
+
+Parameters are addressed by flat dotted names (``layers.3.self_attn.q_proj.kernel``),
+which is the form the Orbax cache stores; :meth:`Transformer.from_hf_tensors` fills
+them from Hugging Face-named tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sparse_jax.attention.base import LayerSpec
+from sparse_jax.attention.dense import dense_causal_attention
+from sparse_jax.models.config import ModelConfig
+from sparse_jax.models.layers import AttentionProjections, GatedMLP, RMSNorm, matmul_precision
+from sparse_jax.models.rope import rope_cos_sin, rope_frequencies
+
+# attend(layer, q [B,T,H,d], k [B,T,G,d], v [B,T,G,d], state) -> (out [B,T,H,d], new_state)
+AttendFn = Callable[[LayerSpec, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def full_attention(layer: LayerSpec, q: jax.Array, k: jax.Array, v: jax.Array, state: Any) -> tuple[jax.Array, Any]:
+    """Dense causal attention over the given tokens only; the state passes through untouched."""
+    out = dense_causal_attention(q, k, v, scale=layer.scale, sliding_window=layer.sliding_window)
+    return out, state
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block; Gemma 3 adds norms on the attention and MLP outputs ("sandwich")."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        norm = dict(eps=config.rms_norm_eps, plus_one=config.norm_plus_one, param_dtype=param_dtype)
+        h = config.hidden_size
+        self.attn_in_norm = RMSNorm(h, **norm)
+        self.self_attn = AttentionProjections(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_in_norm = RMSNorm(h, **norm)
+        self.mlp = GatedMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if config.sandwich_norm:
+            self.attn_out_norm = RMSNorm(h, **norm)
+            self.mlp_out_norm = RMSNorm(h, **norm)
+        else:
+            self.attn_out_norm = self.mlp_out_norm = None
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        *,
+        spec: LayerSpec,
+        attend: AttendFn,
+        state: Any,
+    ) -> tuple[jax.Array, Any]:
+        """``x [B, T, hidden]``, rotation tables ``[B, T, d]`` -> ``(x [B, T, hidden], new_state)``."""
+        q, k, v = self.self_attn.qkv(self.attn_in_norm(x), cos, sin)
+        attn, state = attend(spec, q, k, v, state)
+        y = self.self_attn.output(attn.astype(x.dtype))
+        if self.attn_out_norm is not None:
+            y = self.attn_out_norm(y)
+        x = x + y
+        y = self.mlp(self.mlp_in_norm(x))
+        if self.mlp_out_norm is not None:
+            y = self.mlp_out_norm(y)
+        return x + y, state
+
+
+class Transformer(nnx.Module):
+    """The whole decoder: embedding, ``num_layers`` blocks, final norm and LM head.
+
+    Args:
+      config: the architecture.
+      rngs: initialisation randomness (weights are normally replaced by a checkpoint).
+      dtype: activation/compute dtype.
+      param_dtype: parameter storage dtype.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16):
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(
+            config.hidden_size, eps=config.rms_norm_eps, plus_one=config.norm_plus_one, param_dtype=param_dtype
+        )
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nnx.Param(jnp.zeros((config.vocab_size, config.hidden_size), param_dtype))
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        *,
+        attend: AttendFn,
+        layer_states: Sequence[Any] | None = None,
+        logits_at: jax.Array | None = None,
+    ) -> tuple[jax.Array, list[Any]]:
+        """Runs the decoder.
+
+        Args:
+          tokens: ``[B, T]`` int32 token ids.
+          positions: ``[B, T]`` int32 absolute positions (RoPE).
+          attend: the attention core, called once per layer.
+          layer_states: one entry per layer handed to ``attend``; ``None`` gives ``None`` to all.
+          logits_at: ``[B]`` int32 indices into ``T``; when given only those rows get logits.
+
+        Returns:
+          ``(logits, new_layer_states)``: logits ``[B, T, V]`` float32, or ``[B, V]`` with
+          ``logits_at``; the states ``attend`` returned, one per layer.
+        """
+        cfg = self.config
+        if tokens.ndim != 2 or tokens.shape != positions.shape:
+            raise ValueError(
+                f"tokens and positions must both be [batch, seq]; got {tokens.shape} and {positions.shape}"
+            )
+        if layer_states is None:
+            layer_states = [None] * cfg.num_layers
+        if len(layer_states) != cfg.num_layers:
+            raise ValueError(f"layer_states has {len(layer_states)} entries; the model has {cfg.num_layers} layers")
+
+        x = self.embed_tokens(tokens)
+        if cfg.scale_embeddings:
+            # Hugging Face rounds sqrt(hidden) to the embedding dtype before multiplying.
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), self.embed_tokens.embedding.dtype).astype(x.dtype)
+
+        tables: dict[Any, tuple[jax.Array, jax.Array]] = {}
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            rope = cfg.rope_for(i)
+            if rope not in tables:
+                inv_freq, mscale = rope_frequencies(rope, cfg.head_dim)
+                tables[rope] = rope_cos_sin(positions, inv_freq, mscale)
+            x, state = layer(x, *tables[rope], spec=cfg.layer_spec(i), attend=attend, state=layer_states[i])
+            new_states.append(state)
+
+        if logits_at is not None:
+            x = x[jnp.arange(x.shape[0]), logits_at]  # [B, hidden]
+        return self._logits(self.norm(x)), new_states
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """``[..., hidden] -> [..., V]`` float32."""
+        head = self.embed_tokens.embedding if self.lm_head is None else self.lm_head
+        logits = jnp.einsum(
+            "...h,vh->...v",
+            x,
+            head[...].astype(x.dtype),
+            precision=matmul_precision(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = cap * jnp.tanh(logits / cap)
+        return logits
+
+    # --- parameters by flat name -------------------------------------------------
+
+    @staticmethod
+    def abstract(config: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=None) -> Transformer:
+        """A model whose parameters are shape/dtype placeholders (no memory, no init)."""
+        param_dtype = dtype if param_dtype is None else param_dtype
+        return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+
+    @staticmethod
+    def param_shapes(config: ModelConfig, *, dtype=jnp.bfloat16, param_dtype=None) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shape and dtype of every parameter, by flat name (cached per config and dtypes)."""
+        return dict(_param_shapes(config, dtype, dtype if param_dtype is None else param_dtype))
+
+    def flat_params(self) -> dict[str, jax.Array]:
+        """All parameters keyed by dotted name, e.g. ``layers.0.mlp.up_proj.kernel``."""
+        flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(self, nnx.Param)))[0]
+        return {_dotted(path): leaf for path, leaf in flat}
+
+    @classmethod
+    def from_flat_params(
+        cls,
+        config: ModelConfig,
+        params: Mapping[str, Any],
+        *,
+        dtype=jnp.bfloat16,
+        param_dtype=None,
+        progress: bool = False,
+    ) -> Transformer:
+        """Builds a model whose parameters come from ``params`` (as returned by :meth:`flat_params`).
+
+        ``progress`` shows a progress bar over the parameters (host -> device copies).
+
+        Raises:
+          KeyError: a parameter is missing.
+          ValueError: a parameter has the wrong shape.
+        """
+        model = cls.abstract(config, dtype=dtype, param_dtype=param_dtype)
+        graphdef, state = nnx.split(model)
+        pure = nnx.to_pure_dict(state)
+        bar = tqdm(
+            total=len(jax.tree_util.tree_leaves(pure)), desc="loading parameters", unit="tensor", disable=not progress
+        )
+
+        def fill(path, leaf):
+            name = _dotted(path)
+            if name not in params:
+                raise KeyError(f"parameter {name!r} missing")
+            value = params[name]
+            if tuple(value.shape) != tuple(leaf.shape):
+                raise ValueError(f"parameter {name!r}: expected shape {tuple(leaf.shape)}, found {tuple(value.shape)}")
+            bar.update()
+            return jnp.asarray(value, dtype=leaf.dtype)
+
+        with bar:
+            nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill, pure))
+        return nnx.merge(graphdef, state)
+
+    @classmethod
+    def from_hf_tensors(
+        cls,
+        config: ModelConfig,
+        tensors: Mapping[str, np.ndarray],
+        *,
+        dtype=jnp.bfloat16,
+        param_dtype=None,
+        progress: bool = False,
+    ) -> Transformer:
+        """Builds a model from Hugging Face-named tensors (HF shapes, linear weights ``[out, in]``).
+
+        Raises:
+          ValueError: a tensor is missing or has the wrong shape (the message names it).
+        """
+        expected = {
+            name: leaf.shape for name, leaf in cls.param_shapes(config, dtype=dtype, param_dtype=param_dtype).items()
+        }
+        params = {}
+        for name, (hf_name, transpose) in hf_name_map(config).items():
+            if hf_name not in tensors:
+                raise ValueError(
+                    f"checkpoint tensor {hf_name!r} is missing (needed for {config.family} parameter {name})"
+                )
+            tensor = tensors[hf_name]
+            want = tuple(reversed(expected[name])) if transpose else tuple(expected[name])
+            if tuple(tensor.shape) != want:
+                raise ValueError(f"checkpoint tensor {hf_name!r}: expected shape {want}, found {tuple(tensor.shape)}")
+            params[name] = tensor.T if transpose else tensor
+        return cls.from_flat_params(config, params, dtype=dtype, param_dtype=param_dtype, progress=progress)
+
+
+@functools.lru_cache(maxsize=8)
+def _param_shapes(config: ModelConfig, dtype, param_dtype) -> dict[str, jax.ShapeDtypeStruct]:
+    return Transformer.abstract(config, dtype=dtype, param_dtype=param_dtype).flat_params()
+
+
+def _dotted(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def hf_name_map(config: ModelConfig) -> dict[str, tuple[str, bool]]:
+    """Flat parameter name -> (Hugging Face tensor name, transpose?) for ``config``."""
+    names: dict[str, tuple[str, bool]] = {"embed_tokens.embedding": ("model.embed_tokens.weight", False)}
+    names["norm.weight"] = ("model.norm.weight", False)
+    if not config.tie_word_embeddings:
+        names["lm_head"] = ("lm_head.weight", False)
+    # Llama/Qwen call the norm before the MLP "post_attention_layernorm"; Gemma uses that
+    # name for the norm of the attention output and "pre_feedforward_layernorm" before the MLP.
+    norms = {"attn_in_norm": "input_layernorm"}
+    if config.sandwich_norm:
+        norms.update(
+            attn_out_norm="post_attention_layernorm",
+            mlp_in_norm="pre_feedforward_layernorm",
+            mlp_out_norm="post_feedforward_layernorm",
+        )
+    else:
+        norms["mlp_in_norm"] = "post_attention_layernorm"
+    projections = {f"self_attn.{p}": p for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    projections.update({f"mlp.{p}": p for p in ("gate_proj", "up_proj", "down_proj")})
+    biased = {"q_proj": config.qkv_bias, "k_proj": config.qkv_bias, "v_proj": config.qkv_bias, "o_proj": config.o_bias}
+    for i in range(config.num_layers):
+        ours, theirs = f"layers.{i}", f"model.layers.{i}"
+        for mine, hf in norms.items():
+            names[f"{ours}.{mine}.weight"] = (f"{theirs}.{hf}.weight", False)
+        if config.qk_norm:
+            for n in ("q_norm", "k_norm"):
+                names[f"{ours}.self_attn.{n}.weight"] = (f"{theirs}.self_attn.{n}.weight", False)
+        for mine, proj in projections.items():
+            hf = f"{theirs}.{mine}"
+            names[f"{ours}.{mine}.kernel"] = (f"{hf}.weight", True)
+            if biased.get(proj, config.mlp_bias):
+                names[f"{ours}.{mine}.bias"] = (f"{hf}.bias", False)
+    return names

@@ -1,0 +1,76 @@
+"""Sweeps: a grid over any gin bindings, expanded into runs and split across workers.
+
+A sweep file includes a base experiment config and binds ``Sweep.axes``::
+
+    include 'configs/experiments/niah_single_4k.gin'
+    Sweep.axes = {
+        'ExperimentConfig.method': ['dense', 'block_sparse', 'quest'],
+        'ExperimentConfig.sparsity': [0.5, 0.9],
+    }
+
+Every combination of axis values becomes one :class:`ExperimentConfig`; combinations
+that resolve to the same run (``dense`` ignores ``sparsity``) are merged. Workers take
+disjoint shares of the sorted run list, so a pod or a job array splits the work
+without a coordinator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import gin
+
+from sparse_jax.pipeline.experiment import ConfigError, ExperimentConfig, parse_gin
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """Grid axes: gin binding name -> list of values."""
+
+    axes: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+
+
+def _binding(name: str, value: Any) -> str:
+    return f"{name} = {value!r}"
+
+
+def expand(sweep_file: str | Path, extra_bindings: Sequence[str] = ()) -> list[ExperimentConfig]:
+    """All distinct runs of a sweep file, sorted by their results key."""
+    parse_gin([sweep_file], extra_bindings)
+    axes = dict(Sweep().axes)
+    if not axes:
+        raise ConfigError(f"{sweep_file}: a sweep needs `Sweep.axes = {{'ExperimentConfig.<field>': [values], ...}}`")
+    for name, values in axes.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"{sweep_file}: Sweep.axes[{name!r}] must be a non-empty list, got {values!r}")
+    runs: dict[str, ExperimentConfig] = {}
+    for combo in itertools.product(*axes.values()):
+        bindings = list(extra_bindings) + [_binding(n, v) for n, v in zip(axes, combo)]
+        parse_gin([sweep_file], bindings)
+        config = ExperimentConfig()
+        runs.setdefault(config.run_key(), config)
+    return [runs[k] for k in sorted(runs, key=lambda k: (runs[k].label(), k))]
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)``; ``None`` -> this JAX process's share of all processes."""
+    if spec is None:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like i/n (e.g. 0/4), got {spec!r}") from None
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {spec}: need 0 <= i < n")
+    return i, n
+
+
+def shard(runs: Sequence[ExperimentConfig], index: int, count: int) -> list[ExperimentConfig]:
+    """The runs worker ``index`` of ``count`` owns (round robin over the sorted list)."""
+    return list(runs[index::count])

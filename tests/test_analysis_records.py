@@ -1,0 +1,82 @@
+"""Run-record format: round trip, family inference and clear errors for malformed folders."""
+
+import json
+
+import pytest
+
+from sparse_jax.analysis.records import ModelConfig, RunRecord, infer_family, load_records, load_run, save_run
+
+MODEL = ModelConfig("Qwen2.5-7B-Instruct", 28, 3584, 18944, 152064, 28, 4, 128, 7_615_616_512)
+
+
+def _record(**overrides) -> RunRecord:
+    fields = dict(model=MODEL, task="ruler_niah", max_input_tokens=16384, method="quest",
+                  method_args={"token_budget": 1632, "page_size": 16}, target_sparsity=0.9, prefill_sparsity=0.0,
+                  decode_sparsity=0.897, scores={0: 1.0, 1: 0.5, 2: None}, mean_prompt_tokens=16012.4,
+                  mean_output_tokens=23.1, prefill_seconds=1.5, decode_seconds=None, device="NVIDIA H100")
+    fields.update(overrides)
+    return RunRecord(**fields)
+
+
+def test_round_trip_and_derived_fields(tmp_path):
+    rec = _record()
+    save_run(rec, tmp_path / "a" / "run1")
+    save_run(_record(method="dense", method_args={}, target_sparsity=None, decode_sparsity=0.0, prefill_seconds=None),
+             tmp_path / "b")
+    loaded = load_records(tmp_path)
+    assert len(loaded) == 2
+    assert loaded[0] == _record(path=str(tmp_path / "a" / "run1"))
+    assert loaded[0].mean_score == 0.75 and loaded[0].level == 0.9 and loaded[0].sparsity == 0.897
+    assert loaded[1].is_dense and loaded[1].level == 0.0
+    assert loaded[0].benchmark().prefill_seconds == 1.5 and loaded[1].benchmark() is None
+    assert _record(target_sparsity=None).level == 0.897
+
+
+@pytest.mark.parametrize("name,family", [
+    ("Qwen2.5-7B-Instruct", "qwen2.5"), ("Llama-3.1-70B-Instruct", "llama-3.1"), ("gemma-3-4b-it", "gemma-3"),
+    ("Qwen2.5-0.5B", "qwen2.5"), ("mystery", "mystery"),
+])
+def test_infer_family(name, family):
+    assert infer_family(name) == family
+
+
+def _edit(path, fn):
+    obj = json.loads(path.read_text())
+    fn(obj)
+    path.write_text(json.dumps(obj))
+
+
+def test_malformed_runs_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_records(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no run.json found"):
+        load_records(tmp_path)
+    run = tmp_path / "r"
+    save_run(_record(), run)
+    _edit(run / "run.json", lambda o: o["summary"].pop("decode_sparsity"))
+    with pytest.raises(ValueError, match="missing key 'decode_sparsity'"):
+        load_run(run)
+    save_run(_record(), run)
+    _edit(run / "run.json", lambda o: o["model"].update(num_heads="28"))
+    with pytest.raises(ValueError, match="'num_heads' must be int"):
+        load_run(run)
+    save_run(_record(), run)
+    _edit(run / "run.json", lambda o: o.update(format_version=7))
+    with pytest.raises(ValueError, match="format_version is 7"):
+        load_run(run)
+    save_run(_record(), run)
+    _edit(run / "run.json", lambda o: o["summary"].update(prefill_sparsity=-0.2))
+    with pytest.raises(ValueError, match="prefill_sparsity must be in"):
+        load_run(run)
+    save_run(_record(), run)
+    (run / "scores.jsonl").write_text('{"index": 0, "score": 1.0}\n{"index": 0, "score": 0.0}\n')
+    with pytest.raises(ValueError, match="index 0 appears twice"):
+        load_run(run)
+    (run / "scores.jsonl").write_text('{"index": 0}\n')
+    with pytest.raises(ValueError, match="missing key 'score'"):
+        load_run(run)
+    (run / "scores.jsonl").unlink()
+    with pytest.raises(ValueError, match="no scores.jsonl"):
+        load_run(run)
+    with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
+        ModelConfig("bad-1b", 2, 64, 128, 100, 6, 4, 16, 10**9)

@@ -1,0 +1,193 @@
+"""End-to-end checks of the generation engine on tiny random-weight models (CPU)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_jax.attention.base import AttentionMethod, KeptTokens
+from sparse_jax.engine.generate import Engine, EngineConfig, generate
+from sparse_jax.engine.memory import InsufficientMemoryError
+from sparse_jax.engine.reference import reference_greedy
+from sparse_jax.engine.sampling import SamplingParams
+from sparse_jax.models.config import ModelConfig, RopeScaling
+from sparse_jax.models.transformer import Transformer
+
+VOCAB = 211
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    """A 2-layer GQA model (4 query heads, 2 KV heads) with random fp32 weights, big enough to vary its output."""
+    fields = dict(
+        family="llama",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        rope=RopeScaling(theta=10_000.0),
+    )
+    config = ModelConfig(**{**fields, **overrides})
+    abstract = Transformer.abstract(config, dtype=jnp.float32)
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, leaf in abstract.flat_params().items():
+        if "norm" in name:
+            params[name] = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+        else:
+            params[name] = rng.standard_normal(leaf.shape) * (1.5 / np.sqrt(leaf.shape[0]))
+    return Transformer.from_flat_params(config, {k: v.astype(np.float32) for k, v in params.items()}, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def random_prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB, n).tolist() for n in lengths]
+
+
+# Short and long prompts in one batch (bucket 128); the short one is shorter than a page.
+LENGTHS = (3, 70, 33)
+MAX_NEW = 9
+
+
+@pytest.fixture(scope="module")
+def free_running(model):
+    """Reference continuations without stop ids."""
+    return [reference_greedy(model, p, max_new_tokens=MAX_NEW) for p in random_prompts(LENGTHS)]
+
+
+def test_reference_outputs_are_not_degenerate(free_running):
+    # A model that repeats one token would make the equality checks below weak.
+    assert all(len(set(out)) >= 3 for out in free_running), free_running
+
+
+@pytest.fixture(scope="module")
+def dense_engine(model):
+    return Engine(model, "dense", EngineConfig(batch_size=2))
+
+
+def test_greedy_batch_matches_full_recompute_with_stops(dense_engine, free_running):
+    # A stop id that ends the middle sample early while the others continue.
+    stop = free_running[1][3]
+    expected = []
+    for out in free_running:
+        cut = out.index(stop) + 1 if stop in out else len(out)
+        expected.append(out[:cut])
+    assert len(expected[1]) <= 4 and max(map(len, expected)) == MAX_NEW
+
+    results = dense_engine.generate_batch(random_prompts(LENGTHS), max_new_tokens=MAX_NEW, stop_ids=[stop])
+    assert [r.token_ids for r in results] == expected
+    for r, exp, n in zip(results, expected, LENGTHS):
+        assert r.output_length == len(exp)  # the stop token counts
+        assert r.stopped == (exp[-1] == stop)
+        assert r.prompt_length == n
+        assert r.timing.bucket == 128 and r.timing.batch_size == 3
+        assert r.timing.decode_steps == MAX_NEW - 1
+        np.testing.assert_allclose(r.sparsity.prefill_density, 1.0, rtol=1e-6)
+        np.testing.assert_allclose(r.sparsity.decode_density, 1.0, rtol=1e-6)
+        assert r.sparsity.reported_sparsity == 0.0
+
+
+def test_decoded_text_uses_the_tokenizer_and_programs_are_reused(dense_engine, free_running):
+    class Spell:
+        def decode(self, ids):
+            return "-".join(map(str, ids))
+
+    results = dense_engine.generate_batch(
+        random_prompts(LENGTHS), max_new_tokens=MAX_NEW, stop_ids=[1, 2], tokenizer=Spell()
+    )
+    assert [r.text for r in results] == ["-".join(map(str, r.token_ids)) for r in results]
+    assert results[0].timing.compile_seconds == 0.0  # same shapes as the test above
+
+
+def test_prefill_micro_batches_give_the_same_tokens(model, free_running):
+    engine = Engine(model, "dense", EngineConfig(prefill_rows=2))  # rows {0, 1} then {2}
+    results = engine.generate_batch(random_prompts(LENGTHS), max_new_tokens=MAX_NEW, stop_ids=[])
+    assert [r.token_ids for r in results] == free_running
+
+
+@pytest.mark.slow
+def test_generate_groups_prompts_by_bucket_and_keeps_input_order(dense_engine, free_running):
+    results = dense_engine.generate(random_prompts(LENGTHS), max_new_tokens=MAX_NEW, stop_ids=[], progress=False)
+    assert [r.token_ids for r in results] == free_running
+    assert [r.timing.bucket for r in results] == [16, 128, 64]
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepEnds(AttentionMethod):
+    """Test eviction: KV head g keeps the first ``head`` and last ``tail + g`` prompt tokens."""
+
+    head: int = 2
+    tail: int = 3
+
+    def compress(self, q, k, v, *, lengths, layer):
+        b, t, g, _ = k.shape
+        cap = self.head + self.tail + g
+        slot = jnp.arange(cap)
+        heads = jnp.arange(g)[None, :, None]
+        tail = self.tail + heads  # [1, G, 1]
+        start = lengths[:, None, None] - tail
+        idx = jnp.where(slot < self.head, slot, start + slot - self.head)
+        counts = jnp.broadcast_to(self.head + tail[..., 0], (b, g)).astype(jnp.int32)
+        idx = jnp.where(slot < counts[..., None], idx, 0).astype(jnp.int32)
+        return KeptTokens(idx, counts, 1.0 - counts.sum(1) / (g * lengths))
+
+
+def test_eviction_stats_and_reported_sparsity(model):
+    prompts = random_prompts((20, 40))
+    max_new = 4
+    results = generate(model, prompts, KeepEnds(), max_new_tokens=max_new, stop_ids=[])
+    for r, n in zip(results, (20, 40)):
+        kept = np.array([5.0, 6.0])  # per KV head: head 2 + tail 3 + g
+        assert r.sparsity.reported_sparsity == pytest.approx(1.0 - kept.sum() / (2 * n), rel=1e-6)
+        np.testing.assert_allclose(r.sparsity.prefill_density, 1.0)  # the prefill itself is dense
+        steps = np.arange(1, max_new)  # decode step s reads kept + s of n + s tokens
+        per_kv_head = [np.mean((k + steps) / (n + steps)) for k in kept]
+        expected = np.repeat(per_kv_head, 2)  # 2 query heads per KV head
+        np.testing.assert_allclose(r.sparsity.decode_density, np.broadcast_to(expected, (2, 4)), rtol=1e-5)
+        assert r.output_length == max_new
+
+
+def test_sampling_is_reproducible_per_key(model, free_running):
+    prompts = random_prompts(LENGTHS)
+    hot = Engine(model, "dense", EngineConfig(sampling=SamplingParams(temperature=5.0)))
+    runs = [
+        [r.token_ids for r in hot.generate_batch(prompts, max_new_tokens=MAX_NEW, stop_ids=[], rng=jax.random.PRNGKey(s))]
+        for s in (1, 1, 2)
+    ]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    assert runs[0] != free_running
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts=[]), "no prompts"),
+        (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+        (dict(prompts=[[1] * 40], config=EngineConfig(max_input_tokens=32)), "max_input_tokens=32"),
+        (dict(stop_ids=[VOCAB]), "outside the model's vocabulary"),
+        (dict(prompts=[[1, VOCAB + 5]]), "outside the vocabulary"),
+        (dict(method="densee"), "unknown attention method 'densee'"),
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    ],
+)
+def test_bad_input_gives_clear_errors(model, kwargs, message):
+    args = dict(prompts=[[1, 2, 3]], method="dense", max_new_tokens=2, stop_ids=[0], config=EngineConfig())
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        generate(model, args.pop("prompts"), args.pop("method"), **args)
+
+
+def test_run_that_cannot_fit_fails_before_allocating_with_numbers(model):
+    config = EngineConfig(memory_limit_bytes=64 * 1024)
+    with pytest.raises(InsufficientMemoryError, match=r"KV cache .* GiB .* free .* GiB"):
+        generate(model, random_prompts((600,)), max_new_tokens=500, stop_ids=[], config=config)

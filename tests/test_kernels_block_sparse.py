@@ -1,0 +1,139 @@
+"""Block-sparse attention: jnp reference vs a dense masked oracle, Pallas kernels vs the
+reference (GPU kernel in Triton interpret mode, TPU kernel in TPU interpret mode)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.block_sparse import block_sparse_attention, configs, gpu_triton, reference, tpu
+from pallas_kernels.block_sparse.index import BlockSparseIndex
+from pallas_kernels.block_sparse.synthetic import random_block_sparse_index
+from sparse_jax.attention.dense import dense_causal_attention
+
+# Tolerances: fp32 paths differ only in exp vs exp2 and summation order; bf16 kernels
+# round the pre-scaled queries and the probabilities to bf16, as the reference kernel does.
+TOL = {jnp.float32: dict(max_abs=2e-5, rel=1e-5), jnp.bfloat16: dict(max_abs=6e-2, rel=1.5e-2)}
+
+
+def _inputs(seed, t, h, g, d, dtype=jnp.float32, b=1):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (b, t, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], (b, t, g, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (b, t, g, d), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def _assert_close(out, ref, dtype):
+    out = np.asarray(out, np.float32)
+    ref = np.asarray(ref, np.float32)
+    assert np.all(np.isfinite(out))
+    tol = TOL[dtype]
+    assert np.max(np.abs(out - ref)) <= tol["max_abs"]
+    assert np.linalg.norm(out - ref) <= tol["rel"] * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize(
+    "t,h,g,bs,density,empty",
+    [(77, 4, 4, 8, 0.4, 0.1), (64, 4, 1, 16, 1.0, 0.0), (50, 8, 2, 16, 0.01, 0.3)],
+)
+def test_reference_matches_masked_oracle(t, h, g, bs, density, empty):
+    q, k, v = _inputs(0, t, h, g, 16, b=2)
+    index = random_block_sparse_index(np.random.default_rng(1), 2, h, t, bs, density, empty_fraction=empty)
+    out = reference.block_sparse_attention(q, k, v, index, scale=0.3, key_chunk=32)
+    mask = reference.index_to_mask(index, t)
+    _assert_close(out, reference.masked_attention(q, k, v, mask, scale=0.3), jnp.float32)
+    np.testing.assert_allclose(reference.attended_pairs(index, t), mask.sum((-1, -2)), rtol=0)
+
+
+def test_empty_rows_are_zero():
+    q, k, v = _inputs(2, 40, 2, 1, 16)
+    index = random_block_sparse_index(np.random.default_rng(2), 1, 2, 40, 8, 0.5)
+    index = index._replace(counts=index.counts.at[0, 1, 2].set(0))
+    out = reference.block_sparse_attention(q, k, v, index, scale=0.25)
+    assert np.all(np.asarray(out[0, 16:24, 1]) == 0)
+    assert np.any(np.asarray(out[0, 16:24, 0]) != 0)
+
+
+def test_all_blocks_equals_dense_causal():
+    q, k, v = _inputs(3, 90, 4, 2, 32)
+    nq = 6
+    ids = jnp.minimum(jnp.arange(nq)[None, :], jnp.arange(nq)[:, None])
+    index = BlockSparseIndex(
+        jnp.broadcast_to(ids, (1, 4, nq, nq)).astype(jnp.int32),
+        jnp.broadcast_to(jnp.arange(1, nq + 1), (1, 4, nq)).astype(jnp.int32),
+        16,
+    )
+    out = reference.block_sparse_attention(q, k, v, index, scale=0.2)
+    _assert_close(out, dense_causal_attention(q, k, v, scale=0.2), jnp.float32)
+
+
+def test_causal_tile_pairs_brute_force():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        q_lo, k_lo = rng.integers(0, 40, 2)
+        q_hi, k_hi = q_lo + rng.integers(0, 20), k_lo + rng.integers(0, 20)
+        brute = sum(1 for i in range(q_lo, q_hi) for j in range(k_lo, k_hi) if j <= i)
+        assert float(reference.causal_tile_pairs(q_lo, q_hi, k_lo, k_hi)) == brute
+
+
+# GQA ratios 1/4/8, head dims 64/128/256, odd lengths, one block to all blocks, empty rows.
+KERNEL_CASES = [
+    (77, 4, 4, 64, 16, 0.5, 0.1, jnp.float32),
+    (100, 8, 2, 64, 32, 1.0, 0.0, jnp.bfloat16),
+    (40, 8, 1, 128, 16, 0.01, 0.2, jnp.float32),
+    (33, 2, 1, 256, 16, 0.6, 0.0, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("t,h,g,d,bs,density,empty,dtype", KERNEL_CASES)
+def test_gpu_kernel_matches_reference(t, h, g, d, bs, density, empty, dtype):
+    q, k, v = _inputs(4, t, h, g, d, dtype)
+    index = random_block_sparse_index(np.random.default_rng(5), 1, h, t, bs, density, empty_fraction=empty)
+    out = gpu_triton.block_sparse_attention(q, k, v, index, scale=d**-0.5, interpret=True)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    _assert_close(out, reference.block_sparse_attention(q, k, v, index, scale=d**-0.5), dtype)
+
+
+@pytest.mark.parametrize(
+    "t,h,g,d,density,empty,dtype",
+    [(40, 2, 1, 64, 0.5, 0.3, jnp.float32), (45, 4, 1, 128, 1.0, 0.0, jnp.bfloat16)],
+)
+def test_tpu_kernel_matches_reference(t, h, g, d, density, empty, dtype):
+    q, k, v = _inputs(6, t, h, g, d, dtype)
+    index = random_block_sparse_index(np.random.default_rng(7), 1, h, t, 16, density, empty_fraction=empty)
+    out = tpu.block_sparse_attention(q, k, v, index, scale=d**-0.5, interpret=pltpu.InterpretParams())
+    _assert_close(out, reference.block_sparse_attention(q, k, v, index, scale=d**-0.5), dtype)
+
+
+def test_tpu_head_chunks_cover_heads_in_whole_groups():
+    chunks = tpu.head_chunks(32, tpu.SMEM_LIST_INTS // 10, group=4)
+    assert chunks[0] == (0, 8) and chunks[-1][1] == 32
+    assert all(b - a == 8 for a, b in chunks)
+    assert tpu.head_chunks(4, tpu.SMEM_LIST_INTS * 2, group=4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+
+
+def test_dispatch_reference_backend():
+    q, k, v = _inputs(8, 30, 2, 1, 16)
+    index = random_block_sparse_index(np.random.default_rng(8), 1, 2, 30, 8, 0.5)
+    out = block_sparse_attention(q, k, v, index, scale=0.25, backend="reference")
+    _assert_close(out, reference.block_sparse_attention(q, k, v, index, scale=0.25), jnp.float32)
+    with pytest.raises(ValueError, match="unknown backend"):
+        block_sparse_attention(q, k, v, index, scale=0.25, backend="cuda")
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = _inputs(9, 32, 6, 4, 16)
+    index = random_block_sparse_index(np.random.default_rng(9), 1, 6, 32, 8, 0.5)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        reference.block_sparse_attention(q, k, v, index, scale=0.25)
+    q, k, v = _inputs(9, 32, 4, 2, 16)
+    with pytest.raises(ValueError, match="build the index for these inputs"):
+        reference.block_sparse_attention(q, k, v, index, scale=0.25)
+    with pytest.raises(ValueError, match="block_size 8 has no kernel config"):
+        configs.triton_config(8, 128)
+    with pytest.raises(ValueError, match="head_dim 96 has no kernel config"):
+        configs.tpu_config(64, 96)

@@ -1,0 +1,306 @@
+"""Paged decode kernels (GPU Triton and TPU Mosaic, in interpret mode) and Quest selection
+against the jnp reference, on tiny shapes."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.paged_decode import DecodeConfig, default_config, paged_decode_attention, quest, reference
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+PAGE = 4
+D = 32
+
+
+def make_cache(rng, *, batch, heads, kv_heads, pages_per_row, lengths, per_query_head=False, dtype=jnp.float32):
+    """Random q, pools, shuffled non-contiguous page tables; slots past each row's length hold NaN.
+
+    ``lengths``: ``[batch, rows]`` valid tokens per row (rows = heads if per_query_head else kv_heads).
+    """
+    rows = heads if per_query_head else kv_heads
+    rows_per_kv = rows // kv_heads
+    pool = batch * rows_per_kv * pages_per_row + 3  # spare pages that no row uses
+    q = rng.standard_normal((batch, heads, D))
+    k = rng.standard_normal((kv_heads, pool, PAGE, D))
+    v = rng.standard_normal((kv_heads, pool, PAGE, D))
+    table = np.zeros((batch, rows, pages_per_row), np.int32)
+    for j in range(kv_heads):
+        perm = rng.permutation(pool)[: batch * rows_per_kv * pages_per_row].reshape(batch, rows_per_kv, -1)
+        table[:, j * rows_per_kv : (j + 1) * rows_per_kv] = perm
+    clean = (k.copy(), v.copy())
+    for b in range(batch):
+        for r in range(rows):
+            n = lengths[b][r]
+            for slot in range(n, pages_per_row * PAGE):
+                page = table[b, r, slot // PAGE]
+                k[r // rows_per_kv, page, slot % PAGE] = np.nan
+                v[r // rows_per_kv, page, slot % PAGE] = np.nan
+    to = lambda x: jnp.asarray(x, dtype)
+    args = (to(q), to(k), to(v), jnp.asarray(table), jnp.asarray(lengths, jnp.int32))
+    clean_args = (to(q), to(clean[0]), to(clean[1]), jnp.asarray(table), jnp.asarray(lengths, jnp.int32))
+    return args, clean_args
+
+
+def rel_err(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+BACKENDS = ["gpu", "tpu"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "heads,kv_heads,per_query_head,lengths",
+    [
+        (4, 4, False, [[1, 24, 8, 13], [4, 5, 20, 1]]),  # GQA ratio 1; lengths 1 and page multiples
+        (8, 2, False, [[17, 1], [24, 12]]),  # ratio 4, ragged per KV head (evicted cache)
+        (16, 2, False, [[9, 24], [3, 16]]),  # ratio 8
+        (8, 2, True, [[1, 5, 24, 9, 16, 2, 7, 21], [3, 3, 12, 4, 22, 8, 19, 1]]),  # per-query-head tables
+    ],
+)
+def test_kernel_matches_reference(backend, heads, kv_heads, per_query_head, lengths):
+    rng = np.random.default_rng(hash((heads, kv_heads, per_query_head)) % 2**32)
+    args, clean = make_cache(
+        rng, batch=2, heads=heads, kv_heads=kv_heads, pages_per_row=6, lengths=lengths, per_query_head=per_query_head
+    )
+    ref = reference.paged_decode_attention(*clean, scale=0.2)
+    out = paged_decode_attention(*args, scale=0.2, backend=backend, interpret=True,
+                                 config=DecodeConfig(pages_per_block=2, num_splits=2))
+    assert np.isfinite(np.asarray(out)).all()
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ppb,splits", [(1, 1), (4, 3), (2, 8)])
+def test_block_and_split_sizes(backend, ppb, splits):
+    """More splits than pages, blocks wider than rows, one page per block: same result."""
+    rng = np.random.default_rng(ppb * 10 + splits)
+    args, clean = make_cache(rng, batch=1, heads=8, kv_heads=2, pages_per_row=7, lengths=[[25, 2]])
+    ref = reference.paged_decode_attention(*clean, scale=0.3)
+    out = paged_decode_attention(*args, scale=0.3, backend=backend, interpret=True,
+                                 config=DecodeConfig(pages_per_block=ppb, num_splits=splits))
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliding_window_and_empty_row(backend):
+    rng = np.random.default_rng(7)
+    args, clean = make_cache(rng, batch=2, heads=4, kv_heads=2, pages_per_row=6, lengths=[[23, 0], [6, 17]])
+    ref = reference.paged_decode_attention(*clean, scale=0.25, sliding_window=7)
+    out = paged_decode_attention(*args, scale=0.25, sliding_window=7, backend=backend, interpret=True,
+                                 config=DecodeConfig(pages_per_block=2, num_splits=3))
+    np.testing.assert_array_equal(np.asarray(out)[0, 2:], 0.0)  # KV head 1 of sequence 0 is empty
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16(backend):
+    rng = np.random.default_rng(3)
+    args, clean = make_cache(rng, batch=1, heads=8, kv_heads=2, pages_per_row=8, lengths=[[31, 9]],
+                             dtype=jnp.bfloat16)
+    ref = reference.paged_decode_attention(*clean, scale=D**-0.5)
+    out = paged_decode_attention(*args, scale=D**-0.5, backend=backend, interpret=True)
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_reference_backend_and_default_config():
+    rng = np.random.default_rng(0)
+    _, clean = make_cache(rng, batch=1, heads=4, kv_heads=2, pages_per_row=3, lengths=[[5, 12]])
+    np.testing.assert_array_equal(
+        paged_decode_attention(*clean, scale=0.1, backend="reference"),
+        reference.paged_decode_attention(*clean, scale=0.1),
+    )
+    cfg = default_config(batch=1, rows=8, pages_per_row=8192)
+    assert cfg.num_splits == 66 and cfg.pages_per_block == 8
+    assert default_config(batch=8, rows=8, pages_per_row=16).num_splits == 2
+
+
+def test_bad_inputs_raise_clear_errors():
+    rng = np.random.default_rng(0)
+    (q, k, v, table, lengths), _ = make_cache(rng, batch=1, heads=4, kv_heads=2, pages_per_row=3, lengths=[[5, 12]])
+    call = lambda **kw: paged_decode_attention(
+        kw.get("q", q), k, v, kw.get("table", table), kw.get("lengths", lengths), scale=0.1, backend="gpu",
+        interpret=True,
+    )
+    with pytest.raises(ValueError, match="int32"):
+        call(table=table.astype(jnp.int16))
+    with pytest.raises(ValueError, match="rows = 2"):
+        call(table=jnp.zeros((1, 3, 3), jnp.int32))
+    with pytest.raises(ValueError, match="lengths must be"):
+        call(lengths=lengths[:, :1])
+    with pytest.raises(ValueError, match="head_dim"):
+        call(q=q[..., :8])
+    with pytest.raises(ValueError, match="unknown backend"):
+        paged_decode_attention(q, k, v, table, lengths, scale=0.1, backend="cuda")
+    with pytest.raises(ValueError, match="power of two"):
+        DecodeConfig(pages_per_block=3)
+    with pytest.raises(ValueError, match="positive int"):
+        DecodeConfig(num_splits=0)
+
+
+# ----------------------------------------------------------------------------- Quest
+
+
+def summaries(k_pages, page_table, lengths):
+    """k_min / k_max of every pool page from the valid slots of the rows that own them."""
+    g, pool, s, d = k_pages.shape
+    k = np.asarray(k_pages, np.float64)
+    k_min = np.full((g, pool, d), np.inf)
+    k_max = np.full((g, pool, d), -np.inf)
+    for b in range(page_table.shape[0]):
+        for j in range(g):
+            for slot in range(int(lengths[b, j])):
+                page = page_table[b, j, slot // s]
+                k_min[j, page] = np.minimum(k_min[j, page], k[j, page, slot % s])
+                k_max[j, page] = np.maximum(k_max[j, page], k[j, page, slot % s])
+    return jnp.asarray(k_min, jnp.float32), jnp.asarray(k_max, jnp.float32)
+
+
+def quest_oracle(q, k_min, k_max, table, lengths, budget, share):
+    """Loop-by-loop Quest selection (REFERENCE.md 4.7) in float64."""
+    q, k_min, k_max = (np.asarray(x, np.float64) for x in (q, k_min, k_max))
+    b_, h, _ = q.shape
+    g = k_min.shape[0]
+    group = h // g
+    nb = budget // PAGE
+    rows = g if share else h
+    tables, lens = [], []
+    for b in range(b_):
+        for r in range(rows):
+            j = r if share else r // group
+            heads = range(j * group, (j + 1) * group) if share else [r]
+            n = int(lengths[b, j])
+            c = (n - 1) // PAGE
+            if c <= nb:
+                tables.append(list(table[b, j, : nb + 1]))
+                lens.append(n)
+                continue
+            score = [
+                sum(np.maximum(q[b, hh] * k_min[j, table[b, j, p]], q[b, hh] * k_max[j, table[b, j, p]]).sum()
+                    for hh in heads)
+                for p in range(c)
+            ]
+            best = sorted(range(c), key=lambda p: -score[p])[:nb]
+            tables.append([table[b, j, p] for p in best] + [table[b, j, c]])
+            lens.append(nb * PAGE + n - c * PAGE)
+    return np.array(tables).reshape(b_, rows, -1), np.array(lens).reshape(b_, rows)
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("budget_pages", [1, 3, 9])
+def test_quest_selection_matches_oracle(share, budget_pages):
+    rng = np.random.default_rng(budget_pages + 100 * share)
+    lengths = [[40, 33], [29, 5]]  # the last row has fewer pages than most budgets: dense fallback
+    (q, k, v, table, lens), _ = make_cache(rng, batch=2, heads=8, kv_heads=2, pages_per_row=10, lengths=lengths)
+    k_min, k_max = summaries(k, np.asarray(table), np.asarray(lens))
+    budget = budget_pages * PAGE
+    got_table, got_len = quest.quest_page_table(
+        q, k_min, k_max, table, lens, page_size=PAGE, token_budget=budget, share_pages=share
+    )
+    want_table, want_len = quest_oracle(q, k_min, k_max, np.asarray(table), np.asarray(lens), budget, share)
+    np.testing.assert_array_equal(got_len, want_len)
+    # Best-first order may differ only on exact ties (absent with random data); the current page is last.
+    np.testing.assert_array_equal(np.sort(got_table, -1), np.sort(want_table, -1))
+    np.testing.assert_array_equal(got_table[..., -1], want_table[..., -1])
+
+
+def test_quest_pool_and_gather_scoring_agree():
+    """Scoring the whole pool then picking rows equals gathering each row's summaries."""
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((2, 8, D)), jnp.bfloat16)
+    k_min = jnp.asarray(rng.standard_normal((2, 30, D)), jnp.bfloat16)
+    k_max = k_min + jnp.asarray(rng.random((2, 30, D)), jnp.bfloat16)
+    table = jnp.asarray(rng.integers(0, 30, (2, 2, 16)), jnp.int32)  # 2 * 16 >= 30 pool pages: pool path
+    pool_scores = quest.page_upper_bounds(q, k_min, k_max, table, share_pages=False)
+    gather_scores = quest.page_upper_bounds(q, k_min, k_max, table[:, :, :8], share_pages=False)  # gather path
+    np.testing.assert_allclose(pool_scores[..., :8], gather_scores, rtol=1e-6, atol=1e-5)
+    qf, mn, mx = (np.asarray(x, np.float64) for x in (q, k_min, k_max))
+    t = np.asarray(table)
+    brute = np.zeros((2, 8, 16))
+    for b in range(2):
+        for h in range(8):
+            j = h // 4
+            brute[b, h] = np.maximum(qf[b, h] * mn[j, t[b, j]], qf[b, h] * mx[j, t[b, j]]).sum(-1)
+    np.testing.assert_allclose(pool_scores, brute, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("share,budget_pages", [(True, 1), (False, 4), (True, 10)])
+def test_quest_decode_end_to_end(backend, share, budget_pages):
+    """Kernel over the Quest table == reference over the same table; all-pages budget == dense decode."""
+    rng = np.random.default_rng(budget_pages)
+    lengths = [[37, 40], [22, 31]]
+    (q, k, v, table, lens), (_, kc, vc, _, _) = make_cache(
+        rng, batch=2, heads=8, kv_heads=2, pages_per_row=10, lengths=lengths
+    )
+    k_min, k_max = summaries(kc, np.asarray(table), np.asarray(lens))
+    sel, sel_len = quest.quest_page_table(
+        q, k_min, k_max, table, lens, page_size=PAGE, token_budget=budget_pages * PAGE, share_pages=share
+    )
+    assert sel.shape[1] == (2 if share else 8)
+    out = paged_decode_attention(q, k, v, sel, sel_len, scale=0.2, backend=backend, interpret=True,
+                                 config=DecodeConfig(pages_per_block=2, num_splits=2))
+    ref = reference.paged_decode_attention(q, kc, vc, sel, sel_len, scale=0.2)
+    assert rel_err(out, ref) < 1e-5
+    if budget_pages >= 9:  # every page fits: Quest reads the whole cache
+        dense = reference.paged_decode_attention(q, kc, vc, table, lens, scale=0.2)
+        assert rel_err(out, dense) < 1e-5
+
+
+def test_quest_bad_budget():
+    with pytest.raises(ValueError, match="multiple of page_size"):
+        quest.select_pages(jnp.zeros((1, 2, 8)), jnp.zeros((1, 2, 8), jnp.int32), jnp.ones((1, 2), jnp.int32),
+                           page_size=PAGE, token_budget=6)
+
+
+# ------------------------------------------------------------------- lowering checks
+
+
+def test_triton_lowering_for_h100():
+    """The GPU kernel lowers to Triton IR (Python-side lowering, no GPU needed)."""
+    gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+    registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+    from pallas_kernels.paged_decode import gpu_triton
+
+    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(registration.gpu_info_lib, "get_gpu_info", lambda: h100)
+    try:
+        for rows in (8, 32):
+            args = _abstract_args(rows)
+            text = gpu_triton.paged_decode_attention.trace(*args, scale=0.1).lower(lowering_platforms=("cuda",))
+            assert "__gpu$xla.gpu.triton" in text.as_text()
+    finally:
+        patch.undo()
+
+
+def test_mosaic_lowering_for_tpu():
+    """The TPU kernel lowers to Mosaic (Python-side lowering, no TPU needed)."""
+    from jax._src import mesh as mesh_lib
+
+    from pallas_kernels.paged_decode import tpu
+
+    device = mesh_lib.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        for rows in (8, 32):
+            text = tpu.paged_decode_attention.trace(*_abstract_args(rows), scale=0.1).lower(
+                lowering_platforms=("tpu",)
+            )
+            assert "tpu_custom_call" in text.as_text()
+
+
+def _abstract_args(rows, batch=2, heads=32, kv_heads=8, pool=256, pages=64):
+    sds = jax.ShapeDtypeStruct
+    pages_shape = (kv_heads, pool, 16, 128)
+    return (
+        sds((batch, heads, 128), jnp.bfloat16), sds(pages_shape, jnp.bfloat16), sds(pages_shape, jnp.bfloat16),
+        sds((batch, rows, pages), jnp.int32), sds((batch, rows), jnp.int32),
+    )

@@ -1,0 +1,115 @@
+"""Vertical-slash index construction: golden vectors, invariants and exact pair counts."""
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.vertical_slash.reference import index_to_mask
+from sparse_jax.attention.methods.vertical_slash_index import TILE, build_index, index_stats
+
+GOLDEN = Path("/work/shared/data/golden_vs_index_cases.json")
+if not GOLDEN.exists():  # the repository's copy of the shared data folder
+    GOLDEN = Path(__file__).resolve().parents[1] / "shared" / "data" / "golden_vs_index_cases.json"
+
+
+def _cases():
+    return json.loads(GOLDEN.read_text())["cases"]
+
+
+def _as_batch(index):
+    """``[R, ...]`` one-head index -> ``[1, 1, R, ...]``."""
+    return index._replace(**{f: getattr(index, f)[None, None] for f in index._fields[:4]})
+
+
+@pytest.mark.skipif(not GOLDEN.exists(), reason="golden_vs_index_cases.json not available")
+@pytest.mark.parametrize("case", range(4))
+def test_golden_vectors_match_exactly(case):
+    c = _cases()[case]
+    length = c["seq_len"]
+    verticals = np.array(c["verticals_ascending"], np.int32)
+    offsets = np.array(c["slash_offsets_descending"], np.int32)
+    rng = np.random.default_rng(case)  # the builder must not depend on input order
+    verticals, offsets = rng.permutation(verticals), rng.permutation(offsets)
+    index = build_index(
+        jnp.asarray(verticals),
+        jnp.ones(verticals.shape, bool),
+        jnp.asarray(offsets),
+        jnp.ones(offsets.shape, bool),
+        num_row_blocks=-(-length // TILE),
+    )
+    for row in c["rows"]:
+        r = row["row_block"]
+        assert index.block_starts[r, : index.block_counts[r]].tolist() == row["block_starts"], r
+        assert index.columns[r, : index.column_counts[r]].tolist() == row["columns"], r
+    _, reported = index_stats(_as_batch(index), jnp.array([length]))
+    np.testing.assert_allclose(float(reported[0, 0]), c["reported_sparsity"], rtol=1e-6)
+
+
+def test_unselected_entries_are_ignored_and_padding_repeats_last():
+    # Offset 0 plus 130 (selected) and 5 (not selected); vertical 3 selected, 40 not.
+    index = build_index(
+        jnp.array([40, 3]),
+        jnp.array([False, True]),
+        jnp.array([5, 0, 130]),
+        jnp.array([False, True, True]),
+        num_row_blocks=4,
+    )
+    # Row 3 (queries 192..255): offset 130 -> window [62, 126), offset 0 -> [192, 256).
+    assert index.block_starts[3].tolist() == [62, 192, 192]
+    assert int(index.block_counts[3]) == 2
+    assert index.columns[3].tolist() == [3, 3] and int(index.column_counts[3]) == 1
+    # Row 0: only offset 0 -> [0, 64); vertical 3 is inside it, so no column.
+    assert index.block_starts[0].tolist() == [0, 0, 0] and int(index.block_counts[0]) == 1
+    assert int(index.column_counts[0]) == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_selections_invariants_and_exact_pairs(seed):
+    rng = np.random.default_rng(seed)
+    length, nv, ns = 333, 12, 70
+    rows = -(-length // TILE)
+    verticals = np.stack([rng.choice(length, nv, replace=False) for _ in range(2)])
+    offsets = np.stack([np.concatenate([np.arange(64), rng.choice(np.arange(64, length), ns - 64, replace=False)])
+                        for _ in range(2)])
+    index = build_index(
+        jnp.asarray(verticals[None]),
+        jnp.ones((1, 2, nv), bool),
+        jnp.asarray(offsets[None]),
+        jnp.ones((1, 2, ns), bool),
+        num_row_blocks=rows,
+    )
+    for h in range(2):
+        for r in range(rows):
+            starts = np.asarray(index.block_starts[0, h, r, : index.block_counts[0, h, r]])
+            cols = np.asarray(index.columns[0, h, r, : index.column_counts[0, h, r]])
+            assert np.all(np.diff(starts) >= TILE), "ranges overlap"
+            assert np.all(cols < TILE * r), "a column is not strictly before the row block"
+            for c in cols:
+                assert not np.any((starts <= c) & (c < starts + TILE)), "a column lies inside a range"
+            assert set(cols) <= set(verticals[h])
+    attended, _ = index_stats(index, jnp.array([length]))
+    mask = np.asarray(index_to_mask(index, length))
+    np.testing.assert_array_equal(np.asarray(attended), mask.sum(axis=(-1, -2)).astype(np.float32))
+    # Every selected diagonal is fully attended.
+    for h in range(2):
+        for delta in offsets[h]:
+            i = np.arange(delta, length)
+            assert mask[0, h, i, i - delta].all()
+
+
+def test_stats_count_only_real_queries_of_padded_rows():
+    index = build_index(
+        jnp.zeros((2, 1, 4), jnp.int32) + jnp.arange(4),
+        jnp.ones((2, 1, 4), bool),
+        jnp.zeros((2, 1, 64), jnp.int32) + jnp.arange(64),
+        jnp.ones((2, 1, 64), bool),
+        num_row_blocks=3,
+    )
+    lengths = jnp.array([150, 70])
+    attended, _ = index_stats(index, lengths)
+    for b, length in enumerate([150, 70]):
+        mask = np.asarray(index_to_mask(index, 192))[b, 0, :length, :length]
+        assert float(attended[b, 0]) == mask.sum()
