@@ -48,20 +48,21 @@ def test_fit_validation_errors():
 
 def test_scaling_points_average_shared_tasks_and_rows():
     records = []
-    for size, task, level in itertools.product((1e9, 2e9), ("a", "b"), (0.0, 0.5)):
+    for size, task, level in itertools.product((1e9, 2e9), ("a", "b"), (0.0, 0.5, 0.75)):
         model = ModelConfig(f"Toy-{size / 1e9:g}B", 2, 64, 128, 100, 4, 2, 16, int(size))
         method = "dense" if level == 0.0 else "snapkv"
-        score = 0.5 + 0.1 * (task == "b") - 0.2 * level
+        score = 0.5 + 0.1 * (task == "b") - 0.1 * np.log2(1.0 / (1.0 - level))
         records.append(RunRecord(model, task, 4096, method, {}, level or None, 0.0, level,
                                  {0: score, 1: score}, 4000.0, 8.0))
     pts = scaling_points(records, "snapkv")
-    assert sorted(pts["density"].tolist()) == [0.5, 0.5, 1.0, 1.0]
-    np.testing.assert_allclose(sorted(pts["scores"]), [0.45, 0.45, 0.55, 0.55])
+    assert sorted(pts["density"].tolist()) == [0.25, 0.25, 0.5, 0.5, 1.0, 1.0]
+    np.testing.assert_allclose(sorted(pts["scores"]), [0.35, 0.35, 0.45, 0.45, 0.55, 0.55])
     law = ScalingLaw().drop_constant(pts["parameters"], pts["lengths"], pts["density"])
     assert law.terms == ("log_n", "log_c", "log_c*log_n")  # one length only: log_l terms are dropped
     fit = fit_scaling_law(law, *pts.values(), num_bootstrap=0)
-    assert fit.held_out is None  # 4 points, 4 parameters: nothing can be held out
+    assert fit.held_out is None  # 6 points, 4 parameters: too few left without the largest model
     rows = fit_rows(fit, method="snapkv")
     assert [r["parameter"] for r in rows] == ["intercept", "log_n", "log_c", "log_c*log_n"]
+    assert rows[0]["value"] == pytest.approx(0.55, abs=1e-4)
     assert rows[2]["value"] == pytest.approx(-0.1 / np.log(2.0), abs=1e-4)
-    assert rows[3]["value"] == pytest.approx(0.0, abs=1e-4)
+    assert rows[1]["value"] == pytest.approx(0.0, abs=1e-4) and rows[3]["value"] == pytest.approx(0.0, abs=1e-4)

@@ -16,6 +16,14 @@ def empty():
     return PagedKVCache.allocate(batch=B, num_kv_heads=G, head_dim=D, pages_per_row=P, page_size=S, dtype=jnp.float32)
 
 
+@jax.jit
+def write(cache, k, v, lengths, row_start=0, kept=None):
+    return cache.write_prompt(k, v, lengths, row_start=row_start, kept=kept)
+
+
+append = jax.jit(PagedKVCache.append)
+
+
 def rows(cache):
     """``[B, G, P * S, d]`` K and V as each row sees them through its page table."""
     return gather_rows(cache.k_pages, cache.page_table, G), gather_rows(cache.v_pages, cache.page_table, G)
@@ -37,7 +45,7 @@ def test_write_prompt_into_a_row_range_then_append_across_a_page_boundary():
     key = jax.random.PRNGKey(0)
     k, v = jax.random.normal(key, (2, 2, 8, G, D))  # two rows, bucket of 8 tokens
     lengths = jnp.array([3, 8], jnp.int32)
-    cache = empty().write_prompt(k, v, lengths, row_start=1)
+    cache = write(empty(), k, v, lengths, 1)
     np.testing.assert_array_equal(cache.lengths, [[0, 0], [3, 3], [8, 8]])
     np.testing.assert_array_equal(cache.seq_lengths, [0, 3, 8])
     kr, vr = rows(cache)
@@ -48,7 +56,7 @@ def test_write_prompt_into_a_row_range_then_append_across_a_page_boundary():
 
     new = jax.random.normal(jax.random.PRNGKey(1), (6, B, G, D))
     for step in range(3):
-        cache = cache.append(new[2 * step], new[2 * step + 1])
+        cache = append(cache, new[2 * step], new[2 * step + 1])
         check_summaries(cache)
     np.testing.assert_array_equal(cache.lengths, [[3, 3], [6, 6], [11, 11]])
     kr, vr = rows(cache)
@@ -62,7 +70,7 @@ def test_write_kept_tokens_per_head_lengths_differ():
     indices = jnp.array([[[0, 5, 11, 0], [1, 2, 3, 9]]] * B, jnp.int32)  # head 0 keeps 3, head 1 keeps 4
     counts = jnp.array([[3, 4]] * B, jnp.int32)
     kept = KeptTokens(indices, counts, jnp.zeros(B))
-    cache = empty().write_prompt(k, v, jnp.full((B,), 12, jnp.int32), kept=kept)
+    cache = write(empty(), k, v, jnp.full((B,), 12, jnp.int32), kept=kept)
     np.testing.assert_array_equal(cache.lengths, counts)
     np.testing.assert_array_equal(cache.seq_lengths, [12] * B)
     kr, vr = rows(cache)
@@ -70,7 +78,7 @@ def test_write_kept_tokens_per_head_lengths_differ():
         np.testing.assert_array_equal(kr[:, g, : len(idx)], k[:, idx, g])
         np.testing.assert_array_equal(vr[:, g, : len(idx)], v[:, idx, g])
     check_summaries(cache)
-    cache = cache.append(*jax.random.normal(jax.random.PRNGKey(3), (2, B, G, D)))
+    cache = append(cache, *jax.random.normal(jax.random.PRNGKey(3), (2, B, G, D)))
     np.testing.assert_array_equal(cache.lengths, counts + 1)  # appended after the kept tokens
     check_summaries(cache)
 
@@ -78,9 +86,9 @@ def test_write_kept_tokens_per_head_lengths_differ():
 def test_dense_decode_after_writes_matches_attention_over_the_rows():
     k, v = jax.random.normal(jax.random.PRNGKey(4), (2, B, 16, G, D))
     lengths = jnp.array([1, 9, 16], jnp.int32)
-    cache = empty().write_prompt(k, v, lengths)
+    cache = write(empty(), k, v, lengths)
     q = jax.random.normal(jax.random.PRNGKey(5), (B, 2 * G, D))
-    out, stats = cache.dense_decode(q, scale=0.5)
+    out, stats = jax.jit(lambda c, q: c.dense_decode(q, scale=0.5))(cache, q)
     for b, n in enumerate([1, 9, 16]):
         kb = jnp.repeat(k[b, :n], 2, axis=1)  # [n, H, d]
         p = jax.nn.softmax(jnp.einsum("hd,nhd->hn", q[b], kb) * 0.5, axis=-1)

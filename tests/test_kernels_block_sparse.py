@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
@@ -20,11 +19,8 @@ TOL = {jnp.float32: dict(max_abs=2e-5, rel=1e-5), jnp.bfloat16: dict(max_abs=6e-
 
 
 def _inputs(seed, t, h, g, d, dtype=jnp.float32, b=1):
-    keys = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(keys[0], (b, t, h, d), jnp.float32).astype(dtype)
-    k = jax.random.normal(keys[1], (b, t, g, d), jnp.float32).astype(dtype)
-    v = jax.random.normal(keys[2], (b, t, g, d), jnp.float32).astype(dtype)
-    return q, k, v
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal((b, t, n, d)), dtype) for n in (h, g, g))
 
 
 def _assert_close(out, ref, dtype):
@@ -38,7 +34,7 @@ def _assert_close(out, ref, dtype):
 
 @pytest.mark.parametrize(
     "t,h,g,bs,density,empty",
-    [(77, 4, 4, 8, 0.4, 0.1), (64, 4, 1, 16, 1.0, 0.0), (50, 8, 2, 16, 0.01, 0.3)],
+    [(77, 4, 4, 8, 0.4, 0.1), (50, 8, 2, 16, 0.01, 0.3)],
 )
 def test_reference_matches_masked_oracle(t, h, g, bs, density, empty):
     q, k, v = _inputs(0, t, h, g, 16, b=2)

@@ -178,10 +178,13 @@ def _vs_oracle_index(v_score, s_score, nv, ns, length, rows):
     v_score, s_score = v_score.copy(), s_score.copy()
     v_score[:4] = np.inf
     s_score[:64] = np.inf
-    verticals = np.argsort(-v_score, kind="stable")[: min(nv, length)]
-    offsets = np.argsort(-s_score, kind="stable")[: min(ns, length)]
+    # Selections padded to a fixed size (unselected slots flagged) so build_index compiles once.
+    size = 64 * rows
+    verticals = np.argsort(-np.pad(v_score, (0, size - length), constant_values=-1), kind="stable")
+    offsets = np.argsort(-np.pad(s_score, (0, size - length), constant_values=-1), kind="stable")
     index = build_index(
-        jnp.asarray(verticals), jnp.ones(len(verticals), bool), jnp.asarray(offsets), jnp.ones(len(offsets), bool),
+        jnp.asarray(verticals), jnp.arange(size) < min(nv, length),
+        jnp.asarray(offsets), jnp.arange(size) < min(ns, length),
         num_row_blocks=rows,
     )
     return [

@@ -151,3 +151,15 @@ def test_flat_params_round_trip():
     for name, value in rebuilt.flat_params().items():
         np.testing.assert_array_equal(value, params[name])
     jax.block_until_ready(params)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_init_gives_usable_logits(family):
+    """A freshly initialised model (as engine tests use) has finite, non-degenerate logits."""
+    from sparse_jax.models.transformer import Transformer
+
+    config = model_for(family, 0).config
+    model = Transformer(config, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    logits = np.asarray(forward(model, jnp.arange(6, dtype=jnp.int32)[None], jnp.arange(6, dtype=jnp.int32)[None]))
+    assert np.isfinite(logits).all() and logits.std() > 1e-3
+    assert len(set(logits[0].argmax(-1).tolist())) > 1

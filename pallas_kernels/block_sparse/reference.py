@@ -201,14 +201,18 @@ def _entry_live(ids: jax.Array, counts: jax.Array) -> jax.Array:
 
 def attended_pairs(index: BlockSparseIndex, seq_len: int) -> jax.Array:
     """``[B, H]`` float32 causal (query, key) pairs the index makes the kernel compute."""
-    bs = index.block_size
-    m = jnp.arange(index.counts.shape[-1])[:, None]
-    q_lo = m * bs
-    q_hi = jnp.minimum(q_lo + bs, seq_len)
-    k_lo = index.block_ids * bs
-    k_hi = jnp.minimum(k_lo + bs, seq_len)
+    return _attended_pairs(index.block_ids, index.counts, block_size=int(index.block_size), seq_len=seq_len)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "seq_len"))
+def _attended_pairs(block_ids, counts, *, block_size, seq_len):
+    m = jnp.arange(counts.shape[-1])[:, None]
+    q_lo = m * block_size
+    q_hi = jnp.minimum(q_lo + block_size, seq_len)
+    k_lo = block_ids * block_size
+    k_hi = jnp.minimum(k_lo + block_size, seq_len)
     pairs = causal_tile_pairs(q_lo, q_hi, k_lo, k_hi)
-    return jnp.where(_entry_live(index.block_ids, index.counts), pairs, 0.0).sum((-1, -2))
+    return jnp.where(_entry_live(block_ids, counts), pairs, 0.0).sum((-1, -2))
 
 
 def index_to_mask(index: BlockSparseIndex, seq_len: int) -> jax.Array:
@@ -216,16 +220,22 @@ def index_to_mask(index: BlockSparseIndex, seq_len: int) -> jax.Array:
 
     For small ``seq_len`` only (test oracle); ``T = seq_len``.
     """
-    bs = index.block_size
+    return _index_to_mask(index.block_ids, index.counts, block_size=int(index.block_size), seq_len=seq_len)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "seq_len"))
+def _index_to_mask(block_ids, counts, *, block_size, seq_len):
+    bs = block_size
     n_blocks = -(-seq_len // bs)
-    live = _entry_live(index.block_ids, index.counts)
-    hit = jax.nn.one_hot(index.block_ids, n_blocks, dtype=jnp.int32) * live[..., None]
+    live = _entry_live(block_ids, counts)
+    hit = jax.nn.one_hot(block_ids, n_blocks, dtype=jnp.int32) * live[..., None]
     block_mask = hit.sum(-2) > 0  # [B, H, nq, n_blocks]
     mask = jnp.repeat(jnp.repeat(block_mask, bs, axis=2), bs, axis=3)[:, :, :seq_len, :seq_len]
     pos = jnp.arange(seq_len)
     return mask & (pos[None, :] <= pos[:, None])
 
 
+@functools.partial(jax.jit, static_argnames=("scale",))
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float) -> jax.Array:
     """Dense fp32 attention under an explicit ``mask [B, H, T, T]`` (small-``T`` oracle).
 

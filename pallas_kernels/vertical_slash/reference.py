@@ -89,21 +89,24 @@ def _vertical_slash_attention(
     return gathered_key_attention(q, k, v, keys_for_block, block_q=block_m, scale=scale, key_chunk=key_chunk)
 
 
-def _row_bounds(index: VerticalSlashIndex, seq_len: int) -> tuple[jax.Array, jax.Array]:
-    r = jnp.arange(index.block_counts.shape[-1])[:, None]
-    q_lo = r * index.block_m
-    return q_lo, jnp.minimum(q_lo + index.block_m, seq_len)
+def _row_bounds(num_rows: int, block_m: int, seq_len: int) -> tuple[jax.Array, jax.Array]:
+    q_lo = jnp.arange(num_rows)[:, None] * block_m
+    return q_lo, jnp.minimum(q_lo + block_m, seq_len)
 
 
 def attended_pairs(index: VerticalSlashIndex, seq_len: int) -> jax.Array:
     """``[B, H]`` float32 causal (query, key) pairs the index makes the kernel compute."""
-    q_lo, q_hi = _row_bounds(index, seq_len)
-    k_lo = index.block_starts
-    k_hi = jnp.minimum(k_lo + index.block_n, seq_len)
-    ranges = causal_tile_pairs(q_lo, q_hi, k_lo, k_hi)
-    ranges = jnp.where(_live(index.block_counts, k_lo.shape[-1]), ranges, 0.0)
-    cols = causal_tile_pairs(q_lo, q_hi, index.columns, index.columns + 1)
-    cols = jnp.where(_live(index.column_counts, cols.shape[-1]), cols, 0.0)
+    arrays = (index.block_starts, index.block_counts, index.columns, index.column_counts)
+    return _attended_pairs(*arrays, block_m=int(index.block_m), block_n=int(index.block_n), seq_len=seq_len)
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "seq_len"))
+def _attended_pairs(block_starts, block_counts, columns, column_counts, *, block_m, block_n, seq_len):
+    q_lo, q_hi = _row_bounds(block_counts.shape[-1], block_m, seq_len)
+    ranges = causal_tile_pairs(q_lo, q_hi, block_starts, jnp.minimum(block_starts + block_n, seq_len))
+    ranges = jnp.where(_live(block_counts, block_starts.shape[-1]), ranges, 0.0)
+    cols = causal_tile_pairs(q_lo, q_hi, columns, columns + 1)
+    cols = jnp.where(_live(column_counts, columns.shape[-1]), cols, 0.0)
     return ranges.sum((-1, -2)) + cols.sum((-1, -2))
 
 
@@ -112,12 +115,18 @@ def index_to_mask(index: VerticalSlashIndex, seq_len: int) -> jax.Array:
 
     For small ``seq_len`` only (test oracle); ``T = seq_len``.
     """
+    arrays = (index.block_starts, index.block_counts, index.columns, index.column_counts)
+    return _index_to_mask(*arrays, block_m=int(index.block_m), block_n=int(index.block_n), seq_len=seq_len)
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "seq_len"))
+def _index_to_mask(block_starts, block_counts, columns, column_counts, *, block_m, block_n, seq_len):
     pos = jnp.arange(seq_len)
-    row_block = pos // index.block_m  # [T]
-    starts = index.block_starts[:, :, row_block]  # [B, H, T, n_ranges]
-    in_range = (pos >= starts[..., None]) & (pos < starts[..., None] + index.block_n)
-    in_range &= _live(index.block_counts[:, :, row_block], starts.shape[-1])[..., None]
-    cols = index.columns[:, :, row_block]  # [B, H, T, n_cols]
-    on_col = (pos == cols[..., None]) & _live(index.column_counts[:, :, row_block], cols.shape[-1])[..., None]
+    row_block = pos // block_m  # [T]
+    starts = block_starts[:, :, row_block]  # [B, H, T, n_ranges]
+    in_range = (pos >= starts[..., None]) & (pos < starts[..., None] + block_n)
+    in_range &= _live(block_counts[:, :, row_block], starts.shape[-1])[..., None]
+    cols = columns[:, :, row_block]  # [B, H, T, n_cols]
+    on_col = (pos == cols[..., None]) & _live(column_counts[:, :, row_block], cols.shape[-1])[..., None]
     mask = in_range.any(-2) | on_col.any(-2)
     return mask & (pos[None, :] <= pos[:, None])

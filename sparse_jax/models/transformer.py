@@ -103,7 +103,8 @@ class Transformer(nnx.Module):
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nnx.Param(jnp.zeros((config.vocab_size, config.hidden_size), param_dtype))
+            init = nnx.initializers.normal(stddev=config.hidden_size**-0.5)
+            self.lm_head = nnx.Param(init(rngs.params(), (config.vocab_size, config.hidden_size), param_dtype))
 
     def __call__(
         self,

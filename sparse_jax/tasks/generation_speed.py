@@ -11,6 +11,7 @@ time of ``generate_samples`` (QA preprocessing included) divided by the sample c
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from pathlib import Path
@@ -62,11 +63,26 @@ def main() -> None:
                 break
             rows.append(f"| {name} | {length} | {mean_length} | {seconds:.2f} |")
             print(rows[-1], flush=True)
-    table = "\n".join(rows)
-    header = f"Sample generation time, {tokenizer!r}, {args.samples} samples per cell, {platform.processor() or platform.machine()}.\n\n"
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(header + table + "\n")
+        args.out.write_text(_report(tokenizer, args.samples, rows))
+
+
+def _report(tokenizer, samples: int, rows: list[str]) -> str:
+    return "\n".join([
+        "# Task sample generation speed",
+        "",
+        f"Tokenizer: `{tokenizer!r}`; {samples} samples per cell; {platform.machine()} CPU, "
+        f"{os.cpu_count()} cores (shared with other jobs, so wall times are upper bounds).",
+        "Regenerate with `python -m sparse_jax.tasks.generation_speed --data-dir <data> --out <this file>`.",
+        "",
+        "*mean length* is the record's `length` (chat-templated prompt + gold answer tokens). *seconds / sample*",
+        "is the wall time of `generate_samples()` over the sample count, including the length checks (two full",
+        "tokenisations of the prompt) and, for QA, the one-time probe of every item (~2 s for TOEFL's 962 items).",
+        "",
+        *rows,
+        "",
+    ])
 
 
 if __name__ == "__main__":

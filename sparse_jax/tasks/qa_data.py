@@ -66,14 +66,14 @@ def load_qa_dataset(dataset_name: str, data_dir: str | Path, download: bool) -> 
         path = data_dir / "quality.jsonl"
         if path.exists() or not download:
             return _load_jsonl(_required(path, download), strip_prefix="")
-        return _build(_quality_rows_from_hub(), is_mcq=True)
+        return _build(_quality_rows_from_hub(), is_mcq=True, source="tasksource/QuALITY")
     if dataset_name == "squad":
         for name in ("dev-v2.0.json", "squad.json"):
             if (data_dir / name).exists():
-                return _build(_squad_rows_from_file(data_dir / name), is_mcq=False)
+                return _build(_squad_rows_from_file(data_dir / name), is_mcq=False, source=str(data_dir / name))
         if not download:
             _required(data_dir / "dev-v2.0.json", download)
-        return _build(_squad_rows_from_hub(), is_mcq=False)
+        return _build(_squad_rows_from_hub(), is_mcq=False, source="SQuAD v2.0 dev")
     raise ValueError(f"unknown QA data set {dataset_name!r}; choose one of {', '.join(DATASETS)}.")
 
 
@@ -87,8 +87,10 @@ def _required(path: Path, download: bool) -> Path:
     return path
 
 
-def _build(rows: list[tuple[str, str, Any]], is_mcq: bool) -> QADataset:
+def _build(rows: list[tuple[str, str, Any]], is_mcq: bool, source: str) -> QADataset:
     """``rows`` = (context, question, answer) in file order -> deduplicated data set."""
+    if not rows:
+        raise ValueError(f"{source}: no answerable questions found; check that it is the right file.")
     contexts = sorted({context for context, _, _ in rows})
     index = {context: i for i, context in enumerate(contexts)}
     items, seen = [], set()
@@ -110,7 +112,9 @@ def _load_jsonl(path: Path, strip_prefix: str) -> QADataset:
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error}); the file must hold one JSON object per line.")
+                raise ValueError(
+                    f"{where}: not valid JSON ({error}); the file must hold one JSON object per line."
+                ) from None
             _check_field(entry, "context", str, where)
             _check_field(entry, "questions", list, where)
             _check_field(entry, "answer", list, where)
@@ -125,9 +129,7 @@ def _load_jsonl(path: Path, strip_prefix: str) -> QADataset:
                 if strip_prefix and question.startswith(strip_prefix):
                     question = question[len(strip_prefix) :]
                 rows.append((entry["context"], question, answer))
-    if not rows:
-        raise ValueError(f"{path}: no questions found; the file must hold JSON lines with 'context', 'questions', 'answer'.")
-    return _build(rows, is_mcq=True)
+    return _build(rows, is_mcq=True, source=str(path))
 
 
 def _check_field(entry: Any, field: str, kind: type, where: str) -> None:
