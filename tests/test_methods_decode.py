@@ -147,13 +147,15 @@ def _quest_oracle(q, k_tok, v_tok, lengths, budget, share):
     """numpy outputs ``[B, H, d]`` and tokens read ``[B, H]`` of Quest's selection."""
     out = np.zeros(q.shape)
     read = np.zeros(q.shape[:2])
-    nb = budget // S
     for b, n in enumerate(lengths):
+        nb = budget[b] // S
         c = (n - 1) // S
         kk = k_tok[b, :n]
         mins = np.stack([kk[p * S : (p + 1) * S].min(0) for p in range(c)]) if c else np.zeros((0, G, D))
         maxs = np.stack([kk[p * S : (p + 1) * S].max(0) for p in range(c)]) if c else np.zeros((0, G, D))
-        u = np.stack([np.maximum(q[b, h] * mins[:, h // GROUP], q[b, h] * maxs[:, h // GROUP]).sum(-1) for h in range(H)])
+        u = np.stack(
+            [np.maximum(q[b, h] * mins[:, h // GROUP], q[b, h] * maxs[:, h // GROUP]).sum(-1) for h in range(H)]
+        )
         for h in range(H):
             score = u[(h // GROUP) * GROUP : (h // GROUP + 1) * GROUP].sum(0) if share else u[h]
             pages = np.argsort(-score, kind="stable")[:nb]
@@ -180,7 +182,7 @@ def test_quest_selection_matches_oracle(share):
     cache = _cache(k_tok, v_tok, lengths)
     method = get_method("quest", token_budget=48, page_size=S, share_pages=share)
     out, stats = jax.jit(lambda q, c: method.decode(q, c, layer=LAYER))(jnp.asarray(q, jnp.float32), cache)
-    want, read = _quest_oracle(q, k_tok.astype(np.float64), v_tok.astype(np.float64), lengths, 48, share)
+    want, read = _quest_oracle(q, k_tok.astype(np.float64), v_tok.astype(np.float64), lengths, [48, 48], share)
     np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5)
     np.testing.assert_array_equal(np.asarray(stats.tokens_read), read)
     np.testing.assert_array_equal(np.asarray(stats.tokens_cached), np.repeat(lengths[:, None], H, 1))
@@ -190,6 +192,18 @@ def test_quest_selection_matches_oracle(share):
         page_size=S, token_budget=48, share_pages=share,
     )
     np.testing.assert_array_equal(np.asarray(row_lengths), np.asarray(stats.tokens_read)[:, :: GROUP if share else 1])
+
+
+def test_quest_sparsity_target_sets_budget_from_cached_tokens():
+    lengths = np.array([203, 131])
+    q, k_tok, v_tok = _quest_inputs(7, 203)
+    cache = _cache(k_tok, v_tok, lengths, seed=1)
+    method = get_method("quest", page_size=S, sparsity=0.5)
+    out, stats = jax.jit(lambda q, c: method.decode(q, c, layer=LAYER))(jnp.asarray(q, jnp.float32), cache)
+    budget = np.ceil(0.5 * lengths / S).astype(int) * S  # 104 and 72 tokens
+    want, read = _quest_oracle(q, k_tok.astype(np.float64), v_tok.astype(np.float64), lengths, budget, True)
+    np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(np.asarray(stats.tokens_read), read)
 
 
 def test_quest_short_prompts_and_zero_sparsity_read_everything():

@@ -74,7 +74,8 @@ def test_zero_sparsity_is_dense(name, kwargs):
     ref = dense_causal_attention(q, k, v, scale=LAYER.scale)
     for b, n in enumerate(LENGTHS):
         np.testing.assert_allclose(np.asarray(out[b, :n]), np.asarray(ref[b, :n]), atol=1e-5, rtol=1e-5)
-    np.testing.assert_array_equal(np.asarray(stats.attended_pairs), np.repeat(np.asarray(stats.causal_pairs)[:, None], H, 1))
+    dense_pairs = np.repeat(np.asarray(stats.causal_pairs)[:, None], H, axis=1)
+    np.testing.assert_array_equal(np.asarray(stats.attended_pairs), dense_pairs)
 
 
 # ---------------------------------------------------------------- block_sparse
@@ -216,7 +217,8 @@ def test_vertical_and_slash_pattern_output_and_stats_match_oracle():
     nv, ns, a = 8, 80, 48
     method = get_method("vertical_and_slash", vertical_size=nv, slash_size=ns, approximation_size=a)
     out, stats = _prefill(method, q, k, v, lengths)
-    index = jax.jit(vertical_and_slash_index, static_argnames=("approximation_size", "max_verticals", "max_slashes", "scale"))(
+    statics = ("approximation_size", "max_verticals", "max_slashes", "scale")
+    index = jax.jit(vertical_and_slash_index, static_argnames=statics)(
         q, k, jnp.asarray(lengths), jnp.full((B,), nv), jnp.full((B,), ns),
         approximation_size=a, max_verticals=nv, max_slashes=ns, scale=LAYER.scale,
     )

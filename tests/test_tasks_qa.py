@@ -35,7 +35,9 @@ def _paragraph(rng: random.Random, words: int) -> str:
     return " ".join(sentences)
 
 
-def write_mcq_jsonl(path: Path, contexts: int = 24, questions: int = 3, seed: int = 0, prefix: str = "Question: ") -> Path:
+def write_mcq_jsonl(
+    path: Path, contexts: int = 24, questions: int = 3, seed: int = 0, prefix: str = "Question: "
+) -> Path:
     """A TOEFL/QuALITY-schema JSONL file with synthetic lectures and multiple-choice questions."""
     rng = random.Random(seed)
     with path.open("w") as file:

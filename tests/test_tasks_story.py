@@ -54,7 +54,8 @@ def test_narrative_buys_one_new_item_per_chapter_and_sells_only_owned_items():
     for chapter in chapters:
         text = chapter.text()
         assert text.startswith(f"Chapter {chapter.number}:\n")
-        assert chapter.location in text and chapter.character in text and chapter.item in chapter.sentences[chapter.buying]
+        assert chapter.location in text and chapter.character in text
+        assert chapter.item in chapter.sentences[chapter.buying]
         owned.append(chapter.item)
         if chapter.sold_item is not None:
             assert chapter.sold_item in owned[:-1] and chapter.sold_item in chapter.sentences[chapter.selling]
@@ -93,7 +94,8 @@ def test_generation_is_deterministic(name):
 
 
 def _chapter_texts(context: str) -> dict[int, str]:
-    return {int(m.group(1)): m.group(2) for m in re.finditer(r"Chapter (\d+):\n(.*?)(?=\n\nChapter |\Z)", context, re.S)}
+    pattern = re.compile(r"Chapter (\d+):\n(.*?)(?=\n\nChapter |\Z)", re.S)
+    return {int(m.group(1)): m.group(2) for m in pattern.finditer(context)}
 
 
 def test_retrieval_answers_come_from_the_asked_chapters():
@@ -114,8 +116,8 @@ def test_multihop_gold_is_the_item_bought_in_the_previous_chapter():
     task = _task("story_multihop", samples=3)
     for record in task.generate_samples(progress=False):
         rng = random.Random(task.random_seed + record["index"])
-        budget = task.max_tokens - task.count_tokens(task._prompt("", task._question("item_component_1 "
-                                                                                     "item_component_2 item_component_3")))
+        probe = task._question("item_component_1 item_component_2 item_component_3")
+        budget = task.max_tokens - task.count_tokens(task._prompt("", probe))
         chapters = generate_chapters(budget, rng, task.count_tokens)
         target = rng.choice(chapters[1:])
         assert record["gold_answer"] == chapters[target.number - 2].item
@@ -126,7 +128,8 @@ def test_multihop_gold_is_the_item_bought_in_the_previous_chapter():
 def test_filtering_removes_chosen_purchases_and_in_fixed_mode_their_later_sales():
     fixed, quirky = (_task("story_filtering", length=8192, samples=4, reference_quirks=q) for q in (False, True))
     stale_sales = 0
-    for fixed_record, quirky_record in zip(fixed.generate_samples(progress=False), quirky.generate_samples(progress=False)):
+    pairs = zip(fixed.generate_samples(progress=False), quirky.generate_samples(progress=False))
+    for fixed_record, quirky_record in pairs:
         assert fixed_record["gold_answer"] == quirky_record["gold_answer"]
         chosen = [int(n) for n in fixed_record["gold_answer"].split(", ")]
         assert len(chosen) == 3 and chosen == sorted(chosen)
@@ -152,7 +155,8 @@ def test_filtering_removes_chosen_purchases_and_in_fixed_mode_their_later_sales(
 @pytest.mark.parametrize(
     "pred, gold, quirks, score",
     [
-        ("<answer>\n1. Amberfall\n2: the Brass Lantern\n3) X\n</answer>", "1. Amberfall\n2. brass lantern\n3. Y", False, 2 / 3),
+        ("<answer>\n1. Amberfall\n2: the Brass Lantern\n3) X\n</answer>", "1. Amberfall\n2. brass lantern\n3. Y",
+         False, 2 / 3),
         ("1. amberfall", "1. Amberfall\n2. Fernvale", False, 0.5),
         ("<answer>\n1. Fernvale\n1. Amberfall\n</answer>", "1. Amberfall", False, 0.0),
     ],

@@ -151,9 +151,46 @@ def vertical_slash_estimate(q, k, *, n_vertical=512, n_slash=512, window=256, bl
     return index.block_starts, index.block_counts, index.columns, index.column_counts
 
 
+def local_vertical_slash_index(t: int, *, n_vertical=512, n_slash=512, block=64, seed=0):
+    """The index of strongly local heads: slashes = the nearest ``n_slash`` diagonals,
+    verticals = tokens 0..3 plus random earlier tokens (what clustered real heads give)."""
+    from sparse_jax.attention.methods.vertical_slash_index import build_index
+
+    rng = np.random.default_rng(seed)
+    verticals = np.stack([np.concatenate([np.arange(4), rng.choice(np.arange(4, t), n_vertical - 4, replace=False)])
+                          for _ in range(HEADS)])[None].astype(np.int32)
+    offsets = np.broadcast_to(np.arange(n_slash, dtype=np.int32), (1, HEADS, n_slash))
+    ones = np.ones_like
+    index = build_index(
+        jnp.asarray(verticals), jnp.asarray(ones(verticals, bool)), jnp.asarray(offsets),
+        jnp.asarray(ones(offsets, bool)), num_row_blocks=-(-t // block),
+    )
+    return VerticalSlashIndex(index.block_starts, index.block_counts, index.columns, index.column_counts, 64, 64)
+
+
 def rel_err(out, ref) -> float:
     out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
     return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def check_mosaic(results: dict) -> None:
+    """The Mosaic-GPU block-sparse kernel vs the reference and cuDNN (errors recorded, not raised)."""
+    from pallas_kernels.block_sparse import gpu_mosaic
+
+    rng = np.random.default_rng(1)
+    try:
+        for d, t in ((128, 1000), (64, 777)):
+            q, k, v = make_qkv(7, t, heads=8, kv_heads=2, d=d)
+            idx = random_block_sparse_index(rng, 1, 8, t, 128, 0.3, empty_fraction=0.05)
+            out = gpu_mosaic.block_sparse_attention(q, k, v, idx, scale=SCALE)
+            ref = bs_ref.block_sparse_attention(q, k, v, idx, scale=SCALE)
+            results[f"check_mosaic_block_sparse_d{d}_t{t}"] = rel_err(out, ref)
+        q, k, v = make_qkv(2, 4096)
+        out = gpu_mosaic.block_sparse_attention(q, k, v, dense_index(4096, 128), scale=SCALE)
+        results["check_mosaic_dense_vs_cudnn"] = rel_err(out, cudnn_attention(q, k, v))
+    except Exception:
+        results["error_mosaic"] = traceback.format_exc()
+        print(results["error_mosaic"])
 
 
 def check(results: dict) -> None:
@@ -209,8 +246,32 @@ def sweep(t: int, reps: int, results: dict, block_sizes: tuple[int, ...]) -> tup
     return best_bs, min(timings, key=timings.get)
 
 
+def time_mosaic(q, k, v, sidx, est, dense_time, reps, r) -> None:
+    """Mosaic-GPU block-sparse kernel at bs=128: all blocks, and the 5% index (with estimation)."""
+    from pallas_kernels.block_sparse import gpu_mosaic
+
+    t = q.shape[1]
+    run = functools.partial(gpu_mosaic.block_sparse_attention, scale=SCALE)
+    try:
+        idx = dense_index(t, 128)
+        sec = median_seconds(lambda: run(q, k, v, idx), reps)
+        r["mosaic_dense_ms"] = sec * 1e3
+        r["mosaic_dense_tile_tflops"] = 4.0 * HEAD_DIM * 128 * 128 * float(jnp.sum(idx.counts)) / sec / 1e12
+        r["mosaic_dense_vs_cudnn"] = sec / dense_time
+        del idx
+        sec = median_seconds(lambda: run(q, k, v, sidx), reps)
+        r["mosaic_sparse_kernel_ms"] = sec * 1e3
+        r["mosaic_sparse_kernel_tile_tflops"] = 4.0 * HEAD_DIM * 128 * 128 * float(jnp.sum(sidx.counts)) / sec / 1e12
+        tot = median_seconds(lambda: run(q, k, v, BlockSparseIndex(*est(q, k), 128)), reps)
+        r["mosaic_sparse_total_ms"] = tot * 1e3
+        r["mosaic_sparse_speedup_vs_cudnn"] = dense_time / tot
+    except Exception:
+        r["mosaic_error"] = traceback.format_exc()[-2000:]
+        print(r["mosaic_error"])
+
+
 def time_length(
-    t: int, reps: int, results: dict, block_sizes: tuple[int, ...], bs_configs: dict, vs_config
+    t: int, reps: int, results: dict, block_sizes: tuple[int, ...], bs_configs: dict, vs_config, mosaic: bool
 ) -> None:
     r = results.setdefault(str(t), {})
     q, k, v = make_qkv(3, t)
@@ -249,6 +310,8 @@ def time_length(
         r[f"bs{bs}_sparse_kernel_tile_tflops"] = 4.0 * HEAD_DIM * bs * bs * tiles / ker_sec / 1e12
         r[f"bs{bs}_sparse_total_ms"] = tot_sec * 1e3
         r[f"bs{bs}_sparse_speedup_vs_cudnn"] = dense_time / tot_sec
+        if bs == 128 and mosaic:
+            time_mosaic(q, k, v, sidx, est, dense_time, reps, r)
 
     for kind in ("random", "banded"):
         qv, kv_, vv = (q, k, v) if kind == "random" else make_qkv(4, t, banded=True)
@@ -267,6 +330,17 @@ def time_length(
         r[f"vs_{kind}_total_ms"] = tot_sec * 1e3
         r[f"vs_{kind}_speedup_vs_cudnn"] = dense_time / tot_sec
 
+    # Clustered pattern: kernel on the local index; the estimation cost does not depend on the inputs.
+    lidx = local_vertical_slash_index(t)
+    run = functools.partial(vs_gpu.vertical_slash_attention, scale=SCALE, config=vs_config)
+    ker_sec = median_seconds(lambda: run(q, k, v, lidx), reps)
+    r["vs_local_density_pairs"] = float(jnp.sum(vs_ref.attended_pairs(lidx, t))) / (HEADS * t * (t + 1) / 2)
+    r["vs_local_mean_ranges"] = float(jnp.mean(lidx.block_counts))
+    r["vs_local_mean_columns"] = float(jnp.mean(lidx.column_counts))
+    r["vs_local_kernel_ms"] = ker_sec * 1e3
+    r["vs_local_total_ms"] = (ker_sec + est_sec) * 1e3
+    r["vs_local_speedup_vs_cudnn"] = dense_time / (ker_sec + est_sec)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -274,16 +348,19 @@ def main() -> None:
     parser.add_argument("--block-sizes", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--mosaic", action="store_true", help="also check and time the Mosaic-GPU kernel")
     parser.add_argument("--sweep-length", type=int, default=0, help="tune launch configs at this length first")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "prefill_kernels.json"))
     args = parser.parse_args()
 
     results: dict = {"device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.mosaic:
+        check_mosaic(results)
     if not args.skip_check:
         check(results)
-        for key, val in results.items():
-            if key.startswith("check"):
-                print(f"{key}: rel err {val:.2e}")
+    for key, val in results.items():
+        if key.startswith("check"):
+            print(f"{key}: rel err {val:.2e}")
     bs_configs, vs_config = {}, None
     if args.sweep_length:
         bs_configs, vs_config = sweep(args.sweep_length, args.reps, results, tuple(args.block_sizes))
@@ -291,7 +368,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in results.items() if k.startswith(("sweep", "chosen"))}, indent=1))
     for t in tqdm(args.lengths, desc="lengths"):
         try:
-            time_length(t, args.reps, results, tuple(args.block_sizes), bs_configs, vs_config)
+            time_length(t, args.reps, results, tuple(args.block_sizes), bs_configs, vs_config, args.mosaic)
         except Exception:  # Keep the lengths that ran; report the failure.
             results[f"error_{t}"] = traceback.format_exc()
             print(results[f"error_{t}"])

@@ -23,10 +23,10 @@ class DecodeConfig:
       num_stages: Triton software-pipelining depth (GPU only).
     """
 
-    pages_per_block: int = 8
+    pages_per_block: int = 4
     num_splits: int = 16
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -42,9 +42,11 @@ GPU_TARGET_PROGRAMS = 4 * 132
 
 
 def default_config(batch: int, rows: int, pages_per_row: int, *, target_programs: int = GPU_TARGET_PROGRAMS,
-                   pages_per_block: int = 8) -> DecodeConfig:
+                   pages_per_block: int = 4) -> DecodeConfig:
     """Pick ``num_splits`` so ``batch * rows * num_splits`` reaches ``target_programs``,
-    without giving a split less than one block of the widest row.
+    without giving a split less than one block of the widest row. The other defaults
+    (4 pages per block, 4 warps, 3 stages) were the fastest on an H100 at 128K
+    (experiments/results/decode_kernels_h100.md).
     """
     max_splits = max(1, -(-pages_per_row // pages_per_block))
     want = max(1, -(-target_programs // (batch * rows)))

@@ -4,7 +4,8 @@ Each cached page keeps element-wise ``k_min`` / ``k_max`` of its keys. For a que
 the largest possible ``q . k`` inside the page is
 ``sum_d max(q_d * min_d, q_d * max_d) = relu(q) . max + min(q, 0) . min``, so page scores
 are two matrix products instead of a ``[pages, d]`` element-wise pass. Products are taken
-in the inputs' dtype with fp32 accumulation (bf16 x bf16 products are exact in fp32).
+in the inputs' dtype with fp32 accumulation (bf16 x bf16 products are exact in fp32);
+with ``share_pages`` the group's relu parts are first summed in fp32.
 
 Selection of one row (a KV head with ``share_pages``: group scores summed; else a query
 head): ``n`` cached tokens (the newest included), current page ``c = (n - 1) // S``; the
@@ -17,6 +18,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
 
 
 def page_upper_bounds(
@@ -38,28 +43,28 @@ def page_upper_bounds(
     b, h, d = q.shape
     g, num_pool_pages, _ = k_min.shape
     qg = jnp.swapaxes(q.reshape(b, g, h // g, d), 0, 1)  # [G, B, g, d]
-    pos = jnp.maximum(qg, 0).astype(k_max.dtype)
-    neg = jnp.minimum(qg, 0).astype(k_min.dtype)
+    pos, neg = jnp.maximum(qg, 0), jnp.minimum(qg, 0)
+    if share_pages:
+        # Summed group scores are scores of the summed (fp32) relu parts: one row per KV head.
+        pos = pos.astype(jnp.float32).sum(axis=2, keepdims=True)
+        neg = neg.astype(jnp.float32).sum(axis=2, keepdims=True)
+        k_min, k_max = k_min.astype(jnp.float32), k_max.astype(jnp.float32)
+    else:
+        pos, neg = pos.astype(k_max.dtype), neg.astype(k_min.dtype)
     if num_pool_pages <= b * page_table.shape[2]:
         # The tables cover the pool: score every pool page once per query head, then
         # pick each row's pages, instead of gathering summaries per row.
         spec = "jbnd,jpd->jbnp"
-        scores = jnp.einsum(spec, pos, k_max, preferred_element_type=jnp.float32) + jnp.einsum(
-            spec, neg, k_min, preferred_element_type=jnp.float32
-        )  # [G, B, g, N]
+        scores = _dot(spec, pos, k_max) + _dot(spec, neg, k_min)  # [G, B, g or 1, N]
         idx = jnp.swapaxes(page_table, 0, 1)[:, :, None, :]  # [G, B, 1, P]
         rows = jnp.take_along_axis(scores, idx, axis=3)  # [G, B, g, P]
     else:
         heads = jnp.arange(g)[:, None, None]
         table = jnp.swapaxes(page_table, 0, 1)  # [G, B, P]
         spec = "jbnd,jbpd->jbnp"
-        rows = jnp.einsum(spec, pos, k_max[heads, table], preferred_element_type=jnp.float32) + jnp.einsum(
-            spec, neg, k_min[heads, table], preferred_element_type=jnp.float32
-        )
-    rows = jnp.swapaxes(rows, 0, 1)  # [B, G, g, P]
-    if share_pages:
-        return rows.sum(axis=2)
-    return rows.reshape(b, h, -1)
+        rows = _dot(spec, pos, k_max[heads, table]) + _dot(spec, neg, k_min[heads, table])
+    rows = jnp.swapaxes(rows, 0, 1)  # [B, G, g or 1, P]
+    return rows.reshape(b, -1, rows.shape[-1])
 
 
 def select_pages(

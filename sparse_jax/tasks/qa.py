@@ -158,7 +158,8 @@ class QATask(Task):
             return
         data_dir = Path(self.data_dir) if self.data_dir is not None else default_data_dir()
         dataset = load_qa_dataset(self.dataset_name, data_dir, self.download)
-        context_tokens = [tokens + 3 for tokens in self.count_tokens_batch([_PROBE_DOCUMENT + c for c in dataset.contexts])]
+        documents = [_PROBE_DOCUMENT + context for context in dataset.contexts]
+        context_tokens = [tokens + 3 for tokens in self.count_tokens_batch(documents)]
         candidates = []
         for start in tqdm.trange(0, len(dataset.items), _PROBE_BATCH, desc=f"{self.name} items", disable=not progress):
             items = dataset.items[start : start + _PROBE_BATCH]

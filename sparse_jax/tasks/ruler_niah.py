@@ -13,6 +13,10 @@ Difference from the reference: the reference compares keys case-sensitively, so 
 upper-cased but otherwise perfect answer scores 0 although values are compared
 case-insensitively; here keys are case-insensitive too. ``reference_quirks=True``
 restores the case-sensitive key comparison.
+
+Generation follows the reference, which prices distractors on isolated sentences; if the
+joined prompt then overflows the budget (where the reference would abort), distractors
+are dropped from the end until it fits, in both modes.
 """
 
 from __future__ import annotations

@@ -26,7 +26,10 @@ TASK_INTRO = (
     "The text below hides a few variable assignments among filler sentences. Follow the "
     "assignments to see which variables end up holding a given value."
 )
-QUESTION = "Which variables are assigned the value {value}, either directly or through other variables? Name all of them."
+QUESTION = (
+    "Which variables are assigned the value {value}, either directly or through other variables? "
+    "Name all of them."
+)
 ANSWER_FORMAT = "The variable names separated by single spaces, e.g. ABCDE FGHIJ KLMNO"
 EXTRA_INSTRUCTIONS = (
     "- Name every variable that holds the value, including the one it is assigned to first.\n"

@@ -99,7 +99,8 @@ def block_index_stats(index: BlockSparseIndex, lengths: jax.Array) -> jax.Array:
     m = jnp.arange(index.counts.shape[-1])
     n_queries = jnp.clip(lengths[:, None] - m * bs, 0, bs).astype(jnp.float32)[:, None, :, None]  # [B,1,nb,1]
     ids = index.block_ids
-    pairs = jnp.where(ids < m[:, None], n_queries * bs, jnp.where(ids == m[:, None], n_queries * (n_queries + 1) / 2, 0))
+    diagonal = jnp.where(ids == m[:, None], n_queries * (n_queries + 1) / 2, 0.0)
+    pairs = jnp.where(ids < m[:, None], n_queries * bs, diagonal)
     live = jnp.arange(ids.shape[-1]) < index.counts[..., None]
     return jnp.where(live, pairs, 0.0).sum(axis=(-1, -2))
 
