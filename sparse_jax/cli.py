@@ -38,7 +38,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     parse_gin(args.gin_file, args.gin_param)
     config = current_config()
-    run = run_experiment(config, stages=args.stages.split(","))
+    run = run_experiment(config, stages=[s.strip() for s in args.stages.split(",") if s.strip()])
     print(f"results: {config.run_dir()}")
     if run is not None:
         from sparse_jax.pipeline.report import print_summary
@@ -63,7 +63,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from sparse_jax.analysis import main_analyze
 
-    main_analyze(Path(args.results_dir), Path(args.out) if args.out else Path(args.results_dir) / "analysis")
+    results = Path(args.results_dir)
+    if not results.is_dir():
+        raise FileNotFoundError(f"results folder {results} does not exist; run `sparse-jax run` or `sweep` first")
+    report = main_analyze(results, Path(args.out) if args.out else results / "analysis")
+    print(f"analysis: {report}")
     return 0
 
 
@@ -120,14 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the input (settings, files, results folders), not by a bug."""
     from sparse_jax.pipeline.experiment import ConfigError
+    from sparse_jax.pipeline.jsonl_store import CorruptResultsError
+    from sparse_jax.pipeline.runner import IncompatibleResultsError, StageError
 
+    return ConfigError, FileNotFoundError, IncompatibleResultsError, CorruptResultsError, StageError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. User errors print one ``sparse-jax: ...`` line and return 2; bugs raise."""
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"sparse-jax: configuration error: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        from sparse_jax.pipeline.experiment import ConfigError
+
+        kind = "configuration error: " if isinstance(e, ConfigError) else ""
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"sparse-jax: {kind}{message}", file=sys.stderr)
         return 2
 
 

@@ -8,7 +8,7 @@ import pytest
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sparse import block_sparse_attention, configs, gpu_triton, reference, tpu
+from pallas_kernels.block_sparse import block_sparse_attention, configs, gpu_mosaic, gpu_triton, reference, tpu
 from pallas_kernels.block_sparse.index import BlockSparseIndex
 from pallas_kernels.block_sparse.synthetic import random_block_sparse_index
 from sparse_jax.attention.dense import dense_causal_attention
@@ -133,3 +133,19 @@ def test_bad_inputs_raise_clear_errors():
         configs.triton_config(8, 128)
     with pytest.raises(ValueError, match="head_dim 96 has no kernel config"):
         configs.tpu_config(64, 96)
+
+
+def test_mosaic_operands_and_coverage():
+    """The Mosaic-GPU kernel only runs on Hopper (checked by the device benchmark); here its
+    operands, its shape coverage and its refusal of other shapes."""
+    ids = jnp.array([[[[0, 0, 0], [0, 1, 1], [0, 1, 2], [1, 3, 4]]]], jnp.int32)  # row 3 lists block 4
+    counts = jnp.array([[[1, 2, 3, 3]]], jnp.int32)
+    np.testing.assert_array_equal(gpu_mosaic.causal_prefix(ids, counts)[0, 0], [[1, 0], [2, 1], [3, 2], [2, 1]])
+    assert gpu_mosaic.supports(128, 128, jnp.bfloat16) and gpu_mosaic.supports(128, 64, jnp.float16)
+    assert not gpu_mosaic.supports(64, 128, jnp.bfloat16)
+    assert not gpu_mosaic.supports(128, 256, jnp.bfloat16)
+    assert not gpu_mosaic.supports(128, 128, jnp.float32)
+    q, k, v = _inputs(10, 40, 2, 1, 64)
+    index = random_block_sparse_index(np.random.default_rng(10), 1, 2, 40, 16, 0.5)
+    with pytest.raises(ValueError, match="use gpu_triton instead"):
+        gpu_mosaic.block_sparse_attention(q, k, v, index, scale=0.125)

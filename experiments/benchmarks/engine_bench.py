@@ -20,6 +20,7 @@ experiments/benchmarks/engine_bench.py --config 8b --out $OUT``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -30,11 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_jax.attention.base import AttentionMethod
+from sparse_jax.attention.base import AttentionMethod, DecodeStats
 from sparse_jax.attention.dense import dense_causal_attention
 from sparse_jax.engine.generate import Engine, EngineConfig
 from sparse_jax.models.config import ModelConfig, RopeScaling
 from sparse_jax.models.transformer import Transformer
+
+START = time.perf_counter()
 
 CONFIGS = {
     "8b": dict(
@@ -45,6 +48,21 @@ CONFIGS = {
         vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
     ),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelDecode(AttentionMethod):
+    """Dense attention whose decode runs the Pallas paged-decode kernel dispatcher (engineer G's)."""
+
+    def decode(self, q, cache, *, layer):
+        from pallas_kernels.paged_decode import paged_decode_attention
+
+        out = paged_decode_attention(
+            q, cache.k_pages, cache.v_pages, cache.page_table, cache.lengths, scale=layer.scale,
+            sliding_window=layer.sliding_window,
+        )
+        _, stats = cache.dense_decode(q, scale=layer.scale, sliding_window=layer.sliding_window)
+        return out, DecodeStats(stats.tokens_read, stats.tokens_cached)
 
 
 def model_config(name: str) -> ModelConfig:
@@ -115,6 +133,25 @@ def copy_bandwidth(repeats: int) -> float:
     return 2 * x.nbytes / seconds
 
 
+def time_engine(engine: Engine, prompts, args):
+    """Timings of ``args.repeats`` runs after a first run that compiles and warms up."""
+    timings, compile_s = [], 0.0
+    for i in range(1 + args.repeats):
+        t0 = time.perf_counter()
+        result = engine.generate_batch(prompts, max_new_tokens=args.new_tokens, stop_ids=[])
+        timing = result[0].timing
+        print(
+            f"  run {i}: wall {time.perf_counter() - t0:.1f}s compile {timing.compile_seconds:.1f}s "
+            f"prefill {timing.prefill_seconds:.3f}s decode {timing.decode_seconds:.3f}s / {timing.decode_steps} steps",
+            flush=True,
+        )
+        if i:
+            timings.append(timing)
+        else:
+            compile_s = timing.compile_seconds
+    return timings, compile_s
+
+
 def run(args) -> dict:
     dtype = jnp.bfloat16
     config = model_config(args.config)
@@ -132,29 +169,27 @@ def run(args) -> dict:
 
     rng = np.random.default_rng(0)
     rows = []
-    for batch in args.batches:
+    variants = [(b, "reference", AttentionMethod()) for b in args.batches]
+    variants += [(b, "pallas", KernelDecode()) for b in args.kernel_decode_batches]
+    for batch, decode_kind, method in variants:
+        if decode_kind == "pallas" and time.perf_counter() - START > args.kernel_decode_deadline:
+            print(f"skipping the pallas-decode variant at batch {batch}: past the time guard", flush=True)
+            continue
         engine = Engine(
             model,
-            AttentionMethod(),
+            method,
             EngineConfig(batch_size=batch, prefill_rows=args.prefill_rows, max_input_tokens=args.prompt_len),
         )
         plan = engine.memory_plan(batch, args.prompt_len, args.new_tokens)
-        print(f"batch {batch}: {plan.describe()}", flush=True)
+        print(f"batch {batch} ({decode_kind} decode): {plan.describe()}", flush=True)
         prompts = [rng.integers(0, config.vocab_size, args.prompt_len).tolist() for _ in range(batch)]
-        timings, compile_s = [], 0.0
-        for i in range(1 + args.repeats):  # the first run compiles and warms up
-            t0 = time.perf_counter()
-            result = engine.generate_batch(prompts, max_new_tokens=args.new_tokens, stop_ids=[])
-            timing = result[0].timing
-            print(
-                f"  run {i}: wall {time.perf_counter() - t0:.1f}s compile {timing.compile_seconds:.1f}s "
-                f"prefill {timing.prefill_seconds:.3f}s decode {timing.decode_seconds:.3f}s / {timing.decode_steps} steps",
-                flush=True,
-            )
-            if i:
-                timings.append(timing)
-            else:
-                compile_s = timing.compile_seconds
+        try:
+            timings, compile_s = time_engine(engine, prompts, args)
+        except Exception as e:  # a failing optional variant must not lose the other numbers
+            if decode_kind == "reference":
+                raise
+            print(f"  pallas-decode variant failed: {type(e).__name__}: {e}", flush=True)
+            continue
         prefill_s = statistics.median(t.prefill_seconds for t in timings)
         step_s = statistics.median(t.seconds_per_step for t in timings)
         context = args.prompt_len + args.new_tokens / 2  # mean cache length over the steps
@@ -163,6 +198,7 @@ def run(args) -> dict:
         rows.append(
             {
                 "batch": batch,
+                "decode_kernel": decode_kind,
                 "prompt_len": args.prompt_len,
                 "prefill_seconds": prefill_s,
                 "prefill_tokens_per_s": batch * args.prompt_len / prefill_s,
@@ -198,15 +234,21 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=65)
     parser.add_argument("--prefill-rows", type=int, default=1, help="rows per prefill call")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--kernel-decode-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+        help="also time these batch sizes with the Pallas paged-decode kernel",
+    )
+    parser.add_argument("--kernel-decode-deadline", type=float, default=380.0,
+                        help="skip the Pallas variants once this many seconds have passed")
     parser.add_argument("--out", type=Path, default=None, help="folder for engine_bench.json")
     args = parser.parse_args()
     if args.prompt_len is None:
         args.prompt_len = 32768 if args.config == "8b" else 512
     report = run(args)
-    print(f"\n{'batch':>5} {'prefill tok/s':>14} {'of floor':>9} {'decode ms/step':>15} {'HBM bound ms':>13} {'of bound':>9}")
+    print(f"\n{'batch':>5} {'decode':>9} {'prefill tok/s':>14} {'of floor':>9} {'decode ms/step':>15} {'HBM bound ms':>13} {'of bound':>9}")
     for r in report["rows"]:
         print(
-            f"{r['batch']:>5} {r['prefill_tokens_per_s']:>14.0f} {r['prefill_fraction_of_floor']:>9.1%} "
+            f"{r['batch']:>5} {r['decode_kernel']:>9} {r['prefill_tokens_per_s']:>14.0f} {r['prefill_fraction_of_floor']:>9.1%} "
             f"{r['decode_ms_per_step']:>15.2f} {r['decode_hbm_bound_ms']:>13.2f} {r['decode_fraction_of_bound']:>9.1%}"
         )
     if args.out:

@@ -2,19 +2,24 @@
 
 Run on the device machine (no gin/datasets needed):
 
-    PYTHONUNBUFFERED=1 python3 experiments/benchmarks/prefill_kernels.py --lengths 32768 65536 131072
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 experiments/benchmarks/prefill_kernels.py --mosaic \
+        --lengths 32768 65536 131072
 
-Shapes: batch 1, 32 query heads, 8 KV heads, d = 128, bf16. For each length it times
-(median of ``--reps`` after a warm-up, ``jax.block_until_ready``):
+Shapes: batch 1, 32 query heads, 8 KV heads, d = 128, bf16. It first checks the kernels
+against the jnp references on the GPU, then for each length times (median of ``--reps``
+after a warm-up, ``jax.block_until_ready``):
 
 * cuDNN dense causal attention (``jax.nn.dot_product_attention(implementation="cudnn")``);
-* the block-sparse kernel over all causal blocks (dense through the sparse kernel);
+* the Triton block-sparse kernel over all causal blocks (dense through the sparse kernel);
 * block-sparse at ~5% density: the jnp estimation (mean-pooled block scores, top-k,
   as REFERENCE.md section 4.2) and the kernel, separately and together;
+* with ``--mosaic``, the same two for the Mosaic-GPU (Hopper) kernel at 128-token blocks;
 * vertical-slash with the default budgets (512 verticals, 512 slashes, window 256):
   estimation with the methods' helpers (``sparse_jax.attention.methods``) and the kernel,
-  on random inputs (slashes scattered: worst case) and on banded inputs (attention
-  concentrated near the diagonal, as in real models).
+  on random inputs (slashes scattered: worst case), on banded inputs (a few periodic
+  diagonals) and on the index of a strongly local head (the 512 nearest diagonals).
+
+``--sweep-length T`` first times launch configs at length ``T`` and uses the fastest.
 
 Results go to ``$OUT/prefill_kernels.json`` (or ``--out``); a table is printed last.
 """
@@ -242,7 +247,9 @@ def sweep(t: int, reps: int, results: dict, block_sizes: tuple[int, ...]) -> tup
                 )
             except Exception as e:
                 print(f"vs {cfg}: {type(e).__name__}")
-    results["sweep_vs"] = {f"c{c.column_chunk}w{c.launch.num_warps}s{c.launch.num_stages}": s * 1e3 for c, s in timings.items()}
+    results["sweep_vs"] = {
+        f"c{c.column_chunk}w{c.launch.num_warps}s{c.launch.num_stages}": sec * 1e3 for c, sec in timings.items()
+    }
     return best_bs, min(timings, key=timings.get)
 
 

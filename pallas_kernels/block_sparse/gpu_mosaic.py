@@ -9,7 +9,9 @@ listed blocks are copied, and both compute warpgroups walk the same list (the fi
 ``n_full`` entries without a mask, the rest with the causal mask).
 
 Only ``block_size == 128`` (two 64-row warpgroups, 128-key tiles), ``d`` in {64, 128} and
-16-bit inputs are covered; :mod:`.gpu_triton` serves everything else.
+16-bit inputs are covered (:func:`pallas_kernels.block_sparse.configs.mosaic_config`);
+:mod:`.gpu_triton` serves everything else. Mosaic GPU has no CPU interpreter here, so
+this kernel is checked on the device (``experiments/benchmarks/prefill_kernels.py``).
 """
 
 from __future__ import annotations
@@ -22,19 +24,25 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.block_sparse.configs import MOSAIC_BLOCK_SIZE, MosaicConfig, mosaic_config
 from pallas_kernels.block_sparse.index import BlockSparseIndex
 from pallas_kernels.block_sparse.online_softmax import pad_sequence, prescale_queries
 from pallas_kernels.block_sparse.reference import check_attention_inputs, check_index
 
-BLOCK = 128  # Query block = key block = index block size.
-ROWS = 64  # Query rows per compute warpgroup.
-STAGES = 2  # K/V shared-memory slots in flight.
-HEAD_DIMS = (64, 128)
+BLOCK = MOSAIC_BLOCK_SIZE  # Query block = key block = index block size.
+ROWS = BLOCK // 2  # Query rows per compute warpgroup.
 
 
 def supports(block_size: int, head_dim: int, dtype) -> bool:
     """Whether this kernel covers the shape class (else use the Triton kernel)."""
-    return block_size == BLOCK and head_dim in HEAD_DIMS and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    is_16bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return is_16bit and mosaic_config(block_size, head_dim) is not None
+
+
+def is_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
 def causal_prefix(block_ids: jax.Array, counts: jax.Array) -> jax.Array:
@@ -47,7 +55,7 @@ def causal_prefix(block_ids: jax.Array, counts: jax.Array) -> jax.Array:
     return jnp.stack([causal, before], axis=-1)
 
 
-def _forward(ids, meta, q, k, v, *, group: int):
+def _forward(ids, meta, q, k, v, *, group: int, stages: int):
     b, t, h, d = q.shape
     nq = t // BLOCK
     dtype = q.dtype
@@ -83,7 +91,7 @@ def _forward(ids, meta, q, k, v, *, group: int):
 
             def step(j, carry, masked):
                 acc, m_i, l_i = carry
-                slot = lax.rem(j, jnp.array(STAGES, j.dtype))
+                slot = lax.rem(j, jnp.array(stages, j.dtype))
 
                 def qk_scope(acc_ref):
                     plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
@@ -111,7 +119,7 @@ def _forward(ids, meta, q, k, v, *, group: int):
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
                     nxt = j + 1
-                    nxt_slot = lax.rem(nxt, jnp.array(STAGES, j.dtype))
+                    nxt_slot = lax.rem(nxt, jnp.array(stages, j.dtype))
 
                     @pl.when(nxt < n_steps)
                     def _():
@@ -141,29 +149,29 @@ def _forward(ids, meta, q, k, v, *, group: int):
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bars.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bars.at[slot])
 
-            for i in range(STAGES):
+            for i in range(stages):
                 pl.when(i < n_steps)(functools.partial(fetch, i, i))
 
-            @pl.loop(0, jnp.maximum(n_steps - STAGES, 0))
+            @pl.loop(0, jnp.maximum(n_steps - stages, 0))
             def _(j):
-                slot = lax.rem(j, jnp.array(STAGES, j.dtype))
+                slot = lax.rem(j, jnp.array(stages, j.dtype))
                 plgpu.barrier_wait(k_used.at[slot])
                 plgpu.barrier_wait(v_used.at[slot])
-                fetch(j + STAGES, slot)
+                fetch(j + stages, slot)
 
     def entry(ids_ref, meta_ref, q_ref, k_ref, v_ref, out_ref):
         layout = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         smem = (
             plgpu.SMEM((2, ROWS, d), dtype, transforms=layout),
-            plgpu.SMEM((STAGES, BLOCK, d), dtype, transforms=layout),
-            plgpu.SMEM((STAGES, BLOCK, d), dtype, transforms=layout),
+            plgpu.SMEM((stages, BLOCK, d), dtype, transforms=layout),
+            plgpu.SMEM((stages, BLOCK, d), dtype, transforms=layout),
         )
         loaded = (
-            plgpu.Barrier(num_barriers=STAGES),
-            plgpu.Barrier(num_barriers=STAGES),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=2),
         )
-        used = (plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),) * 2
+        used = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
         pl.run_scoped(
             lambda *scoped: kernel(ids_ref, meta_ref, q_ref, k_ref, v_ref, out_ref, scoped),
             smem, loaded, used, plgpu.Barrier(num_arrivals=2),
@@ -181,18 +189,25 @@ def _forward(ids, meta, q, k, v, *, group: int):
     )(ids, meta, q, k, v)
 
 
-@functools.partial(jax.jit, static_argnames=("scale",))
-def _call(q, k, v, block_ids, counts, *, scale: float):
+@functools.partial(jax.jit, static_argnames=("scale", "config"))
+def _call(q, k, v, block_ids, counts, *, scale: float, config: MosaicConfig):
     t = q.shape[1]
     padded = block_ids.shape[2] * BLOCK
     q = prescale_queries(q, scale)
     q, k, v = (pad_sequence(x, padded) for x in (q, k, v))
-    out = _forward(block_ids, causal_prefix(block_ids, counts), q, k, v, group=q.shape[2] // k.shape[2])
+    meta = causal_prefix(block_ids, counts)
+    out = _forward(block_ids, meta, q, k, v, group=q.shape[2] // k.shape[2], stages=config.stages)
     return out[:, :t]
 
 
 def block_sparse_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, index: BlockSparseIndex, *, scale: float
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    index: BlockSparseIndex,
+    *,
+    scale: float,
+    config: MosaicConfig | None = None,
 ) -> jax.Array:
     """Block-sparse causal attention (Mosaic GPU, Hopper); same contract as
     :func:`pallas_kernels.block_sparse.gpu_triton.block_sparse_attention`."""
@@ -200,7 +215,8 @@ def block_sparse_attention(
     check_index(q, index)
     if not supports(int(index.block_size), q.shape[-1], q.dtype):
         raise ValueError(
-            f"the Mosaic GPU kernel needs block_size {BLOCK}, head_dim in {HEAD_DIMS} and bf16/f16 inputs; "
+            f"the Mosaic GPU kernel needs block_size {BLOCK}, head_dim 64 or 128 and bf16/f16 inputs; "
             f"got {index.block_size}, {q.shape[-1]}, {q.dtype}: use gpu_triton instead"
         )
-    return _call(q, k, v, index.block_ids, index.counts, scale=scale)
+    config = config or mosaic_config(int(index.block_size), q.shape[-1])
+    return _call(q, k, v, index.block_ids, index.counts, scale=scale, config=config)

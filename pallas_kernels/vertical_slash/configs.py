@@ -40,6 +40,7 @@ def config_for(block_m: int, block_n: int, head_dim: int) -> VerticalSlashConfig
     """The config for one shape class (H100 sweep at 32K: 64 x 64 tiles, d = 128 run best
     with 4 warps, 3 stages and 32 columns per gather step)."""
     check_shape_class(block_m, block_n, head_dim)
+    # Tiles larger than the default 64 x 64 x 128 need 8 warps to hold their accumulators.
     big = block_m * max(block_n, 64) * head_dim > 64 * 64 * 128
     launch = TritonConfig(num_warps=8 if big else 4, num_stages=2 if head_dim == 256 else 3)
     return VerticalSlashConfig(column_chunk=32, launch=launch)

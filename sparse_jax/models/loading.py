@@ -6,9 +6,11 @@ on later runs (see :mod:`sparse_jax.checkpoints.orbax_cache`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from sparse_jax.checkpoints import hf, orbax_cache
@@ -67,6 +69,7 @@ def load_model(
     dtype=jnp.bfloat16,
     max_length: int | None = None,
     cache_dir: str | Path | None = None,
+    shardings: Callable[[Mapping[str, jax.ShapeDtypeStruct]], Mapping[str, jax.sharding.Sharding]] | None = None,
 ) -> LoadedModel:
     """Loads a model for inference.
 
@@ -76,6 +79,9 @@ def load_model(
       max_length: longest run (prompt + output) this model will serve; Qwen2 past
         32768 tokens then uses YaRN (REFERENCE.md section 2.1).
       cache_dir: folder for the Orbax parameter cache; ``None`` disables caching.
+      shardings: parameter shapes (flat name -> ``ShapeDtypeStruct``) -> their target
+        shardings (e.g. :func:`sparse_jax.distributed.sharding.param_shardings` with a
+        mesh); parameters are converted or restored straight into them.
 
     Raises:
       FileNotFoundError: ``source`` does not exist.
@@ -96,14 +102,18 @@ def load_model(
         if meta is not None:
             config = _model_config(meta["hf_config"], path, max_length)
             abstract = Transformer.param_shapes(config, dtype=dtype)
+            placed = None if shardings is None else shardings(abstract)
+            if placed is not None:  # Orbax reads each device's shard only
+                abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed[n]) for n, a in abstract.items()}
             params = orbax_cache.restore_params(cache_dir, key, abstract)
-            model = Transformer.from_flat_params(config, params, dtype=dtype)
+            model = Transformer.from_flat_params(config, params, dtype=dtype, shardings=placed)
             return LoadedModel(model, config, tuple(meta["stop_ids"]), path, from_cache=True)
 
     hf_config, tensors, stop_ids = _read_source(path)
     config = _model_config(hf_config, path, max_length)
     try:
-        model = Transformer.from_hf_tensors(config, tensors, dtype=dtype, progress=True)
+        placed = None if shardings is None else shardings(Transformer.param_shapes(config, dtype=dtype))
+        model = Transformer.from_hf_tensors(config, tensors, dtype=dtype, progress=True, shardings=placed)
     except ValueError as e:
         raise hf.CheckpointError(f"{path}: {e}") from e
     if key is not None:

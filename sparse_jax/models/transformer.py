@@ -199,10 +199,13 @@ class Transformer(nnx.Module):
         dtype=jnp.bfloat16,
         param_dtype=None,
         progress: bool = False,
+        shardings: Mapping[str, jax.sharding.Sharding] | None = None,
     ) -> Transformer:
         """Builds a model whose parameters come from ``params`` (as returned by :meth:`flat_params`).
 
         ``progress`` shows a progress bar over the parameters (host -> device copies).
+        ``shardings`` (flat name -> sharding) places each parameter straight into its
+        sharding, each device receiving only its shard (no full copy on one device).
 
         Raises:
           KeyError: a parameter is missing.
@@ -223,7 +226,11 @@ class Transformer(nnx.Module):
             if tuple(value.shape) != tuple(leaf.shape):
                 raise ValueError(f"parameter {name!r}: expected shape {tuple(leaf.shape)}, found {tuple(value.shape)}")
             bar.update()
-            return jnp.asarray(value, dtype=leaf.dtype)
+            if shardings is None:
+                return jnp.asarray(value, dtype=leaf.dtype)
+            if not isinstance(value, jax.Array):
+                value = np.asarray(value, dtype=leaf.dtype)
+            return jax.device_put(value, shardings[name]).astype(leaf.dtype)
 
         with bar:
             nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(fill, pure))
@@ -238,8 +245,11 @@ class Transformer(nnx.Module):
         dtype=jnp.bfloat16,
         param_dtype=None,
         progress: bool = False,
+        shardings: Mapping[str, jax.sharding.Sharding] | None = None,
     ) -> Transformer:
         """Builds a model from Hugging Face-named tensors (HF shapes, linear weights ``[out, in]``).
+
+        ``shardings`` as in :meth:`from_flat_params`.
 
         Raises:
           ValueError: a tensor is missing or has the wrong shape (the message names it).
@@ -258,7 +268,9 @@ class Transformer(nnx.Module):
             if tuple(tensor.shape) != want:
                 raise ValueError(f"checkpoint tensor {hf_name!r}: expected shape {want}, found {tuple(tensor.shape)}")
             params[name] = tensor.T if transpose else tensor
-        return cls.from_flat_params(config, params, dtype=dtype, param_dtype=param_dtype, progress=progress)
+        return cls.from_flat_params(
+            config, params, dtype=dtype, param_dtype=param_dtype, progress=progress, shardings=shardings
+        )
 
 
 @functools.lru_cache(maxsize=8)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util  # noqa: F401  (gin's `include` error path uses importlib.util without importing it)
 import json
 import re
+import tokenize
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -60,24 +62,36 @@ class ExperimentConfig:
     results_dir: str = "experiments/runs"
 
     def __post_init__(self):
-        _check(isinstance(self.samples, int) and self.samples >= 1, f"samples must be >= 1, got {self.samples!r}")
+        _check(
+            isinstance(self.samples, int) and self.samples >= 1, f"samples must be an int >= 1, got {self.samples!r}"
+        )
         _check(
             isinstance(self.max_input_tokens, int) and self.max_input_tokens >= 64,
             f"max_input_tokens must be an int >= 64, got {self.max_input_tokens!r}",
         )
         _check(
             isinstance(self.max_output_tokens, int) and self.max_output_tokens >= 1,
-            f"max_output_tokens must be >= 1, got {self.max_output_tokens!r}",
+            f"max_output_tokens must be an int >= 1, got {self.max_output_tokens!r}",
         )
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
+        _check(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            f"batch_size must be an int >= 1, got {self.batch_size!r}",
+        )
+        _check(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
+        for name in ("task_args", "method_args"):
+            value = getattr(self, name)
+            _check(isinstance(value, Mapping), f"{name} must be a dict such as {{'name': value}}, got {value!r}")
         _check(self.dtype in ("bfloat16", "float32"), f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
         if self.sparsity is not None:
             _check(
-                isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0,
+                isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool)
+                and 0.0 <= self.sparsity < 1.0,
                 f"sparsity must be in [0, 1), got {self.sparsity!r} (e.g. 0.9 keeps 10% of attention)",
             )
-        if self.method == "dense" and self.sparsity is not None:
+        if self.method == "dense":
             object.__setattr__(self, "sparsity", None)
+        elif self.sparsity is not None:  # 0 and 0.0 are one setting and must give one results key
+            object.__setattr__(self, "sparsity", float(self.sparsity))
         object.__setattr__(self, "task_args", dict(self.task_args))
         object.__setattr__(self, "method_args", dict(self.method_args))
 
@@ -99,6 +113,12 @@ class ExperimentConfig:
         """What the generated task samples depend on (shared by every method)."""
         f = self.key_fields()
         return {k: f[k] for k in ("model", "task", "task_args", "max_input_tokens", "max_output_tokens", "samples", "seed")}
+
+    def to_gin(self) -> str:
+        """Gin bindings of every field: parsing them gives back this exact config."""
+        lines = [f"# {self.label()} (run key {self.run_key()})"]
+        lines += [f"ExperimentConfig.{f.name} = {getattr(self, f.name)!r}" for f in dataclasses.fields(self)]
+        return "\n".join(lines) + "\n"
 
     def run_key(self) -> str:
         return _digest(self.key_fields())
@@ -143,36 +163,54 @@ def parse_gin(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> None
 
     Raises:
       ConfigError: unknown configurable or parameter (with the closest valid names),
-        missing file, or a syntax error, each naming the offending binding.
+        missing file or include, a syntax error, or an invalid value, each naming the
+        offending binding; the message is one line.
     """
+    import sparse_jax.pipeline.sweep  # noqa: F401  (registers `Sweep`, so sweep files parse anywhere)
+
     gin.clear_config()
     for f in files:
         if not Path(f).is_file():
             raise ConfigError(f"gin file {str(f)!r} does not exist (paths are relative to the current folder)")
     try:
         gin.parse_config_files_and_bindings([str(f) for f in files], list(bindings))
-    except (ValueError, KeyError) as e:
-        raise ConfigError(_explain_gin_error(str(e))) from e
+    except (ValueError, KeyError, SyntaxError, tokenize.TokenError, OSError, ImportError) as e:
+        raise ConfigError(_explain_gin_error(e)) from e
 
 
-def _explain_gin_error(message: str) -> str:
-    first = message.splitlines()[0] if message else message
+def _explain_gin_error(error: BaseException) -> str:
+    """One line: what is wrong, the closest valid name where one fits, and where (file/line, statement)."""
+    if isinstance(error, tokenize.TokenError) and len(error.args) == 2:
+        (what, (line, _)) = error.args
+        return f"gin syntax error: {what} at line {line} of the files + bindings (an unclosed bracket or quote?)"
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    first = lines[0].rstrip(".") if lines else type(error).__name__
+    hint = ""
     m = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", message)
     if m:
         configurable, param = m.groups()
         valid = [f.name for f in dataclasses.fields(ExperimentConfig)] if configurable.endswith("ExperimentConfig") else []
         close = difflib.get_close_matches(param, valid, n=2)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return f"{first.rstrip('.')}.{hint}\n{message}"
     m = re.search(r"No configurable matching '([^']+)'", message)
     if m:
         known = ["ExperimentConfig", "Sweep"]
         close = difflib.get_close_matches(m.group(1).split(".")[-1], known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else f" Known configurables: {', '.join(known)}."
-        return f"{first.rstrip('.')}.{hint}\n{message}"
-    return message
+    if isinstance(error, OSError) and "Unable to open file" in message:
+        hint = " (include paths are relative to the current folder)"
+    where = "; ".join(line for line in lines[1:] if line.rstrip(".") != first)
+    return f"{first}.{hint}" + (f" [{where}]" if where else "")
 
 
 def current_config() -> ExperimentConfig:
-    """The :class:`ExperimentConfig` the parsed gin bindings describe."""
-    return ExperimentConfig()
+    """The :class:`ExperimentConfig` the parsed gin bindings describe.
+
+    Raises:
+      ConfigError: a bound value is invalid (one line, without gin's call-site note).
+    """
+    try:
+        return ExperimentConfig()
+    except ConfigError as e:
+        raise ConfigError(f"ExperimentConfig: {str(e).splitlines()[0]}") from None

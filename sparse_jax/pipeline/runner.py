@@ -5,11 +5,12 @@ Folders (see :class:`~sparse_jax.pipeline.experiment.ExperimentConfig`):
 * ``{results_dir}/_data/{task}/{model}/{data_key}/``: ``data.jsonl`` (task samples,
   shared by every method run on the same data) and ``data.json`` (what they depend on).
 * ``{results_dir}/{task}/L{len}/{model}/{method}/{run_key}/``:
-  ``config.gin`` (the resolved gin bindings), ``experiment.json`` (the resolved
-  settings), ``predictions.jsonl`` (one record per finished sample, appended and
-  fsynced), and after evaluation ``scores.jsonl`` and ``run.json`` (the format of
-  :mod:`sparse_jax.analysis.records`, plus ``config``, ``metric``, ``score`` and
-  other report fields).
+  ``config.gin`` (every setting as a gin binding: ``sparse-jax run --gin_file`` it to
+  redo the run), ``experiment.json`` (the settings in the results key),
+  ``predictions.jsonl`` (one record per finished sample, appended and fsynced), and
+  after evaluation ``scores.jsonl`` and ``run.json`` (the format of
+  :mod:`sparse_jax.analysis.records`, plus ``config``, ``metric``, ``score`` and other
+  report fields).
 
 An interrupted prediction resumes at the first missing sample; a torn last line is cut
 and that sample redone. Files are written atomically; finished results are never
@@ -19,12 +20,12 @@ deleted.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import gin
 import jax
 import numpy as np
 from tqdm.auto import tqdm
@@ -39,10 +40,19 @@ class IncompatibleResultsError(RuntimeError):
     """A results folder was written by an incompatible version of sparse-jax."""
 
 
+class StageError(RuntimeError):
+    """A stage needs the output of an earlier stage that has not run yet."""
+
+
 def _check_format(run_dir: Path) -> None:
     meta = run_dir / "experiment.json"
     if meta.exists():
-        version = json.loads(meta.read_text()).get("format_version")
+        try:
+            version = json.loads(meta.read_text()).get("format_version")
+        except (ValueError, AttributeError) as e:
+            raise jsonl_store.CorruptResultsError(
+                f"{meta} is not a JSON object ({e}); move that run folder away and rerun"
+            ) from e
         if version != RESULTS_FORMAT_VERSION:
             raise IncompatibleResultsError(
                 f"{run_dir} holds results in format version {version}, this sparse-jax writes version "
@@ -54,15 +64,18 @@ def _check_format(run_dir: Path) -> None:
 def _make_task(cfg: ExperimentConfig, tokenizer):
     from sparse_jax.tasks.registry import get_task
 
-    return get_task(
-        cfg.task,
-        num_samples=cfg.samples,
-        max_input_tokens=cfg.max_input_tokens,
-        max_output_tokens=cfg.max_output_tokens,
-        tokenizer=tokenizer,
-        random_seed=cfg.seed,
-        **cfg.task_args,
-    )
+    try:
+        return get_task(
+            cfg.task,
+            num_samples=cfg.samples,
+            max_input_tokens=cfg.max_input_tokens,
+            max_output_tokens=cfg.max_output_tokens,
+            tokenizer=tokenizer,
+            random_seed=cfg.seed,
+            **cfg.task_args,
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"ExperimentConfig.task={cfg.task!r}: {e} (check ExperimentConfig.task_args)") from e
 
 
 def _make_method(cfg: ExperimentConfig):
@@ -72,6 +85,22 @@ def _make_method(cfg: ExperimentConfig):
         return get_method(cfg.method, **cfg.method_kwargs())
     except (TypeError, ValueError) as e:
         raise ConfigError(f"ExperimentConfig.method={cfg.method!r}: {e}") from e
+
+
+def check_names(cfg: ExperimentConfig) -> None:
+    """Fail fast, before any work, on an unknown task or an unknown or invalid method.
+
+    Raises:
+      ConfigError: the message suggests the closest registered names.
+    """
+    from sparse_jax.tasks.registry import available_tasks
+
+    tasks = available_tasks()
+    if cfg.task not in tasks:
+        close = difflib.get_close_matches(cfg.task, tasks, n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"ExperimentConfig.task: unknown task {cfg.task!r}.{hint} Available: {', '.join(tasks)}.")
+    _make_method(cfg)
 
 
 def prepare(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -84,11 +113,11 @@ def prepare(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, A
     if len(records) == cfg.samples and (data_dir / "data.json").exists():
         return records
     tokenizer = load_tokenizer(cfg.model)
+    task = _make_task(cfg, tokenizer)
     try:
-        task = _make_task(cfg, tokenizer)
-    except TypeError as e:
-        raise ConfigError(f"task {cfg.task!r}: {e}; check ExperimentConfig.task_args") from e
-    records = task.generate_samples(progress=progress)
+        records = task.generate_samples(progress=progress)
+    except ValueError as e:  # the tasks' documented errors: the settings cannot make these samples
+        raise ConfigError(f"ExperimentConfig.task={cfg.task!r}: {e}") from e
     jsonl_store.write_records(data_file, records)
     jsonl_store.atomic_write_json(
         data_dir / "data.json", cfg.data_key_fields() | {"task_key": task.task_key(), "tokenizer": tokenizer.name}
@@ -195,7 +224,7 @@ def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequen
     by_index = {p["index"]: p for p in predictions}
     missing = [r["index"] for r in records if r["index"] not in by_index]
     if missing:
-        raise RuntimeError(f"{cfg.run_dir()}: no prediction for samples {missing[:10]}; run the predict stage first")
+        raise StageError(f"{cfg.run_dir()}: no prediction for samples {missing[:10]}; run the predict stage first")
     merged = [r | {"pred": by_index[r["index"]]["pred"]} for r in records]
     task = _make_task(cfg, load_tokenizer(cfg.model))
     evaluation = task.evaluate(merged)
@@ -252,12 +281,12 @@ def run_experiment(cfg: ExperimentConfig, stages: Sequence[str] = STAGES, *, pro
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+    check_names(cfg)
     run_dir = cfg.run_dir()
     _check_format(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     jsonl_store.atomic_write_json(run_dir / "experiment.json", cfg.key_fields() | {"label": cfg.label()})
-    if gin.config_str():
-        jsonl_store.atomic_write_text(run_dir / "config.gin", gin.config_str())
+    jsonl_store.atomic_write_text(run_dir / "config.gin", cfg.to_gin())
     records = prepare(cfg, progress=progress) if "prepare" in stages else _existing_data(cfg)
     predictions = None
     if "predict" in stages:
@@ -272,7 +301,7 @@ def run_experiment(cfg: ExperimentConfig, stages: Sequence[str] = STAGES, *, pro
 def _existing_data(cfg: ExperimentConfig) -> list[dict]:
     records, _ = jsonl_store.read_records(cfg.data_dir() / "data.jsonl")
     if len(records) != cfg.samples:
-        raise RuntimeError(f"{cfg.data_dir()}: no prepared samples for this run; run the prepare stage first")
+        raise StageError(f"{cfg.data_dir()}: no prepared samples for this run; run the prepare stage first")
     return records
 
 
@@ -292,6 +321,8 @@ def run_sweep(
     from sparse_jax.pipeline.sweep import expand, parse_shard, shard
 
     runs = expand(sweep_file, bindings)
+    for c in runs:
+        check_names(c)
     index, count = parse_shard(shard_spec)
     mine = shard(runs, index, count)
     states = {c.run_key(): run_state(c) for c in mine}
@@ -305,12 +336,7 @@ def run_sweep(
     start = time.time()
     with tqdm(total=len(todo), desc="sweep", unit="run") as bar:
         for c in todo:
-            from sparse_jax.pipeline.experiment import parse_gin
-            from sparse_jax.pipeline.sweep import Sweep
-
-            # Re-parse so config.gin of the run records its own bindings.
-            axes = _axes_bindings(sweep_file, bindings, c)
-            parse_gin([sweep_file], list(bindings) + axes)
+            bar.set_postfix_str(c.label())
             summaries.append(run_experiment(c, progress=False))
             bar.update(1)
     if todo:
@@ -319,17 +345,3 @@ def run_sweep(
         print(f"sweep done: {len(todo)} runs in {time.time() - start:.0f} s")
         print_summary([s | {"run_dir": str(c.run_dir())} for s, c in zip(summaries, todo)])
     return 0
-
-
-def _axes_bindings(sweep_file, bindings, cfg: ExperimentConfig) -> list[str]:
-    """The gin bindings that pin ``cfg``'s swept fields (for its ``config.gin``)."""
-    from sparse_jax.pipeline.experiment import parse_gin
-    from sparse_jax.pipeline.sweep import Sweep
-
-    parse_gin([sweep_file], bindings)
-    out = []
-    for name in Sweep().axes:
-        field = name.rsplit(".", 1)[-1]
-        if hasattr(cfg, field):
-            out.append(f"{name} = {getattr(cfg, field)!r}")
-    return out

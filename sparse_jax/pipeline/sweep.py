@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import gin
 
-from sparse_jax.pipeline.experiment import ConfigError, ExperimentConfig, parse_gin
+from sparse_jax.pipeline.experiment import ConfigError, ExperimentConfig, current_config, parse_gin
 
 
 @gin.configurable
@@ -39,10 +39,10 @@ def _binding(name: str, value: Any) -> str:
 
 
 def expand(sweep_file: str | Path, extra_bindings: Sequence[str] = ()) -> list[ExperimentConfig]:
-    """All distinct runs of a sweep file, sorted by their results key."""
+    """All distinct runs of a sweep file, sorted by label (then results key)."""
     parse_gin([sweep_file], extra_bindings)
-    axes = dict(Sweep().axes)
-    if not axes:
+    axes = Sweep().axes
+    if not isinstance(axes, Mapping) or not axes:
         raise ConfigError(f"{sweep_file}: a sweep needs `Sweep.axes = {{'ExperimentConfig.<field>': [values], ...}}`")
     for name, values in axes.items():
         if not isinstance(values, (list, tuple)) or not values:
@@ -51,7 +51,7 @@ def expand(sweep_file: str | Path, extra_bindings: Sequence[str] = ()) -> list[E
     for combo in itertools.product(*axes.values()):
         bindings = list(extra_bindings) + [_binding(n, v) for n, v in zip(axes, combo)]
         parse_gin([sweep_file], bindings)
-        config = ExperimentConfig()
+        config = current_config()
         runs.setdefault(config.run_key(), config)
     return [runs[k] for k in sorted(runs, key=lambda k: (runs[k].label(), k))]
 

@@ -18,16 +18,15 @@ The walk is a ``lax.scan`` over the (static) slash budget, vectorised over row b
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from collections.abc import Callable
-
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from pallas_kernels.vertical_slash.reference import vertical_slash_attention
 from sparse_jax.attention.base import PrefillStats, causal_pair_count
-from sparse_jax.attention.methods.scoring import NEG_INF, POS_INF, compact_ascending, map_query_heads, top_k_valid
+from sparse_jax.attention.methods.scoring import NEG_INF, POS_INF, compact_ordered, map_query_heads, top_k_valid
 
 TILE = 64  # The reference's row-block and range-block size.
 FORCED_VERTICALS = 4  # Key tokens 0..3 are always kept.
@@ -75,17 +74,14 @@ def index_from_scores(
         real = pos < length
         v_score = jnp.where(real, jnp.where(pos < FORCED_VERTICALS, POS_INF, v_score), NEG_INF)
         s_score = jnp.where(real, jnp.where(pos < LOCAL_DIAGONALS, POS_INF, s_score), NEG_INF)
-        verticals, vertical_valid = top_k_valid(v_score, nv_max, nv)
-        offsets, offset_valid = top_k_valid(s_score, ns_max, ns)
-        return _build_one(
-            verticals, vertical_valid, offsets, offset_valid, num_row_blocks=num_row_blocks, block_m=TILE, block_n=TILE
-        )
+        return (*top_k_valid(v_score, nv_max, nv), *top_k_valid(s_score, ns_max, ns))
 
     def one_head(qh, kh):
         return jax.vmap(one_sequence)(qh, kh, lengths, vertical_budgets, slash_budgets)
 
-    arrays = map_query_heads(one_head, q, k)  # [H, B, ...] each
-    return VerticalSlashIndex(*(jnp.swapaxes(a, 0, 1) for a in arrays), TILE, TILE)
+    # Estimation one head at a time (bounded memory); the range walk for all heads at once.
+    selections = (jnp.swapaxes(a, 0, 1) for a in map_query_heads(one_head, q, k))  # [B, H, n] each
+    return build_index(*selections, num_row_blocks=num_row_blocks, block_m=TILE, block_n=TILE)
 
 
 def attend(
@@ -101,7 +97,6 @@ def attend(
     return out, PrefillStats(attended, causal_pair_count(lengths), reported)
 
 
-@functools.partial(jax.jit, static_argnames=("num_row_blocks", "block_m", "block_n"))
 def build_index(
     verticals: jax.Array,
     vertical_valid: jax.Array,
@@ -128,17 +123,27 @@ def build_index(
       :class:`VerticalSlashIndex` with ``block_starts [..., R, min(ns, R)]`` and
       ``columns [..., R, nv]``; padding repeats the last valid entry.
     """
+    arrays = _build_arrays(
+        verticals, vertical_valid, offsets, offset_valid, num_row_blocks=num_row_blocks, block_m=block_m, block_n=block_n
+    )
+    return VerticalSlashIndex(*arrays, block_m, block_n)
+
+
+@functools.partial(jax.jit, static_argnames=("num_row_blocks", "block_m", "block_n"))
+def _build_arrays(verticals, vertical_valid, offsets, offset_valid, *, num_row_blocks, block_m, block_n):
+    """:func:`build_index` on any leading dims, returning the four index arrays."""
     lead = verticals.shape[:-1]
     flat = [x.reshape(-1, x.shape[-1]) for x in (verticals, vertical_valid, offsets, offset_valid)]
     build = functools.partial(_build_one, num_row_blocks=num_row_blocks, block_m=block_m, block_n=block_n)
-    starts, block_counts, columns, column_counts = (x.reshape(lead + x.shape[1:]) for x in jax.vmap(build)(*flat))
-    return VerticalSlashIndex(starts, block_counts, columns, column_counts, block_m, block_n)
+    return tuple(x.reshape(lead + x.shape[1:]) for x in jax.vmap(build)(*flat))
 
 
 def _build_one(verticals, vertical_valid, offsets, offset_valid, *, num_row_blocks, block_m, block_n):
     """One head: ``[nv]``, ``[nv]``, ``[ns]``, ``[ns]`` -> starts, counts, columns, counts."""
-    # Descending offsets, unselected ones (-1) last.
+    # Descending offsets and ascending verticals, unselected ones last.
     offsets = -jnp.sort(-jnp.where(offset_valid, offsets, -1))
+    verticals = jnp.sort(jnp.where(vertical_valid, verticals, jnp.iinfo(jnp.int32).max))
+    vertical_valid = jnp.arange(verticals.shape[0]) < vertical_valid.sum()
     row_end = block_m * (jnp.arange(num_row_blocks, dtype=jnp.int32) + 1)  # [R]
 
     def step(end, delta):
@@ -153,7 +158,8 @@ def _build_one(verticals, vertical_valid, offsets, offset_valid, *, num_row_bloc
     init = jnp.full((num_row_blocks,), _NO_RANGE, jnp.int32)
     last_end, (emitted, starts) = jax.lax.scan(step, init, offsets)  # [ns, R] each
     # Ranges are disjoint block_n-wide blocks below e_r + block_n, so a row holds <= R blocks.
-    starts, block_counts = compact_ascending(starts.T, emitted.T, size=min(offsets.shape[0], num_row_blocks))
+    # They are emitted in ascending order.
+    starts, block_counts = compact_ordered(starts.T, emitted.T, size=min(offsets.shape[0], num_row_blocks))
 
     # A vertical is a column iff it lies in no emitted block and before the last range's end.
     def columns_of_row(row_starts, count, end):
@@ -162,7 +168,9 @@ def _build_one(verticals, vertical_valid, offsets, offset_valid, *, num_row_bloc
         return vertical_valid & ~covered & (verticals < end)
 
     is_column = jax.vmap(columns_of_row)(starts, block_counts, last_end)  # [R, nv]
-    columns, column_counts = compact_ascending(jnp.broadcast_to(verticals, is_column.shape), is_column)
+    columns, column_counts = compact_ordered(
+        jnp.broadcast_to(verticals, is_column.shape), is_column, size=verticals.shape[0]
+    )
     return starts, block_counts, columns, column_counts
 
 
