@@ -75,8 +75,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from sparse_jax.pipeline.report import write_report
     from sparse_jax.pipeline.runner import run_sweep
 
-    code = run_sweep(DEMO_SWEEP, args.gin_param, dry_run=False, shard_spec="0/1")
     results = Path(args.results_dir)
+    bindings = [*args.gin_param, f"ExperimentConfig.results_dir = {str(results)!r}"]
+    code = run_sweep(DEMO_SWEEP, bindings, dry_run=False, shard_spec="0/1")
     write_report(results, out_dir=results / "report", sweep_file=DEMO_SWEEP)
     return code
 

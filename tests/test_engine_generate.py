@@ -122,6 +122,17 @@ def test_generate_groups_prompts_by_bucket_and_keeps_input_order(dense_engine, f
     assert [r.timing.bucket for r in results] == [16, 128, 64]
 
 
+def test_sliding_window_layers_match_full_recompute():
+    # Gemma-3-style local layer (window 8) before a global one; prompts shorter and longer than the window.
+    model = tiny_model(seed=1, layer_types=("sliding_attention", "full_attention"), sliding_window=8)
+    prompts = random_prompts((5, 21), seed=1)
+    expected = [reference_greedy(model, p, max_new_tokens=7) for p in prompts]
+    results = generate(model, prompts, max_new_tokens=7, stop_ids=[])
+    assert [r.token_ids for r in results] == expected
+    # The local layer reads at most 8 tokens, and its dense count is capped the same way.
+    np.testing.assert_allclose(results[1].sparsity.decode_density, 1.0, rtol=1e-6)
+
+
 @dataclasses.dataclass(frozen=True)
 class KeepEnds(AttentionMethod):
     """Test eviction: KV head g keeps the first ``head`` and last ``tail + g`` prompt tokens."""

@@ -126,16 +126,17 @@ def prefill_floor(config: ModelConfig, tokens: int, dtype, repeats: int) -> dict
     }
 
 
-def copy_bandwidth(repeats: int) -> float:
-    """Bytes/s of an elementwise pass over 1 GiB (read + write counted)."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (2**29,), jnp.bfloat16)
-    seconds = median_seconds(jax.jit(lambda a: a * 2), x, repeats=repeats)
-    return 2 * x.nbytes / seconds
+def memory_bandwidth(repeats: int) -> dict:
+    """Bytes/s of a 4 GiB elementwise pass (read + write counted) and of a 4 GiB reduction (read only)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2**30,), jnp.float32)
+    copy_s = median_seconds(jax.jit(lambda a: a + 1.0), x, repeats=repeats)
+    read_s = median_seconds(jax.jit(lambda a: jnp.sum(a)), x, repeats=repeats)
+    return {"copy_bytes_per_s": 2 * x.nbytes / copy_s, "read_bytes_per_s": x.nbytes / read_s}
 
 
 def time_engine(engine: Engine, prompts, args):
     """Timings of ``args.repeats`` runs after a first run that compiles and warms up."""
-    timings, compile_s = [], 0.0
+    timings, compile_s, tokens = [], 0.0, []
     for i in range(1 + args.repeats):
         t0 = time.perf_counter()
         result = engine.generate_batch(prompts, max_new_tokens=args.new_tokens, stop_ids=[])
@@ -149,7 +150,8 @@ def time_engine(engine: Engine, prompts, args):
             timings.append(timing)
         else:
             compile_s = timing.compile_seconds
-    return timings, compile_s
+            tokens = [r.token_ids for r in result]
+    return timings, compile_s, tokens
 
 
 def run(args) -> dict:
@@ -157,9 +159,10 @@ def run(args) -> dict:
     config = model_config(args.config)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), config {args.config}", flush=True)
     floor = prefill_floor(config, args.prompt_len, dtype, args.repeats)
-    bandwidth = copy_bandwidth(args.repeats)
+    bandwidths = memory_bandwidth(args.repeats)
+    bandwidth = bandwidths["read_bytes_per_s"]  # a decode step reads weights and cache, writes next to nothing
     print(f"floor per sequence: {floor}", flush=True)
-    print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s", flush=True)
+    print(f"memory bandwidth (TB/s): { {k: round(v / 1e12, 3) for k, v in bandwidths.items()} }", flush=True)
 
     model = random_model(config, dtype)
     _, params = nnx.split(model)
@@ -167,7 +170,6 @@ def run(args) -> dict:
     embed_bytes = model.embed_tokens.embedding[...].nbytes
     kv_token_bytes = config.num_layers * 2 * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
 
-    rng = np.random.default_rng(0)
     rows = []
     variants = [(b, "reference", AttentionMethod()) for b in args.batches]
     variants += [(b, "pallas", KernelDecode()) for b in args.kernel_decode_batches]
@@ -182,9 +184,10 @@ def run(args) -> dict:
         )
         plan = engine.memory_plan(batch, args.prompt_len, args.new_tokens)
         print(f"batch {batch} ({decode_kind} decode): {plan.describe()}", flush=True)
+        rng = np.random.default_rng(batch)  # the same prompts for every variant of a batch size
         prompts = [rng.integers(0, config.vocab_size, args.prompt_len).tolist() for _ in range(batch)]
         try:
-            timings, compile_s = time_engine(engine, prompts, args)
+            timings, compile_s, tokens = time_engine(engine, prompts, args)
         except Exception as e:  # a failing optional variant must not lose the other numbers
             if decode_kind == "reference":
                 raise
@@ -210,6 +213,7 @@ def run(args) -> dict:
                 "decode_bytes_per_step": step_bytes,
                 "compile_seconds": compile_s,
                 "memory_plan": plan.describe(),
+                "token_ids": tokens,
             }
         )
         del engine
@@ -220,7 +224,7 @@ def run(args) -> dict:
         "new_tokens": args.new_tokens,
         "prefill_rows": args.prefill_rows,
         "floor_per_sequence": floor,
-        "copy_bandwidth_bytes_per_s": bandwidth,
+        "bandwidth": bandwidths,
         "weight_bytes": weight_bytes,
         "rows": rows,
     }
@@ -251,6 +255,14 @@ def main():
             f"{r['batch']:>5} {r['decode_kernel']:>9} {r['prefill_tokens_per_s']:>14.0f} {r['prefill_fraction_of_floor']:>9.1%} "
             f"{r['decode_ms_per_step']:>15.2f} {r['decode_hbm_bound_ms']:>13.2f} {r['decode_fraction_of_bound']:>9.1%}"
         )
+    by_batch: dict[int, dict[str, list]] = {}
+    for r in report["rows"]:
+        by_batch.setdefault(r["batch"], {})[r["decode_kernel"]] = r["token_ids"]
+    for batch, kinds in by_batch.items():
+        if len(kinds) == 2:
+            a, b = (np.array(sum(t, [])) for t in kinds.values())
+            same = len(a) == len(b) and bool((a == b).all())
+            print(f"batch {batch}: reference and pallas decode produced {'identical' if same else 'DIFFERENT'} tokens")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "engine_bench.json").write_text(json.dumps(report, indent=2))

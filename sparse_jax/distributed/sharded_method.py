@@ -115,13 +115,62 @@ class ShardedMethod(AttentionMethod):
         bx, _, per_head = self._specs(q.shape[0], cache.num_kv_heads)
 
         def local(q, cache):
-            if bx is not None:  # this shard's rows own pages [i * N_local, (i + 1) * N_local) of the pool
-                offset = jax.lax.axis_index(DATA) * cache.k_pages.shape[1]
-                cache = cache.replace(page_table=cache.page_table - offset)
-            return self.inner.decode(q, cache, layer=layer)
+            return self.inner.decode(q, _local_view(cache, bx), layer=layer)
 
         in_specs = (P(bx, MODEL, None), cache_specs(bx))
         return self._shard_map(local, in_specs, (P(bx, MODEL, None), DecodeStats(per_head, per_head)))(q, cache)
+
+    # --- cache updates per shard (the engine's hooks; see docs/scale_out.md) -----------
+
+    def append_cache(self, cache: PagedKVCache, k: jax.Array, v: jax.Array) -> PagedKVCache:
+        """:meth:`PagedKVCache.append` of ``k, v [B, G, d]`` on each shard's KV heads and rows."""
+        bx, _, _ = self._specs(cache.batch, cache.num_kv_heads)
+        specs = cache_specs(bx)
+
+        def local(cache, k, v):
+            return _local_view(cache, bx).append(k, v).replace(page_table=cache.page_table)
+
+        return self._shard_map(local, (specs, P(bx, MODEL, None), P(bx, MODEL, None)), specs)(cache, k, v)
+
+    def write_cache(
+        self,
+        cache: PagedKVCache,
+        k: jax.Array,
+        v: jax.Array,
+        prompt_lengths: jax.Array,
+        *,
+        row_start: jax.Array | int = 0,
+        kept: KeptTokens | None = None,
+    ) -> PagedKVCache:
+        """:meth:`PagedKVCache.write_prompt` on each shard (``k, v [b, T, G, d]``).
+
+        A prefill micro-batch (``b`` < cache rows) may straddle ``data`` shards; it is
+        written by XLA's partitioner instead.
+        """
+        if k.shape[0] != cache.batch:
+            return cache.write_prompt(k, v, prompt_lengths, row_start=row_start, kept=kept)
+        bx, heads, per_head = self._specs(cache.batch, cache.num_kv_heads)
+        specs = cache_specs(bx)
+        kept_specs = P() if kept is None else KeptTokens(P(bx, MODEL, None), per_head, P(bx))
+
+        def local(cache, k, v, prompt_lengths, kept):
+            view = _local_view(cache, bx).write_prompt(k, v, prompt_lengths, kept=kept)  # b == rows: row_start is 0
+            return view.replace(page_table=cache.page_table)
+
+        in_specs = (specs, heads, heads, P(bx), kept_specs)
+        return self._shard_map(local, in_specs, specs)(cache, k, v, prompt_lengths, kept)
+
+
+def _local_view(cache: PagedKVCache, batch_spec: str | None) -> PagedKVCache:
+    """A shard's cache with page ids rebased to its slice of the pool.
+
+    Split over ``data``, shard ``i`` holds rows ``i * b .. (i + 1) * b - 1`` and pool pages
+    ``i * N_local .. (i + 1) * N_local - 1``, which are exactly those rows' pages.
+    """
+    if batch_spec is None:
+        return cache
+    offset = jax.lax.axis_index(DATA) * cache.k_pages.shape[1]
+    return cache.replace(page_table=cache.page_table - offset)
 
 
 def shard_method(method: AttentionMethod, mesh: Mesh) -> AttentionMethod:

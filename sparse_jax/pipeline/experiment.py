@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import gin
 
 RESULTS_FORMAT_VERSION = 1
+EMBEDDED_CHECKPOINT = "SmolLM2-135M-Instruct"
 
 
 @gin.configurable
@@ -127,7 +128,12 @@ class ExperimentConfig:
         return _digest(self.data_key_fields())
 
     def model_name(self) -> str:
+        """Short name used in folder names: ``smollm2`` or the checkpoint folder's name."""
         return self.model if self.model == "smollm2" else Path(self.model).name
+
+    def checkpoint_name(self) -> str:
+        """The model's own name, as ``run.json`` and the reports give it."""
+        return EMBEDDED_CHECKPOINT if self.model == "smollm2" else self.model_name()
 
     def label(self) -> str:
         """Short human-readable name: ``task/L4096/model/method@s0.9``."""

@@ -5,7 +5,8 @@ Reads every ``run.json`` under a results folder (written by the runner; see
 with one row per run, and two PNG plots: score vs achieved sparsity per task (one line
 per method, 95% confidence intervals from the per-sample variance) and score vs
 attention cost (fraction of dense attention work actually done). Given the sweep file,
-runs of the sweep that have no complete results yet are listed as missing.
+the sweep's runs that have no complete results in the results folder (wherever the sweep
+file's own ``results_dir`` points) are listed as missing or partial.
 """
 
 from __future__ import annotations
@@ -86,12 +87,13 @@ def _achieved(summary: dict[str, Any]) -> float | None:
     return max(values) if values else None
 
 
-def _missing_rows(sweep_file: str | Path, have: set[str]) -> list[dict[str, Any]]:
+def _missing_rows(sweep_file: str | Path, results_dir: Path, have: set[str]) -> list[dict[str, Any]]:
+    """Rows for the sweep's runs, looked for under ``results_dir``, that have no ``run.json`` yet."""
     from sparse_jax.pipeline.runner import run_state
     from sparse_jax.pipeline.sweep import expand
 
     rows = []
-    for cfg in expand(sweep_file):
+    for cfg in expand(sweep_file, [f"ExperimentConfig.results_dir = {str(results_dir)!r}"]):
         if str(cfg.run_dir().resolve()) in have:
             continue
         rows.append(
@@ -99,7 +101,7 @@ def _missing_rows(sweep_file: str | Path, have: set[str]) -> list[dict[str, Any]
             | {
                 "task": cfg.task,
                 "length": cfg.max_input_tokens,
-                "model": cfg.model_name(),
+                "model": cfg.checkpoint_name(),
                 "method": cfg.method,
                 "target_sparsity": cfg.sparsity,
                 "status": run_state(cfg),
@@ -133,7 +135,7 @@ def _sort_key(r: dict[str, Any]):
 def build_rows(results_dir: Path, sweep_file: str | Path | None = None) -> list[dict[str, Any]]:
     rows = [_row(r) for r in load_runs(results_dir)]
     if sweep_file is not None:
-        rows += _missing_rows(sweep_file, {r["run_dir"] for r in rows})
+        rows += _missing_rows(sweep_file, results_dir, {r["run_dir"] for r in rows})
     return sorted(rows, key=_sort_key)
 
 

@@ -203,7 +203,7 @@ def _model_summary(cfg: ExperimentConfig) -> dict[str, Any]:
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(loaded.model.flat_params()))
     sliding = [i for i in range(c.num_layers) if c.is_sliding(i)]
     return {
-        "name": "SmolLM2-135M-Instruct" if cfg.model == "smollm2" else cfg.model_name(),
+        "name": cfg.checkpoint_name(),
         "num_layers": c.num_layers,
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
@@ -281,7 +281,10 @@ def run_experiment(cfg: ExperimentConfig, stages: Sequence[str] = STAGES, *, pro
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+    from sparse_jax.pipeline.resources import load_tokenizer
+
     check_names(cfg)
+    _make_task(cfg, load_tokenizer(cfg.model))  # bad task arguments or model path fail before any write
     run_dir = cfg.run_dir()
     _check_format(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -332,6 +335,10 @@ def run_sweep(
     if dry_run:
         return 0
     todo = [c for c in mine if states[c.run_key()] != "complete"]
+    from sparse_jax.pipeline.resources import load_tokenizer
+
+    for c in todo:  # a bad task argument in any cell fails now, not hours into the sweep
+        _make_task(c, load_tokenizer(c.model))
     summaries = []
     start = time.time()
     with tqdm(total=len(todo), desc="sweep", unit="run") as bar:

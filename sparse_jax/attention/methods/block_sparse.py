@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_sparse.index import BlockSparseIndex
-from pallas_kernels.block_sparse.reference import block_sparse_attention
+from pallas_kernels.block_sparse.reference import block_sparse_attention, causal_tile_pairs
 from sparse_jax.attention.base import AttentionMethod, LayerSpec, PrefillStats, causal_pair_count
 from sparse_jax.attention.methods import budgets
 from sparse_jax.attention.methods.scoring import NEG_INF, POS_INF, compact_ascending, map_query_heads, top_k_valid
@@ -92,18 +92,13 @@ def block_sparse_index(
 
 
 def block_index_stats(index: BlockSparseIndex, lengths: jax.Array) -> jax.Array:
-    """``[B, H]`` float32 exact causal pairs computed over the real prompt of each row.
-
-    A selected block ``n < m`` of query block ``m`` adds ``q_m * B`` pairs (``q_m`` real
-    queries in block ``m``); the diagonal block adds ``q_m (q_m + 1) / 2``.
-    """
+    """``[B, H]`` float32 exact causal pairs computed over the real prompt of each row."""
     bs = index.block_size
-    m = jnp.arange(index.counts.shape[-1])
-    n_queries = jnp.clip(lengths[:, None] - m * bs, 0, bs).astype(jnp.float32)[:, None, :, None]  # [B,1,nb,1]
-    ids = index.block_ids
-    diagonal = jnp.where(ids == m[:, None], n_queries * (n_queries + 1) / 2, 0.0)
-    pairs = jnp.where(ids < m[:, None], n_queries * bs, diagonal)
-    live = jnp.arange(ids.shape[-1]) < index.counts[..., None]
+    q_lo = (bs * jnp.arange(index.counts.shape[-1]))[:, None]  # [nb, 1]
+    length = lengths[:, None, None, None]  # [B, 1, 1, 1]
+    k_lo = index.block_ids * bs
+    pairs = causal_tile_pairs(q_lo, jnp.minimum(q_lo + bs, length), k_lo, jnp.minimum(k_lo + bs, length))
+    live = jnp.arange(k_lo.shape[-1]) < index.counts[..., None]
     return jnp.where(live, pairs, 0.0).sum(axis=(-1, -2))
 
 

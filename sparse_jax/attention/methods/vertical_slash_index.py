@@ -23,6 +23,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_sparse.reference import causal_tile_pairs
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from pallas_kernels.vertical_slash.reference import vertical_slash_attention
 from sparse_jax.attention.base import PrefillStats, causal_pair_count
@@ -123,9 +124,8 @@ def build_index(
       :class:`VerticalSlashIndex` with ``block_starts [..., R, min(ns, R)]`` and
       ``columns [..., R, nv]``; padding repeats the last valid entry.
     """
-    arrays = _build_arrays(
-        verticals, vertical_valid, offsets, offset_valid, num_row_blocks=num_row_blocks, block_m=block_m, block_n=block_n
-    )
+    blocks = dict(num_row_blocks=num_row_blocks, block_m=block_m, block_n=block_n)
+    arrays = _build_arrays(verticals, vertical_valid, offsets, offset_valid, **blocks)
     return VerticalSlashIndex(*arrays, block_m, block_n)
 
 
@@ -174,13 +174,6 @@ def _build_one(verticals, vertical_valid, offsets, offset_valid, *, num_row_bloc
     return starts, block_counts, columns, column_counts
 
 
-def _clamped_ramp_sum(n: jax.Array, width: int) -> jax.Array:
-    """``sum_{x=1}^{n} min(x, width)`` for ``n >= 0`` (float32)."""
-    n = n.astype(jnp.float32)
-    w = float(width)
-    return jnp.where(n <= w, n * (n + 1.0) / 2.0, w * (w + 1.0) / 2.0 + w * (n - w))
-
-
 def index_stats(index: VerticalSlashIndex, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Exact attended pairs and the reference's sparsity figure of a vertical-slash index.
 
@@ -196,19 +189,17 @@ def index_stats(index: VerticalSlashIndex, lengths: jax.Array) -> tuple[jax.Arra
       overestimates computed pairs (it can be negative for short prompts).
     """
     bm, bn = index.block_m, index.block_n
-    num_rows = index.block_counts.shape[-1]
-    row_first = bm * jnp.arange(num_rows)  # [R]
+    row_first = bm * jnp.arange(index.block_counts.shape[-1])  # [R]
     length = lengths[:, None, None]  # [B, 1, 1]
-    n_queries = jnp.clip(length - row_first, 0, bm)  # [B, 1, R] real queries per row block
-    # Query i sees min(i + 1 - s, bn) keys of the block starting at s (when positive).
-    s = index.block_starts
-    lo = (row_first[:, None] + 1 - s).astype(jnp.int32)  # [B, H, R, nb]
-    hi = lo + n_queries[..., None] - 1
-    per_block = _clamped_ramp_sum(jnp.maximum(hi, 0), bn) - _clamped_ramp_sum(jnp.maximum(lo - 1, 0), bn)
-    live = jnp.arange(s.shape[-1]) < index.block_counts[..., None]
-    block_pairs = jnp.where(live & (n_queries[..., None] > 0), per_block, 0.0).sum(axis=(-1, -2))
+    row_end = jnp.minimum(row_first + bm, length)  # [B, 1, R]: real queries are row_first .. row_end - 1
+    starts = index.block_starts
+    key_end = jnp.minimum(starts + bn, length[..., None])
+    ranges = causal_tile_pairs(row_first[:, None], row_end[..., None], starts, key_end)
+    live = jnp.arange(starts.shape[-1]) < index.block_counts[..., None]
+    # Columns lie before their row block, so every real query of the block sees them.
+    n_queries = jnp.maximum(row_end - row_first, 0)
     column_pairs = (index.column_counts * n_queries).astype(jnp.float32).sum(axis=-1)
-    attended = block_pairs + column_pairs
+    attended = jnp.where(live, ranges, 0.0).sum(axis=(-1, -2)) + column_pairs
 
     real_row = (row_first < length).astype(jnp.float32)  # [B, 1, R]
     tiles = (index.block_counts * real_row).sum(-1) * (bm * bn) + (index.column_counts * real_row).sum(-1) * bm

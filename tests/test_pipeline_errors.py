@@ -1,0 +1,158 @@
+"""Bad input to the CLI: exit code 2, one `sparse-jax: ...` line naming the fix, nothing lost.
+
+None of these reaches the model, so the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparse_jax.pipeline import runner
+from sparse_jax.pipeline.resources import load_tokenizer
+from sparse_jax.tasks import get_task
+from tests.test_pipeline_common import EngineSpy, config_of, run_cli, write_gin
+
+
+def _toefl_file(folder, contexts: int = 2, questions: int = 2):
+    """A TOEFL-schema JSONL file with ``contexts * questions`` short multiple-choice items."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "toeflqa.jsonl").open("w") as f:
+        for c in range(contexts):
+            entry = {
+                "context": f"Lecture {c}. The speaker compares river stones with harbour walls. " * 3,
+                "questions": [f"Question: What is point {c}.{q}? A. rivers B. stones C. walls D. boats" for q in range(questions)],
+                "answer": ["A", "BD"][:questions],
+            }
+            f.write(json.dumps(entry) + "\n")
+    return folder
+
+
+@pytest.fixture
+def gin_file(tmp_path):
+    return write_gin(tmp_path / "base.gin", tmp_path / "results")
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    return EngineSpy(monkeypatch, fail_with=AssertionError("the engine must not run"))
+
+
+@pytest.mark.parametrize(
+    "binding, expected",
+    [
+        ("ExperimentConfig.max_input_token = 512", "parameter named 'max_input_token'. Did you mean 'max_input_tokens'"),
+        ("ExperimentConfig.sampels = 2", "Did you mean 'samples'?"),
+        ("ExperimentConfg.samples = 2", "No configurable matching 'ExperimentConfg'. Did you mean 'ExperimentConfig'?"),
+        ("ExperimentConfig.method = 'qest'", "unknown attention method 'qest'. Did you mean 'quest'?"),
+        ("ExperimentConfig.task = 'niah_singel'", "unknown task 'niah_singel'. Did you mean 'niah_single'"),
+        ("ExperimentConfig.method_args = {'token_budgt': 64}", "has no argument(s) token_budgt; valid arguments"),
+        ("ExperimentConfig.task_args = {'num_digit': 7}", "has no argument(s) num_digit; valid arguments"),
+        ("ExperimentConfig.sparsity = 1.0", "sparsity must be in [0, 1), got 1.0"),
+        ("ExperimentConfig.sparsity = -0.1", "sparsity must be in [0, 1), got -0.1"),
+        ("ExperimentConfig.samples = 0", "samples must be an int >= 1, got 0"),
+        ("ExperimentConfig.dtype = 'fp16'", "dtype must be 'bfloat16' or 'float32'"),
+        ("ExperimentConfig.samples = [1", "gin syntax error: unexpected EOF"),
+        ("ExperimentConfig.samples 2", "expected ':' or '='"),
+        ("include 'no/such/file.gin'", "Unable to open file: no/such/file.gin"),
+    ],
+)
+def test_bad_setting_is_one_clear_line_and_creates_nothing(gin_file, tmp_path, no_engine, binding, expected):
+    result = run_cli("run", f"--gin_file={gin_file}", f"--gin_param={binding}")
+    assert result.code == 2
+    line = result.error_line()
+    assert line.startswith("sparse-jax: configuration error: ") and expected in line, line
+    assert not (tmp_path / "results").exists()
+
+
+def test_quest_sparsity_in_range_is_accepted_by_validation(gin_file):
+    cfg = config_of(gin_file, "ExperimentConfig.method = 'quest'", "ExperimentConfig.sparsity = 0")
+    runner.check_names(cfg)
+    assert cfg.sparsity == 0.0 and isinstance(cfg.sparsity, float)
+
+
+def test_missing_gin_file(tmp_path):
+    result = run_cli("run", f"--gin_file={tmp_path / 'nope.gin'}")
+    assert result.code == 2 and "nope.gin' does not exist" in result.error_line()
+
+
+def test_unknown_stage(gin_file, tmp_path):
+    result = run_cli("run", f"--gin_file={gin_file}", "--stages=prepare,predcit")
+    assert result.code == 2 and "unknown stage(s) ['predcit']; stages are prepare, predict, evaluate" in result.error_line()
+
+
+def test_missing_checkpoint_folder(gin_file, tmp_path, no_engine):
+    missing = tmp_path / "checkpoints" / "Llama-3.1-8B-Instruct"
+    result = run_cli("run", f"--gin_file={gin_file}", f"--gin_param=ExperimentConfig.model = '{missing}'")
+    assert result.code == 2
+    assert f"model '{missing}': no such checkpoint folder" in result.error_line()
+    assert not (tmp_path / "results").exists()
+
+
+def test_task_with_too_few_items_raises_and_the_cli_surfaces_it(gin_file, tmp_path, no_engine):
+    data = _toefl_file(tmp_path / "qa")
+    with pytest.raises(ValueError, match=r"has 4 usable questions .* but num_samples=5; lower num_samples"):
+        get_task("qa_toefl", num_samples=5, max_input_tokens=512, max_output_tokens=8,
+                 tokenizer=load_tokenizer("smollm2"), data_dir=str(data)).generate_samples(progress=False)
+    result = run_cli(
+        "run", f"--gin_file={gin_file}", "--gin_param=ExperimentConfig.task = 'qa_toefl'",
+        f"--gin_param=ExperimentConfig.task_args = {{'data_dir': '{data}'}}", "--gin_param=ExperimentConfig.samples = 5",
+    )
+    assert result.code == 2
+    line = result.error_line()
+    assert "ExperimentConfig.task='qa_toefl'" in line and "has 4 usable questions" in line and "num_samples=5" in line
+    assert not list((tmp_path / "results").rglob("*.jsonl"))
+
+
+def test_missing_task_data_file(gin_file, tmp_path, no_engine):
+    result = run_cli(
+        "run", f"--gin_file={gin_file}", "--gin_param=ExperimentConfig.task = 'qa_toefl'",
+        f"--gin_param=ExperimentConfig.task_args = {{'data_dir': '{tmp_path / 'nothing'}'}}",
+    )
+    assert result.code == 2 and "toeflqa.jsonl not found" in result.error_line()
+
+
+def test_results_of_an_older_format_are_refused_and_kept(gin_file, no_engine):
+    cfg = config_of(gin_file)
+    cfg.run_dir().mkdir(parents=True)
+    old = {"format_version": 0, "method": "dense"}
+    (cfg.run_dir() / "experiment.json").write_text(json.dumps(old))
+    (cfg.run_dir() / "predictions.jsonl").write_text('{"index": 0, "pred": "1234567"}\n')
+    before = {p.name: p.read_bytes() for p in cfg.run_dir().iterdir()}
+    result = run_cli("run", f"--gin_file={gin_file}")
+    assert result.code == 2
+    line = result.error_line()
+    assert "holds results in format version 0, this sparse-jax writes version 1" in line and "moving that folder away" in line
+    assert {p.name: p.read_bytes() for p in cfg.run_dir().iterdir()} == before
+
+
+def test_unreadable_experiment_json_is_refused_and_kept(gin_file, no_engine):
+    cfg = config_of(gin_file)
+    cfg.run_dir().mkdir(parents=True)
+    (cfg.run_dir() / "experiment.json").write_text("{not json")
+    result = run_cli("run", f"--gin_file={gin_file}")
+    assert result.code == 2 and "experiment.json is not a JSON object" in result.error_line()
+    assert (cfg.run_dir() / "experiment.json").read_text() == "{not json"
+
+
+def test_a_real_bug_still_raises(gin_file, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(runner, "run_experiment", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        run_cli("run", f"--gin_file={gin_file}")
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["report", "{tmp}/no_results"], "no_results does not exist; run `sparse-jax run` or `sweep` first"),
+        (["analyze", "{tmp}/no_results"], "no_results does not exist; run `sparse-jax run` or `sweep` first"),
+        (["sweep", "{tmp}/no_sweep.gin", "--dry-run"], "no_sweep.gin' does not exist"),
+    ],
+)
+def test_missing_folders_and_files_of_other_commands(tmp_path, argv, expected):
+    result = run_cli(*[a.format(tmp=tmp_path) for a in argv])
+    assert result.code == 2 and expected in result.error_line()

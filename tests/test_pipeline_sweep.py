@@ -1,0 +1,144 @@
+"""`sparse-jax sweep`, `report` and `analyze`: grid expansion, shards, skipping, partial reports."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import re
+
+import pytest
+
+from sparse_jax.pipeline import jsonl_store
+from sparse_jax.pipeline.sweep import expand, parse_shard, shard
+from tests.test_pipeline_common import REPO, EngineSpy, copy_results, run_cli, shared_dense_run, write_gin
+
+AXES = """Sweep.axes = {
+    'ExperimentConfig.method': ['dense', 'quest'],
+    'ExperimentConfig.sparsity': [0.5, 0.9],
+}
+"""
+PNG = b"\x89PNG\r\n\x1a\n"
+ETA = re.compile(r"\[\d\d:\d\d<\d\d:\d\d")  # tqdm's "[elapsed<remaining" block
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return shared_dense_run(tmp_path_factory)
+
+
+def _sweep_file(tmp_path, results, axes: str = AXES):
+    return write_gin(tmp_path / "sweep.gin", results, axes)
+
+
+def test_grid_is_expanded_and_dense_ignores_sparsity(tmp_path):
+    runs = expand(_sweep_file(tmp_path, tmp_path / "results"))
+    assert [r.label() for r in runs] == [
+        "niah_single/L512/smollm2/dense",
+        "niah_single/L512/smollm2/quest@s0.5",
+        "niah_single/L512/smollm2/quest@s0.9",
+    ]
+    assert len({r.run_key() for r in runs}) == 3 and all(r.samples == 2 for r in runs)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_shards_are_disjoint_and_cover_the_grid(count):
+    runs = expand(REPO / "configs" / "sweeps" / "demo.gin")
+    assert len(runs) == 13  # 7 methods x 2 sparsities, the two dense runs merged
+    shares = [[r.run_key() for r in shard(runs, i, count)] for i in range(count)]
+    flat = list(itertools.chain.from_iterable(shares))
+    assert sorted(flat) == sorted(r.run_key() for r in runs) and len(set(flat)) == len(flat)
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+@pytest.mark.parametrize("spec", ["1", "2/2", "-1/3", "a/b", "1/0"])
+def test_bad_shard_spec(tmp_path, spec):
+    assert parse_shard("1/3") == (1, 3)
+    result = run_cli("sweep", str(_sweep_file(tmp_path, tmp_path / "results")), "--dry-run", f"--shard={spec}")
+    assert result.code == 2 and "--shard" in result.error_line()
+
+
+@pytest.mark.parametrize(
+    "axes, expected",
+    [
+        ("", "a sweep needs `Sweep.axes = "),
+        ("Sweep.axes = {'ExperimentConfig.method': []}", "must be a non-empty list"),
+        ("Sweep.axes = {'ExperimentConfig.method': ['dense', 'qest']}", "Did you mean 'quest'?"),
+        ("Sweep.axes = {'ExperimentConfig.sparsty': [0.5]}", "Did you mean 'sparsity'?"),
+        ("Sweep.axes = {'ExperimentConfig.method': ['quest'], 'ExperimentConfig.sparsity': [0.5, 1.5]}", "sparsity must be in [0, 1)"),
+    ],
+)
+def test_bad_sweep_is_refused_before_any_run(tmp_path, axes, expected):
+    result = run_cli("sweep", str(_sweep_file(tmp_path, tmp_path / "results", axes)), "--dry-run")
+    assert result.code == 2 and expected in result.error_line()
+    assert not (tmp_path / "results").exists()
+
+
+def test_sweep_runs_only_missing_work_and_reports_partial_grids(shared, tmp_path, monkeypatch):
+    _, _ = copy_results(shared, tmp_path)  # the dense cell is complete already
+    results = tmp_path / "results"
+    sweep = str(_sweep_file(tmp_path, results))
+    runs = expand(sweep)
+    dense, quest05, quest09 = runs
+    jsonl_store.append_record(quest05.run_dir() / "predictions.jsonl", {"index": 0, "pred": "x"})
+
+    listing = run_cli("sweep", sweep, "--dry-run")
+    assert listing.code == 0
+    assert "3 runs, worker 0/1 owns 3" in listing.out
+    for cfg, state in ((dense, "complete"), (quest05, "partial (1/2 predicted)"), (quest09, "missing")):
+        assert f"{state}] {cfg.label()}  {cfg.run_dir()}" in listing.out
+
+    # Worker 2 of 3 owns quest@0.9 alone: it runs both samples of it and nothing else.
+    spy = EngineSpy(monkeypatch)
+    result = run_cli("sweep", sweep, "--shard=2/3")
+    assert result.code == 0, result.err
+    assert len(spy.prompts) == 2
+    assert (quest09.run_dir() / "run.json").exists() and not (quest05.run_dir() / "run.json").exists()
+    assert "sweep done: 1 runs" in result.out and "| niah_single | 512 | quest | 0.900 |" in result.out
+    final_bar = [chunk for chunk in result.err.split("\r") if chunk.startswith("sweep:")][-1]
+    assert "100%" in final_bar and "1/1" in final_bar and ETA.search(final_bar), final_bar
+    spy.calls.clear()
+    again = run_cli("sweep", sweep, "--shard=2/3")
+    assert again.code == 0 and spy.calls == [] and "complete] niah_single/L512/smollm2/quest@s0.9" in again.out
+
+    report = run_cli("report", str(results), f"--sweep={sweep}")
+    assert report.code == 0, report.err
+    with open(results / "report" / "runs.csv") as f:
+        table = list(csv.DictReader(f))
+    rows = {(r["method"], r["target_sparsity"]): r for r in table}
+    assert list(rows) == [("dense", ""), ("quest", "0.5"), ("quest", "0.9")]  # one model group, sorted
+    assert {r["model"] for r in table} == {"SmolLM2-135M-Instruct"}
+    assert rows[("dense", "")]["status"] == "complete" and rows[("quest", "0.9")]["status"] == "complete"
+    assert rows[("quest", "0.5")]["status"] == "partial (1/2 predicted)" and rows[("quest", "0.5")]["score"] == ""
+    assert float(rows[("quest", "0.9")]["sparsity_decode"]) > 0.5
+    markdown = (results / "report" / "runs.md").read_text()
+    assert markdown.count("\n") == 2 + 3 and "partial (1/2 predicted)" in markdown
+    assert "1 run(s) are missing or partial" in report.out
+    for plot in ("score_vs_sparsity.png", "score_vs_cost.png"):
+        assert (results / "report" / plot).read_bytes()[:8] == PNG
+
+    analysis = run_cli("analyze", str(results))
+    assert analysis.code == 0, analysis.err
+    assert f"analysis: {results / 'analysis' / 'report.md'}" in analysis.out
+    assert "quest" in (results / "analysis" / "report.md").read_text()
+
+
+def test_report_of_a_moved_results_folder_finds_the_sweeps_runs_in_it(shared, tmp_path):
+    _, _ = copy_results(shared, tmp_path)
+    sweep = str(_sweep_file(tmp_path, tmp_path / "where_the_sweep_once_ran"))
+    report = run_cli("report", str(tmp_path / "results"), f"--sweep={sweep}", f"--out={tmp_path / 'out'}")
+    assert report.code == 0, report.err
+    with open(tmp_path / "out" / "runs.csv") as f:
+        states = [(r["method"], r["target_sparsity"], r["status"]) for r in csv.DictReader(f)]
+    assert states == [("dense", "", "complete"), ("quest", "0.5", "missing"), ("quest", "0.9", "missing")]
+
+
+def test_demo_runs_its_sweep_into_the_requested_results_folder(tmp_path, monkeypatch):
+    from sparse_jax.pipeline import report, runner
+
+    seen = {}
+    monkeypatch.setattr(runner, "run_sweep", lambda file, bindings, **kw: seen.update(bindings=bindings, **kw) or 0)
+    monkeypatch.setattr(report, "write_report", lambda results, **kw: seen.update(report=results, **kw))
+    assert run_cli("demo", f"--results_dir={tmp_path / 'demo'}", "--gin_param=ExperimentConfig.samples = 1").code == 0
+    assert seen["bindings"] == ["ExperimentConfig.samples = 1", f"ExperimentConfig.results_dir = '{tmp_path / 'demo'}'"]
+    assert seen["report"] == tmp_path / "demo" and seen["out_dir"] == tmp_path / "demo" / "report"
+    assert seen["shard_spec"] == "0/1" and seen["dry_run"] is False
