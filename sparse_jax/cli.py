@@ -127,9 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the input (settings, files, results folders), not by a bug."""
-    from sparse_jax.pipeline.experiment import ConfigError
+    from sparse_jax.pipeline.errors import ConfigError, IncompatibleResultsError, StageError
     from sparse_jax.pipeline.jsonl_store import CorruptResultsError
-    from sparse_jax.pipeline.runner import IncompatibleResultsError, StageError
 
     return ConfigError, FileNotFoundError, IncompatibleResultsError, CorruptResultsError, StageError
 
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
-        from sparse_jax.pipeline.experiment import ConfigError
+        from sparse_jax.pipeline.errors import ConfigError
 
         kind = "configuration error: " if isinstance(e, ConfigError) else ""
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())

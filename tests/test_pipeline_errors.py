@@ -6,13 +6,15 @@ None of these reaches the model, so the file runs in seconds.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from sparse_jax.pipeline import runner
 from sparse_jax.pipeline.resources import load_tokenizer
 from sparse_jax.tasks import get_task
-from tests.test_pipeline_common import EngineSpy, config_of, run_cli, write_gin
+from tests.test_pipeline_common import REPO, EngineSpy, config_of, run_cli, write_gin
 
 
 def _toefl_file(folder, contexts: int = 2, questions: int = 2):
@@ -68,7 +70,7 @@ def test_bad_setting_is_one_clear_line_and_creates_nothing(gin_file, tmp_path, n
 
 def test_quest_sparsity_in_range_is_accepted_by_validation(gin_file):
     cfg = config_of(gin_file, "ExperimentConfig.method = 'quest'", "ExperimentConfig.sparsity = 0")
-    runner.check_names(cfg)
+    runner.check_config(cfg)
     assert cfg.sparsity == 0.0 and isinstance(cfg.sparsity, float)
 
 
@@ -156,3 +158,31 @@ def test_a_real_bug_still_raises(gin_file, monkeypatch):
 def test_missing_folders_and_files_of_other_commands(tmp_path, argv, expected):
     result = run_cli(*[a.format(tmp=tmp_path) for a in argv])
     assert result.code == 2 and expected in result.error_line()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--prompt", "  "], "the prompt is empty"),
+        (["--prompt", "hi", "--method", "qest"], "unknown attention method 'qest'. Did you mean 'quest'?"),
+        (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    ],
+)
+def test_generate_rejects_bad_input_before_loading_a_model(argv, expected, monkeypatch):
+    from sparse_jax.pipeline import generate_one
+
+    monkeypatch.setattr(generate_one, "load_bundle", lambda *a: pytest.fail("the model must not load"))
+    result = run_cli("generate", *argv)
+    assert result.code == 2 and expected in result.error_line()
+
+
+def test_generate_and_its_errors_work_without_gin():
+    """The GPU machine has no gin: `generate` and the CLI's error handling must not need it."""
+    code = (
+        "import sys; sys.modules['gin'] = None\n"
+        "from sparse_jax import cli\n"
+        "sys.exit(cli.main(['generate', '--prompt', '']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "sparse-jax: configuration error: the prompt is empty" in done.stderr

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from sparse_jax.pipeline import jsonl_store
+from sparse_jax.pipeline import jsonl_store, runner
 from sparse_jax.pipeline.sweep import expand, parse_shard, shard
 from tests.test_pipeline_common import REPO, EngineSpy, copy_results, run_cli, shared_dense_run, write_gin
 
@@ -142,3 +142,35 @@ def test_demo_runs_its_sweep_into_the_requested_results_folder(tmp_path, monkeyp
     assert seen["bindings"] == ["ExperimentConfig.samples = 1", f"ExperimentConfig.results_dir = '{tmp_path / 'demo'}'"]
     assert seen["report"] == tmp_path / "demo" and seen["out_dir"] == tmp_path / "demo" / "report"
     assert seen["shard_spec"] == "0/1" and seen["dry_run"] is False
+
+
+def test_task_arguments_that_fit_one_task_only_fail_before_the_first_run(tmp_path, monkeypatch):
+    """Swept tasks keep the base file's task_args; a task that rejects them stops the sweep up front."""
+    spy = EngineSpy(monkeypatch, fail_with=AssertionError("the engine must not run"))
+    axes = "Sweep.axes = {'ExperimentConfig.task': ['niah_single', 'ruler_vt']}"
+    sweep = str(_sweep_file(tmp_path, tmp_path / "results", axes))
+    assert run_cli("sweep", sweep, "--dry-run").code == 0
+    result = run_cli("sweep", sweep)
+    assert result.code == 2
+    assert "ExperimentConfig.task='ruler_vt'" in result.error_line() and "num_digits" in result.error_line()
+    assert spy.calls == [] and not (tmp_path / "results").exists()
+
+
+def test_include_axis_sweeps_tasks_with_their_own_arguments(tmp_path):
+    tasks = REPO / "configs" / "tasks"
+    axes = (
+        f"Sweep.axes = {{'include': ['{tasks / 'niah_single.gin'}', '{tasks / 'ruler_vt.gin'}'], "
+        "'ExperimentConfig.method': ['dense', 'quest']}"
+    )
+    runs = expand(_sweep_file(tmp_path, tmp_path / "results", axes))
+    assert [(r.task, r.method, r.task_args) for r in runs] == [
+        ("niah_single", "dense", {"num_digits": 7, "filler": "prose"}),
+        ("niah_single", "quest", {"num_digits": 7, "filler": "prose"}),
+        ("ruler_vt", "dense", {"num_chains": 8, "num_hops": 4}),
+        ("ruler_vt", "quest", {"num_chains": 8, "num_hops": 4}),
+    ]
+    assert all(r.max_input_tokens == 512 for r in runs)  # the sweep file's other settings stay
+    for run in runs:
+        runner.check_config(run)
+    bad = run_cli("sweep", str(_sweep_file(tmp_path, tmp_path / "results", "Sweep.axes = {'include': [3]}")), "--dry-run")
+    assert bad.code == 2 and "must list gin file paths" in bad.error_line()

@@ -68,7 +68,13 @@ def page_upper_bounds(
 
 
 def select_pages(
-    scores: jax.Array, page_table: jax.Array, lengths: jax.Array, *, page_size: int, token_budget: int
+    scores: jax.Array,
+    page_table: jax.Array,
+    lengths: jax.Array,
+    *,
+    page_size: int,
+    token_budget: int,
+    budget_pages: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The pages each row reads under the budget, as a page table for the decode kernels.
 
@@ -77,12 +83,17 @@ def select_pages(
       page_table: ``[B, G, P]`` int32 cache page table.
       lengths: ``[B, G]`` int32 cached tokens per KV head, the newest included.
       page_size: tokens per page ``S``.
-      token_budget: Quest's budget; a multiple of ``page_size``.
+      token_budget: Quest's budget (the most tokens any row reads besides its current
+        page); a multiple of ``page_size``.
+      budget_pages: optional ``[B, R]`` int32 per-row earlier-page budgets
+        (``<= token_budget // S``), e.g. from a target sparsity that scales with the
+        cached length; default ``token_budget // S`` for every row.
 
     Returns:
       ``(table [B, R, b + 1], row_lengths [B, R])`` int32 with ``b = token_budget // S``:
-      the chosen pool pages (best first, current page last) and their valid tokens. If the
-      cache table has no more than ``b + 1`` pages, it is returned unchanged (dense read).
+      the chosen pool pages (best first, then the current page; later slots repeat it and
+      are never read) and their valid tokens. If the cache table has no more than
+      ``b + 1`` pages, it is returned unchanged (dense read).
     """
     if token_budget % page_size or token_budget <= 0:
         raise ValueError(f"token_budget ({token_budget}) must be a positive multiple of page_size ({page_size})")
@@ -90,16 +101,19 @@ def select_pages(
     group = rows // page_table.shape[1]
     table = jnp.repeat(page_table, group, axis=1)  # [B, R, P]
     n = jnp.repeat(lengths, group, axis=1)
-    budget_pages = token_budget // page_size
-    if num_pages <= budget_pages + 1:
+    max_pages = token_budget // page_size
+    if num_pages <= max_pages + 1:
         return table, n
+    row_budget = jnp.full(n.shape, max_pages, jnp.int32) if budget_pages is None else budget_pages.astype(jnp.int32)
     current = jnp.maximum(n - 1, 0) // page_size  # [B, R]
     eligible = jnp.arange(num_pages)[None, None, :] < current[..., None]
-    _, best = jax.lax.top_k(jnp.where(eligible, scores, -jnp.inf), budget_pages)  # [B, R, b]
-    chosen = jnp.concatenate([best, current[..., None]], axis=2)
-    dense = current <= budget_pages
-    chosen = jnp.where(dense[..., None], jnp.arange(budget_pages + 1)[None, None, :], chosen)
-    row_lengths = jnp.where(dense, n, budget_pages * page_size + n - current * page_size)
+    _, best = jax.lax.top_k(jnp.where(eligible, scores, -jnp.inf), max_pages)  # [B, R, b], best first
+    slot = jnp.arange(max_pages + 1)[None, None, :]
+    best = jnp.concatenate([best, current[..., None]], axis=2)
+    chosen = jnp.where(slot < row_budget[..., None], best, current[..., None])
+    dense = current <= row_budget
+    chosen = jnp.where(dense[..., None], slot, chosen)
+    row_lengths = jnp.where(dense, n, row_budget * page_size + n - current * page_size)
     return jnp.take_along_axis(table, chosen, axis=2), row_lengths.astype(jnp.int32)
 
 

@@ -21,6 +21,8 @@ from typing import Any, Mapping, Sequence
 
 import gin
 
+from sparse_jax.pipeline.errors import ConfigError
+
 RESULTS_FORMAT_VERSION = 1
 EMBEDDED_CHECKPOINT = "SmolLM2-135M-Instruct"
 
@@ -149,10 +151,6 @@ class ExperimentConfig:
 
     def data_dir(self) -> Path:
         return Path(self.results_dir) / "_data" / self.task / self.model_name() / self.data_key()
-
-
-class ConfigError(ValueError):
-    """A configuration value or binding is invalid; the message says how to fix it."""
 
 
 def _check(ok: bool, message: str) -> None:

@@ -31,17 +31,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sparse_jax.pipeline import jsonl_store
-from sparse_jax.pipeline.experiment import RESULTS_FORMAT_VERSION, ConfigError, ExperimentConfig
+from sparse_jax.pipeline.errors import ConfigError, IncompatibleResultsError, StageError
+from sparse_jax.pipeline.experiment import RESULTS_FORMAT_VERSION, ExperimentConfig
 
 STAGES = ("prepare", "predict", "evaluate")
-
-
-class IncompatibleResultsError(RuntimeError):
-    """A results folder was written by an incompatible version of sparse-jax."""
-
-
-class StageError(RuntimeError):
-    """A stage needs the output of an earlier stage that has not run yet."""
 
 
 def _check_format(run_dir: Path) -> None:
@@ -87,11 +80,16 @@ def _make_method(cfg: ExperimentConfig):
         raise ConfigError(f"ExperimentConfig.method={cfg.method!r}: {e}") from e
 
 
-def check_names(cfg: ExperimentConfig) -> None:
-    """Fail fast, before any work, on an unknown task or an unknown or invalid method.
+def check_config(cfg: ExperimentConfig, *, task_args: bool = True) -> None:
+    """Fail fast, before any work, on settings that cannot run.
+
+    Checks the task name and builds the method; with ``task_args`` also builds the task
+    (which loads the model's tokenizer, so a missing checkpoint fails here too).
 
     Raises:
-      ConfigError: the message suggests the closest registered names.
+      ConfigError: unknown task or method (the closest registered names suggested), or
+        arguments the method or task rejects.
+      FileNotFoundError: (``task_args``) the model path does not exist.
     """
     from sparse_jax.tasks.registry import available_tasks
 
@@ -101,6 +99,10 @@ def check_names(cfg: ExperimentConfig) -> None:
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ConfigError(f"ExperimentConfig.task: unknown task {cfg.task!r}.{hint} Available: {', '.join(tasks)}.")
     _make_method(cfg)
+    if task_args:
+        from sparse_jax.pipeline.resources import load_tokenizer
+
+        _make_task(cfg, load_tokenizer(cfg.model))
 
 
 def prepare(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -281,10 +283,7 @@ def run_experiment(cfg: ExperimentConfig, stages: Sequence[str] = STAGES, *, pro
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    from sparse_jax.pipeline.resources import load_tokenizer
-
-    check_names(cfg)
-    _make_task(cfg, load_tokenizer(cfg.model))  # bad task arguments or model path fail before any write
+    check_config(cfg)
     run_dir = cfg.run_dir()
     _check_format(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -325,7 +324,7 @@ def run_sweep(
 
     runs = expand(sweep_file, bindings)
     for c in runs:
-        check_names(c)
+        check_config(c, task_args=False)  # no tokenizer: a dry run works without the checkpoints
     index, count = parse_shard(shard_spec)
     mine = shard(runs, index, count)
     states = {c.run_key(): run_state(c) for c in mine}
@@ -335,10 +334,8 @@ def run_sweep(
     if dry_run:
         return 0
     todo = [c for c in mine if states[c.run_key()] != "complete"]
-    from sparse_jax.pipeline.resources import load_tokenizer
-
     for c in todo:  # a bad task argument in any cell fails now, not hours into the sweep
-        _make_task(c, load_tokenizer(c.model))
+        check_config(c)
     summaries = []
     start = time.time()
     with tqdm(total=len(todo), desc="sweep", unit="run") as bar:

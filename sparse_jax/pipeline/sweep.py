@@ -12,6 +12,14 @@ Every combination of axis values becomes one :class:`ExperimentConfig`; combinat
 that resolve to the same run (``dense`` ignores ``sparsity``) are merged. Workers take
 disjoint shares of the sorted run list, so a pod or a job array splits the work
 without a coordinator.
+
+Settings that must change together (a task and its own ``task_args``) go in gin files
+swept by the ``'include'`` axis; each value is a file parsed after the sweep file::
+
+    Sweep.axes = {
+        'include': ['configs/tasks/ruler_niah.gin', 'configs/tasks/qa_squad.gin'],
+        'ExperimentConfig.method': ['dense', 'quest'],
+    }
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from typing import Any, Mapping, Sequence
 
 import gin
 
-from sparse_jax.pipeline.experiment import ConfigError, ExperimentConfig, current_config, parse_gin
+from sparse_jax.pipeline.errors import ConfigError
+from sparse_jax.pipeline.experiment import ExperimentConfig, current_config, parse_gin
 
 
 @gin.configurable
@@ -32,6 +41,10 @@ class Sweep:
     """Grid axes: gin binding name -> list of values."""
 
     axes: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+
+
+FILE_AXIS = "include"
+"""The axis whose values are gin files rather than values of one binding."""
 
 
 def _binding(name: str, value: Any) -> str:
@@ -47,10 +60,13 @@ def expand(sweep_file: str | Path, extra_bindings: Sequence[str] = ()) -> list[E
     for name, values in axes.items():
         if not isinstance(values, (list, tuple)) or not values:
             raise ConfigError(f"{sweep_file}: Sweep.axes[{name!r}] must be a non-empty list, got {values!r}")
+    if not all(isinstance(f, (str, Path)) for f in axes.get(FILE_AXIS, [])):
+        raise ConfigError(f"{sweep_file}: Sweep.axes[{FILE_AXIS!r}] must list gin file paths, got {axes[FILE_AXIS]!r}")
     runs: dict[str, ExperimentConfig] = {}
     for combo in itertools.product(*axes.values()):
-        bindings = list(extra_bindings) + [_binding(n, v) for n, v in zip(axes, combo)]
-        parse_gin([sweep_file], bindings)
+        chosen = dict(zip(axes, combo))
+        files = [sweep_file] + ([chosen.pop(FILE_AXIS)] if FILE_AXIS in chosen else [])
+        parse_gin(files, list(extra_bindings) + [_binding(n, v) for n, v in chosen.items()])
         config = current_config()
         runs.setdefault(config.run_key(), config)
     return [runs[k] for k in sorted(runs, key=lambda k: (runs[k].label(), k))]

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_sparse.index import BlockSparseIndex
-from pallas_kernels.block_sparse.reference import block_sparse_attention, causal_tile_pairs
+from pallas_kernels.block_sparse import block_sparse_attention
+from pallas_kernels.block_sparse.reference import causal_tile_pairs
 from sparse_jax.attention.base import AttentionMethod, LayerSpec, PrefillStats, causal_pair_count
 from sparse_jax.attention.methods import budgets
 from sparse_jax.attention.methods.scoring import NEG_INF, POS_INF, compact_ascending, map_query_heads, top_k_valid

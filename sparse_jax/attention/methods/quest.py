@@ -25,54 +25,14 @@ from typing import TYPE_CHECKING, ClassVar
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_decode.quest import page_upper_bounds
-from pallas_kernels.paged_decode.reference import paged_decode_attention
+from pallas_kernels.paged_decode.quest import page_upper_bounds, select_pages
+from pallas_kernels.paged_decode import paged_decode_attention
 from sparse_jax.attention.base import AttentionMethod, DecodeStats, LayerSpec, PrefillStats
 from sparse_jax.attention.methods import budgets
-from sparse_jax.attention.methods.scoring import NEG_INF, compact_ascending, top_k_valid
 from sparse_jax.attention.registry import register
 
 if TYPE_CHECKING:  # The engine imports the methods; avoid the cycle at run time.
     from sparse_jax.engine.kv_cache import PagedKVCache
-
-
-def select_pages(
-    scores: jax.Array,
-    page_table: jax.Array,
-    lengths: jax.Array,
-    budget_pages: jax.Array,
-    *,
-    page_size: int,
-    max_budget_pages: int,
-) -> tuple[jax.Array, jax.Array]:
-    """The pages each row reads: its best complete earlier pages plus its current page.
-
-    Args:
-      scores: ``[B, R, P]`` page scores of each row's pages (``R = G`` or ``H``).
-      page_table: ``[B, G, P]`` int32 cache page table.
-      lengths: ``[B, G]`` int32 cached tokens per KV head, the newest included.
-      budget_pages: ``[B, R]`` int32 earlier pages each row may read (``<= max_budget_pages``).
-      page_size: tokens per page ``S``.
-      max_budget_pages: static bound of ``budget_pages``.
-
-    Returns:
-      ``table [B, R, min(max_budget_pages, P) + 1]`` int32 pool pages (selected earlier
-      pages ascending, then the current page; padding repeats it) and ``row_lengths
-      [B, R]`` int32 valid tokens (``selected * S`` plus the current page's tokens).
-    """
-    rows, num_pages = scores.shape[1], scores.shape[2]
-    group = rows // page_table.shape[1]
-    table = jnp.repeat(page_table, group, axis=1)
-    n = jnp.repeat(lengths, group, axis=1)
-    current = jnp.maximum(n - 1, 0) // page_size  # [B, R]
-    earlier = jnp.arange(num_pages) < current[..., None]
-    slots = min(max_budget_pages, num_pages)
-    ids, valid = top_k_valid(jnp.where(earlier, scores, NEG_INF), slots, budget_pages)
-    ids = jnp.concatenate([ids, current[..., None]], axis=-1)
-    valid = jnp.concatenate([valid, jnp.ones_like(valid[..., :1])], axis=-1)
-    chosen, counts = compact_ascending(ids, valid)
-    row_lengths = (counts - 1) * page_size + n - current * page_size
-    return jnp.take_along_axis(table, chosen, axis=-1), row_lengths.astype(jnp.int32)
 
 
 @register
@@ -141,7 +101,12 @@ class Quest(AttentionMethod):
             max_pages = int(budgets.token_budget(capacity, self.sparsity, self.page_size)) // self.page_size
         budget_pages = self.budget_tokens(n) // self.page_size
         table, row_lengths = select_pages(
-            scores, cache.page_table, cache.lengths, budget_pages, page_size=self.page_size, max_budget_pages=max_pages
+            scores,
+            cache.page_table,
+            cache.lengths,
+            page_size=self.page_size,
+            token_budget=max(max_pages, 1) * self.page_size,
+            budget_pages=budget_pages,
         )
         out = paged_decode_attention(q, cache.k_pages, cache.v_pages, table, row_lengths, scale=layer.scale)
         read = jnp.repeat(row_lengths, h // rows, axis=1).astype(jnp.float32)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.block_sparse.reference import causal_tile_pairs
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
-from pallas_kernels.vertical_slash.reference import vertical_slash_attention
+from pallas_kernels.vertical_slash import vertical_slash_attention
 from sparse_jax.attention.base import PrefillStats, causal_pair_count
 from sparse_jax.attention.methods.scoring import NEG_INF, POS_INF, compact_ordered, map_query_heads, top_k_valid
 
