@@ -150,3 +150,10 @@ def test_process_share_partitions_samples():
     assert runtime.process_share(records) == records  # one process owns everything
     with pytest.raises(ValueError, match="process_index=3"):
         runtime.process_share(records, process_index=3, process_count=3)
+
+
+def test_explicit_launch_needs_process_count_and_id():
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID are not"):
+        runtime.initialize_from_env({"JAX_COORDINATOR_ADDRESS": "localhost:1"})
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID is not"):
+        runtime.initialize_from_env({"JAX_COORDINATOR_ADDRESS": "localhost:1", "JAX_NUM_PROCESSES": "2"})

@@ -33,7 +33,8 @@ BASE_SETTINGS = {
 
 def write_gin(path: Path, results_dir: Path, extra: str = "") -> Path:
     """A gin file: SmolLM2 + niah_single + dense from ``configs/`` at the tiny settings, then ``extra``."""
-    lines = [f"include '{REPO / 'configs' / sub}'" for sub in ("models/smollm2.gin", "tasks/niah_single.gin", "methods/dense.gin")]
+    includes = ("models/smollm2.gin", "tasks/niah_single.gin", "methods/dense.gin")
+    lines = [f"include '{REPO / 'configs' / sub}'" for sub in includes]
     lines += [f"ExperimentConfig.{k} = {v!r}" for k, v in BASE_SETTINGS.items()]
     lines.append(f"ExperimentConfig.results_dir = {str(results_dir)!r}")
     path.write_text("\n".join(lines) + "\n" + extra)

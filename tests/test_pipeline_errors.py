@@ -24,7 +24,9 @@ def _toefl_file(folder, contexts: int = 2, questions: int = 2):
         for c in range(contexts):
             entry = {
                 "context": f"Lecture {c}. The speaker compares river stones with harbour walls. " * 3,
-                "questions": [f"Question: What is point {c}.{q}? A. rivers B. stones C. walls D. boats" for q in range(questions)],
+                "questions": [
+                    f"Question: What is point {c}.{q}? A. rivers B. stones C. walls D. boats" for q in range(questions)
+                ],
                 "answer": ["A", "BD"][:questions],
             }
             f.write(json.dumps(entry) + "\n")
@@ -44,7 +46,7 @@ def no_engine(monkeypatch):
 @pytest.mark.parametrize(
     "binding, expected",
     [
-        ("ExperimentConfig.max_input_token = 512", "parameter named 'max_input_token'. Did you mean 'max_input_tokens'"),
+        ("ExperimentConfig.max_input_token = 512", "named 'max_input_token'. Did you mean 'max_input_tokens'"),
         ("ExperimentConfig.sampels = 2", "Did you mean 'samples'?"),
         ("ExperimentConfg.samples = 2", "No configurable matching 'ExperimentConfg'. Did you mean 'ExperimentConfig'?"),
         ("ExperimentConfig.method = 'qest'", "unknown attention method 'qest'. Did you mean 'quest'?"),
@@ -81,7 +83,8 @@ def test_missing_gin_file(tmp_path):
 
 def test_unknown_stage(gin_file, tmp_path):
     result = run_cli("run", f"--gin_file={gin_file}", "--stages=prepare,predcit")
-    assert result.code == 2 and "unknown stage(s) ['predcit']; stages are prepare, predict, evaluate" in result.error_line()
+    assert result.code == 2
+    assert "unknown stage(s) ['predcit']; stages are prepare, predict, evaluate" in result.error_line()
 
 
 def test_missing_checkpoint_folder(gin_file, tmp_path, no_engine):
@@ -99,7 +102,8 @@ def test_task_with_too_few_items_raises_and_the_cli_surfaces_it(gin_file, tmp_pa
                  tokenizer=load_tokenizer("smollm2"), data_dir=str(data)).generate_samples(progress=False)
     result = run_cli(
         "run", f"--gin_file={gin_file}", "--gin_param=ExperimentConfig.task = 'qa_toefl'",
-        f"--gin_param=ExperimentConfig.task_args = {{'data_dir': '{data}'}}", "--gin_param=ExperimentConfig.samples = 5",
+        f"--gin_param=ExperimentConfig.task_args = {{'data_dir': '{data}'}}",
+        "--gin_param=ExperimentConfig.samples = 5",
     )
     assert result.code == 2
     line = result.error_line()
@@ -125,7 +129,8 @@ def test_results_of_an_older_format_are_refused_and_kept(gin_file, no_engine):
     result = run_cli("run", f"--gin_file={gin_file}")
     assert result.code == 2
     line = result.error_line()
-    assert "holds results in format version 0, this sparse-jax writes version 1" in line and "moving that folder away" in line
+    assert "holds results in format version 0, this sparse-jax writes version 1" in line
+    assert "moving that folder away" in line
     assert {p.name: p.read_bytes() for p in cfg.run_dir().iterdir()} == before
 
 

@@ -61,10 +61,14 @@ def test_bad_shard_spec(tmp_path, spec):
     "axes, expected",
     [
         ("", "a sweep needs `Sweep.axes = "),
+        ("Sweep.axis = {'ExperimentConfig.method': ['dense']}", "Did you mean 'axes'?"),
         ("Sweep.axes = {'ExperimentConfig.method': []}", "must be a non-empty list"),
         ("Sweep.axes = {'ExperimentConfig.method': ['dense', 'qest']}", "Did you mean 'quest'?"),
         ("Sweep.axes = {'ExperimentConfig.sparsty': [0.5]}", "Did you mean 'sparsity'?"),
-        ("Sweep.axes = {'ExperimentConfig.method': ['quest'], 'ExperimentConfig.sparsity': [0.5, 1.5]}", "sparsity must be in [0, 1)"),
+        (
+            "Sweep.axes = {'ExperimentConfig.method': ['quest'], 'ExperimentConfig.sparsity': [0.5, 1.5]}",
+            "sparsity must be in [0, 1)",
+        ),
     ],
 )
 def test_bad_sweep_is_refused_before_any_run(tmp_path, axes, expected):
@@ -172,5 +176,6 @@ def test_include_axis_sweeps_tasks_with_their_own_arguments(tmp_path):
     assert all(r.max_input_tokens == 512 for r in runs)  # the sweep file's other settings stay
     for run in runs:
         runner.check_config(run)
-    bad = run_cli("sweep", str(_sweep_file(tmp_path, tmp_path / "results", "Sweep.axes = {'include': [3]}")), "--dry-run")
+    bad_file = _sweep_file(tmp_path, tmp_path / "results", "Sweep.axes = {'include': [3]}")
+    bad = run_cli("sweep", str(bad_file), "--dry-run")
     assert bad.code == 2 and "must list gin file paths" in bad.error_line()

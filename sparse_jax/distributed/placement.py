@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,11 @@ def sharded_engine(
     """An :class:`Engine` running ``model`` sharded over ``mesh`` with ``method`` per shard.
 
     ``model`` may already be sharded (e.g. from :func:`load_sharded_model`); it is
-    placed on ``mesh`` otherwise.
+    placed on ``mesh`` otherwise. ``config.prefill_backend`` applies on each shard.
     """
     method = get_method(method) if isinstance(method, str) else method
-    return Engine(shard_model(model, mesh), shard_method(method, mesh), config)
+    sharded = shard_method(method, mesh, config.prefill_backend)
+    if sharded is not method:  # the engine calls the wrapper's prefill, which picks the backend per shard
+        config = dataclasses.replace(config, prefill_backend="method")
+    return Engine(shard_model(model, mesh), sharded, config)
 

@@ -27,7 +27,7 @@ def launcher(env: Mapping[str, str] | None = None) -> str | None:
     Recognised: an explicit ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` and
     ``JAX_PROCESS_ID``), SLURM with more than one task, Open MPI (``mpirun``) with more
     than one rank, and multi-host Cloud TPU slices (``TPU_WORKER_HOSTNAMES`` listing
-    several workers). jax.distributed.initialize() reads the same variables.
+    several workers).
     """
     env = os.environ if env is None else env
     if env.get("JAX_COORDINATOR_ADDRESS"):
@@ -51,15 +51,31 @@ def initialize_from_env(env: Mapping[str, str] | None = None) -> bool:
     """
     if jax.distributed.is_initialized():
         return True
+    env = os.environ if env is None else env
     source = launcher(env)
     if source is None:
         return False
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_explicit_args(env) if source == "JAX_COORDINATOR_ADDRESS" else {})
     log.info(
         "jax.distributed initialised from %s: process %d of %d, %d local devices",
         source, jax.process_index(), jax.process_count(), jax.local_device_count(),
     )
     return True
+
+
+def _explicit_args(env: Mapping[str, str]) -> dict[str, object]:
+    """``jax.distributed.initialize`` arguments of an explicit (``JAX_*`` variables) launch."""
+    missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(v)]
+    if missing:
+        raise ValueError(
+            f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not; "
+            "set JAX_NUM_PROCESSES (all processes) and JAX_PROCESS_ID (0-based) on every process"
+        )
+    return dict(
+        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(env["JAX_NUM_PROCESSES"]),
+        process_id=int(env["JAX_PROCESS_ID"]),
+    )
 
 
 def owner(sample_index: int, process_count: int | None = None) -> int:

@@ -173,6 +173,6 @@ def _local_view(cache: PagedKVCache, batch_spec: str | None) -> PagedKVCache:
     return cache.replace(page_table=cache.page_table - offset)
 
 
-def shard_method(method: AttentionMethod, mesh: Mesh) -> AttentionMethod:
+def shard_method(method: AttentionMethod, mesh: Mesh, prefill_backend: PrefillBackend = "auto") -> AttentionMethod:
     """``method`` run per shard of ``mesh``; unchanged on a one-device mesh."""
-    return method if mesh.size == 1 else ShardedMethod(method, mesh)
+    return method if mesh.size == 1 else ShardedMethod(method, mesh, prefill_backend)

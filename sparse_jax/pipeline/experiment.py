@@ -194,7 +194,8 @@ def _explain_gin_error(error: BaseException) -> str:
     m = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", message)
     if m:
         configurable, param = m.groups()
-        valid = [f.name for f in dataclasses.fields(ExperimentConfig)] if configurable.endswith("ExperimentConfig") else []
+        fields = {"ExperimentConfig": [f.name for f in dataclasses.fields(ExperimentConfig)], "Sweep": ["axes"]}
+        valid = fields.get(configurable.split(".")[-1], [])
         close = difflib.get_close_matches(param, valid, n=2)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     m = re.search(r"No configurable matching '([^']+)'", message)
