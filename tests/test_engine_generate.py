@@ -109,6 +109,17 @@ def test_decoded_text_uses_the_tokenizer_and_programs_are_reused(dense_engine, f
     assert results[0].timing.compile_seconds == 0.0  # same shapes as the test above
 
 
+def test_every_cache_buffer_is_donated_to_prefill_and_decode(dense_engine, model):
+    # Each compiled program aliases all 7 arrays of every layer's cache from input to output, so the
+    # cache is updated in place, never copied (programs are reused from the tests above when they ran).
+    dense_engine.generate_batch(random_prompts(LENGTHS), max_new_tokens=MAX_NEW, stop_ids=[])
+    kinds = {key[0] for key in dense_engine._compiled}
+    assert kinds == {"prefill", "decode"}
+    for program in dense_engine._compiled.values():
+        hlo = program.as_text()
+        assert hlo.count("may-alias") + hlo.count("must-alias") == 7 * model.config.num_layers
+
+
 def test_prefill_micro_batches_give_the_same_tokens(model, free_running):
     engine = Engine(model, "dense", EngineConfig(prefill_rows=2))  # rows {0, 1} then {2}
     results = engine.generate_batch(random_prompts(LENGTHS), max_new_tokens=MAX_NEW, stop_ids=[])

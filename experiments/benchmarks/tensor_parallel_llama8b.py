@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--meshes", default="1x1,1x2")
-    parser.add_argument("--methods", default="dense,quest")
+    parser.add_argument("--methods", default="dense", help="comma-separated; also quest, snapkv")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

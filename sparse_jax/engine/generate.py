@@ -263,7 +263,9 @@ class Engine:
 
     # --- checks --------------------------------------------------------------------
 
-    def _validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int]) -> list[list[int]]:
+    def _validate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int]
+    ) -> list[list[int]]:
         """Check the request; returns the prompts as lists of Python ints."""
         vocab = self.model_config.vocab_size
         prompts = [list(map(int, p)) for p in prompts]

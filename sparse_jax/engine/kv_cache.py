@@ -27,7 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_decode.reference import paged_decode_attention
+from pallas_kernels.paged_decode import paged_decode_attention
 from sparse_jax.attention.base import DecodeStats, KeptTokens
 
 
