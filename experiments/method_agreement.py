@@ -52,6 +52,7 @@ DECODE_METHODS = frozenset({"snapkv", "ada_snapkv", "quest"})
 """Methods whose prefill is dense: their first token equals dense's (REFERENCE.md section 2.3)."""
 SPARSITIES = (0.5, 0.8, 0.95)
 RESULTS = Path(__file__).resolve().parent / "results"
+NOTES_MARKER = "<!-- Notes below this line are kept when the script rewrites the table. -->"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,10 @@ class Reference:
     step_logits: np.ndarray
     first_tokens: np.ndarray
 
+    @classmethod
+    def from_probe(cls, texts: list[str], first: np.ndarray, step: np.ndarray) -> Reference:
+        return cls(texts, first, step, first.argmax(axis=-1).astype(np.int32))
+
 
 def config_key(method: str, sparsity: float | None) -> str:
     """Row key: ``"dense"`` or ``"<method>@<sparsity>"``."""
@@ -96,8 +101,14 @@ def config_key(method: str, sparsity: float | None) -> str:
 
 
 def configurations(methods: Sequence[str], sparsities: Sequence[float]) -> list[tuple[str, float | None]]:
-    """Dense first, then every method at each sparsity (all methods at one sparsity before the next)."""
+    """Run order: dense first, then every method at each sparsity in the given order (all methods
+    at one sparsity before the next, so an interrupted run covers every method)."""
     return [("dense", None)] + [(m, s) for s in sparsities for m in methods]
+
+
+def table_order(methods: Sequence[str], sparsities: Sequence[float]) -> list[str]:
+    """Table rows: dense, then each method at increasing sparsity."""
+    return ["dense"] + [config_key(m, s) for m in methods for s in sorted(sparsities)]
 
 
 def build_method(name: str, sparsity: float | None) -> AttentionMethod:
@@ -128,7 +139,7 @@ def probe_logits(
     prompts: Sequence[Sequence[int]],
     fed: np.ndarray | None = None,
     *,
-    page_size: int = 16,
+    config: EngineConfig = EngineConfig(),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits of the first generated token and of the first decode step under ``method``.
 
@@ -141,13 +152,14 @@ def probe_logits(
       method: the attention method.
       prompts: ``B`` token-id lists.
       fed: ``[B]`` tokens fed at the decode step; ``None`` feeds the greedy first tokens.
-      page_size: cache page size (Quest needs its own page size).
+      config: the engine settings whose bucketing, page size and cache dtype to use.
 
     Returns:
       ``(first [B, V], step [B, V])`` float32 logits.
     """
     lengths = np.array([len(p) for p in prompts], np.int32)
-    bucket = bucket_length(int(lengths.max()), page_size=page_size)
+    page_size = config.page_size
+    bucket = bucket_length(int(lengths.max()), granularity=config.bucket_granularity, page_size=page_size)
     tokens = np.zeros((len(prompts), bucket), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
@@ -160,7 +172,7 @@ def probe_logits(
             head_dim=cfg.head_dim,
             pages_per_row=pages_for(bucket + 1, page_size),
             page_size=page_size,
-            dtype=model.dtype,
+            dtype=jnp.dtype(config.cache_dtype or model.dtype),
         )
         for _ in range(cfg.num_layers)
     ]
@@ -215,10 +227,14 @@ def run_configuration(
     sparsity: float | None,
     reference: Reference | None,
     engine_config: EngineConfig,
-) -> tuple[dict[str, Any], Reference | None]:
-    """Generate and probe one configuration; returns its row (and the reference when dense).
+) -> tuple[dict[str, Any], Reference]:
+    """Generate and probe one configuration.
 
-    ``reference`` is ``None`` only for dense, which then becomes the reference.
+    Args:
+      reference: dense's results; ``None`` compares the configuration with itself (dense).
+
+    Returns:
+      The configuration's row and its own outputs and logits (the reference, for dense).
     """
     method = build_method(method_name, sparsity)
     t0 = time.perf_counter()
@@ -230,14 +246,12 @@ def run_configuration(
 
     t0 = time.perf_counter()
     fed = None if reference is None else reference.first_tokens
-    first, step = probe_logits(model, method, workload.prompts, fed, page_size=engine_config.page_size)
+    first, step = probe_logits(model, method, workload.prompts, fed, config=engine_config)
     probe_s = time.perf_counter() - t0
-    if reference is None:
-        reference = Reference(texts, first, step, first.argmax(axis=-1).astype(np.int32))
-        made = reference
-    else:
-        made = None
+    own = Reference.from_probe(texts, first, step)
+    reference = own if reference is None else reference
 
+    checks = _probe_checks(results, first, step, reference.first_tokens)
     evaluation = workload.task.evaluate([{**rec, "pred": text} for rec, text in zip(workload.records, texts)])
     kl_first = kl_divergence(reference.first_logits, first)
     kl_step = kl_divergence(reference.step_logits, step)
@@ -253,6 +267,7 @@ def run_configuration(
         "first_token_match": float(np.mean(first.argmax(axis=-1) == reference.first_logits.argmax(axis=-1))),
         "kl_first": float(kl_first.mean()),
         "kl_step": float(kl_step.mean()),
+        "probe_matches_engine": float(np.mean(checks)),
         "kl_first_per_sample": kl_first.tolist(),
         "kl_step_per_sample": kl_step.tolist(),
         "generate_s": generate_s,
@@ -265,7 +280,21 @@ def run_configuration(
         "outputs": texts,
         "method_args": method.describe(),
     }
-    return row, made
+    return row, own
+
+
+def _probe_checks(
+    results: Sequence[GenerationResult], first: np.ndarray, step: np.ndarray, fed: np.ndarray
+) -> list[bool]:
+    """Whether the probe's greedy tokens equal the engine's: every first token, and the second
+    token of every sample whose engine-generated first token is the one the probe fed."""
+    checks = [bool(first[i].argmax() == r.token_ids[0]) for i, r in enumerate(results)]
+    checks += [
+        bool(step[i].argmax() == r.token_ids[1])
+        for i, r in enumerate(results)
+        if len(r.token_ids) > 1 and r.token_ids[0] == fed[i]
+    ]
+    return checks
 
 
 def _text(workload: Workload, result: GenerationResult) -> str:
@@ -309,8 +338,8 @@ def markdown_table(rows: dict[str, dict[str, Any]], order: Sequence[str]) -> str
     """The results table, one line per finished configuration in ``order``."""
     lines = [
         "| method | target sparsity | prefill sparsity | decode sparsity | exact match | accuracy "
-        "| first-token match | KL first token | KL first decode step | wall s (compile) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| first-token match | KL first token | KL first decode step | probe = engine | wall s (compile) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key in order:
         if key not in rows:
@@ -320,6 +349,7 @@ def markdown_table(rows: dict[str, dict[str, Any]], order: Sequence[str]) -> str
             f"| {r['method']} | {_fmt(r['sparsity'], '.2f')} | {r['prefill_sparsity']:.3f} "
             f"| {_fmt(r['decode_sparsity'], '.3f')} | {r['exact_match']:.2f} | {r['accuracy']:.2f} "
             f"| {r['first_token_match']:.2f} | {r['kl_first']:.2e} | {r['kl_step']:.2e} "
+            f"| {r['probe_matches_engine']:.2f} "
             f"| {r['generate_s'] + r['probe_s']:.0f} ({r['compile_s']:.0f}) |"
         )
     return "\n".join(lines)
@@ -350,12 +380,18 @@ in nats of the logits of the first generated token (forward with `method.prefill
 prompt position); for the decode-phase methods (snapkv, ada_snapkv, quest) the prefill is dense, so
 this is 0 up to rounding. *KL first decode step*: the same for the next token, after `method.compress`
 built the cache and one `method.decode` step consumed dense's first token (same prefix for every
-method). *wall s*: engine generation plus the logits probe, compilation included (in parentheses: the
+method). *probe = engine*: fraction of the probe's greedy tokens (first token; second token where the
+engine's first token was the fed one) equal to the engine's, a check that both compute the same thing.
+*wall s*: engine generation plus the logits probe, compilation included (in parentheses: the
 engine's compile seconds); a shared CPU, so an upper bound.
 
 {markdown_table(rows, order)}
+
+{NOTES_MARKER}
 """
-    path.write_text(text)
+    old = path.read_text() if path.exists() else ""
+    notes = old.split(NOTES_MARKER, 1)[1].lstrip("\n") if NOTES_MARKER in old else ""
+    path.write_text(text + notes)
 
 
 def machine_description() -> str:
@@ -382,7 +418,7 @@ def run_agreement(
 ) -> dict[str, dict[str, Any]]:
     """Run every configuration not yet in ``json_path``; returns all rows by key."""
     rows = load_rows(json_path, settings)
-    order = [config_key(m, s) for m, s in configurations(methods, sparsities)]
+    order = table_order(methods, sparsities)
     workload = build_workload(
         tokenizer,
         stop_ids,
@@ -395,14 +431,15 @@ def run_agreement(
     reference = None
     todo = [(m, s) for m, s in configurations(methods, sparsities) if config_key(m, s) not in rows]
     if "dense" in rows:  # Resuming: the logits are not stored, so re-probe dense (no generation).
-        first, step = probe_logits(model, build_method("dense", None), workload.prompts, page_size=engine_config.page_size)
-        reference = Reference(rows["dense"]["outputs"], first, step, first.argmax(axis=-1).astype(np.int32))
+        first, step = probe_logits(model, build_method("dense", None), workload.prompts, config=engine_config)
+        reference = Reference.from_probe(rows["dense"]["outputs"], first, step)
     with tqdm(todo, desc="configurations", unit="config", file=sys.stdout) as bar:
         for name, sparsity in bar:
             key = config_key(name, sparsity)
             bar.set_postfix_str(key)
-            row, made = run_configuration(model, workload, name, sparsity, reference, engine_config)
-            reference = made or reference
+            row, own = run_configuration(model, workload, name, sparsity, reference, engine_config)
+            if name == "dense":
+                reference = own
             rows[key] = row
             save(json_path, settings, meta, rows)
             write_markdown(md_path, settings, meta, rows, order)
@@ -428,6 +465,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=RESULTS / "method_agreement_smollm2.json")
     parser.add_argument("--md", type=Path, default=RESULTS / "method_agreement_smollm2.md")
     parser.add_argument("--fresh", action="store_true", help="discard finished rows in --json and start over")
+    parser.add_argument("--table-only", action="store_true", help="rewrite --md from --json; run nothing")
     args = parser.parse_args(argv)
     for name in args.methods:  # Fail before loading anything.
         build_method(name, None)
@@ -436,6 +474,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.table_only:
+        if not args.json.exists():
+            raise FileNotFoundError(f"--table-only: {args.json} does not exist; run the experiment first")
+        saved = json.loads(args.json.read_text())
+        write_markdown(
+            args.md, saved["settings"], saved["meta"], saved["rows"], table_order(args.methods, args.sparsities)
+        )
+        return
     from sparse_jax.pipeline.resources import load_bundle
 
     settings = {
@@ -447,8 +493,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "max_output_tokens": args.max_output_tokens,
         "page_size": args.page_size,
     }
+    given = sys.argv[1:] if argv is None else list(argv)
     meta = {
-        "command": " ".join(["PYTHONPATH=. .venv/bin/python", "experiments/method_agreement.py", *sys.argv[1:]]),
+        "command": " ".join(["PYTHONPATH=. .venv/bin/python experiments/method_agreement.py", *given]),
         "machine": machine_description(),
         "date": datetime.date.today().isoformat(),
         "jax": jax.__version__,

@@ -36,7 +36,12 @@ MAX_NEW = 6
 
 
 def run_checks(model_dir: str, cases: dict[str, list[str]]) -> dict[str, dict[str, dict]]:
-    """``{method: {mesh: differences}}`` of sharded vs one-device generation (8 devices needed)."""
+    """``{method: {mesh: differences}}`` of sharded vs one-device generation (8 devices needed).
+
+    A mesh ``"2x4+rows3"`` also prefills in micro-batches of 3 rows (straddling ``data`` shards).
+    """
+    import dataclasses
+
     import jax.numpy as jnp
     import numpy as np
 
@@ -62,8 +67,10 @@ def run_checks(model_dir: str, cases: dict[str, list[str]]) -> dict[str, dict[st
         ref = Engine(loaded.model, method, config).generate_batch(prompts, **kwargs)
         report[name] = {}
         for spec in meshes:
-            mesh = make_mesh(MeshConfig.parse(spec), loaded.config.num_kv_heads)
-            out = sharded_engine(loaded.model, method, mesh, config).generate_batch(prompts, **kwargs)
+            mesh_spec, _, rows = spec.partition("+rows")
+            mesh = make_mesh(MeshConfig.parse(mesh_spec), loaded.config.num_kv_heads)
+            engine_config = dataclasses.replace(config, prefill_rows=int(rows) if rows else None)
+            out = sharded_engine(loaded.model, method, mesh, engine_config).generate_batch(prompts, **kwargs)
             report[name][spec] = {
                 "mesh": dict(mesh.shape),
                 "tokens_equal": [a.token_ids == b.token_ids for a, b in zip(ref, out)],
@@ -97,7 +104,7 @@ def _assert_equal(report: dict) -> None:
 
 # Default: every mesh with dense, every sparse method on at least one mesh, every model.
 FAST_CASES = {
-    "tiny_llama": {"dense": list(MESHES), "ada_snapkv": ["2x4"], "quest": ["8x1"]},
+    "tiny_llama": {"dense": list(MESHES), "ada_snapkv": ["2x4"], "quest": ["8x1"], "snapkv": ["2x4+rows3"]},
     "tiny_qwen2": {"snapkv": ["2x4"], "flexprefill": ["8x1"]},
     "tiny_gemma3": {"block_sparse": ["1x8"], "vertical_and_slash": ["2x4"]},
 }

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from pallas_kernels.paged_decode import DecodeConfig, default_config, gpu_triton, quest, reference
+from pallas_kernels.paged_decode import DecodeConfig, default_config, gpu_triton, quest, quest_select, reference
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -109,6 +109,93 @@ def selection_fn(budget: int):
     return fn
 
 
+def quest_kernel_fn(config: DecodeConfig, budget: int, block_pages: int):
+    """Quest with the Pallas scoring and threshold-selection kernels, then the decode kernel."""
+    def fn(q, k, v, table, lengths, k_min, k_max):
+        sel, sel_len = quest_select.quest_page_table(
+            q, k_min, k_max, table, lengths, page_size=PAGE, token_budget=budget, share_pages=True,
+            block_pages=block_pages, interpret=INTERPRET,
+        )
+        return gpu_triton.paged_decode_attention(q, k, v, sel, sel_len, scale=SCALE, config=config,
+                                               interpret=INTERPRET)
+    return fn
+
+
+def quest_kernel_stages(c, batch: int, budget: int, qcfg: DecodeConfig, dense_t: float, record) -> None:
+    """Per-stage timings of the kernel Quest path, checked against the jnp selection first."""
+    qs, table, lengths, k_min, k_max = c["qs"], c["table"], c["lengths"], c["k_min"], c["k_max"]
+    want_scores = quest.page_upper_bounds(qs[0], k_min, k_max, table, share_pages=True)
+    best_bp, best_t = None, None
+    for bp, warps in [(32, 4), (64, 4), (64, 8), (128, 8)]:
+        score = lambda q, table, k_min, k_max: quest_select.page_scores(
+            q, k_min, k_max, table, share_pages=True, block_pages=bp, num_warps=warps, interpret=INTERPRET)
+        try:
+            got = score(qs[0], table, k_min, k_max)[..., : table.shape[2]]
+            t = time_steps(score, qs, table, k_min, k_max)
+        except Exception as e:  # a config Triton cannot compile: report it, keep the others
+            tqdm.write(f"quest kernel scores b{batch} bp{bp} w{warps}: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        err = float(jnp.abs(got - want_scores).max() / jnp.abs(want_scores).max())
+        summary_bytes = 2 * batch * G * table.shape[2] * D * k_min.dtype.itemsize
+        record(f"quest kernel scores b{batch} bp{bp} w{warps} (err {err:.1e})", t, None,
+               summary_tb_s=summary_bytes / t / 1e12)
+        tqdm.write(f"    summaries read at {summary_bytes / t / 1e12:.2f} TB/s")
+        if best_t is None or t < best_t:
+            best_bp, best_t = bp, t
+    scores = quest_select.page_scores(qs[0], k_min, k_max, table, share_pages=True, block_pages=best_bp,
+                                      interpret=INTERPRET)
+    plan = quest.plan_rows(table, lengths, G, page_size=PAGE, token_budget=budget)
+    got_table, got_len = quest_select.select_pages(scores, table, lengths, page_size=PAGE, token_budget=budget,
+                                                   interpret=INTERPRET)
+    want_table, want_len = quest.select_pages(scores[..., : table.shape[2]], table, lengths, page_size=PAGE,
+                                              token_budget=budget)
+    same = bool(jnp.array_equal(jnp.sort(got_table, axis=2), jnp.sort(want_table, axis=2))
+                & jnp.array_equal(got_len, want_len))
+    print(f"  check threshold select b{batch} vs lax.top_k select: {'same pages' if same else 'FAIL'}")
+    scores_rep = jnp.stack([scores] * REPEATS)
+    budget_rows = jnp.minimum(plan.row_budget, plan.max_pages)
+    for warps in (4, 8, 16):
+        slots = lambda s, cur, bud: quest_select._threshold_slots(s, cur, bud, num_warps=warps,
+                                                                   interpret=INTERPRET)
+        try:
+            t = time_steps(slots, scores_rep, plan.current, budget_rows)
+        except Exception as e:
+            tqdm.write(f"quest threshold kernel b{batch} w{warps}: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        record(f"quest threshold kernel only b{batch} w{warps}", t, None)
+    sel = lambda s, table, lengths: quest_select.select_pages(s, table, lengths, page_size=PAGE,
+                                                              token_budget=budget, interpret=INTERPRET)
+    record(f"quest threshold select + scatter b{batch}", time_steps(sel, scores_rep, table, lengths), None)
+    topk = lambda s, table, lengths: quest.select_pages(s, table, lengths, page_size=PAGE, token_budget=budget)
+    record(f"quest lax.top_k select b{batch} (same scores)",
+           time_steps(topk, scores_rep[..., : table.shape[2]], table, lengths), None)
+    full_sel = lambda q, table, lengths, k_min, k_max: quest_select.quest_page_table(
+        q, k_min, k_max, table, lengths, page_size=PAGE, token_budget=budget, share_pages=True,
+        block_pages=best_bp, interpret=INTERPRET)
+    record(f"quest kernel selection (scores + select) b{batch}", time_steps(full_sel, qs, table, lengths, k_min,
+                                                                             k_max), None)
+    sel_table, sel_len = full_sel(qs[0], table, lengths, k_min, k_max)
+    decode_only = kernel_fn(qcfg)
+    record(f"quest decode kernel only ({budget + PAGE} tokens) b{batch}",
+           time_steps(decode_only, qs, c["k"], c["v"], sel_table, sel_len), batch * int(sel_len[0, 0]))
+    qargs = (qs, c["k"], c["v"], table, lengths, k_min, k_max)
+    fn = quest_kernel_fn(qcfg, budget, best_bp)
+    check(fn(qs[0], *qargs[1:]), reference_fn(qs[0], c["k"], c["v"], sel_table, sel_len), f"quest kernels b{batch}")
+    t = time_steps(fn, *qargs)
+    record(f"quest {budget} b{batch} KERNEL PATH (scores + select + decode)", t, batch * (budget + PAGE),
+           speedup_vs_dense=dense_t / t)
+
+
+def dense_baselines(c, base, batch: int, ctx: int, tokens: int, record) -> None:
+    """The jnp gather reference and XLA's decode over a contiguous cache."""
+    try:
+        record(f"dense jnp reference (gather) b{batch}", time_steps(reference_fn, *base), tokens)
+    except Exception as e:  # the fp32 gathered copies may not fit at batch 8
+        tqdm.write(f"dense jnp reference b{batch}: {type(e).__name__}: {str(e)[:200]}")
+    kc = jax.random.normal(jax.random.key(0), (batch, G, ctx, D), jnp.bfloat16)
+    record(f"dense XLA contiguous b{batch}", time_steps(xla_contiguous_fn, c["qs"], kc, kc[::-1]), tokens)
+
+
 def check(out, want, name):
     err = float(jnp.linalg.norm((out - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
     status = "ok" if err < 2e-2 else "FAIL"
@@ -121,6 +208,8 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--context", type=int, default=128 * 1024)
     parser.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke run)")
+    parser.add_argument("--budget", type=int, default=4096, help="Quest token budget")
+    parser.add_argument("--quest-only", action="store_true", help="only the Quest cases (one dense config)")
     args = parser.parse_args()
     global INTERPRET, TRIALS
     INTERPRET = args.interpret
@@ -139,6 +228,8 @@ def main():
         bw_txt = f"{bw:6.2f} TB/s" if bw else ""
         tqdm.write(f"{name:58s} {seconds * 1e6:10.1f} us  {bw_txt}")
 
+    if args.quest_only:  # the default and the run-2 best dense configs
+        sweep = [sweep[0], sweep[-1]]
     for batch in (8, 1):
         pages = ctx // PAGE
         lengths = np.full((batch, G), ctx)
@@ -157,16 +248,11 @@ def main():
                    f"sp{cfg.num_splits}", t, tokens, config=str(cfg))
             if best is None or t < best[0]:
                 best = (t, cfg)
-        try:
-            record(f"dense jnp reference (gather) b{batch}", time_steps(reference_fn, *base), tokens)
-        except Exception as e:  # the fp32 gathered copies may not fit at batch 8
-            tqdm.write(f"dense jnp reference b{batch}: {type(e).__name__}: {str(e)[:200]}")
-        kc = jax.random.normal(key, (batch, G, ctx, D), jnp.bfloat16)
-        record(f"dense XLA contiguous b{batch}", time_steps(xla_contiguous_fn, c["qs"], kc, kc[::-1]), tokens)
-        del kc
+        if not args.quest_only:
+            dense_baselines(c, base, batch, ctx, tokens, record)
         best_t, best_cfg = best
         # Quest, 4096-token budget, selection included.
-        budget = 4096
+        budget = args.budget
         qargs = base + (c["k_min"], c["k_max"])
         qcfg = default_config(batch, G, budget // PAGE + 1, pages_per_block=best_cfg.pages_per_block)
         qcfg = DecodeConfig(pages_per_block=qcfg.pages_per_block, num_splits=qcfg.num_splits,
@@ -182,7 +268,10 @@ def main():
         score = lambda q, table, k_min, k_max: quest.page_upper_bounds(q, k_min, k_max, table, share_pages=True)
         record(f"quest {budget} b{batch} scores only", time_steps(score, c["qs"], c["table"], c["k_min"], c["k_max"]),
                None)
+        quest_kernel_stages(c, batch, budget, qcfg, best_t, record)
         del c, base, qargs
+        if args.quest_only:
+            continue
         # SnapKV-evicted: 1024 kept per head in a 128K-capacity table vs a dense 1024-token cache.
         kept = 1024
         rng = np.random.default_rng(batch)

@@ -15,7 +15,7 @@ after a warm-up, ``jax.block_until_ready``):
   as REFERENCE.md section 4.2) and the kernel, separately and together;
 * with ``--mosaic``, the same two for the Mosaic-GPU (Hopper) kernel at 128-token blocks;
 * vertical-slash with the default budgets (512 verticals, 512 slashes, window 256):
-  estimation with the methods' helpers (``sparse_jax.attention.methods``) and the kernel,
+  estimation and index with the method's own builder (``vertical_and_slash_index``) and the kernel,
   on random inputs (slashes scattered: worst case), on banded inputs (a few periodic
   diagonals) and on the index of a strongly local head (the 512 nearest diagonals).
 
@@ -130,29 +130,16 @@ def block_sparse_estimate(q, k, *, block_size: int, top_chunks: int):
     return ids, counts
 
 
-def vertical_slash_estimate(q, k, *, n_vertical=512, n_slash=512, window=256, block=64):
-    """The vertical_and_slash estimation and index build (REFERENCE.md 4.3), per KV head group."""
-    from sparse_jax.attention.methods import scoring
-    from sparse_jax.attention.methods.vertical_slash_index import build_index
+def vertical_slash_estimate(q, k, *, n_vertical=512, n_slash=512, window=256):
+    """The vertical_and_slash estimation and index build (REFERENCE.md 4.3): the method's own."""
+    from sparse_jax.attention.methods.vertical_and_slash import vertical_and_slash_index
 
-    t = q.shape[1]
-    length = jnp.int32(t)
-
-    def per_group(qg, kj):  # [B, T, g, d], [B, T, d]
-        probs, pos, _ = scoring.window_probabilities(
-            qg[0], kj[0], length, window=window, scale=SCALE, prescale=False, round_to_bf16=True
-        )  # [g, A, T]
-        v_score = probs.sum(-2).at[:, :4].set(jnp.inf)
-        s_score = scoring.diagonal_sums(probs, pos).at[:, :64].set(jnp.inf)
-        _, verticals = jax.lax.top_k(v_score, n_vertical)
-        _, offsets = jax.lax.top_k(s_score, n_slash)
-        return verticals.astype(jnp.int32), offsets.astype(jnp.int32)
-
-    verticals, offsets = scoring.map_kv_heads(per_group, q, k)  # [G, g, n]
-    verticals = verticals.reshape(1, q.shape[2], n_vertical)
-    offsets = offsets.reshape(1, q.shape[2], n_slash)
-    ones = jnp.ones_like
-    index = build_index(verticals, ones(verticals, bool), offsets, ones(offsets, bool), num_row_blocks=-(-t // block))
+    b, t = q.shape[:2]
+    full = functools.partial(jnp.full, (b,), dtype=jnp.int32)
+    index = vertical_and_slash_index(
+        q, k, full(t), full(n_vertical), full(n_slash),
+        approximation_size=window, max_verticals=n_vertical, max_slashes=n_slash, scale=SCALE,
+    )
     return index.block_starts, index.block_counts, index.columns, index.column_counts
 
 

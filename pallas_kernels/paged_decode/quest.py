@@ -16,6 +16,8 @@ keeps all of them (the explicit dense fallback; the reference asserts instead).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -95,26 +97,77 @@ def select_pages(
       are never read) and their valid tokens. If the cache table has no more than
       ``b + 1`` pages, it is returned unchanged (dense read).
     """
+    plan = plan_rows(page_table, lengths, scores.shape[1], page_size=page_size, token_budget=token_budget,
+                     budget_pages=budget_pages)
+    if plan.passthrough:
+        return plan.table, plan.lengths
+    eligible = jnp.arange(scores.shape[2])[None, None, :] < plan.current[..., None]
+    _, best = jax.lax.top_k(jnp.where(eligible, scores, -jnp.inf), plan.max_pages)  # [B, R, b], best first
+    return finish_rows(plan, best)
+
+
+class RowPlan(NamedTuple):
+    """What every selection of ``R`` rows shares (shapes ``[B, R]`` unless stated).
+
+    Attributes:
+      table: ``[B, R, P]`` the cache table row of each selection row.
+      lengths: cached tokens per row, the newest included.
+      current: the current (newest, maybe partial) page of each row.
+      row_budget: earlier pages each row keeps.
+      page_size: tokens per page ``S`` (static).
+      max_pages: ``b = token_budget // S``, the widest row budget (static).
+      passthrough: the table has no more than ``b + 1`` pages and is read as is (static).
+    """
+
+    table: jax.Array
+    lengths: jax.Array
+    current: jax.Array
+    row_budget: jax.Array
+    page_size: int
+    max_pages: int
+    passthrough: bool
+
+
+def plan_rows(
+    page_table: jax.Array,
+    lengths: jax.Array,
+    rows: int,
+    *,
+    page_size: int,
+    token_budget: int,
+    budget_pages: jax.Array | None = None,
+) -> RowPlan:
+    """Validate the budget and lay out the ``rows`` selection rows; arguments as in :func:`select_pages`."""
     if token_budget % page_size or token_budget <= 0:
         raise ValueError(f"token_budget ({token_budget}) must be a positive multiple of page_size ({page_size})")
-    b, rows, num_pages = scores.shape
     group = rows // page_table.shape[1]
     table = jnp.repeat(page_table, group, axis=1)  # [B, R, P]
     n = jnp.repeat(lengths, group, axis=1)
     max_pages = token_budget // page_size
-    if num_pages <= max_pages + 1:
-        return table, n
     row_budget = jnp.full(n.shape, max_pages, jnp.int32) if budget_pages is None else budget_pages.astype(jnp.int32)
-    current = jnp.maximum(n - 1, 0) // page_size  # [B, R]
-    eligible = jnp.arange(num_pages)[None, None, :] < current[..., None]
-    _, best = jax.lax.top_k(jnp.where(eligible, scores, -jnp.inf), max_pages)  # [B, R, b], best first
-    slot = jnp.arange(max_pages + 1)[None, None, :]
+    current = jnp.maximum(n - 1, 0) // page_size
+    return RowPlan(table, n, current, row_budget, page_size, max_pages, page_table.shape[2] <= max_pages + 1)
+
+
+def finish_rows(plan: RowPlan, best: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Turn each row's chosen earlier pages into the decode table.
+
+    Args:
+      plan: from :func:`plan_rows`.
+      best: ``[B, R, b]`` table positions of earlier pages; slots ``>= row_budget`` are ignored.
+
+    Returns:
+      ``(table [B, R, b + 1], row_lengths [B, R])`` as :func:`select_pages` documents.
+    """
+    current, row_budget = plan.current, plan.row_budget
+    slot = jnp.arange(plan.max_pages + 1)[None, None, :]
     best = jnp.concatenate([best, current[..., None]], axis=2)
     chosen = jnp.where(slot < row_budget[..., None], best, current[..., None])
     dense = current <= row_budget
     chosen = jnp.where(dense[..., None], slot, chosen)
-    row_lengths = jnp.where(dense, n, row_budget * page_size + n - current * page_size)
-    return jnp.take_along_axis(table, chosen, axis=2), row_lengths.astype(jnp.int32)
+    n = plan.lengths
+    row_lengths = jnp.where(dense, n, (row_budget - current) * plan.page_size + n)
+    return jnp.take_along_axis(plan.table, chosen, axis=2), row_lengths.astype(jnp.int32)
 
 
 def quest_page_table(

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from sparse_jax.attention.base import AttentionMethod, DecodeStats, KeptTokens, LayerSpec, PrefillStats
 from sparse_jax.distributed.mesh import DATA, MODEL, MeshError, check_mesh
-from sparse_jax.distributed.sharding import batch_axis, cache_specs
+from sparse_jax.distributed.sharding import batch_axis, cache_shardings, cache_specs
 from sparse_jax.engine.kv_cache import PagedKVCache
 from sparse_jax.engine.prefill_attention import PrefillBackend, prefill_attention, resolve_backend
 
@@ -120,7 +120,11 @@ class ShardedMethod(AttentionMethod):
         in_specs = (P(bx, MODEL, None), cache_specs(bx))
         return self._shard_map(local, in_specs, (P(bx, MODEL, None), DecodeStats(per_head, per_head)))(q, cache)
 
-    # --- cache updates per shard (the engine's hooks; see docs/scale_out.md) -----------
+    # --- the KV cache per shard (the engine's CacheLayout hooks) ---------------------
+
+    def cache_shardings(self, batch: int) -> PagedKVCache:
+        """Shardings of a cache of ``batch`` rows: split by KV head, and by row when ``data`` divides ``batch``."""
+        return cache_shardings(self.mesh, batch)
 
     def append_cache(self, cache: PagedKVCache, k: jax.Array, v: jax.Array) -> PagedKVCache:
         """:meth:`PagedKVCache.append` of ``k, v [B, G, d]`` on each shard's KV heads and rows."""

@@ -22,10 +22,11 @@ a full cache would hold, averaged over the steps the sample actually decoded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,22 @@ log = logging.getLogger(__name__)
 
 class Detokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@runtime_checkable
+class CacheLayout(Protocol):
+    """Hooks of a method that lays out and updates the KV caches itself.
+
+    :class:`sparse_jax.distributed.sharded_method.ShardedMethod` implements them: caches
+    split over a device mesh, written per shard. Arguments as :meth:`PagedKVCache.allocate`,
+    :meth:`PagedKVCache.write_prompt` and :meth:`PagedKVCache.append`.
+    """
+
+    def cache_shardings(self, batch: int) -> PagedKVCache: ...
+
+    def write_cache(self, cache: PagedKVCache, k, v, prompt_lengths, *, row_start, kept) -> PagedKVCache: ...
+
+    def append_cache(self, cache: PagedKVCache, k, v) -> PagedKVCache: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,17 +330,18 @@ class Engine:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
         pages_per_row = self._pages_per_row(bucket, max_new_tokens)
-        caches = [
-            PagedKVCache.allocate(
-                batch=b,
-                num_kv_heads=mcfg.num_kv_heads,
-                head_dim=mcfg.head_dim,
-                pages_per_row=pages_per_row,
-                page_size=cfg.page_size,
-                dtype=self.cache_dtype,
-            )
-            for _ in range(mcfg.num_layers)
-        ]
+        allocate = functools.partial(
+            PagedKVCache.allocate,
+            batch=b,
+            num_kv_heads=mcfg.num_kv_heads,
+            head_dim=mcfg.head_dim,
+            pages_per_row=pages_per_row,
+            page_size=cfg.page_size,
+            dtype=self.cache_dtype,
+        )
+        if isinstance(self.method, CacheLayout):  # allocated straight into the method's (mesh) layout
+            allocate = jax.jit(allocate, out_shardings=self.method.cache_shardings(b))
+        caches = [allocate() for _ in range(mcfg.num_layers)]
         prefill_key, decode_key = jax.random.split(rng)
 
         compile_s = prefill_s = 0.0
@@ -420,11 +438,12 @@ class Engine:
         model = nnx.merge(self.graphdef, params)
         b, t = tokens.shape
         method, backend = self.method, self.prefill_backend
+        write, _ = _cache_updates(method)
 
         def attend(layer, q, k, v, cache):
             out, stats = prefill_attention(method, q, k, v, lengths=lengths, layer=layer, backend=backend)
             kept = method.compress(q, k, v, lengths=lengths, layer=layer)
-            cache = cache.write_prompt(k, v, lengths, row_start=row_start, kept=kept)
+            cache = write(cache, k, v, lengths, row_start=row_start, kept=kept)
             density = stats.attended_pairs / stats.causal_pairs[:, None]
             reported = stats.reported_sparsity.mean(axis=1) if kept is None else kept.reported_sparsity
             return out, (cache, density, reported)
@@ -454,9 +473,10 @@ class Engine:
         method, sampling = self.method, self.config.sampling
         b = first.shape[0]
         num_layers, num_heads = self.model_config.num_layers, self.model_config.num_heads
+        _, append = _cache_updates(method)
 
         def attend(layer, q, k, v, cache):
-            cache = cache.append(k[:, 0], v[:, 0])
+            cache = append(cache, k[:, 0], v[:, 0])
             out, stats = method.decode(q[:, 0], cache, layer=layer)
             return out[:, None], (cache, stats.tokens_read / stats.tokens_cached)
 
@@ -499,6 +519,13 @@ class Engine:
         )
         step, tokens, _, n_out, caches, decode_sum, decode_count = jax.lax.while_loop(cond, body, init)
         return caches, tokens, n_out, step, decode_sum, decode_count
+
+
+def _cache_updates(method: AttentionMethod):
+    """``(write_prompt, append)``: the method's own (:class:`CacheLayout`) or the cache's."""
+    if isinstance(method, CacheLayout):
+        return method.write_cache, method.append_cache
+    return PagedKVCache.write_prompt, PagedKVCache.append
 
 
 def _stop_array(stop_ids: Sequence[int]) -> jax.Array:

@@ -117,7 +117,7 @@ def device_budget(weight_bytes: int, limit_bytes: int | None = None) -> tuple[in
     """
     if limit_bytes is not None:
         return limit_bytes, weight_bytes, "EngineConfig.memory_limit_bytes"
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}  # jax.devices()[0] may belong to another process
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0)), "device memory stats"
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from sparse_jax.attention.base import AttentionMethod, LayerSpec, PrefillStats
 from sparse_jax.attention.methods import budgets
-from sparse_jax.attention.methods.scoring import coverage_count, diagonal_sums, window_probabilities
+from sparse_jax.attention.methods.scoring import coverage_count, window_diagonal_sums, window_probabilities
 from sparse_jax.attention.methods.vertical_slash_index import LOCAL_DIAGONALS, attend, index_from_scores
 from sparse_jax.attention.registry import register
 
@@ -64,12 +64,12 @@ def flexprefill_index(
     window = min(approximation_size, q.shape[1])
 
     def scores(qs, ks, length, min_budget, _):
-        probs, pos, valid = window_probabilities(
+        probs, _, valid = window_probabilities(
             qs[:, None], ks, length, window=window, scale=scale, prescale=True, round_to_bf16=False
         )
         rows = valid.sum().astype(jnp.float32)
         v_score = probs[0].sum(axis=0) / rows
-        s_score = diagonal_sums(probs[0], pos) / rows
+        s_score = window_diagonal_sums(probs[0], length) / rows
         cap = jnp.minimum(length, max_budget)
 
         def budget(score):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from sparse_jax.attention.base import AttentionMethod, LayerSpec, PrefillStats
 from sparse_jax.attention.methods import budgets
-from sparse_jax.attention.methods.scoring import diagonal_sums, window_probabilities
+from sparse_jax.attention.methods.scoring import window_diagonal_sums, window_probabilities
 from sparse_jax.attention.methods.vertical_slash_index import (
     FORCED_VERTICALS,
     LOCAL_DIAGONALS,
@@ -66,10 +66,11 @@ def vertical_and_slash_index(
     window = min(approximation_size, q.shape[1])
 
     def scores(qs, ks, length, nv, ns):
-        probs, pos, _ = window_probabilities(
+        probs, _, _ = window_probabilities(
             qs[:, None], ks, length, window=window, scale=scale, prescale=False, round_to_bf16=True
         )
-        return probs[0].sum(axis=0), diagonal_sums(probs[0], pos), nv, ns
+        probs = probs[0].astype(jnp.bfloat16)  # exact (already rounded); halves the traffic of both sums
+        return probs.sum(axis=0, dtype=jnp.float32), window_diagonal_sums(probs, length), nv, ns
 
     return index_from_scores(
         scores, q, k, lengths, vertical_sizes, slash_sizes, nv_max=max_verticals, ns_max=max_slashes

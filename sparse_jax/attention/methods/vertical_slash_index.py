@@ -12,7 +12,8 @@ start is the new range start or the old end, so block starts come out ascending.
 Selected verticals that lie in no range and before the last range's end become single
 key columns.
 
-The walk is a ``lax.scan`` over the (static) slash budget, vectorised over row blocks.
+The walk is a ``lax.scan`` over the (static) slash budget, vectorised over row blocks
+and unrolled by :data:`WALK_UNROLL`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ TILE = 64  # The reference's row-block and range-block size.
 FORCED_VERTICALS = 4  # Key tokens 0..3 are always kept.
 LOCAL_DIAGONALS = 64  # Slash offsets 0..63 are always kept.
 _NO_RANGE = -(2**30)
+# Walk steps per loop iteration: on an H100 at 128K (32 heads, 2048 row blocks, 512 slashes)
+# the rolled loop takes 12 ms, mostly per-iteration overhead; unrolled by 8, 1.2 ms.
+WALK_UNROLL = 8
 
 # ``score_fn(q [T, d], k [T, d], length, nv, ns) -> (vertical_scores [T], slash_scores [T], nv', ns')``
 # for one head of one sequence: given the sequence's base budgets, the scores and the
@@ -69,19 +73,16 @@ def index_from_scores(
     t = q.shape[1]
     num_row_blocks = -(-t // TILE)
 
-    def one_sequence(qs, ks, length, nv, ns):
-        v_score, s_score, nv, ns = score_fn(qs, ks, length, nv, ns)
-        pos = jnp.arange(t)
-        real = pos < length
-        v_score = jnp.where(real, jnp.where(pos < FORCED_VERTICALS, POS_INF, v_score), NEG_INF)
-        s_score = jnp.where(real, jnp.where(pos < LOCAL_DIAGONALS, POS_INF, s_score), NEG_INF)
-        return (*top_k_valid(v_score, nv_max, nv), *top_k_valid(s_score, ns_max, ns))
-
     def one_head(qh, kh):
-        return jax.vmap(one_sequence)(qh, kh, lengths, vertical_budgets, slash_budgets)
+        return jax.vmap(score_fn)(qh, kh, lengths, vertical_budgets, slash_budgets)
 
-    # Estimation one head at a time (bounded memory); the range walk for all heads at once.
-    selections = (jnp.swapaxes(a, 0, 1) for a in map_query_heads(one_head, q, k))  # [B, H, n] each
+    # Estimation one head at a time (bounded memory); selection and range walk for all heads at once.
+    v_score, s_score, nv, ns = (jnp.swapaxes(a, 0, 1) for a in map_query_heads(one_head, q, k))  # [B, H, ...]
+    pos = jnp.arange(t)
+    real = pos < lengths[:, None, None]
+    v_score = jnp.where(real, jnp.where(pos < FORCED_VERTICALS, POS_INF, v_score), NEG_INF)
+    s_score = jnp.where(real, jnp.where(pos < LOCAL_DIAGONALS, POS_INF, s_score), NEG_INF)
+    selections = (*top_k_valid(v_score, nv_max, nv), *top_k_valid(s_score, ns_max, ns))  # [B, H, n] each
     return build_index(*selections, num_row_blocks=num_row_blocks, block_m=TILE, block_n=TILE)
 
 
@@ -145,6 +146,29 @@ def _build_one(verticals, vertical_valid, offsets, offset_valid, *, num_row_bloc
     verticals = jnp.sort(jnp.where(vertical_valid, verticals, jnp.iinfo(jnp.int32).max))
     vertical_valid = jnp.arange(verticals.shape[0]) < vertical_valid.sum()
     row_end = block_m * (jnp.arange(num_row_blocks, dtype=jnp.int32) + 1)  # [R]
+    last_end, emitted, starts = _walk_ranges(offsets, row_end, block_n)
+    # Ranges are disjoint block_n-wide blocks below e_r + block_n, so a row holds <= R blocks.
+    # They are emitted in ascending order.
+    starts, block_counts = compact_ordered(starts, emitted, size=min(offsets.shape[0], num_row_blocks))
+    is_column = _gap_columns(verticals, vertical_valid, starts, block_counts, last_end, block_n)
+    columns, column_counts = compact_ordered(
+        jnp.broadcast_to(verticals, is_column.shape), is_column, size=verticals.shape[0]
+    )
+    return starts, block_counts, columns, column_counts
+
+
+def _walk_ranges(offsets: jax.Array, row_end: jax.Array, block_n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The range walk of every row block over the descending ``offsets [ns]`` (-1: unselected).
+
+    Args:
+      offsets: ``[ns]`` int32, descending.
+      row_end: ``[R]`` int32 end ``e_r`` of each query row block.
+      block_n: keys per range block.
+
+    Returns:
+      ``last_end [R]`` (end of each row's last range), ``emitted [R, ns]`` bool (step
+      ``i`` added a block) and ``starts [R, ns]`` int32 (that block's start).
+    """
 
     def step(end, delta):
         active = (delta >= 0) & (delta < row_end)
@@ -155,23 +179,28 @@ def _build_one(verticals, vertical_valid, offsets, offset_valid, *, num_row_bloc
         end = jnp.where(opens, e, jnp.where(extends, end + block_n, end))
         return end, (opens | extends, start)
 
-    init = jnp.full((num_row_blocks,), _NO_RANGE, jnp.int32)
-    last_end, (emitted, starts) = jax.lax.scan(step, init, offsets)  # [ns, R] each
-    # Ranges are disjoint block_n-wide blocks below e_r + block_n, so a row holds <= R blocks.
-    # They are emitted in ascending order.
-    starts, block_counts = compact_ordered(starts.T, emitted.T, size=min(offsets.shape[0], num_row_blocks))
+    init = jnp.full(row_end.shape, _NO_RANGE, jnp.int32)
+    last_end, (emitted, starts) = jax.lax.scan(step, init, offsets, unroll=WALK_UNROLL)  # [ns, R] each
+    return last_end, emitted.T, starts.T
 
-    # A vertical is a column iff it lies in no emitted block and before the last range's end.
+
+def _gap_columns(verticals, vertical_valid, starts, block_counts, last_end, block_n: int) -> jax.Array:
+    """Which verticals become key columns: in no emitted block and before the last range's end.
+
+    Args:
+      verticals, vertical_valid: ``[nv]`` ascending key positions and their validity.
+      starts, block_counts, last_end: ``[R, n]``, ``[R]``, ``[R]`` compacted blocks per row.
+
+    Returns:
+      ``[R, nv]`` bool.
+    """
+
     def columns_of_row(row_starts, count, end):
-        holder = jnp.searchsorted(row_starts, verticals, side="right") - 1
+        holder = jnp.searchsorted(row_starts, verticals, side="right", method="scan_unrolled") - 1
         covered = (holder >= 0) & (count > 0) & (verticals < row_starts[jnp.maximum(holder, 0)] + block_n)
         return vertical_valid & ~covered & (verticals < end)
 
-    is_column = jax.vmap(columns_of_row)(starts, block_counts, last_end)  # [R, nv]
-    columns, column_counts = compact_ordered(
-        jnp.broadcast_to(verticals, is_column.shape), is_column, size=verticals.shape[0]
-    )
-    return starts, block_counts, columns, column_counts
+    return jax.vmap(columns_of_row)(starts, block_counts, last_end)
 
 
 def index_stats(index: VerticalSlashIndex, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
