@@ -127,15 +127,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the input (settings, files, results folders), not by a bug."""
+    from sparse_jax.distributed.mesh import MeshError
+    from sparse_jax.engine.memory import InsufficientMemoryError
     from sparse_jax.pipeline.errors import ConfigError, IncompatibleResultsError, StageError
     from sparse_jax.pipeline.jsonl_store import CorruptResultsError
 
-    return ConfigError, FileNotFoundError, IncompatibleResultsError, CorruptResultsError, StageError
+    return (
+        ConfigError,
+        FileNotFoundError,
+        IncompatibleResultsError,
+        CorruptResultsError,
+        StageError,
+        MeshError,
+        InsufficientMemoryError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. User errors print one ``sparse-jax: ...`` line and return 2; bugs raise."""
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "sweep", "demo"):
+        # Multi-host launches (TPU pod slices, SLURM, mpirun, JAX_COORDINATOR_ADDRESS) must
+        # initialise jax.distributed before any device is touched; a no-op on one host.
+        from sparse_jax.distributed.runtime import initialize_from_env
+
+        initialize_from_env()
     try:
         return args.func(args)
     except _user_errors() as e:

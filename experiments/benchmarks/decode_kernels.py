@@ -109,81 +109,99 @@ def selection_fn(budget: int):
     return fn
 
 
-def quest_kernel_fn(config: DecodeConfig, budget: int, block_pages: int):
+def quest_kernel_fn(config: DecodeConfig, budget: int, score_cfg: dict, radix_bits: int):
     """Quest with the Pallas scoring and threshold-selection kernels, then the decode kernel."""
     def fn(q, k, v, table, lengths, k_min, k_max):
-        sel, sel_len = quest_select.quest_page_table(
-            q, k_min, k_max, table, lengths, page_size=PAGE, token_budget=budget, share_pages=True,
-            block_pages=block_pages, interpret=INTERPRET,
-        )
+        scores = quest_select.page_scores(q, k_min, k_max, table, share_pages=True, interpret=INTERPRET, **score_cfg)
+        sel, sel_len = quest_select.select_pages(scores, table, lengths, page_size=PAGE, token_budget=budget,
+                                                 radix_bits=radix_bits, interpret=INTERPRET)
         return gpu_triton.paged_decode_attention(q, k, v, sel, sel_len, scale=SCALE, config=config,
                                                interpret=INTERPRET)
     return fn
+
+
+def fastest(variants, run):
+    """``(seconds, variant)`` of the fastest variant; ``run(variant)`` times one (a variant that
+    fails to compile is reported and skipped)."""
+    best = None
+    for variant in variants:
+        try:
+            t = run(variant)
+        except Exception as e:
+            tqdm.write(f"    {variant}: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        if best is None or t < best[0]:
+            best = (t, variant)
+    return best
 
 
 def quest_kernel_stages(c, batch: int, budget: int, qcfg: DecodeConfig, dense_t: float, record) -> None:
     """Per-stage timings of the kernel Quest path, checked against the jnp selection first."""
     qs, table, lengths, k_min, k_max = c["qs"], c["table"], c["lengths"], c["k_min"], c["k_max"]
     want_scores = quest.page_upper_bounds(qs[0], k_min, k_max, table, share_pages=True)
-    best_bp, best_t = None, None
-    for bp, warps in [(32, 4), (64, 4), (64, 8), (128, 8)]:
+    summary_bytes = 2 * batch * G * table.shape[2] * D * k_min.dtype.itemsize
+
+    def run_scores(cfg):
         score = lambda q, table, k_min, k_max: quest_select.page_scores(
-            q, k_min, k_max, table, share_pages=True, block_pages=bp, num_warps=warps, interpret=INTERPRET)
-        try:
-            got = score(qs[0], table, k_min, k_max)[..., : table.shape[2]]
-            t = time_steps(score, qs, table, k_min, k_max)
-        except Exception as e:  # a config Triton cannot compile: report it, keep the others
-            tqdm.write(f"quest kernel scores b{batch} bp{bp} w{warps}: {type(e).__name__}: {str(e)[:300]}")
-            continue
+            q, k_min, k_max, table, share_pages=True, interpret=INTERPRET, **cfg)
+        got = score(qs[0], table, k_min, k_max)[..., : table.shape[2]]
         err = float(jnp.abs(got - want_scores).max() / jnp.abs(want_scores).max())
-        summary_bytes = 2 * batch * G * table.shape[2] * D * k_min.dtype.itemsize
-        record(f"quest kernel scores b{batch} bp{bp} w{warps} (err {err:.1e})", t, None,
-               summary_tb_s=summary_bytes / t / 1e12)
-        tqdm.write(f"    summaries read at {summary_bytes / t / 1e12:.2f} TB/s")
-        if best_t is None or t < best_t:
-            best_bp, best_t = bp, t
-    scores = quest_select.page_scores(qs[0], k_min, k_max, table, share_pages=True, block_pages=best_bp,
-                                      interpret=INTERPRET)
+        t = time_steps(score, qs, table, k_min, k_max)
+        record(f"quest kernel scores b{batch} {cfg} (err {err:.1e}, {summary_bytes / t / 1e12:.2f} TB/s)", t, None)
+        return t
+
+    score_variants = [dict(block_pages=bp, blocks_per_program=n, num_warps=w, num_stages=st)
+                      for bp, n, w, st in [(32, 1, 4, 1), (64, 1, 8, 1), (32, 4, 4, 3), (64, 4, 8, 3), (16, 8, 4, 3),
+                                           (32, 8, 4, 2)]]
+    _, score_cfg = fastest(score_variants, run_scores)
+    scores = quest_select.page_scores(qs[0], k_min, k_max, table, share_pages=True, interpret=INTERPRET, **score_cfg)
     plan = quest.plan_rows(table, lengths, G, page_size=PAGE, token_budget=budget)
-    got_table, got_len = quest_select.select_pages(scores, table, lengths, page_size=PAGE, token_budget=budget,
-                                                   interpret=INTERPRET)
     want_table, want_len = quest.select_pages(scores[..., : table.shape[2]], table, lengths, page_size=PAGE,
                                               token_budget=budget)
-    same = bool(jnp.array_equal(jnp.sort(got_table, axis=2), jnp.sort(want_table, axis=2))
-                & jnp.array_equal(got_len, want_len))
-    print(f"  check threshold select b{batch} vs lax.top_k select: {'same pages' if same else 'FAIL'}")
     scores_rep = jnp.stack([scores] * REPEATS)
     budget_rows = jnp.minimum(plan.row_budget, plan.max_pages)
-    for warps in (4, 8, 16):
-        slots = lambda s, cur, bud: quest_select._threshold_slots(s, cur, bud, num_warps=warps,
-                                                                   interpret=INTERPRET)
-        try:
-            t = time_steps(slots, scores_rep, plan.current, budget_rows)
-        except Exception as e:
-            tqdm.write(f"quest threshold kernel b{batch} w{warps}: {type(e).__name__}: {str(e)[:300]}")
-            continue
-        record(f"quest threshold kernel only b{batch} w{warps}", t, None)
-    sel = lambda s, table, lengths: quest_select.select_pages(s, table, lengths, page_size=PAGE,
-                                                              token_budget=budget, interpret=INTERPRET)
-    record(f"quest threshold select + scatter b{batch}", time_steps(sel, scores_rep, table, lengths), None)
+
+    def run_select(variant):
+        bits, warps = variant
+        got_table, got_len = quest_select.select_pages(scores, table, lengths, page_size=PAGE, token_budget=budget,
+                                                       radix_bits=bits, num_warps=warps, interpret=INTERPRET)
+        same = bool(jnp.array_equal(jnp.sort(got_table, axis=2), jnp.sort(want_table, axis=2))
+                    & jnp.array_equal(got_len, want_len))
+        order = lambda s, cur, bud: quest_select.threshold_order(s, cur, bud, radix_bits=bits, num_warps=warps,
+                                                                  interpret=INTERPRET)
+        t = time_steps(order, scores_rep, plan.current, budget_rows)
+        record(f"quest threshold kernel b{batch} radix {bits} w{warps} "
+               f"({'same pages as top_k' if same else 'FAIL: pages differ'})", t, None)
+        return t if same else float("inf")
+
+    _, (bits, warps) = fastest([(1, 8), (2, 8), (3, 8), (4, 8), (3, 16), (4, 16)], run_select)
+    sel = lambda s, table, lengths: quest_select.select_pages(s, table, lengths, page_size=PAGE, token_budget=budget,
+                                                              radix_bits=bits, num_warps=warps, interpret=INTERPRET)
+    record(f"quest threshold select (kernel + table) b{batch}", time_steps(sel, scores_rep, table, lengths), None)
     topk = lambda s, table, lengths: quest.select_pages(s, table, lengths, page_size=PAGE, token_budget=budget)
     record(f"quest lax.top_k select b{batch} (same scores)",
            time_steps(topk, scores_rep[..., : table.shape[2]], table, lengths), None)
-    full_sel = lambda q, table, lengths, k_min, k_max: quest_select.quest_page_table(
-        q, k_min, k_max, table, lengths, page_size=PAGE, token_budget=budget, share_pages=True,
-        block_pages=best_bp, interpret=INTERPRET)
-    record(f"quest kernel selection (scores + select) b{batch}", time_steps(full_sel, qs, table, lengths, k_min,
-                                                                             k_max), None)
-    sel_table, sel_len = full_sel(qs[0], table, lengths, k_min, k_max)
-    decode_only = kernel_fn(qcfg)
-    record(f"quest decode kernel only ({budget + PAGE} tokens) b{batch}",
-           time_steps(decode_only, qs, c["k"], c["v"], sel_table, sel_len), batch * int(sel_len[0, 0]))
+    sel_table, sel_len = sel(scores, table, lengths)
+    sel_pages = sel_table.shape[2]
+
+    def run_decode(ppb_splits):
+        ppb, splits = ppb_splits
+        auto = default_config(batch, G, sel_pages, pages_per_block=ppb).num_splits
+        cfg = DecodeConfig(pages_per_block=ppb, num_splits=splits or auto, num_warps=4, num_stages=3)
+        t = time_steps(kernel_fn(cfg), qs, c["k"], c["v"], sel_table, sel_len)
+        record(f"quest decode kernel only ({budget + PAGE} tokens) b{batch} {cfg}", t, batch * int(sel_len[0, 0]))
+        return t
+
+    variants = [(qcfg.pages_per_block, qcfg.num_splits), (2, 0), (4, 0), (8, 0), (4, 32), (8, 16)]
+    _, (ppb, splits) = fastest(variants, run_decode)
+    dcfg = DecodeConfig(pages_per_block=ppb, num_splits=splits or default_config(batch, G, sel_pages,
+                        pages_per_block=ppb).num_splits, num_warps=4, num_stages=3)
     qargs = (qs, c["k"], c["v"], table, lengths, k_min, k_max)
-    fn = quest_kernel_fn(qcfg, budget, best_bp)
+    fn = quest_kernel_fn(dcfg, budget, score_cfg, bits)
     check(fn(qs[0], *qargs[1:]), reference_fn(qs[0], c["k"], c["v"], sel_table, sel_len), f"quest kernels b{batch}")
     t = time_steps(fn, *qargs)
-    record(f"quest {budget} b{batch} KERNEL PATH (scores + select + decode)", t, batch * (budget + PAGE),
-           speedup_vs_dense=dense_t / t)
+    record(f"quest {budget} b{batch} KERNEL PATH (scores + select + decode) {score_cfg} radix {bits} w{warps} "
+           f"{dcfg}", t, batch * (budget + PAGE), speedup_vs_dense=dense_t / t)
 
 
 def dense_baselines(c, base, batch: int, ctx: int, tokens: int, record) -> None:

@@ -47,6 +47,8 @@ class ExperimentConfig:
       samples: number of samples (indices ``0 .. samples - 1``).
       seed: task generation seed.
       batch_size: sequences decoded together (execution only; not part of the key).
+      mesh: ``"DATAxMODEL"`` devices to split the model over, e.g. ``"1x8"`` for 8-way
+        tensor parallelism (execution only; results equal one device's).
       results_dir: root folder of all runs (not part of the key).
     """
 
@@ -62,6 +64,7 @@ class ExperimentConfig:
     samples: int = 8
     seed: int = 43
     batch_size: int = 4
+    mesh: str = "1x1"
     results_dir: str = "experiments/runs"
 
     def __post_init__(self):
@@ -81,6 +84,10 @@ class ExperimentConfig:
             f"batch_size must be an int >= 1, got {self.batch_size!r}",
         )
         _check(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
+        _check(
+            isinstance(self.mesh, str) and re.fullmatch(r"(\d+|\*)x\d+", self.mesh.lower()) is not None,
+            f"mesh must look like 'DATAxMODEL' (e.g. '1x1', '1x8', '2x4', '*x4'), got {self.mesh!r}",
+        )
         for name in ("task_args", "method_args"):
             value = getattr(self, name)
             _check(isinstance(value, Mapping), f"{name} must be a dict such as {{'name': value}}, got {value!r}")
@@ -108,7 +115,7 @@ class ExperimentConfig:
     def key_fields(self) -> dict[str, Any]:
         """Everything that can change a prediction or a score."""
         fields = dataclasses.asdict(self)
-        del fields["batch_size"], fields["results_dir"]
+        del fields["batch_size"], fields["results_dir"], fields["mesh"]
         fields["format_version"] = RESULTS_FORMAT_VERSION
         return fields
 

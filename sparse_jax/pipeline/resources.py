@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
 
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from sparse_jax.models.loading import LoadedModel, load_model
 from sparse_jax.tokenizer import Tokenizer
@@ -16,8 +18,11 @@ EMBEDDED_MODEL = "smollm2"
 
 
 class ModelBundle(NamedTuple):
+    """A loaded model, its tokenizer, and the device mesh it is split over (``None``: one device)."""
+
     loaded: LoadedModel
     tokenizer: Tokenizer
+    mesh: Mesh | None = None
 
 
 def cache_dir() -> Path:
@@ -49,11 +54,34 @@ def _tokenizer(source: str) -> Tokenizer:
     return Tokenizer.from_source(source)
 
 
+def _num_kv_heads(source: Path) -> int:
+    """KV heads of a checkpoint, read from its config (the mesh layout depends on them)."""
+    from sparse_jax.models.config import ModelConfig
+
+    if source.suffix == ".gguf":
+        from sparse_jax.checkpoints.gguf import read_gguf
+
+        return ModelConfig.from_hf_dict(read_gguf(source).hf_config).num_kv_heads
+    return ModelConfig.from_hf_dict(json.loads((source / "config.json").read_text())).num_kv_heads
+
+
 @functools.lru_cache(maxsize=2)
-def load_bundle(model: str, dtype: str, max_length: int) -> ModelBundle:
-    """The model (parameters cached with Orbax after the first conversion) and its tokenizer."""
+def load_bundle(model: str, dtype: str, max_length: int, mesh: str = "1x1") -> ModelBundle:
+    """The model (parameters cached with Orbax after the first conversion) and its tokenizer.
+
+    Args:
+      model: ``"smollm2"`` or a checkpoint path.
+      dtype: ``"float32"`` or ``"bfloat16"``.
+      max_length: longest prompt + output the model serves (YaRN switch for Qwen2).
+      mesh: ``"DATAxMODEL"`` device mesh (``sparse_jax.distributed.mesh``); other than
+        ``"1x1"``, parameters are restored straight into their shards.
+    """
     source = model_source(model)
-    loaded = load_model(
-        source, dtype=jnp.dtype(dtype), max_length=max_length, cache_dir=cache_dir() / "orbax"
-    )
-    return ModelBundle(loaded, _tokenizer(str(source)))
+    kwargs = dict(dtype=jnp.dtype(dtype), max_length=max_length, cache_dir=cache_dir() / "orbax")
+    if mesh == "1x1":
+        return ModelBundle(load_model(source, **kwargs), _tokenizer(str(source)))
+    from sparse_jax.distributed.mesh import MeshConfig, make_mesh
+    from sparse_jax.distributed.placement import load_sharded_model
+
+    device_mesh = make_mesh(MeshConfig.parse(mesh), _num_kv_heads(source))
+    return ModelBundle(load_sharded_model(source, device_mesh, **kwargs), _tokenizer(str(source)), device_mesh)

@@ -149,13 +149,15 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
     if not todo:
         return [done[r["index"]] for r in records]
     method = _make_method(cfg)
-    bundle = load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens)
+    bundle = load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh)
     tokenizer = bundle.tokenizer
-    engine = Engine(
-        bundle.loaded.model,
-        method,
-        EngineConfig(batch_size=cfg.batch_size, max_input_tokens=cfg.max_input_tokens),
-    )
+    engine_config = EngineConfig(batch_size=cfg.batch_size, max_input_tokens=cfg.max_input_tokens)
+    if bundle.mesh is None:
+        engine = Engine(bundle.loaded.model, method, engine_config)
+    else:
+        from sparse_jax.distributed.placement import sharded_engine
+
+        engine = sharded_engine(bundle.loaded.model, method, bundle.mesh, engine_config)
     prompts = [tokenizer.encode_for_generation(r["input_text"]) for r in todo]
     bar = tqdm(total=len(records), initial=len(done), desc=f"predict {cfg.label()}", disable=not progress)
     for start in range(0, len(todo), cfg.batch_size):

@@ -1,4 +1,17 @@
-"""Scratch (deleted after run 1): time candidate estimation variants at 128K."""
+"""Baseline ("before") timings of the vertical-slash estimation and index build.
+
+Run 1 of experiments/results/vs_estimation_h100.md, made on the code before the
+speed-up (commit ``HEAD~1`` of 6437796, i.e. the methods as engineer D left them):
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 experiments/benchmarks/vs_estimation_baseline.py 131072
+
+Times at each given length (32 heads, 8 KV heads, d=128, bf16, window 256): the whole
+``vertical_and_slash_index``; probabilities + column sums one head / one KV group / all
+heads at a time, with no, gather or skew diagonal sums (fp32 probabilities, as that code
+had them); ``top_k`` and a full sort on ``[H, T]``; ``build_index``; and the range walk
+alone (a copy of that code's walk with a ``lax.scan`` unroll knob) at unroll 1/8/32/128.
+On the current code the estimation variants time the new helpers instead.
+"""
 import functools, json, os, statistics, sys, time
 import jax, jax.numpy as jnp, numpy as np
 from sparse_jax.attention.methods import scoring
@@ -96,8 +109,9 @@ def main():
                     r[f"{name}_{diag}"] = repr(e)[:200]
                 print(t, name, diag, r[f"{name}_{diag}"], flush=True)
         sc = jax.random.uniform(ks[0], (H, t))
-        r["topk512"] = med(lambda: jax.jit(lambda s: jax.lax.top_k(s, 512))(sc))
-        r["sort"] = med(lambda: jax.jit(lambda s: jnp.sort(s, axis=-1))(sc))
+        topk, sort = jax.jit(lambda s: jax.lax.top_k(s, 512)), jax.jit(lambda s: jnp.sort(s, axis=-1))
+        r["topk512"] = med(lambda: topk(sc))
+        r["sort"] = med(lambda: sort(sc))
         print(t, "topk", r["topk512"], "sort", r["sort"], flush=True)
         _, off = jax.lax.top_k(sc, 512); _, ver = jax.lax.top_k(sc[::-1], 512)
         off = off.astype(jnp.int32); ver = ver.astype(jnp.int32); ones = jnp.ones_like(off, bool)
