@@ -123,6 +123,9 @@ class AttentionMethod:
     """
 
     name: ClassVar[str] = "dense"
+    pools_kv_heads: ClassVar[bool] = False
+    """Whether ``compress`` pools a budget across all KV heads of a layer (so a sharded
+    run must give it every head at once, not one shard's)."""
 
     def prefill(
         self, q: jax.Array, k: jax.Array, v: jax.Array, *, lengths: jax.Array, layer: LayerSpec

@@ -10,7 +10,7 @@ kernels) on the local block. Results equal the unsharded method's:
 * a per-sequence figure (``KeptTokens.reported_sparsity``) is a mean over KV heads in
   every method, so the shard means are averaged (``pmean``) over ``model``;
 * methods that pool a budget across *all* KV heads of a layer (Ada-SnapKV,
-  :data:`HEAD_POOLING_METHODS`) run ``compress`` outside ``shard_map`` on the whole
+  ``pools_kv_heads``) run ``compress`` outside ``shard_map`` on the whole
   layer; XLA partitions its per-head scoring by head and gathers the ``[B, G, T]``
   scores for the pooled top-k, so the selection is the one-device selection.
 
@@ -33,9 +33,6 @@ from sparse_jax.distributed.mesh import DATA, MODEL, MeshError, check_mesh
 from sparse_jax.distributed.sharding import batch_axis, cache_shardings, cache_specs
 from sparse_jax.engine.kv_cache import PagedKVCache
 from sparse_jax.engine.prefill_attention import PrefillBackend, prefill_attention, resolve_backend
-
-HEAD_POOLING_METHODS = frozenset({"ada_snapkv"})
-"""Methods whose ``compress`` pools one budget over all KV heads of a layer."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +94,7 @@ class ShardedMethod(AttentionMethod):
         self, q: jax.Array, k: jax.Array, v: jax.Array, *, lengths: jax.Array, layer: LayerSpec
     ) -> KeptTokens | None:
         compress = functools.partial(self.inner.compress, layer=layer)
-        if self.inner.name in HEAD_POOLING_METHODS:
+        if self.inner.pools_kv_heads:
             return compress(q, k, v, lengths=lengths)
         bx, heads, per_head = self._specs(q.shape[0], k.shape[2])
 

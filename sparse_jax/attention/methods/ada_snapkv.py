@@ -77,6 +77,7 @@ class AdaSnapKV(EvictionMethod):
     """
 
     name: ClassVar[str] = "ada_snapkv"
+    pools_kv_heads: ClassVar[bool] = True
     reduction: ClassVar[Reduction] = Reduction.MAX_WINDOW_MAX_HEADS
     min_head_capacity_ratio: float = 0.2
 
