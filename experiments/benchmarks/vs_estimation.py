@@ -12,7 +12,7 @@ alone (median of ``--reps`` after a warm-up, ``jax.block_until_ready``):
 * ``scores_none_hpsN``: window probabilities and their column sums, as the method runs
   them (N query heads vectorised per step; the method: 1); ``scores_skew_hpsN``: plus the
   diagonal (slash) sums (:func:`scoring.window_diagonal_sums`, the method's); at
-  ``--sweep-length`` also N in {1, 8, 32} and the gather (:func:`scoring.diagonal_sums`);
+  ``--sweep-length`` also N in {1, 8, 32} and the gather (:func:`gather_diagonal_sums`);
 * ``top_k``: the two top-512 selections over ``[H, T]`` scores;
 * ``walk``, ``walk_compact``, ``walk_compact_columns``: the first stages of the index
   construction (range walk; + block-start compaction; + gap columns and their compaction);
@@ -60,12 +60,20 @@ from sparse_jax.attention.methods.vertical_and_slash import vertical_and_slash_i
 BUDGET, WINDOW = 512, 256
 
 
+def gather_diagonal_sums(probs, positions):
+    """Slash sums by a gather (the replaced implementation): ``sum_i probs[..., i, positions[i] - delta]``."""
+    t = probs.shape[-1]
+    key = positions[:, None] - jnp.arange(t)[None, :]
+    gathered = jnp.take_along_axis(probs, jnp.broadcast_to(jnp.maximum(key, 0), probs.shape), axis=-1)
+    return jnp.where(key >= 0, gathered.astype(jnp.float32), 0.0).sum(axis=-2)
+
+
 def method_scores(q, k, *, diagonals: str, heads_per_step: int = 1):
     """Column sums (and diagonal sums) as ``vertical_and_slash`` computes them: ``[H, 1, T]`` each.
 
     Args:
       diagonals: ``"none"``, ``"skew"`` (:func:`scoring.window_diagonal_sums`, the method's)
-        or ``"gather"`` (:func:`scoring.diagonal_sums`, the method's before this benchmark).
+        or ``"gather"`` (:func:`gather_diagonal_sums`, the method's before this benchmark).
       heads_per_step: query heads vectorised per step (the method: 1).
     """
     b, t, h = q.shape[:3]
@@ -80,7 +88,7 @@ def method_scores(q, k, *, diagonals: str, heads_per_step: int = 1):
         columns = probs.sum(axis=0, dtype=jnp.float32)
         if diagonals == "none":
             return columns
-        diag = scoring.diagonal_sums(probs, pos) if diagonals == "gather" else scoring.window_diagonal_sums(probs, n)
+        diag = gather_diagonal_sums(probs, pos) if diagonals == "gather" else scoring.window_diagonal_sums(probs, n)
         return columns, diag
 
     def one_head(i):

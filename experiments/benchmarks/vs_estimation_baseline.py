@@ -1,7 +1,7 @@
 """Baseline ("before") timings of the vertical-slash estimation and index build.
 
 Run 1 of experiments/results/vs_estimation_h100.md, made on the code before the
-speed-up (commit ``HEAD~1`` of 6437796, i.e. the methods as engineer D left them):
+speed-up (commit 985847b, the methods as engineer D left them):
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 experiments/benchmarks/vs_estimation_baseline.py 131072
 

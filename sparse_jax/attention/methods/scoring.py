@@ -108,28 +108,11 @@ def window_probabilities(
     return probs, pos, valid
 
 
-def diagonal_sums(probs: jax.Array, positions: jax.Array) -> jax.Array:
-    """Sum of window probabilities along each diagonal (slash) of the attention matrix.
-
-    ``out[..., delta] = sum_i probs[..., i, positions[i] - delta]`` for ``delta`` in
-    ``[0, T)``: the attention mass at query-key distance ``delta``. Keys before 0
-    contribute nothing.
-
-    Args:
-      probs: ``[..., A, T]`` (zero at masked entries), any float dtype; summed in fp32.
-      positions: ``[A]`` absolute query position of each window row.
-
-    Returns:
-      ``[..., T]`` float32.
-    """
-    t = probs.shape[-1]
-    key = positions[:, None] - jnp.arange(t)[None, :]  # [A, T]
-    gathered = jnp.take_along_axis(probs, jnp.broadcast_to(jnp.maximum(key, 0), probs.shape), axis=-1)
-    return jnp.where(key >= 0, gathered.astype(jnp.float32), 0.0).sum(axis=-2)
-
-
 def window_diagonal_sums(probs: jax.Array, length: jax.Array) -> jax.Array:
-    """:func:`diagonal_sums` of :func:`window_probabilities`' rows, without a gather.
+    """:func:`window_probabilities`' mass along each diagonal (slash), without a gather.
+
+    ``out[delta] = sum_i probs[i, (L - A + i) - delta]`` for ``delta`` in ``[0, T)``: the
+    attention mass at query-key distance ``delta`` (keys before 0 contribute nothing).
 
     The rows are query positions ``L - A .. L - 1`` (rows before position 0 are all
     zero). Flipped, each padded by ``A`` zeros, flattened, cut by ``A`` and reshaped to
