@@ -3,14 +3,14 @@
 :func:`quest.quest_page_table` scores pages with XLA dot products and picks them with
 ``lax.top_k``; at 128K tokens (8192 pages per row) both dominate the decode step. Here:
 
-* :func:`page_scores`: one program per (sequence, KV head, block of ``block_pages`` table
-  positions) gathers the bf16 ``k_min`` / ``k_max`` rows of its pages through the page
+* :func:`page_scores`: one program per (sequence, KV head, ``block_pages *
+  blocks_per_program`` table positions) gathers the bf16 ``k_min`` / ``k_max`` rows of its pages through the page
   table (each summary read once per KV head and query group) and writes the fp32 upper
   bounds ``relu(q) . k_max + min(q, 0) . k_min`` of :func:`quest.page_upper_bounds`
   (same products, fp32 sums in another order: equal up to fp32 rounding).
 * :func:`select_pages`: one program per row holds all the row's scores in registers and
   finds the ``k``-th largest by bisection on the order-preserving int32 image of the
-  fp32 bits (32 counting passes, no sort). It keeps the pages above the threshold and the
+  fp32 bits (the sign, then ``radix_bits`` bits per counting pass; no sort). It keeps the pages above the threshold and the
   lowest-positioned pages equal to it (the set ``lax.top_k`` keeps, ties included), and
   stores each kept page's position at its slot from an in-register prefix sum (the other
   positions after them), so the decode table is a slice of the kernel's output.
@@ -19,6 +19,8 @@ Differences from :func:`quest.select_pages`: the kept earlier pages come in tabl
 not best first (the decode kernels do not depend on the order), and NaN scores are not
 supported. Everything else (current page last, per-row budgets, dense fallback, row
 lengths) is shared through :func:`quest.plan_rows` / :func:`quest.finish_rows`.
+A row's scores live in one program's registers: fine for 8192 pages (128K tokens at page
+size 16); much wider tables will spill. H100 timings: experiments/results/decode_kernels_h100.md.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def page_scores(
     share_pages: bool,
     block_pages: int = 64,
     blocks_per_program: int = 1,
-    num_warps: int = 4,
+    num_warps: int = 8,
     num_stages: int = 1,
     interpret: bool = False,
 ) -> jax.Array:

@@ -36,6 +36,9 @@ key it attends, writes one token of cache, moves one token of activations, and r
 summaries. Index estimation reads the queries and keys it scores.
 
 Time prediction is a roofline per phase: ``max(FLOPs / peak FLOP/s, bytes / bandwidth)``.
+A batch of ``B`` samples run together reads the weights once and everything else ``B`` times
+(:func:`batch_cost`). Attention-only benchmarks are costed as one attention layer with no
+linear layers (:func:`attention_layer`).
 """
 
 from __future__ import annotations
@@ -264,6 +267,24 @@ def sample_cost(
     return SampleCost(prefill, decode)
 
 
+def attention_layer(model: ModelConfig) -> ModelConfig:
+    """One full-attention layer of ``model`` and nothing else (no projections, MLP, embeddings or LM head).
+
+    :func:`sample_cost` of it costs an attention-only benchmark of one layer: attention FLOPs, K/V
+    traffic, the Q/K/V inputs and the output, and index estimation.
+    """
+    return dataclasses.replace(model, name=f"{model.name} (one attention layer)", num_layers=1, hidden_size=0,
+                               intermediate_size=0, vocab_size=0, num_parameters=0, sliding_window=None,
+                               num_sliding_layers=0)
+
+
+def batch_cost(phase: PhaseCost, batch_size: int) -> PhaseCost:
+    """``batch_size`` samples' phase run as one batch: the weights are read once, everything else scales."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+    return PhaseCost(*(batch_size * value for value in phase))._replace(weight_bytes=phase.weight_bytes)
+
+
 def run_cost(record: RunRecord | BenchmarkRecord, options: CostOptions = CostOptions()) -> SampleCost:
     """:func:`sample_cost` at a run's (or benchmark's) mean lengths and achieved sparsities."""
     if isinstance(record, RunRecord):
@@ -326,29 +347,37 @@ def roofline_seconds(phase: PhaseCost, hardware: Hardware) -> float:
 
 
 def compare_with_benchmarks(
-    benchmarks: Sequence[BenchmarkRecord], default_hardware: str = "h100", options: CostOptions = CostOptions()
+    benchmarks: Sequence[BenchmarkRecord], default_hardware: str = "h100", options: CostOptions = CostOptions(),
+    batch_sizes: Sequence[int] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Predicted (roofline) vs measured times.
 
     Args:
       benchmarks: measured configurations; the hardware is read from each ``device`` name,
         falling back to ``default_hardware``.
+      batch_sizes: samples each benchmark ran as one batch (default 1 each). Its measured times are
+        per sample (the batch's wall time / batch size); the prediction is the roofline of the
+        batch (:func:`batch_cost`, weights read once) / batch size.
 
     Returns:
       ``rows`` (one per benchmark and measured phase: predicted and measured seconds, their
       ratio = achieved fraction of the roofline) and ``summary`` (one per phase: count,
       median and spread of the ratio, Spearman rank correlation, R^2 of log-times).
     """
+    batch_sizes = [1] * len(benchmarks) if batch_sizes is None else list(batch_sizes)
+    if len(batch_sizes) != len(benchmarks):
+        raise ValueError(f"got {len(batch_sizes)} batch sizes for {len(benchmarks)} benchmarks; "
+                         "give one per benchmark.")
     rows = []
-    for bench in benchmarks:
+    for bench, batch in zip(benchmarks, batch_sizes):
         hw = hardware_for(bench.device, default_hardware)
         cost = run_cost(bench, options)
         for phase, measured in (("prefill", bench.prefill_seconds), ("decode", bench.decode_seconds)):
             if measured is None or measured <= 0:
                 continue
-            predicted = roofline_seconds(getattr(cost, phase), hw)
+            predicted = roofline_seconds(batch_cost(getattr(cost, phase), batch), hw) / batch
             rows.append({"model": bench.model.name, "method": bench.method, "prompt_tokens": bench.prompt_tokens,
-                         "output_tokens": bench.output_tokens, "phase": phase, "hardware": hw.name,
+                         "output_tokens": bench.output_tokens, "batch_size": batch, "phase": phase, "hardware": hw.name,
                          "predicted_s": predicted, "measured_s": measured, "roofline_fraction": predicted / measured})
     summary = []
     for phase in ("prefill", "decode"):
