@@ -6,8 +6,8 @@ The measured numbers are transcribed from three result files (each one cited whe
   32 decode steps, batch 1 and 8;
 * ``experiments/results/prefill_kernels_h100.md``: one attention layer's prefill (cuDNN dense,
   block-sparse at 5 % density with its estimation), 32K / 64K / 128K;
-* ``experiments/results/decode_kernels_h100.md`` (run 2): one attention layer's decode step over a
-  128K paged cache (dense kernel, Quest, evicted cache), batch 1 and 8.
+* ``experiments/results/decode_kernels_h100.md`` (run 2; Quest from run 4): one attention layer's
+  decode step over a 128K paged cache (dense kernel, Quest, evicted cache), batch 1 and 8.
 
 Every benchmark becomes a :class:`~sparse_jax.analysis.records.BenchmarkRecord` with per-sample
 times; :func:`~sparse_jax.analysis.cost.compare_with_benchmarks` gives the predicted (roofline)
@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from sparse_jax.analysis.cost import (
+    CostOptions,
     attention_layer,
     batch_cost,
     compare_with_benchmarks,
@@ -46,6 +47,9 @@ ATTENTION = attention_layer(LLAMA_8B)
 
 ENGINE_PROMPT, ENGINE_OUTPUT = 32768, 33  # 32 decode steps (engine_benchmark.md, "Workload")
 K = 1024
+# Prefill K/V loads priced as if each 128-row tile were loaded from HBM once per KV head and its
+# 4 query heads then hit L2: the same HBM bytes as a 4 x 128-row query tile.
+GROUP_TILE = 128 * LLAMA_8B.num_heads // LLAMA_8B.num_kv_heads
 
 
 class Case(NamedTuple):
@@ -82,7 +86,8 @@ def _decode_kernel(label: str, batch: int, method: str, args: dict[str, Any], re
 # (prefill_kernels_h100.md, "Block-sparse", first paragraph).
 BLOCK_SPARSE = {"chunk_size": 128}
 BLOCK_SPARSITY = 1.0 - 0.049
-# Quest with a 4096-token budget attends 4112 tokens (decode_kernels_h100.md, run 1 analysis), page 16.
+# Quest with a 4096-token budget attends 257 pages of 16 = 4112 tokens (decode_kernels_h100.md, run 4 table,
+# "decode over the 257 selected pages").
 QUEST = {"page_size": 16, "token_budget": 4096}
 
 CASES: tuple[Case, ...] = (
@@ -112,9 +117,10 @@ CASES: tuple[Case, ...] = (
     # decode_kernels_h100.md, "Run 2" table: "dense kernel b8 x 128K, best" 1668.5 us, "b1, best" 232.0 us.
     _decode_kernel("dense paged kernel, 128K, batch 1", 1, "dense", {}, 128 * K, 232.0),
     _decode_kernel("dense paged kernel, 128K, batch 8", 8, "dense", {}, 128 * K, 1668.5),
-    # Same table, "Quest 4096 b1 / b8: selection + kernel": 121 / 414 us.
-    _decode_kernel("Quest 4096 of 128K, batch 1", 1, "quest", QUEST, 4112, 121.0),
-    _decode_kernel("Quest 4096 of 128K, batch 8", 8, "quest", QUEST, 4112, 414.0),
+    # Same file, "Run 3 and 4", per-stage table (run 4, final code), row "whole Quest step", columns
+    # "b1 after" / "b8 after": 121.8 / 287.1 us (Pallas page scores + threshold selection + decode).
+    _decode_kernel("Quest 4096 of 128K, batch 1", 1, "quest", QUEST, 4112, 121.8),
+    _decode_kernel("Quest 4096 of 128K, batch 8", 8, "quest", QUEST, 4112, 287.1),
     # Same table, "evicted 1024/128K b1 / b8": 25.6 / 48.9 us (1024 valid tokens in a 128K-wide page table).
     _decode_kernel("evicted to 1024 of 128K, batch 1", 1, "snapkv", {}, 1024, 25.6),
     _decode_kernel("evicted to 1024 of 128K, batch 8", 8, "snapkv", {}, 1024, 48.9),
@@ -123,24 +129,29 @@ CASES: tuple[Case, ...] = (
 GROUP_TITLES = {
     "engine": "Whole model: Llama-3.1-8B, 32K prompt, 32 decode steps (engine_benchmark.md)",
     "prefill_kernels": "Prefill attention only, one layer, batch 1 (prefill_kernels_h100.md)",
-    "decode_kernels": "Decode attention only, one layer, one step over a 128K cache (decode_kernels_h100.md, run 2)",
+    "decode_kernels": "Decode attention only, one layer, one step over a 128K cache "
+                      "(decode_kernels_h100.md, runs 2 and 4)",
 }
 
 
-def validate(cases: Sequence[Case] = CASES) -> dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+Results = dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+
+
+def validate(cases: Sequence[Case] = CASES, options: CostOptions = CostOptions()) -> Results:
     """Per group: rows of :func:`compare_with_benchmarks` with ``label``, ``compute_s`` and ``memory_s``
     (the two roofline terms per sample) added, and its summary."""
     results = {}
     for group in dict.fromkeys(case.group for case in cases):
         selected = [case for case in cases if case.group == group]
-        rows, summary = compare_with_benchmarks([c.record for c in selected], batch_sizes=[c.batch_size for c in selected])
+        rows, summary = compare_with_benchmarks([c.record for c in selected], options=options,
+                                                batch_sizes=[c.batch_size for c in selected])
         measured = [(c, phase) for c in selected for phase in ("prefill", "decode")
                     if getattr(c.record, f"{phase}_seconds") is not None]
         if len(measured) != len(rows):
             raise ValueError(f"group {group!r}: a benchmark has a non-positive time; fix its entry in CASES.")
         for row, (case, phase) in zip(rows, measured):
             hw = hardware_for(case.record.device)
-            cost = batch_cost(getattr(run_cost(case.record), phase), case.batch_size)
+            cost = batch_cost(getattr(run_cost(case.record, options), phase), case.batch_size)
             row.update(label=case.label, compute_s=cost.total_flops / hw.peak_flops / case.batch_size,
                        memory_s=cost.total_bytes / hw.bandwidth / case.batch_size)
         results[group] = (rows, summary)
@@ -156,7 +167,7 @@ def _seconds(value: float) -> str:
     return f"{value * 1e6:.1f} us"
 
 
-def render_tables(results: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]]) -> str:
+def render_tables(results: Results) -> str:
     """Markdown: per group a predicted-vs-measured table (times per sample) and the summary."""
     lines = []
     for group, (rows, summary) in results.items():
@@ -181,6 +192,9 @@ def main() -> None:
     argparse.ArgumentParser(description="Print the cost model's predicted vs measured times as markdown "
                             f"(the report with its reading is {DEFAULT_OUT}).").parse_args()
     print(render_tables(validate()))
+    print(f"#### Sensitivity: K/V tiles shared by a query-head group (query_tile = {GROUP_TILE})\n")
+    prefill_cases = [case for case in CASES if case.record.prefill_seconds is not None]
+    print(render_tables(validate(prefill_cases, CostOptions(query_tile=GROUP_TILE))))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ experiments/benchmarks/engine_bench.py --config 8b --out $OUT``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -31,13 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_jax.attention.base import AttentionMethod, DecodeStats
+from sparse_jax.attention.base import AttentionMethod
 from sparse_jax.attention.dense import dense_causal_attention
 from sparse_jax.engine.generate import Engine, EngineConfig
 from sparse_jax.models.config import ModelConfig, RopeScaling
 from sparse_jax.models.transformer import Transformer
-
-START = time.perf_counter()
 
 CONFIGS = {
     "8b": dict(
@@ -48,21 +45,6 @@ CONFIGS = {
         vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
     ),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelDecode(AttentionMethod):
-    """Dense attention whose decode runs the Pallas paged-decode kernel dispatcher (engineer G's)."""
-
-    def decode(self, q, cache, *, layer):
-        from pallas_kernels.paged_decode import paged_decode_attention
-
-        out = paged_decode_attention(
-            q, cache.k_pages, cache.v_pages, cache.page_table, cache.lengths, scale=layer.scale,
-            sliding_window=layer.sliding_window,
-        )
-        _, stats = cache.dense_decode(q, scale=layer.scale, sliding_window=layer.sliding_window)
-        return out, DecodeStats(stats.tokens_read, stats.tokens_cached)
 
 
 def model_config(name: str) -> ModelConfig:
@@ -175,12 +157,9 @@ def run(args) -> dict:
     kv_token_bytes = config.num_layers * 2 * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
 
     rows = []
-    variants = [(b, "reference", AttentionMethod()) for b in args.batches]
-    variants += [(b, "pallas", KernelDecode()) for b in args.kernel_decode_batches]
+    # The engine's dense decode runs the paged-decode dispatcher: the Pallas kernel on GPU/TPU.
+    variants = [(b, "default", AttentionMethod()) for b in args.batches]
     for batch, decode_kind, method in variants:
-        if decode_kind == "pallas" and time.perf_counter() - START > args.kernel_decode_deadline:
-            print(f"skipping the pallas-decode variant at batch {batch}: past the time guard", flush=True)
-            continue
         engine = Engine(
             model,
             method,
@@ -190,13 +169,7 @@ def run(args) -> dict:
         print(f"batch {batch} ({decode_kind} decode): {plan.describe()}", flush=True)
         rng = np.random.default_rng(batch)  # the same prompts for every variant of a batch size
         prompts = [rng.integers(0, config.vocab_size, args.prompt_len).tolist() for _ in range(batch)]
-        try:
-            timings, compile_s, tokens = time_engine(engine, prompts, args)
-        except Exception as e:  # a failing optional variant must not lose the other numbers
-            if decode_kind == "reference":
-                raise
-            print(f"  pallas-decode variant failed: {type(e).__name__}: {e}", flush=True)
-            continue
+        timings, compile_s, tokens = time_engine(engine, prompts, args)
         prefill_s = statistics.median(t.prefill_seconds for t in timings)
         step_s = statistics.median(t.seconds_per_step for t in timings)
         context = args.prompt_len + args.new_tokens / 2  # mean cache length over the steps
@@ -242,12 +215,6 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=65)
     parser.add_argument("--prefill-rows", type=int, default=1, help="rows per prefill call")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument(
-        "--kernel-decode-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
-        help="also time these batch sizes with the Pallas paged-decode kernel",
-    )
-    parser.add_argument("--kernel-decode-deadline", type=float, default=380.0,
-                        help="skip the Pallas variants once this many seconds have passed")
     parser.add_argument("--out", type=Path, default=None, help="folder for engine_bench.json")
     args = parser.parse_args()
     if args.prompt_len is None:

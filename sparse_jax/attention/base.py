@@ -145,7 +145,17 @@ class AttentionMethod:
         from sparse_jax.attention.dense import dense_causal_attention
 
         out = dense_causal_attention(q, k, v, scale=layer.scale, sliding_window=layer.sliding_window)
-        return out, dense_prefill_stats(lengths, q.shape[2], layer.sliding_window)
+        return out, self.dense_prefill_stats(lengths, q.shape[2], layer)
+
+    def dense_prefill_stats(self, lengths: jax.Array, num_heads: int, layer: LayerSpec) -> PrefillStats:
+        """Stats of this method's dense prefill, however it was computed (jnp or cuDNN)."""
+        stats = dense_prefill_stats(lengths, num_heads, layer.sliding_window)
+        return stats._replace(reported_sparsity=self.dense_prefill_reported_sparsity(lengths, num_heads, layer))
+
+    def dense_prefill_reported_sparsity(self, lengths: jax.Array, num_heads: int, layer: LayerSpec) -> jax.Array:
+        """``[B, H]`` the reference's sparsity figure for a dense prefill: 0 unless a method says otherwise."""
+        del layer
+        return jnp.zeros((lengths.shape[0], num_heads), jnp.float32)
 
     def compress(
         self, q: jax.Array, k: jax.Array, v: jax.Array, *, lengths: jax.Array, layer: LayerSpec

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 # Prompts up to this many tokens use one masked softmax; longer ones are chunked.
 _DIRECT_MAX_TOKENS = 1024
-_CHUNK = 512
+_CHUNK = 256
 
 
 def _group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:

@@ -14,7 +14,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.attention.base import AttentionMethod, LayerSpec, PrefillStats, dense_prefill_stats
+from sparse_jax.attention.base import AttentionMethod, LayerSpec, PrefillStats
 
 PrefillBackend = Literal["auto", "method", "cudnn"]
 
@@ -76,4 +76,4 @@ def prefill_attention(
     out = jax.nn.dot_product_attention(
         q, k, v, scale=layer.scale, is_causal=True, local_window_size=window, implementation="cudnn"
     )
-    return out, dense_prefill_stats(lengths, q.shape[2], layer.sliding_window)
+    return out, method.dense_prefill_stats(lengths, q.shape[2], layer)

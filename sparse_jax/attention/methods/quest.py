@@ -25,14 +25,21 @@ from typing import TYPE_CHECKING, ClassVar
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.paged_decode import quest_select
 from pallas_kernels.paged_decode.quest import page_upper_bounds, select_pages
 from pallas_kernels.paged_decode import paged_decode_attention
-from sparse_jax.attention.base import AttentionMethod, DecodeStats, LayerSpec, PrefillStats
+from sparse_jax.attention.base import AttentionMethod, DecodeStats, LayerSpec
 from sparse_jax.attention.methods import budgets
 from sparse_jax.attention.registry import register
 
 if TYPE_CHECKING:  # The engine imports the methods; avoid the cycle at run time.
     from sparse_jax.engine.kv_cache import PagedKVCache
+
+
+# On GPUs the Pallas scoring + threshold-selection kernels beat XLA's scoring and top-k
+# from batch 8 on (H100, 128K: 287 vs 400 us per step); at batch 1 XLA is as fast
+# (experiments/results/decode_kernels_h100.md). Both select the same pages.
+_KERNEL_SELECTION_MIN_BATCH = 8
 
 
 @register
@@ -72,14 +79,12 @@ class Quest(AttentionMethod):
             return jnp.full(n.shape, self.token_budget, jnp.int32)
         return budgets.token_budget(n, self.sparsity, self.page_size, jnp)
 
-    def prefill(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, *, lengths: jax.Array, layer: LayerSpec
-    ) -> tuple[jax.Array, PrefillStats]:
-        out, stats = super().prefill(q, k, v, lengths=lengths, layer=layer)
+    def dense_prefill_reported_sparsity(self, lengths: jax.Array, num_heads: int, layer: LayerSpec) -> jax.Array:
+        """The reference's ``1 - token_budget / L``: a prefill-time statement about decode reads."""
         if layer.sliding_window is not None:
-            return out, stats
+            return super().dense_prefill_reported_sparsity(lengths, num_heads, layer)
         reported = 1.0 - self.budget_tokens(lengths).astype(jnp.float32) / lengths.astype(jnp.float32)
-        return out, stats._replace(reported_sparsity=jnp.broadcast_to(reported[:, None], stats.attended_pairs.shape))
+        return jnp.broadcast_to(reported[:, None], (lengths.shape[0], num_heads))
 
     def decode(self, q: jax.Array, cache: PagedKVCache, *, layer: LayerSpec) -> tuple[jax.Array, DecodeStats]:
         if layer.sliding_window is not None:
@@ -91,23 +96,25 @@ class Quest(AttentionMethod):
             )
         h = q.shape[1]
         g = cache.num_kv_heads
-        scores = page_upper_bounds(q, cache.k_min, cache.k_max, cache.page_table, share_pages=self.share_pages)
-        rows = scores.shape[1]
+        rows = g if self.share_pages else h
         n = jnp.repeat(cache.lengths, rows // g, axis=1)
         if self.sparsity is None:
             max_pages = self.token_budget // self.page_size
         else:
             capacity = cache.page_table.shape[2] * self.page_size
             max_pages = int(budgets.token_budget(capacity, self.sparsity, self.page_size)) // self.page_size
-        budget_pages = self.budget_tokens(n) // self.page_size
-        table, row_lengths = select_pages(
-            scores,
-            cache.page_table,
-            cache.lengths,
+        selection = dict(
             page_size=self.page_size,
             token_budget=max(max_pages, 1) * self.page_size,
-            budget_pages=budget_pages,
+            budget_pages=self.budget_tokens(n) // self.page_size,
         )
+        if jax.default_backend() == "gpu" and q.shape[0] >= _KERNEL_SELECTION_MIN_BATCH:
+            table, row_lengths = quest_select.quest_page_table(
+                q, cache.k_min, cache.k_max, cache.page_table, cache.lengths, share_pages=self.share_pages, **selection
+            )
+        else:
+            scores = page_upper_bounds(q, cache.k_min, cache.k_max, cache.page_table, share_pages=self.share_pages)
+            table, row_lengths = select_pages(scores, cache.page_table, cache.lengths, **selection)
         out = paged_decode_attention(q, cache.k_pages, cache.v_pages, table, row_lengths, scale=layer.scale)
         read = jnp.repeat(row_lengths, h // rows, axis=1).astype(jnp.float32)
         cached = jnp.broadcast_to(cache.seq_lengths[:, None], read.shape).astype(jnp.float32)
