@@ -9,10 +9,9 @@ import pytest
 
 from pallas_kernels.vertical_slash.reference import index_to_mask
 from sparse_jax.attention.methods.vertical_slash_index import TILE, build_index, index_stats
+from shared_data import SHARED_DATA
 
-GOLDEN = Path("/work/shared/data/golden_vs_index_cases.json")
-if not GOLDEN.exists():  # the repository's copy of the shared data folder
-    GOLDEN = Path(__file__).resolve().parents[1] / "shared" / "data" / "golden_vs_index_cases.json"
+GOLDEN = SHARED_DATA / "golden_vs_index_cases.json"
 
 
 def _cases():

@@ -21,9 +21,10 @@ import pytest
 
 from sparse_jax.tasks import get_task
 from tests.tokenizer_fixtures import tiny_tokenizer
+from shared_data import SHARED_DATA
 
-GOLDEN = Path("/work/shared/data/golden_eval_cases.json")
-TOEFL = Path("/work/shared/data/toeflqa.jsonl")
+GOLDEN = SHARED_DATA / "golden_eval_cases.json"
+TOEFL = SHARED_DATA / "toeflqa.jsonl"
 
 pytestmark = pytest.mark.skipif(not GOLDEN.exists(), reason=f"{GOLDEN} not available")
 

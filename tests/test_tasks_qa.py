@@ -17,8 +17,9 @@ from sparse_jax.tasks.qa import mcq_letters, set_f1
 from sparse_jax.tasks.qa_data import load_qa_dataset
 from tests.test_tasks_common import assert_in_window
 from tests.tokenizer_fixtures import smollm2_tokenizer, tiny_tokenizer
+from shared_data import SHARED_DATA
 
-TOEFL = Path("/work/shared/data/toeflqa.jsonl")
+TOEFL = SHARED_DATA / "toeflqa.jsonl"
 TOKENIZERS = {"smollm2": smollm2_tokenizer, "tiny": tiny_tokenizer}
 _WORDS = (
     "river stone market lantern harbour orchard miller bread copper window garden tower bridge candle "

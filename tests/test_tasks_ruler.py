@@ -13,8 +13,9 @@ from sparse_jax.tasks.ruler_cwe import sorted_vocabulary
 from sparse_jax.tasks.ruler_vt import NOISE_SENTENCE
 from tests.test_tasks_common import assert_in_window
 from tests.tokenizer_fixtures import smollm2_tokenizer, tiny_tokenizer
+from shared_data import SHARED_DATA
 
-VOCAB_FILE = Path("/work/shared/data/cwe_vocab_sorted.txt")
+VOCAB_FILE = SHARED_DATA / "cwe_vocab_sorted.txt"
 TOKENIZERS = {"smollm2": smollm2_tokenizer, "tiny": tiny_tokenizer}
 
 # (task, args, lengths per tokenizer): the smallest lengths at which each task has enough content.
