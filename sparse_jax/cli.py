@@ -12,6 +12,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -146,6 +147,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. User errors print one ``sparse-jax: ...`` line and return 2; bugs raise."""
     args = build_parser().parse_args(argv)
+    # The engine reports each batch's memory plan (KV cache, activations, free memory) before it runs.
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("sparse_jax.engine").setLevel(logging.INFO)
     if args.command in ("run", "sweep", "demo"):
         # Multi-host launches (TPU pod slices, SLURM, mpirun, JAX_COORDINATOR_ADDRESS) must
         # initialise jax.distributed before any device is touched; a no-op on one host.
