@@ -12,24 +12,8 @@ from pallas_kernels.block_sparse import block_sparse_attention, configs, gpu_mos
 from pallas_kernels.block_sparse.index import BlockSparseIndex
 from pallas_kernels.block_sparse.synthetic import random_block_sparse_index
 from sparse_jax.attention.dense import dense_causal_attention
+from kernel_test_utils import assert_close, random_qkv
 
-# Tolerances: fp32 paths differ only in exp vs exp2 and summation order; bf16 kernels
-# round the pre-scaled queries and the probabilities to bf16, as the reference kernel does.
-TOL = {jnp.float32: dict(max_abs=2e-5, rel=1e-5), jnp.bfloat16: dict(max_abs=6e-2, rel=1.5e-2)}
-
-
-def _inputs(seed, t, h, g, d, dtype=jnp.float32, b=1):
-    rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(rng.standard_normal((b, t, n, d)), dtype) for n in (h, g, g))
-
-
-def _assert_close(out, ref, dtype):
-    out = np.asarray(out, np.float32)
-    ref = np.asarray(ref, np.float32)
-    assert np.all(np.isfinite(out))
-    tol = TOL[dtype]
-    assert np.max(np.abs(out - ref)) <= tol["max_abs"]
-    assert np.linalg.norm(out - ref) <= tol["rel"] * np.linalg.norm(ref)
 
 
 @pytest.mark.parametrize(
@@ -37,16 +21,16 @@ def _assert_close(out, ref, dtype):
     [(77, 4, 4, 8, 0.4, 0.1), (50, 8, 2, 16, 0.01, 0.3)],
 )
 def test_reference_matches_masked_oracle(t, h, g, bs, density, empty):
-    q, k, v = _inputs(0, t, h, g, 16, b=2)
+    q, k, v = random_qkv(0, t, h, g, 16, b=2)
     index = random_block_sparse_index(np.random.default_rng(1), 2, h, t, bs, density, empty_fraction=empty)
     out = reference.block_sparse_attention(q, k, v, index, scale=0.3, key_chunk=32)
     mask = reference.index_to_mask(index, t)
-    _assert_close(out, reference.masked_attention(q, k, v, mask, scale=0.3), jnp.float32)
+    assert_close(out, reference.masked_attention(q, k, v, mask, scale=0.3), jnp.float32)
     np.testing.assert_allclose(reference.attended_pairs(index, t), mask.sum((-1, -2)), rtol=0)
 
 
 def test_empty_rows_are_zero():
-    q, k, v = _inputs(2, 40, 2, 1, 16)
+    q, k, v = random_qkv(2, 40, 2, 1, 16)
     index = random_block_sparse_index(np.random.default_rng(2), 1, 2, 40, 8, 0.5)
     index = index._replace(counts=index.counts.at[0, 1, 2].set(0))
     out = reference.block_sparse_attention(q, k, v, index, scale=0.25)
@@ -55,7 +39,7 @@ def test_empty_rows_are_zero():
 
 
 def test_all_blocks_equals_dense_causal():
-    q, k, v = _inputs(3, 90, 4, 2, 32)
+    q, k, v = random_qkv(3, 90, 4, 2, 32)
     nq = 6
     ids = jnp.minimum(jnp.arange(nq)[None, :], jnp.arange(nq)[:, None])
     index = BlockSparseIndex(
@@ -64,7 +48,7 @@ def test_all_blocks_equals_dense_causal():
         16,
     )
     out = reference.block_sparse_attention(q, k, v, index, scale=0.2)
-    _assert_close(out, dense_causal_attention(q, k, v, scale=0.2), jnp.float32)
+    assert_close(out, dense_causal_attention(q, k, v, scale=0.2), jnp.float32)
 
 
 def test_causal_tile_pairs_brute_force():
@@ -87,11 +71,11 @@ KERNEL_CASES = [
 
 @pytest.mark.parametrize("t,h,g,d,bs,density,empty,dtype", KERNEL_CASES)
 def test_gpu_kernel_matches_reference(t, h, g, d, bs, density, empty, dtype):
-    q, k, v = _inputs(4, t, h, g, d, dtype)
+    q, k, v = random_qkv(4, t, h, g, d, dtype)
     index = random_block_sparse_index(np.random.default_rng(5), 1, h, t, bs, density, empty_fraction=empty)
     out = gpu_triton.block_sparse_attention(q, k, v, index, scale=d**-0.5, interpret=True)
     assert out.shape == q.shape and out.dtype == q.dtype
-    _assert_close(out, reference.block_sparse_attention(q, k, v, index, scale=d**-0.5), dtype)
+    assert_close(out, reference.block_sparse_attention(q, k, v, index, scale=d**-0.5), dtype)
 
 
 @pytest.mark.parametrize(
@@ -99,10 +83,10 @@ def test_gpu_kernel_matches_reference(t, h, g, d, bs, density, empty, dtype):
     [(40, 2, 1, 64, 0.5, 0.3, jnp.float32), (45, 4, 1, 128, 1.0, 0.0, jnp.bfloat16)],
 )
 def test_tpu_kernel_matches_reference(t, h, g, d, density, empty, dtype):
-    q, k, v = _inputs(6, t, h, g, d, dtype)
+    q, k, v = random_qkv(6, t, h, g, d, dtype)
     index = random_block_sparse_index(np.random.default_rng(7), 1, h, t, 16, density, empty_fraction=empty)
     out = tpu.block_sparse_attention(q, k, v, index, scale=d**-0.5, interpret=pltpu.InterpretParams())
-    _assert_close(out, reference.block_sparse_attention(q, k, v, index, scale=d**-0.5), dtype)
+    assert_close(out, reference.block_sparse_attention(q, k, v, index, scale=d**-0.5), dtype)
 
 
 def test_tpu_head_chunks_cover_heads_in_whole_groups():
@@ -113,20 +97,20 @@ def test_tpu_head_chunks_cover_heads_in_whole_groups():
 
 
 def test_dispatch_reference_backend():
-    q, k, v = _inputs(8, 30, 2, 1, 16)
+    q, k, v = random_qkv(8, 30, 2, 1, 16)
     index = random_block_sparse_index(np.random.default_rng(8), 1, 2, 30, 8, 0.5)
     out = block_sparse_attention(q, k, v, index, scale=0.25, backend="reference")
-    _assert_close(out, reference.block_sparse_attention(q, k, v, index, scale=0.25), jnp.float32)
+    assert_close(out, reference.block_sparse_attention(q, k, v, index, scale=0.25), jnp.float32)
     with pytest.raises(ValueError, match="unknown backend"):
         block_sparse_attention(q, k, v, index, scale=0.25, backend="cuda")
 
 
 def test_bad_inputs_raise_clear_errors():
-    q, k, v = _inputs(9, 32, 6, 4, 16)
+    q, k, v = random_qkv(9, 32, 6, 4, 16)
     index = random_block_sparse_index(np.random.default_rng(9), 1, 6, 32, 8, 0.5)
     with pytest.raises(ValueError, match="multiple of KV heads"):
         reference.block_sparse_attention(q, k, v, index, scale=0.25)
-    q, k, v = _inputs(9, 32, 4, 2, 16)
+    q, k, v = random_qkv(9, 32, 4, 2, 16)
     with pytest.raises(ValueError, match="build the index for these inputs"):
         reference.block_sparse_attention(q, k, v, index, scale=0.25)
     with pytest.raises(ValueError, match="block_size 8 has no kernel config"):
@@ -145,7 +129,7 @@ def test_mosaic_operands_and_coverage():
     assert not gpu_mosaic.supports(64, 128, jnp.bfloat16)
     assert not gpu_mosaic.supports(128, 256, jnp.bfloat16)
     assert not gpu_mosaic.supports(128, 128, jnp.float32)
-    q, k, v = _inputs(10, 40, 2, 1, 64)
+    q, k, v = random_qkv(10, 40, 2, 1, 64)
     index = random_block_sparse_index(np.random.default_rng(10), 1, 2, 40, 16, 0.5)
     with pytest.raises(ValueError, match="use gpu_triton instead"):
         gpu_mosaic.block_sparse_attention(q, k, v, index, scale=0.125)

@@ -15,36 +15,20 @@ from pallas_kernels.vertical_slash.configs import VerticalSlashConfig
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from pallas_kernels.vertical_slash.operands import kernel_operands
 from pallas_kernels.vertical_slash.synthetic import random_vertical_slash_index
+from kernel_test_utils import assert_close, random_qkv
 
-# Tolerances as in test_kernels_block_sparse: fp32 near-exact, bf16 with bf16 rounding of
-# the pre-scaled queries and the probabilities inside the kernels.
-TOL = {jnp.float32: dict(max_abs=2e-5, rel=1e-5), jnp.bfloat16: dict(max_abs=6e-2, rel=1.5e-2)}
 SMALL_CHUNK = VerticalSlashConfig(column_chunk=16, launch=TritonConfig(num_warps=4, num_stages=2))
-
-
-def _inputs(seed, t, h, g, d, dtype=jnp.float32, b=1):
-    rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(rng.standard_normal((b, t, n, d)), dtype) for n in (h, g, g))
-
-
-def _assert_close(out, ref, dtype):
-    out = np.asarray(out, np.float32)
-    ref = np.asarray(ref, np.float32)
-    assert np.all(np.isfinite(out))
-    tol = TOL[dtype]
-    assert np.max(np.abs(out - ref)) <= tol["max_abs"]
-    assert np.linalg.norm(out - ref) <= tol["rel"] * np.linalg.norm(ref)
 
 
 @pytest.mark.parametrize("t,h,g,n_ranges,n_cols,empty", [(77, 4, 2, 2, 9, 0.1), (64, 2, 2, 8, 0, 0.0)])
 def test_reference_matches_masked_oracle(t, h, g, n_ranges, n_cols, empty):
-    q, k, v = _inputs(0, t, h, g, 16, b=2)
+    q, k, v = random_qkv(0, t, h, g, 16, b=2)
     index = random_vertical_slash_index(
         np.random.default_rng(1), 2, h, t, n_ranges, n_cols, block_m=16, block_n=8, empty_fraction=empty
     )
     out = reference.vertical_slash_attention(q, k, v, index, scale=0.3, key_chunk=24)
     mask = reference.index_to_mask(index, t)
-    _assert_close(out, masked_attention(q, k, v, mask, scale=0.3), jnp.float32)
+    assert_close(out, masked_attention(q, k, v, mask, scale=0.3), jnp.float32)
     np.testing.assert_allclose(reference.attended_pairs(index, t), mask.sum((-1, -2)), rtol=0)
 
 
@@ -62,10 +46,10 @@ def test_hand_built_index():
     assert not mask[:8].any()
     np.testing.assert_array_equal(np.flatnonzero(mask[8]), [1, 3, 6, 7, 8])
     np.testing.assert_array_equal(np.flatnonzero(mask[15]), [1, 3, 6, 7, 8, 9])
-    q, k, v = _inputs(2, 16, 1, 1, 8)
+    q, k, v = random_qkv(2, 16, 1, 1, 8)
     out = reference.vertical_slash_attention(q, k, v, index, scale=0.5)
     assert np.all(np.asarray(out[0, :8]) == 0)
-    _assert_close(out, masked_attention(q, k, v, mask[None, None], scale=0.5), jnp.float32)
+    assert_close(out, masked_attention(q, k, v, mask[None, None], scale=0.5), jnp.float32)
 
 
 def test_kernel_operands_mask_free_prefix_and_padding():
@@ -91,13 +75,13 @@ KERNEL_CASES = [
 
 @pytest.mark.parametrize("t,h,g,d,n_ranges,n_cols,empty,dtype", KERNEL_CASES)
 def test_gpu_kernel_matches_reference(t, h, g, d, n_ranges, n_cols, empty, dtype):
-    q, k, v = _inputs(4, t, h, g, d, dtype)
+    q, k, v = random_qkv(4, t, h, g, d, dtype)
     index = random_vertical_slash_index(
         np.random.default_rng(5), 1, h, t, n_ranges, n_cols, block_m=32, block_n=16, empty_fraction=empty
     )
     out = gpu_triton.vertical_slash_attention(q, k, v, index, scale=d**-0.5, config=SMALL_CHUNK, interpret=True)
     assert out.shape == q.shape and out.dtype == q.dtype
-    _assert_close(out, reference.vertical_slash_attention(q, k, v, index, scale=d**-0.5), dtype)
+    assert_close(out, reference.vertical_slash_attention(q, k, v, index, scale=d**-0.5), dtype)
 
 
 @pytest.mark.parametrize(
@@ -105,27 +89,27 @@ def test_gpu_kernel_matches_reference(t, h, g, d, n_ranges, n_cols, empty, dtype
     [(50, 2, 1, 64, 2, 20, 0.2, jnp.float32), (40, 4, 1, 128, 1, 6, 0.0, jnp.bfloat16)],
 )
 def test_tpu_kernel_matches_reference(t, h, g, d, n_ranges, n_cols, empty, dtype):
-    q, k, v = _inputs(6, t, h, g, d, dtype)
+    q, k, v = random_qkv(6, t, h, g, d, dtype)
     index = random_vertical_slash_index(
         np.random.default_rng(7), 1, h, t, n_ranges, n_cols, block_m=16, block_n=16, empty_fraction=empty
     )
     out = tpu.vertical_slash_attention(
         q, k, v, index, scale=d**-0.5, config=SMALL_CHUNK, interpret=pltpu.InterpretParams()
     )
-    _assert_close(out, reference.vertical_slash_attention(q, k, v, index, scale=d**-0.5), dtype)
+    assert_close(out, reference.vertical_slash_attention(q, k, v, index, scale=d**-0.5), dtype)
 
 
 def test_dispatch_reference_backend():
-    q, k, v = _inputs(8, 40, 2, 1, 16)
+    q, k, v = random_qkv(8, 40, 2, 1, 16)
     index = random_vertical_slash_index(np.random.default_rng(8), 1, 2, 40, 2, 4, block_m=16, block_n=8)
     out = vertical_slash_attention(q, k, v, index, scale=0.25, backend="reference")
-    _assert_close(out, reference.vertical_slash_attention(q, k, v, index, scale=0.25), jnp.float32)
+    assert_close(out, reference.vertical_slash_attention(q, k, v, index, scale=0.25), jnp.float32)
     with pytest.raises(ValueError, match="unknown backend"):
         vertical_slash_attention(q, k, v, index, scale=0.25, backend="cuda")
 
 
 def test_bad_inputs_raise_clear_errors():
-    q, k, v = _inputs(9, 40, 4, 2, 16)
+    q, k, v = random_qkv(9, 40, 4, 2, 16)
     index = random_vertical_slash_index(np.random.default_rng(9), 1, 4, 70, 2, 4, block_m=32, block_n=8)
     with pytest.raises(ValueError, match="build the index for these inputs"):
         reference.vertical_slash_attention(q, k, v, index, scale=0.25)  # 3 row blocks for a 40-token prompt

@@ -88,7 +88,7 @@ def _deps(files: list[Path], packages: dict[str, str], self_target: str | None) 
                         break
             elif top in THIRD_PARTY:
                 external.add(THIRD_PARTY[top])
-            elif top in ("tokenizer_fixtures", "conftest", "shared_data"):
+            elif top in ("tokenizer_fixtures", "conftest", "shared_data", "kernel_test_utils"):
                 internal.add(":test_helpers")
     internal.discard(f":{self_target}" if self_target else "")
     return sorted(internal) + [f'requirement("{e}")' for e in sorted(external)]
