@@ -6,32 +6,20 @@ name and keyword hyper-parameters (as a config file or the command line gives th
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-from typing import Any, TypeVar
+from typing import Any
 
 from sparse_jax.attention.base import AttentionMethod
+from sparse_jax.registry import Registry
 
-_REGISTRY: dict[str, type[AttentionMethod]] = {}
+_METHODS: Registry[AttentionMethod] = Registry("attention method", ["sparse_jax.attention.methods"])
 
-M = TypeVar("M", bound=type[AttentionMethod])
-
-
-def register(cls: M) -> M:
-    """Class decorator: make ``cls`` available under ``cls.name``."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"attention method {cls.name!r} is registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
+register = _METHODS.register
 register(AttentionMethod)
 
 
 def available_methods() -> list[str]:
     """Registered method names, sorted."""
-    _import_builtin_methods()
-    return sorted(_REGISTRY)
+    return _METHODS.names()
 
 
 def get_method(name: str, **kwargs: Any) -> AttentionMethod:
@@ -41,22 +29,4 @@ def get_method(name: str, **kwargs: Any) -> AttentionMethod:
       ValueError: unknown method name (the closest names are suggested) or unknown
         hyper-parameter (the method's valid fields are listed).
     """
-    _import_builtin_methods()
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown attention method {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}.")
-    cls = _REGISTRY[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(kwargs) - fields)
-    if unknown:
-        raise ValueError(
-            f"attention method {name!r} has no argument(s) {', '.join(unknown)}; "
-            f"valid arguments: {', '.join(sorted(fields)) or '(none)'}."
-        )
-    return cls(**kwargs)
-
-
-def _import_builtin_methods() -> None:
-    """Import the modules whose classes register the built-in sparse methods."""
-    import sparse_jax.attention.methods  # noqa: F401  (registers on import)
+    return _METHODS.build(name, **kwargs)
