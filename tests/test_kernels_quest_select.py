@@ -32,7 +32,8 @@ def same_selection(got, want):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_page_scores_match_jnp(share, dtype):
     q, k_min, k_max, table = make_inputs(np.random.default_rng(0), dtype=dtype)
-    got = quest_select.page_scores(q, k_min, k_max, table, share_pages=share, block_pages=8, interpret=True)
+    got = quest_select.page_scores(q, k_min, k_max, table, share_pages=share, block_pages=16, blocks_per_program=2,
+                                    interpret=True)
     want = quest.page_upper_bounds(q, k_min, k_max, table, share_pages=share)
     assert got.shape == want.shape[:2] + (32,)  # 24 pages padded to a power of two
     scale = float(jnp.abs(want).max())
@@ -53,8 +54,8 @@ def test_threshold_select_matches_top_k(rows, per_row_budget):
     same_selection(got, quest.select_pages(scores[..., :24], table, lengths, **kwargs))
 
 
-@pytest.mark.parametrize("radix_bits", [1, 3])
-def test_threshold_select_ties_negative_and_infinite_scores(radix_bits):
+@pytest.mark.parametrize("candidates", [1, 4])
+def test_threshold_select_ties_negative_and_infinite_scores(candidates):
     """Ties keep the lowest table positions (as lax.top_k); -inf and negative scores order correctly."""
     rng = np.random.default_rng(2)
     _, _, _, table = make_inputs(rng)
@@ -63,22 +64,23 @@ def test_threshold_select_ties_negative_and_infinite_scores(radix_bits):
     scores = jnp.asarray(values[rng.integers(0, len(values), (2, 2, 32))])
     for budget in (1, 3, 6, 10):
         kwargs = dict(page_size=PAGE, token_budget=budget * PAGE)
-        got = quest_select.select_pages(scores, table, lengths, radix_bits=radix_bits, interpret=True, **kwargs)
+        got = quest_select.select_pages(scores, table, lengths, candidates=candidates, interpret=True, **kwargs)
         same_selection(got, quest.select_pages(scores[..., :24], table, lengths, **kwargs))
 
 
-def test_threshold_order_is_a_permutation():
-    """Kept positions first in table order, then every other position once."""
+@pytest.mark.parametrize("candidates", [1, 2, 4])
+def test_threshold_search_extreme_spans_and_budgets(candidates):
+    """Scores spanning the whole fp32 range (key differences beyond int32), tiny and huge
+    magnitudes, budgets 0, 1 and all-but-one page, per-query-head rows sharing a KV table."""
     rng = np.random.default_rng(6)
-    scores = jnp.asarray(rng.standard_normal((1, 3, 16)), jnp.float32)
-    current, budget = jnp.asarray([[12, 16, 5]], jnp.int32), jnp.asarray([[4, 0, 5]], jnp.int32)
-    order = np.asarray(quest_select.threshold_order(scores, current, budget, radix_bits=2, num_warps=4,
-                                                    interpret=True))
-    for row in range(3):
-        c, k = int(current[0, row]), int(budget[0, row])
-        np.testing.assert_array_equal(np.sort(order[0, row]), np.arange(16))
-        want = np.sort(np.argsort(-np.asarray(scores[0, row, :c]), kind="stable")[:k])
-        np.testing.assert_array_equal(order[0, row, :k], want)
+    _, _, _, table = make_inputs(rng, pages=30)
+    lengths = jnp.asarray([[120, 119], [65, 117]], jnp.int32)
+    spread = rng.choice([-3e38, -1e-30, 0.0, 1e-38, 7.0, 3e38, -np.inf, np.inf], size=(2, 8, 32))
+    scores = jnp.asarray(spread * rng.uniform(0.5, 1.0, (2, 8, 32)), jnp.float32)
+    budget_pages = jnp.asarray(rng.choice([0, 1, 28], size=(2, 8)), jnp.int32)
+    kwargs = dict(page_size=PAGE, token_budget=28 * PAGE, budget_pages=budget_pages)
+    got = quest_select.select_pages(scores, table, lengths, candidates=candidates, interpret=True, **kwargs)
+    same_selection(got, quest.select_pages(scores[..., :30], table, lengths, **kwargs))
 
 
 def test_quest_page_table_end_to_end():
@@ -87,7 +89,7 @@ def test_quest_page_table_end_to_end():
     lengths = jnp.asarray([[96, 61], [90, 12]], jnp.int32)
     for share in (True, False):
         kwargs = dict(page_size=PAGE, token_budget=5 * PAGE, share_pages=share)
-        got = quest_select.quest_page_table(q, k_min, k_max, table, lengths, block_pages=4, blocks_per_program=2,
+        got = quest_select.quest_page_table(q, k_min, k_max, table, lengths, block_pages=16, blocks_per_program=2,
                                             interpret=True, **kwargs)
         same_selection(got, quest.quest_page_table(q, k_min, k_max, table, lengths, **kwargs))
 
@@ -114,6 +116,8 @@ def test_bad_inputs_raise_clear_errors():
         quest_select.select_pages(jnp.zeros((2, 2, 24)), table, lengths, page_size=PAGE, token_budget=8)
     with pytest.raises(ValueError, match="multiple of page_size"):
         quest_select.select_pages(jnp.zeros((2, 2, 32)), table, lengths, page_size=PAGE, token_budget=6)
+    with pytest.raises(ValueError, match="candidates \\(3\\) must be a power of two"):
+        quest_select.select_pages(jnp.zeros((2, 2, 32)), table, lengths, page_size=PAGE, token_budget=8, candidates=3)
 
 
 def test_triton_lowering_for_h100():
@@ -133,10 +137,11 @@ def test_triton_lowering_for_h100():
         ).lower(lowering_platforms=("cuda",))
         rows = sds((batch, kv_heads), jnp.int32)
         selects = [
-            quest_select.threshold_order.trace(
-                sds((batch, kv_heads, pages), jnp.float32), rows, rows, radix_bits=bits, num_warps=8, interpret=False
+            quest_select._select_call.trace(
+                sds((batch, kv_heads, pages), jnp.float32), sds((batch, kv_heads, pages), jnp.int32), rows, rows,
+                page_size=16, max_pages=256, candidates=candidates, num_warps=8, interpret=False,
             ).lower(lowering_platforms=("cuda",))
-            for bits in (1, 3)
+            for candidates in (1, 4)
         ]
         for lowered in (scores, *selects):
             assert "__gpu$xla.gpu.triton" in lowered.as_text()

@@ -4,21 +4,24 @@
 ``lax.top_k``; at 128K tokens (8192 pages per row) both dominate the decode step. Here:
 
 * :func:`page_scores`: one program per (sequence, KV head, ``block_pages *
-  blocks_per_program`` table positions) gathers the bf16 ``k_min`` / ``k_max`` rows of its pages through the page
-  table (each summary read once per KV head and query group) and writes the fp32 upper
-  bounds ``relu(q) . k_max + min(q, 0) . k_min`` of :func:`quest.page_upper_bounds`
-  (same products, fp32 sums in another order: equal up to fp32 rounding).
-* :func:`select_pages`: one program per row holds all the row's scores in registers and
-  finds the ``k``-th largest by bisection on the order-preserving int32 image of the
-  fp32 bits (the sign, then ``radix_bits`` bits per counting pass; no sort). It keeps the pages above the threshold and the
-  lowest-positioned pages equal to it (the set ``lax.top_k`` keeps, ties included), and
-  stores each kept page's position at its slot from an in-register prefix sum (the other
-  positions after them), so the decode table is a slice of the kernel's output.
+  blocks_per_program`` table positions) gathers the bf16 ``k_min`` / ``k_max`` rows of its
+  pages through the page table (each summary read once per KV head and query group) and
+  writes the fp32 upper bounds ``relu(q) . k_max + min(q, 0) . k_min`` of
+  :func:`quest.page_upper_bounds` with tensor-core products. The fp32 (group-summed) query
+  is split into three bf16 parts whose sum is exact, so the bf16 x bf16 products and their
+  fp32 sums equal the fp32 bounds up to fp32 rounding (a plain bf16 query would round the
+  summed query and change which pages win near ties).
+* :func:`select_pages`: one program per row holds all the row's scores in registers,
+  finds the ``k``-th largest by a bracket search on the order-preserving int32 image of
+  the fp32 bits (counting passes that stop as soon as a count hits ``k``; no sort), keeps
+  the pages above it plus the lowest-positioned pages equal to it (the set ``lax.top_k``
+  keeps, ties included) and writes the decode table itself: the kept pool pages from an
+  in-register prefix sum, then the current page, and the row's read length.
 
 Differences from :func:`quest.select_pages`: the kept earlier pages come in table order,
 not best first (the decode kernels do not depend on the order), and NaN scores are not
-supported. Everything else (current page last, per-row budgets, dense fallback, row
-lengths) is shared through :func:`quest.plan_rows` / :func:`quest.finish_rows`.
+supported. The rest (current page last, per-row budgets, dense fallback, row lengths)
+follows :func:`quest.plan_rows` / :func:`quest.finish_rows`.
 A row's scores live in one program's registers: fine for 8192 pages (128K tokens at page
 size 16); much wider tables will spill. H100 timings: experiments/results/decode_kernels_h100.md.
 """
@@ -35,20 +38,51 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.paged_decode import quest
 
 _INT_MIN = -(2**31)
+_INT_MAX = 2**31 - 1
+
+
+# Triton's dot needs at least 16 columns; the query heads of a row are padded up to this.
+_MIN_DOT_COLUMNS = 16
+
+
+def _split_exact(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """``x`` fp32 as ``[parts, ...]`` in ``dtype`` whose fp32 sum is ``x`` to within fp32
+    rounding: for bf16, three parts from truncating the mantissa 8 bits at a time (bit
+    masks, which XLA cannot elide as it may a round trip through bf16); fp32: ``x``."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return x[None]
+    parts = []
+    rest = x
+    for _ in range(2):
+        bits = jax.lax.bitcast_convert_type(rest, jnp.uint32) & jnp.uint32(0xFFFF0000)
+        head = jax.lax.bitcast_convert_type(bits, jnp.float32)  # exactly representable in bf16
+        parts.append(head.astype(dtype))
+        rest = rest - head  # exact
+    parts.append(rest.astype(dtype))
+    return jnp.stack(parts)
 
 
 def _scores_kernel(table_ref, pos_ref, neg_ref, k_min_ref, k_max_ref, out_ref, *, block_pages: int):
-    """Refs: table ``[T]``, pos/neg ``[n, d]`` fp32, k_min/k_max ``[N, d]`` (one KV head's pool),
-    out ``[n, T]`` fp32; ``T / block_pages`` loop steps."""
-    pos, neg = pos_ref[...], neg_ref[...]
+    """Refs: table ``[T]``, pos/neg ``[parts, d, n_pad]`` (the query split as :func:`_split_exact`,
+    one column per query head of the row), k_min/k_max ``[N, d]`` (one KV head's pool), out
+    ``[1 or n_pad, T]`` fp32; ``T / block_pages`` loop steps of tensor-core products."""
+    parts = pos_ref.shape[0]
+    precision = jax.lax.Precision.HIGHEST  # fp32 summaries: exact fp32 products (bf16: ignored)
 
     def body(i, carry):
         start = pl.multiple_of(i * block_pages, block_pages)
         ids = jnp.clip(table_ref[pl.ds(start, block_pages)], 0, k_max_ref.shape[0] - 1)
-        k_max = k_max_ref[ids].astype(jnp.float32)  # [block, d]
-        k_min = k_min_ref[ids].astype(jnp.float32)
-        bound = k_max[None, :, :] * pos[:, None, :] + k_min[None, :, :] * neg[:, None, :]  # [n, block, d]
-        out_ref[:, pl.ds(start, block_pages)] = bound.sum(axis=2)
+        k_max = k_max_ref[ids]  # [block, d]
+        k_min = k_min_ref[ids]
+        bound = sum(
+            jnp.dot(k_max, pos_ref[p], preferred_element_type=jnp.float32, precision=precision)
+            + jnp.dot(k_min, neg_ref[p], preferred_element_type=jnp.float32, precision=precision)
+            for p in range(parts)
+        )  # [block, n_pad]
+        if out_ref.shape[0] == 1:  # one row (share_pages): its column, the others are zero
+            out_ref[0, pl.ds(start, block_pages)] = bound.sum(axis=1)
+        else:
+            out_ref[:, pl.ds(start, block_pages)] = bound.T
         return carry
 
     jax.lax.fori_loop(0, table_ref.shape[0] // block_pages, body, 0)
@@ -65,9 +99,9 @@ def page_scores(
     *,
     share_pages: bool,
     block_pages: int = 64,
-    blocks_per_program: int = 1,
-    num_warps: int = 8,
-    num_stages: int = 1,
+    blocks_per_program: int = 4,
+    num_warps: int = 4,
+    num_stages: int = 3,
     interpret: bool = False,
 ) -> jax.Array:
     """Kernel version of :func:`quest.page_upper_bounds`.
@@ -78,7 +112,7 @@ def page_scores(
       page_table: ``[B, G, P]`` int32.
       share_pages: one row per KV head (the group's relu parts summed in fp32) instead of
         one per query head.
-      block_pages: table positions per loop step (a power of two).
+      block_pages: table positions per loop step (a power of two, at least 16).
       blocks_per_program: loop steps per program (a power of two).
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth of the loop.
@@ -92,6 +126,8 @@ def page_scores(
     for name, value in (("block_pages", block_pages), ("blocks_per_program", blocks_per_program)):
         if value <= 0 or value & (value - 1):
             raise ValueError(f"{name} ({value}) must be a power of two")
+    if block_pages < _MIN_DOT_COLUMNS:
+        raise ValueError(f"block_pages ({block_pages}) must be at least {_MIN_DOT_COLUMNS} (Triton dot rows)")
     program_pages = block_pages * blocks_per_program
     b, h, d = q.shape
     g, num_pool_pages, _ = k_min.shape
@@ -107,9 +143,16 @@ def page_scores(
     if share_pages:
         pos, neg = pos.sum(axis=2, keepdims=True), neg.sum(axis=2, keepdims=True)
     n = pos.shape[2]
-    n_pad = pl.next_power_of_2(n)
-    pos, neg = (jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - n), (0, 0))) for x in (pos, neg))
-    query_spec = pl.BlockSpec((None, None, n_pad, d), lambda i, j, t: (i, j, 0, 0))
+    n_pad = max(_MIN_DOT_COLUMNS, pl.next_power_of_2(n))
+    # [B, G, n, d] -> [B, G, parts, d, n_pad]: one matrix column per query head.
+    pos, neg = (
+        jnp.pad(jnp.moveaxis(_split_exact(jnp.swapaxes(x, 2, 3), k_min.dtype), 0, 2),
+                ((0, 0), (0, 0), (0, 0), (0, 0), (0, n_pad - n)))
+        for x in (pos, neg)
+    )
+    parts = pos.shape[2]
+    n_out = 1 if n == 1 else n_pad  # Triton cannot slice the padded columns off in registers
+    query_spec = pl.BlockSpec((None, None, parts, d, n_pad), lambda i, j, t: (i, j, 0, 0, 0))
     pool_spec = pl.BlockSpec((None, num_pool_pages, d), lambda i, j, t: (j, 0, 0))
     out = pl.pallas_call(
         functools.partial(_scores_kernel, block_pages=block_pages),
@@ -121,8 +164,8 @@ def page_scores(
             pool_spec,
             pool_spec,
         ],
-        out_specs=pl.BlockSpec((None, None, n_pad, program_pages), lambda i, j, t: (i, j, 0, t)),
-        out_shape=jax.ShapeDtypeStruct((b, g, n_pad, width), jnp.float32),
+        out_specs=pl.BlockSpec((None, None, n_out, program_pages), lambda i, j, t: (i, j, 0, t)),
+        out_shape=jax.ShapeDtypeStruct((b, g, n_out, width), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="quest_page_scores",
@@ -136,38 +179,77 @@ def _order_keys(scores: jax.Array) -> jax.Array:
     return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
-def _kth_largest(keys: jax.Array, k: jax.Array, radix_bits: int) -> jax.Array:
-    """The ``k``-th largest of the int32 ``keys [P]``: the largest ``t`` with
-    ``count(keys >= t) >= k``, fixed bit by bit from the top. The sign bit first, then
-    ``radix_bits`` bits per pass, counting all ``2**radix_bits`` candidates of a pass in
-    one reduction."""
-    threshold = jnp.where(jnp.sum((keys >= 0).astype(jnp.int32)) >= k, jnp.int32(0), jnp.int32(_INT_MIN))
-    digits = jax.lax.broadcasted_iota(jnp.int32, (2**radix_bits, 1), 0)
-    low = 31
-    while low > 0:  # static passes
-        width = min(radix_bits, low)
-        low -= width
-        candidates = threshold + jnp.left_shift(digits >> (radix_bits - width), low)  # [2**r, 1]
-        counts = jnp.sum((keys[None, :] >= candidates).astype(jnp.int32), axis=1)  # [2**r]
-        threshold = jnp.max(jnp.where(counts >= k, candidates[:, 0], jnp.int32(_INT_MIN)))
-    return threshold
+def _kth_largest(keys: jax.Array, eligible: jax.Array, k: jax.Array, candidates: int) -> jax.Array:
+    """A threshold ``t`` for the ``k`` largest eligible int32 ``keys [W]`` (``0 <= k <=`` the
+    eligible count): ``count(keys >= t) >= k`` and ``count(keys > t) < k`` unless exactly ``k``
+    keys are ``>= t`` (then ``t`` may lie between two keys).
+
+    Bracket search on ``[lo, hi)``, ``count(keys >= lo) >= k > count(keys >= hi)``, from the
+    smallest eligible key to the largest key + 1: each pass counts ``candidates`` evenly
+    spaced thresholds in one reduction and keeps the sub-interval holding the answer. It stops
+    as soon as a count equals ``k`` (typically after 12-17 one-candidate passes on 8192
+    scores, instead of the 32 a bit-by-bit search needs) or the bracket is one key wide
+    (ties). Spans are uint32 so no difference of int32 keys overflows.
+    """
+    lo = jnp.min(jnp.where(eligible, keys, jnp.int32(_INT_MAX)))
+    hi = jnp.max(keys) + 1  # NaN keys (unsupported) are the only ones that could overflow
+    count_lo = jnp.sum(eligible.astype(jnp.int32))
+    steps = jax.lax.broadcasted_iota(jnp.uint32, (candidates,), 0) + 1  # [c]
+
+    def unsettled(carry):
+        lo, count_lo, hi = carry
+        return (count_lo > k) & (lo + 1 < hi)
+
+    def narrow(carry):
+        lo, count_lo, hi = carry
+        span = jax.lax.bitcast_convert_type(hi - lo, jnp.uint32)  # wraps to the true (positive) width
+        step = jnp.maximum(span // jnp.uint32(candidates + 1), jnp.uint32(1))
+        if candidates == 1:  # 1-D only: no [c, W] layout for Triton to convert every pass
+            point = lo + jax.lax.bitcast_convert_type(step, jnp.int32)
+            count = jnp.sum((keys >= point).astype(jnp.int32))
+            enough = count >= k
+            return jnp.where(enough, point, lo), jnp.where(enough, count, count_lo), jnp.where(enough, hi, point)
+        points = lo + jax.lax.bitcast_convert_type(jnp.minimum(step * steps, span - 1), jnp.int32)  # [c] in (lo, hi)
+        counts = jnp.sum((keys[None, :] >= points[:, None]).astype(jnp.int32), axis=1)  # [c], non-increasing
+        enough = counts >= k
+        new_lo = jnp.max(jnp.where(enough, points, lo))
+        new_count_lo = jnp.min(jnp.where(enough, counts, count_lo))
+        new_hi = jnp.min(jnp.where(enough, hi, points))
+        return new_lo, new_count_lo, new_hi
+
+    lo, _, _ = jax.lax.while_loop(unsettled, narrow, (lo, count_lo, hi))
+    return lo
 
 
-def _threshold_kernel(scores_ref, current_ref, budget_ref, order_ref, *, radix_bits: int):
-    """Refs: scores ``[P]`` fp32, current / budget ``[]`` int32, order ``[P]`` int32: the
-    positions of the kept pages in table order, then those of the others."""
+def _select_kernel(scores_ref, table_ref, length_ref, budget_ref, out_table_ref, out_length_ref, *,
+                   page_size: int, max_pages: int, candidates: int):
+    """Refs: scores ``[W]`` fp32, table ``[P]`` int32 (the row's cache table), length / budget
+    ``[]`` int32 (cached tokens, earlier-page budget), out_table ``[W]`` int32, out_length ``[]``
+    int32. Writes :func:`quest.finish_rows`'s table (first ``max_pages + 1`` slots) and length."""
     width = scores_ref.shape[0]
+    num_table = table_ref.shape[0]
     position = jax.lax.broadcasted_iota(jnp.int32, (width,), 0)
-    keys = jnp.where(position < current_ref[()], _order_keys(scores_ref[...]), jnp.int32(_INT_MIN))
-    k = budget_ref[()]
-    threshold = _kth_largest(keys, k, radix_bits)
+    n = length_ref[()]
+    row_budget = budget_ref[()]
+    current = jnp.maximum(n - 1, 0) // page_size
+    k = jnp.minimum(row_budget, max_pages)
+    eligible = position < current
+    keys = jnp.where(eligible, _order_keys(scores_ref[...]), jnp.int32(_INT_MIN))
+    threshold = _kth_largest(keys, eligible, k, candidates)
     above = keys > threshold
     equal = keys == threshold
     ties = k - jnp.sum(above.astype(jnp.int32))
-    keep = above | (equal & (jnp.cumsum(equal.astype(jnp.int32)) <= ties))
-    kept_before = jnp.cumsum(keep.astype(jnp.int32))  # inclusive
+    best = above | (equal & (jnp.cumsum(equal.astype(jnp.int32)) <= ties))  # lax.top_k's set, ties by position
+    dense = current <= row_budget
+    keep = jnp.where(dense, position <= max_pages, best | (position == current))
+    kept_before = jnp.cumsum(keep.astype(jnp.int32))  # inclusive; the current page lands at slot k
+    # A permutation of the row's slots (every slot written once): kept pages first, in
+    # table order, then the current page again in every other slot.
     slot = jnp.where(keep, kept_before - 1, jnp.sum(keep.astype(jnp.int32)) + position - kept_before)
-    plgpu.store(order_ref.at[slot], position)  # a permutation: every slot written once
+    current_page = table_ref[jnp.minimum(current, num_table - 1)]
+    pages = plgpu.load(table_ref.at[jnp.minimum(position, num_table - 1)], mask=keep, other=current_page)
+    plgpu.store(out_table_ref.at[slot], pages)
+    out_length_ref[()] = jnp.where(dense, n, (row_budget - current) * page_size + n)
 
 
 def select_pages(
@@ -178,66 +260,71 @@ def select_pages(
     page_size: int,
     token_budget: int,
     budget_pages: jax.Array | None = None,
-    radix_bits: int = 1,
+    candidates: int = 1,
     num_warps: int = 8,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Threshold-select version of :func:`quest.select_pages` (same arguments and page sets).
+    """Kernel version of :func:`quest.select_pages` (same arguments and page sets): one program
+    per row finds the row's threshold (:func:`_kth_largest`) and writes the decode table.
 
     Args:
       scores: ``[B, R, W]`` fp32 with ``W >= P`` a power of two (e.g. :func:`page_scores`);
         positions ``>= P`` are never chosen.
-      radix_bits: threshold bits fixed per counting pass.
+      candidates: thresholds counted per search pass, a power of two (more: fewer, wider
+        passes).
       num_warps: Triton warps per row program.
       interpret: run in the Pallas interpreter (CPU tests).
 
     Returns:
       ``(table [B, R, b + 1], row_lengths [B, R])``: the same pages and lengths as
-      :func:`quest.select_pages` on tie-free scores (ties: the lowest table positions, as
-      ``lax.top_k``), the kept earlier pages in table order, then the current page.
+      :func:`quest.select_pages` (ties: the lowest table positions, as ``lax.top_k``), the
+      kept earlier pages in table order, then the current page.
     """
     b, rows, width = scores.shape
+    g = page_table.shape[1]
     if width & (width - 1) or width < page_table.shape[2] or scores.dtype != jnp.float32:
         raise ValueError(
             f"scores must be fp32 [B, R, W] with W a power of two >= the table width {page_table.shape[2]} "
             f"(pad with jnp.pad); got {scores.dtype} {scores.shape}"
         )
+    if rows % g:
+        raise ValueError(f"scores rows ({rows}) must be a multiple of the page table's KV heads ({g})")
+    if candidates <= 0 or candidates & (candidates - 1):
+        raise ValueError(f"candidates ({candidates}) must be a power of two (Triton reductions need one)")
     plan = quest.plan_rows(page_table, lengths, rows, page_size=page_size, token_budget=token_budget,
                            budget_pages=budget_pages)
     if plan.passthrough:
         return plan.table, plan.lengths
-    order = threshold_order(scores, plan.current, jnp.minimum(plan.row_budget, plan.max_pages),
-                            radix_bits=radix_bits, num_warps=num_warps, interpret=interpret)
-    return quest.finish_rows(plan, order[..., : plan.max_pages])
+    table, row_lengths = _select_call(scores, page_table, lengths, plan.row_budget, page_size=page_size,
+                                      max_pages=plan.max_pages, candidates=candidates, num_warps=num_warps,
+                                      interpret=interpret)
+    return table[..., : plan.max_pages + 1], row_lengths
 
 
-@functools.partial(jax.jit, static_argnames=("radix_bits", "num_warps", "interpret"))
-def threshold_order(
-    scores: jax.Array, current: jax.Array, budget: jax.Array, *, radix_bits: int, num_warps: int, interpret: bool
-) -> jax.Array:
-    """Per row, the table positions of its ``budget`` best pages among positions ``< current``
-    (ascending), then all other positions.
-
-    Args:
-      scores: ``[B, R, W]`` fp32, ``W`` a power of two.
-      current, budget: ``[B, R]`` int32, ``budget <= current``.
-
-    Returns:
-      ``[B, R, W]`` int32, a permutation of ``0 .. W - 1`` per row.
-    """
+@functools.partial(jax.jit, static_argnames=("page_size", "max_pages", "candidates", "num_warps", "interpret"))
+def _select_call(scores, page_table, lengths, row_budget, *, page_size, max_pages, candidates, num_warps, interpret):
+    """``scores [B, R, W]``, ``page_table [B, G, P]``, ``lengths [B, G]``, ``row_budget [B, R]`` ->
+    ``(table [B, R, W], lengths [B, R])``; the decode table is ``table[..., :max_pages + 1]``."""
     b, rows, width = scores.shape
-    scalar_spec = pl.BlockSpec((None, None), lambda i, r: (i, r))
-    row_spec = pl.BlockSpec((None, None, width), lambda i, r: (i, r, 0))
+    g, num_table = page_table.shape[1:]
+    group = rows // g
+    row = lambda i, r: (i, r)
     return pl.pallas_call(
-        functools.partial(_threshold_kernel, radix_bits=radix_bits),
+        functools.partial(_select_kernel, page_size=page_size, max_pages=max_pages, candidates=candidates),
         grid=(b, rows),
-        in_specs=[row_spec, scalar_spec, scalar_spec],
-        out_specs=row_spec,
-        out_shape=jax.ShapeDtypeStruct((b, rows, width), jnp.int32),
+        in_specs=[
+            pl.BlockSpec((None, None, width), lambda i, r: (i, r, 0)),
+            pl.BlockSpec((None, None, num_table), lambda i, r: (i, r // group, 0)),
+            pl.BlockSpec((None, None), lambda i, r: (i, r // group)),
+            pl.BlockSpec((None, None), row),
+        ],
+        out_specs=[pl.BlockSpec((None, None, width), lambda i, r: (i, r, 0)), pl.BlockSpec((None, None), row)],
+        out_shape=[jax.ShapeDtypeStruct((b, rows, width), jnp.int32),
+                   jax.ShapeDtypeStruct((b, rows), jnp.int32)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name="quest_threshold_select",
-    )(scores, current.astype(jnp.int32), budget.astype(jnp.int32))
+        name="quest_select_pages",
+    )(scores, page_table, lengths.astype(jnp.int32), row_budget.astype(jnp.int32))
 
 
 def quest_page_table(
@@ -252,12 +339,12 @@ def quest_page_table(
     share_pages: bool,
     budget_pages: jax.Array | None = None,
     block_pages: int = 64,
-    blocks_per_program: int = 1,
-    radix_bits: int = 1,
+    blocks_per_program: int = 4,
+    candidates: int = 1,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Kernel version of :func:`quest.quest_page_table`: :func:`page_scores` then :func:`select_pages`."""
     scores = page_scores(q, k_min, k_max, page_table, share_pages=share_pages, block_pages=block_pages,
                          blocks_per_program=blocks_per_program, interpret=interpret)
     return select_pages(scores, page_table, lengths, page_size=page_size, token_budget=token_budget,
-                        budget_pages=budget_pages, radix_bits=radix_bits, interpret=interpret)
+                        budget_pages=budget_pages, candidates=candidates, interpret=interpret)

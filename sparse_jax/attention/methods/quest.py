@@ -36,12 +36,6 @@ if TYPE_CHECKING:  # The engine imports the methods; avoid the cycle at run time
     from sparse_jax.engine.kv_cache import PagedKVCache
 
 
-# On GPUs the Pallas scoring + threshold-selection kernels beat XLA's scoring and top-k
-# from batch 8 on (H100, 128K: 287 vs 400 us per step); at batch 1 XLA is as fast
-# (experiments/results/decode_kernels_h100.md). Both select the same pages.
-_KERNEL_SELECTION_MIN_BATCH = 8
-
-
 @register
 @dataclasses.dataclass(frozen=True)
 class Quest(AttentionMethod):
@@ -108,7 +102,9 @@ class Quest(AttentionMethod):
             token_budget=max(max_pages, 1) * self.page_size,
             budget_pages=self.budget_tokens(n) // self.page_size,
         )
-        if jax.default_backend() == "gpu" and q.shape[0] >= _KERNEL_SELECTION_MIN_BATCH:
+        # On GPUs the Pallas scoring and selection kernels replace XLA's scoring and top-k
+        # (same pages; H100 timings in experiments/results/decode_kernels_h100.md).
+        if jax.default_backend() == "gpu":
             table, row_lengths = quest_select.quest_page_table(
                 q, cache.k_min, cache.k_max, cache.page_table, cache.lengths, share_pages=self.share_pages, **selection
             )
