@@ -38,8 +38,13 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or "dense" not in methods:
+        parser.error(f"--methods must name 'dense' (the reference row) and only {METHODS}; got {args.methods!r}")
 
     config = ModelConfig(
         family="llama", rms_norm_eps=1e-5, rope=RopeScaling(theta=500_000.0), vocab_size=32_000,
@@ -52,7 +57,7 @@ def main() -> None:
     print(f"device {jax.devices()[0].device_kind}, {args.batch} x {args.prompt_len} tokens, "
           f"{args.layers} layers, hidden {args.hidden}", flush=True)
     rows, dense_tokens = [], None
-    for name in METHODS:
+    for name in methods:
         method = get_method(name) if name == "dense" else get_method(name, sparsity=args.sparsity)
         engine = Engine(model, method, EngineConfig(batch_size=args.batch))
         kwargs = dict(max_new_tokens=args.new_tokens, stop_ids=[0])
