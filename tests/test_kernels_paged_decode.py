@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_test_utils import lowering_for_h100
 from pallas_kernels.paged_decode import DecodeConfig, default_config, paged_decode_attention, quest, reference
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -267,20 +268,13 @@ def test_quest_bad_budget():
 
 def test_triton_lowering_for_h100():
     """The GPU kernel lowers to Triton IR (Python-side lowering, no GPU needed)."""
-    gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
-    registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
     from pallas_kernels.paged_decode import gpu_triton
 
-    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
-    patch = pytest.MonkeyPatch()
-    patch.setattr(registration.gpu_info_lib, "get_gpu_info", lambda: h100)
-    try:
+    with lowering_for_h100():
         for rows in (8, 32):
             args = _abstract_args(rows)
             text = gpu_triton.paged_decode_attention.trace(*args, scale=0.1).lower(lowering_platforms=("cuda",))
             assert "__gpu$xla.gpu.triton" in text.as_text()
-    finally:
-        patch.undo()
 
 
 def test_mosaic_lowering_for_tpu():

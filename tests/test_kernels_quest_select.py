@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_test_utils import lowering_for_h100
 from pallas_kernels.paged_decode import quest, quest_select
 
 PAGE = 4
@@ -122,15 +123,10 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_triton_lowering_for_h100():
     """Both kernels lower to Triton IR at the benchmark's 128K shapes (no GPU needed)."""
-    gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
-    registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
-    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
-    patch = pytest.MonkeyPatch()
-    patch.setattr(registration.gpu_info_lib, "get_gpu_info", lambda: h100)
     sds = jax.ShapeDtypeStruct
     batch, heads, kv_heads, d, pool, pages = 8, 32, 8, 128, 65536, 8192
     summaries = sds((kv_heads, pool, d), jnp.bfloat16)
-    try:
+    with lowering_for_h100():
         scores = quest_select.page_scores.trace(
             sds((batch, heads, d), jnp.bfloat16), summaries, summaries, sds((batch, kv_heads, pages), jnp.int32),
             share_pages=True,
@@ -143,7 +139,5 @@ def test_triton_lowering_for_h100():
             ).lower(lowering_platforms=("cuda",))
             for candidates in (1, 4)
         ]
-        for lowered in (scores, *selects):
-            assert "__gpu$xla.gpu.triton" in lowered.as_text()
-    finally:
-        patch.undo()
+    for lowered in (scores, *selects):
+        assert "__gpu$xla.gpu.triton" in lowered.as_text()

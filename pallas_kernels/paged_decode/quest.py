@@ -145,8 +145,24 @@ def plan_rows(
     n = jnp.repeat(lengths, group, axis=1)
     max_pages = token_budget // page_size
     row_budget = jnp.full(n.shape, max_pages, jnp.int32) if budget_pages is None else budget_pages.astype(jnp.int32)
-    current = jnp.maximum(n - 1, 0) // page_size
+    current = current_page(n, page_size)
     return RowPlan(table, n, current, row_budget, page_size, max_pages, page_table.shape[2] <= max_pages + 1)
+
+
+def current_page(n: jax.Array, page_size: int) -> jax.Array:
+    """The page holding the newest of ``n`` cached tokens (arrays or kernel scalars)."""
+    return jnp.maximum(n - 1, 0) // page_size
+
+
+def reads_all_pages(current: jax.Array, row_budget: jax.Array) -> jax.Array:
+    """A row with no more earlier pages than its budget reads them all (the dense fallback)."""
+    return current <= row_budget
+
+
+def read_length(n: jax.Array, current: jax.Array, row_budget: jax.Array, page_size: int) -> jax.Array:
+    """Tokens a row reads: all ``n`` when it reads every page, else ``row_budget`` whole
+    earlier pages plus the current page's tokens."""
+    return jnp.where(reads_all_pages(current, row_budget), n, (row_budget - current) * page_size + n)
 
 
 def finish_rows(plan: RowPlan, best: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -163,10 +179,8 @@ def finish_rows(plan: RowPlan, best: jax.Array) -> tuple[jax.Array, jax.Array]:
     slot = jnp.arange(plan.max_pages + 1)[None, None, :]
     best = jnp.concatenate([best, current[..., None]], axis=2)
     chosen = jnp.where(slot < row_budget[..., None], best, current[..., None])
-    dense = current <= row_budget
-    chosen = jnp.where(dense[..., None], slot, chosen)
-    n = plan.lengths
-    row_lengths = jnp.where(dense, n, (row_budget - current) * plan.page_size + n)
+    chosen = jnp.where(reads_all_pages(current, row_budget)[..., None], slot, chosen)
+    row_lengths = read_length(plan.lengths, current, row_budget, plan.page_size)
     return jnp.take_along_axis(plan.table, chosen, axis=2), row_lengths.astype(jnp.int32)
 
 

@@ -16,7 +16,8 @@
   the fp32 bits (counting passes that stop as soon as a count hits ``k``; no sort), keeps
   the pages above it plus the lowest-positioned pages equal to it (the set ``lax.top_k``
   keeps, ties included) and writes the decode table itself: the kept pool pages from an
-  in-register prefix sum, then the current page, and the row's read length.
+  in-register prefix sum, then the current page, and the row's read length (the row
+  rules of :mod:`quest`, applied in the kernel so no XLA pass runs before it).
 
 Differences from :func:`quest.select_pages`: the kept earlier pages come in table order,
 not best first (the decode kernels do not depend on the order), and NaN scores are not
@@ -225,13 +226,14 @@ def _select_kernel(scores_ref, table_ref, length_ref, budget_ref, out_table_ref,
                    page_size: int, max_pages: int, candidates: int):
     """Refs: scores ``[W]`` fp32, table ``[P]`` int32 (the row's cache table), length / budget
     ``[]`` int32 (cached tokens, earlier-page budget), out_table ``[W]`` int32, out_length ``[]``
-    int32. Writes :func:`quest.finish_rows`'s table (first ``max_pages + 1`` slots) and length."""
+    int32: :func:`quest.finish_rows`'s table (first ``max_pages + 1`` slots) and length, from
+    the row rules of :mod:`quest` (computed here, so no XLA pass runs before the kernel)."""
     width = scores_ref.shape[0]
     num_table = table_ref.shape[0]
     position = jax.lax.broadcasted_iota(jnp.int32, (width,), 0)
     n = length_ref[()]
     row_budget = budget_ref[()]
-    current = jnp.maximum(n - 1, 0) // page_size
+    current = quest.current_page(n, page_size)
     k = jnp.minimum(row_budget, max_pages)
     eligible = position < current
     keys = jnp.where(eligible, _order_keys(scores_ref[...]), jnp.int32(_INT_MIN))
@@ -240,8 +242,7 @@ def _select_kernel(scores_ref, table_ref, length_ref, budget_ref, out_table_ref,
     equal = keys == threshold
     ties = k - jnp.sum(above.astype(jnp.int32))
     best = above | (equal & (jnp.cumsum(equal.astype(jnp.int32)) <= ties))  # lax.top_k's set, ties by position
-    dense = current <= row_budget
-    keep = jnp.where(dense, position <= max_pages, best | (position == current))
+    keep = jnp.where(quest.reads_all_pages(current, row_budget), position <= max_pages, best | (position == current))
     kept_before = jnp.cumsum(keep.astype(jnp.int32))  # inclusive; the current page lands at slot k
     # A permutation of the row's slots (every slot written once): kept pages first, in
     # table order, then the current page again in every other slot.
@@ -249,7 +250,7 @@ def _select_kernel(scores_ref, table_ref, length_ref, budget_ref, out_table_ref,
     current_page = table_ref[jnp.minimum(current, num_table - 1)]
     pages = plgpu.load(table_ref.at[jnp.minimum(position, num_table - 1)], mask=keep, other=current_page)
     plgpu.store(out_table_ref.at[slot], pages)
-    out_length_ref[()] = jnp.where(dense, n, (row_budget - current) * page_size + n)
+    out_length_ref[()] = quest.read_length(n, current, row_budget, page_size)
 
 
 def select_pages(
