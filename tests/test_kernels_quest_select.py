@@ -108,6 +108,8 @@ def test_bad_inputs_raise_clear_errors():
     q, k_min, k_max, table = make_inputs(np.random.default_rng(5))
     with pytest.raises(ValueError, match="block_pages .* power of two"):
         quest_select.page_scores(q, k_min, k_max, table, share_pages=True, block_pages=12, interpret=True)
+    with pytest.raises(ValueError, match="block_pages \\(8\\) must be at least 16"):
+        quest_select.page_scores(q, k_min, k_max, table, share_pages=True, block_pages=8, interpret=True)
     with pytest.raises(ValueError, match="blocks_per_program .* power of two"):
         quest_select.page_scores(q, k_min, k_max, table, share_pages=True, blocks_per_program=3, interpret=True)
     with pytest.raises(ValueError, match="page_table \\[B, G, P\\]"):
@@ -117,6 +119,8 @@ def test_bad_inputs_raise_clear_errors():
         quest_select.select_pages(jnp.zeros((2, 2, 24)), table, lengths, page_size=PAGE, token_budget=8)
     with pytest.raises(ValueError, match="multiple of page_size"):
         quest_select.select_pages(jnp.zeros((2, 2, 32)), table, lengths, page_size=PAGE, token_budget=6)
+    with pytest.raises(ValueError, match="scores rows \\(3\\) must be a multiple"):
+        quest_select.select_pages(jnp.zeros((2, 3, 32)), table, lengths, page_size=PAGE, token_budget=8)
     with pytest.raises(ValueError, match="candidates \\(3\\) must be a power of two"):
         quest_select.select_pages(jnp.zeros((2, 2, 32)), table, lengths, page_size=PAGE, token_budget=8, candidates=3)
 
