@@ -257,6 +257,27 @@ def test_quest_decode_end_to_end(backend, share, budget_pages):
         assert rel_err(out, dense) < 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_table_read_in_place_with_max_row_pages(backend):
+    """A table with spare columns past ``max_row_pages`` is read as it is; the result is unchanged."""
+    from pallas_kernels.paged_decode import common
+
+    rng = np.random.default_rng(11)
+    (q, k, v, table, lens), clean = make_cache(rng, batch=2, heads=8, kv_heads=2, pages_per_row=7,
+                                               lengths=[[13, 1], [16, 9]])
+    # Rows read at most 4 pages; 3 spare columns fit blocks of 2 pages (and 3 < 2 + 4 - 1 would not
+    # fit blocks of 4: the kernel then pads, still correct).
+    assert common.pad_table(table, 2, max_row_pages=4) is table
+    assert common.pad_table(table, 4, max_row_pages=4).shape[2] == 7 + 4
+    ref = reference.paged_decode_attention(*clean, scale=0.2)
+    for ppb in (2, 4):
+        out = paged_decode_attention(q, k, v, table, lens, scale=0.2, max_row_pages=4, backend=backend,
+                                     interpret=True, config=DecodeConfig(pages_per_block=ppb, num_splits=2))
+        assert rel_err(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="max_row_pages must be a non-negative int"):
+        common.pad_table(table, 2, max_row_pages=-1)
+
+
 def test_quest_bad_budget():
     with pytest.raises(ValueError, match="multiple of page_size"):
         quest.select_pages(jnp.zeros((1, 2, 8)), jnp.zeros((1, 2, 8), jnp.int32), jnp.ones((1, 2), jnp.int32),

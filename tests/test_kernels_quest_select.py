@@ -95,6 +95,23 @@ def test_quest_page_table_end_to_end():
         same_selection(got, quest.quest_page_table(q, k_min, k_max, table, lengths, **kwargs))
 
 
+@pytest.mark.parametrize("spare", [3, 40])
+def test_spare_columns_after_the_selected_pages(spare):
+    """Spare columns follow the b + 1 selected ones (beyond the scores' width: padded)."""
+    rng = np.random.default_rng(6)
+    _, _, _, table = make_inputs(rng)
+    lengths = jnp.asarray([[96, 37], [50, 9]], jnp.int32)
+    scores = jnp.asarray(rng.standard_normal((2, 2, 32)), jnp.float32)
+    kwargs = dict(page_size=PAGE, token_budget=4 * PAGE)
+    narrow = quest_select.select_pages(scores, table, lengths, interpret=True, **kwargs)
+    wide_table, wide_len = quest_select.select_pages(scores, table, lengths, spare_columns=spare, interpret=True,
+                                                     **kwargs)
+    assert wide_table.shape == (2, 2, 5 + spare)
+    np.testing.assert_array_equal(np.asarray(wide_table[..., :5]), np.asarray(narrow[0]))
+    np.testing.assert_array_equal(np.asarray(wide_len), np.asarray(narrow[1]))
+    assert int(wide_table.min()) >= 0 and int(wide_table.max()) < 64  # in-range pool pages
+
+
 def test_small_table_passes_through():
     _, _, _, table = make_inputs(np.random.default_rng(4), pages=4)
     lengths = jnp.full((2, 2), 13, jnp.int32)
@@ -121,6 +138,9 @@ def test_bad_inputs_raise_clear_errors():
         quest_select.select_pages(jnp.zeros((2, 2, 32)), table, lengths, page_size=PAGE, token_budget=6)
     with pytest.raises(ValueError, match="scores rows \\(3\\) must be a multiple"):
         quest_select.select_pages(jnp.zeros((2, 3, 32)), table, lengths, page_size=PAGE, token_budget=8)
+    with pytest.raises(ValueError, match="spare_columns must be a non-negative int"):
+        quest_select.select_pages(jnp.zeros((2, 2, 32)), table, lengths, page_size=PAGE, token_budget=8,
+                                  spare_columns=-1)
     with pytest.raises(ValueError, match="candidates \\(3\\) must be a power of two"):
         quest_select.select_pages(jnp.zeros((2, 2, 32)), table, lengths, page_size=PAGE, token_budget=8, candidates=3)
 
@@ -139,9 +159,9 @@ def test_triton_lowering_for_h100():
         selects = [
             quest_select._select_call.trace(
                 sds((batch, kv_heads, pages), jnp.float32), sds((batch, kv_heads, pages), jnp.int32), rows, rows,
-                page_size=16, max_pages=256, candidates=candidates, num_warps=8, interpret=False,
+                page_size=16, max_pages=256, columns=columns, candidates=candidates, num_warps=8, interpret=False,
             ).lower(lowering_platforms=("cuda",))
-            for candidates in (1, 4)
+            for candidates, columns in ((1, 257 + 4), (4, pages))
         ]
     for lowered in (scores, *selects):
         assert "__gpu$xla.gpu.triton" in lowered.as_text()

@@ -1,9 +1,13 @@
 """Paged decode kernels on one GPU: dense, Quest-selected and evicted caches (issue 7).
 
 Shapes: 32 query heads, 8 KV heads, d=128, bf16, page size 16, shuffled page tables.
-Each timed function runs ``REPEATS`` independent decode steps inside one jit (distinct
+Each timed function runs ``REPEATS`` (``--steps``) decode steps inside one jit (distinct
 queries, no loop), so host dispatch is amortised; we report the median per step over
 ``TRIALS`` calls after warm-up. Bandwidth counts the K and V bytes of the valid tokens.
+The headline rows (empty step, fastest dense, Quest, evicted) are also timed two more ways
+(:class:`StepTime`): pipelined (calls queued back to back, one wait at the end: a decode
+loop's throughput) and on the device (the span of a call's kernels in a JAX profiler trace,
+:mod:`device_timeline`, divided by the steps, with a per-kernel table).
 
 Run on the device: ``PYTHONUNBUFFERED=1 python experiments/benchmarks/decode_kernels.py --out $OUT``.
 """
@@ -11,6 +15,7 @@ Run on the device: ``PYTHONUNBUFFERED=1 python experiments/benchmarks/decode_ker
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -22,6 +27,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from tqdm import tqdm
 
+from experiments.benchmarks import device_timeline
 from pallas_kernels.paged_decode import DecodeConfig, default_config, gpu_triton, quest, quest_select, reference
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -46,8 +52,8 @@ def make_cache(key, batch: int, pages_per_row: int, lengths: np.ndarray):
     return dict(qs=qs, k=k, v=v, table=table, lengths=jnp.asarray(lengths, jnp.int32), k_min=k_min, k_max=k_max)
 
 
-def time_steps(fn, *args) -> float:
-    """Median seconds per decode step of ``fn(q, *args)`` over the REPEATS queries in ``args[0]``."""
+def chain_steps(fn):
+    """``jit(many)``: ``many(qs, *rest)`` runs ``fn(q, *rest)`` for the REPEATS queries in ``qs``."""
     def many(qs, *rest):
         # Each step's query depends on the previous output, so XLA cannot fuse sibling
         # steps into one pass over the shared cache. (Tying the steps with
@@ -59,7 +65,11 @@ def time_steps(fn, *args) -> float:
             link = (jax.tree.leaves(out)[0].reshape(-1)[0] * 0).astype(qs.dtype)
         return outs
 
-    many = jax.jit(many)
+    return jax.jit(many)
+
+
+def _serial_seconds(many, args) -> float:
+    """Median seconds per step over TRIALS calls of ``many``, each waited for."""
     jax.block_until_ready(many(*args))
     jax.block_until_ready(many(*args))
     times = []
@@ -68,6 +78,52 @@ def time_steps(fn, *args) -> float:
         jax.block_until_ready(many(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times) / REPEATS
+
+
+def time_steps(fn, *args) -> float:
+    """Median seconds per decode step of ``fn(q, *args)`` over the REPEATS queries in ``args[0]``."""
+    return _serial_seconds(chain_steps(fn), args)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+    """Seconds per decode step, measured three ways.
+
+    Attributes:
+      serial: :func:`time_steps` (each call waited for: its dispatch and sync are in it).
+      pipelined: TRIALS calls queued back to back and waited for once, so the host
+        prepares a call while the device runs the previous one (a decode loop's throughput).
+      timeline: the device's kernels in one call (median of 3 traced calls); ``None`` where
+        the profiler records no GPU kernel (interpret mode).
+    """
+
+    serial: float
+    pipelined: float
+    timeline: device_timeline.Timeline | None
+
+    @property
+    def device(self) -> float | None:
+        return None if self.timeline is None else self.timeline.span_ns / REPEATS / 1e9
+
+    @property
+    def ranking(self) -> float:
+        """The time sweeps rank variants by: on the device where traced (no host noise)."""
+        return self.serial if self.device is None else self.device
+
+
+def measure_steps(fn, *args) -> StepTime:
+    """:class:`StepTime` of ``fn(q, *args)`` (as :func:`time_steps`)."""
+    many = chain_steps(fn)
+    serial = _serial_seconds(many, args)
+    t0 = time.perf_counter()
+    jax.block_until_ready([many(*args) for _ in range(TRIALS)])
+    pipelined = (time.perf_counter() - t0) / (TRIALS * REPEATS)
+    try:
+        timeline = device_timeline.trace_call(many, *args)
+    except RuntimeError as e:
+        tqdm.write(f"  no device timeline: {e}")
+        timeline = None
+    return StepTime(serial, pipelined, timeline)
 
 
 def _copy_kernel(q_ref, out_ref):
@@ -120,20 +176,25 @@ def selection_fn(budget: int):
     return fn
 
 
-def quest_kernel_fn(config: DecodeConfig, budget: int, score_cfg: dict, select_cfg: dict):
-    """Quest with the Pallas scoring and threshold-selection kernels, then the decode kernel."""
+def quest_kernel_fn(config: DecodeConfig, budget: int, score_cfg: dict, select_cfg: dict, in_place: bool = True):
+    """Quest with the Pallas scoring and threshold-selection kernels, then the decode kernel.
+    ``in_place``: the selection leaves the decode blocks' spare columns, so the decode reads
+    its table as it is (else: through a padded copy, one more kernel per step)."""
+    spare = config.pages_per_block if in_place else 0
+    max_row_pages = budget // PAGE + 1 if in_place else None
+
     def fn(q, k, v, table, lengths, k_min, k_max):
         scores = quest_select.page_scores(q, k_min, k_max, table, share_pages=True, interpret=INTERPRET, **score_cfg)
         sel, sel_len = quest_select.select_pages(scores, table, lengths, page_size=PAGE, token_budget=budget,
-                                                 interpret=INTERPRET, **select_cfg)
-        return gpu_triton.paged_decode_attention(q, k, v, sel, sel_len, scale=SCALE, config=config,
-                                               interpret=INTERPRET)
+                                                 spare_columns=spare, interpret=INTERPRET, **select_cfg)
+        return gpu_triton.paged_decode_attention(q, k, v, sel, sel_len, scale=SCALE, max_row_pages=max_row_pages,
+                                               config=config, interpret=INTERPRET)
     return fn
 
 
 def fastest(variants, run):
     """``(seconds, variant)`` of the fastest variant; ``run(variant)`` times one (a variant that
-    fails to compile is reported and skipped)."""
+    fails to compile is reported and skipped). Runs rank by :attr:`StepTime.ranking`."""
     best = None
     for variant in variants:
         try:
@@ -146,7 +207,7 @@ def fastest(variants, run):
     return best
 
 
-def quest_kernel_stages(c, batch: int, budget: int, dense_t: float, record) -> None:
+def quest_kernel_stages(c, batch: int, budget: int, dense: StepTime, record) -> None:
     """Per-stage timings of the kernel Quest path, checked against the jnp selection first."""
     qs, table, lengths, k_min, k_max = c["qs"], c["table"], c["lengths"], c["k_min"], c["k_max"]
     want_scores = quest.page_upper_bounds(qs[0], k_min, k_max, table, share_pages=True)
@@ -157,9 +218,10 @@ def quest_kernel_stages(c, batch: int, budget: int, dense_t: float, record) -> N
             q, k_min, k_max, table, share_pages=True, interpret=INTERPRET, **cfg)
         got = score(qs[0], table, k_min, k_max)[..., : table.shape[2]]
         err = float(jnp.abs(got - want_scores).max() / jnp.abs(want_scores).max())
-        t = time_steps(score, qs, table, k_min, k_max)
-        record(f"quest kernel scores b{batch} {cfg} (err {err:.1e}, {summary_bytes / t / 1e12:.2f} TB/s)", t, None)
-        return t
+        t = measure_steps(score, qs, table, k_min, k_max)
+        record(f"quest kernel scores b{batch} {cfg} (err {err:.1e}, {summary_bytes / t.ranking / 1e12:.2f} TB/s)", t,
+               None)
+        return t.ranking
 
     score_variants = [dict(block_pages=bp, blocks_per_program=n, num_warps=w, num_stages=st)
                       for bp, n, w, st in [(64, 4, 4, 3), (32, 4, 4, 3), (64, 8, 4, 4), (32, 16, 4, 3), (16, 8, 4, 3),
@@ -176,10 +238,10 @@ def quest_kernel_stages(c, batch: int, budget: int, dense_t: float, record) -> N
         got_table, got_len = sel(scores, table, lengths)
         same = bool(jnp.array_equal(jnp.sort(got_table, axis=2), jnp.sort(want_table, axis=2))
                     & jnp.array_equal(got_len, want_len))
-        t = time_steps(sel, scores_rep, table, lengths)
+        t = measure_steps(sel, scores_rep, table, lengths)
         record(f"quest select kernel b{batch} {cfg} ({'same pages as top_k' if same else 'FAIL: pages differ'})",
                t, None)
-        return t if same else float("inf")
+        return t.ranking if same else float("inf")
 
     _, select_cfg = fastest([dict(candidates=c, num_warps=w) for c, w in [(1, 4), (1, 8), (2, 8), (4, 16)]],
                             run_select)
@@ -198,18 +260,21 @@ def quest_kernel_stages(c, batch: int, budget: int, dense_t: float, record) -> N
 
     def run_decode(variant):
         cfg = decode_config(variant)
-        t = time_steps(kernel_fn(cfg), qs, c["k"], c["v"], sel_table, sel_len)
+        t = measure_steps(kernel_fn(cfg), qs, c["k"], c["v"], sel_table, sel_len)
         record(f"quest decode kernel only ({budget + PAGE} tokens) b{batch} {cfg}", t, batch * int(sel_len[0, 0]))
-        return t
+        return t.ranking
 
     variants = [(2, 0, 3), (2, 0, 4), (4, 0, 3), (4, 0, 4), (8, 0, 3), (16, 0, 3), (8, 5, 3), (4, 32, 3), (8, 16, 3)]
     dcfg = decode_config(fastest(variants, run_decode)[1])
     qargs = (qs, c["k"], c["v"], table, lengths, k_min, k_max)
-    fn = quest_kernel_fn(dcfg, budget, score_cfg, select_cfg)
-    check(fn(qs[0], *qargs[1:]), reference_fn(qs[0], c["k"], c["v"], sel_table, sel_len), f"quest kernels b{batch}")
-    t = time_steps(fn, *qargs)
-    record(f"quest {budget} b{batch} KERNEL PATH (scores + select + decode) {score_cfg} {select_cfg} "
-           f"{dcfg}", t, batch * (budget + PAGE), speedup_vs_dense=dense_t / t)
+    want = reference_fn(qs[0], c["k"], c["v"], sel_table, sel_len)
+    for in_place in (False, True):
+        fn = quest_kernel_fn(dcfg, budget, score_cfg, select_cfg, in_place=in_place)
+        check(fn(qs[0], *qargs[1:]), want, f"quest kernels b{batch} in_place={in_place}")
+        t = measure_steps(fn, *qargs)
+        table_how = "decode reads the selection's table in place" if in_place else "padded table copy"
+        record(f"quest {budget} b{batch} KERNEL PATH (scores + select + decode; {table_how}) {score_cfg} "
+               f"{select_cfg} {dcfg}", t, batch * (budget + PAGE), dense=dense)
 
 
 def dense_baselines(c, base, batch: int, ctx: int, tokens: int, record) -> None:
@@ -236,9 +301,11 @@ def main():
     parser.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke run)")
     parser.add_argument("--budget", type=int, default=4096, help="Quest token budget")
     parser.add_argument("--quest-only", action="store_true", help="only the Quest cases (one dense config)")
+    parser.add_argument("--steps", type=int, default=10, help="decode steps chained in one timed call")
     args = parser.parse_args()
-    global INTERPRET, TRIALS
+    global INTERPRET, TRIALS, REPEATS
     INTERPRET = args.interpret
+    REPEATS = args.steps
     if INTERPRET:
         TRIALS = 1
     print(jax.devices())
@@ -248,11 +315,33 @@ def main():
     sweep = [DecodeConfig(pages_per_block=p, num_splits=1, num_warps=w, num_stages=s)
              for p, w, s in [(4, 4, 3), (4, 4, 4), (4, 8, 3), (8, 4, 3), (8, 8, 2), (2, 4, 4)]]
 
-    def record(name, seconds, tokens, **extra):
+    def record(name, time, tokens, dense: StepTime | None = None, **extra):
+        """``time``: seconds (serial) or a :class:`StepTime`; ``dense``: the dense step to compare with."""
+        step = time if isinstance(time, StepTime) else None
+        seconds = step.serial if step else time
         bw = kv_bytes(tokens) / seconds / 1e12 if tokens else None
-        rows.append(dict(name=name, us=seconds * 1e6, tb_s=bw, **extra))
+        if step:
+            extra["pipelined_us"] = step.pipelined * 1e6
+            if tokens:
+                extra["pipelined_tb_s"] = kv_bytes(tokens) / step.pipelined / 1e12
+            if step.device:
+                extra["device_us"] = step.device * 1e6
+                if tokens:
+                    extra["device_tb_s"] = kv_bytes(tokens) / step.device / 1e12
+                extra["kernels"] = {k: [n / REPEATS, t / REPEATS / 1e3]
+                                    for k, (n, t) in step.timeline.per_kernel().items()}
+        if dense:
+            extra["speedup_vs_dense"] = dense.serial / step.serial
+            extra["pipelined_speedup_vs_dense"] = dense.pipelined / step.pipelined
+            if dense.device and step.device:
+                extra["device_speedup_vs_dense"] = dense.device / step.device
+        rows.append(dict(name=name, us=seconds * 1e6, tb_s=bw, steps_per_call=REPEATS, **extra))
         bw_txt = f"{bw:6.2f} TB/s" if bw else ""
         tqdm.write(f"{name:58s} {seconds * 1e6:10.1f} us  {bw_txt}")
+        if step:
+            tqdm.write(f"  pipelined {step.pipelined * 1e6:.1f} us/step")
+            if step.timeline is not None:
+                tqdm.write(step.timeline.format(REPEATS, top=6))
 
     if args.quest_only:  # the default and the run-2 best dense configs
         sweep = [sweep[0], sweep[-1]]
@@ -263,7 +352,7 @@ def main():
         base = (c["qs"], c["k"], c["v"], c["table"], c["lengths"])
         tokens = batch * ctx
         record(f"empty step b{batch} (one tiny kernel: the harness's fixed cost per step)",
-               time_steps(copy_fn, c["qs"]), None)
+               measure_steps(copy_fn, c["qs"]), None)
         want = reference_fn(c["qs"][0], *base[1:])
         best = None
         for cfg in tqdm(sweep, desc=f"dense b{batch} sweep"):
@@ -271,14 +360,16 @@ def main():
                                num_stages=cfg.num_stages,
                                num_splits=default_config(batch, G, pages, pages_per_block=cfg.pages_per_block).num_splits)
             check(kernel_fn(cfg)(c["qs"][0], *base[1:]), want, f"dense b{batch} {cfg}")
-            t = time_steps(kernel_fn(cfg), *base)
+            t = measure_steps(kernel_fn(cfg), *base)
             record(f"dense kernel b{batch} ppb{cfg.pages_per_block} w{cfg.num_warps} s{cfg.num_stages} "
                    f"sp{cfg.num_splits}", t, tokens, config=str(cfg))
-            if best is None or t < best[0]:
-                best = (t, cfg)
+            if best is None or t.ranking < best[0]:
+                best = (t.ranking, cfg)
         if not args.quest_only:
             dense_baselines(c, base, batch, ctx, tokens, record)
-        best_t, best_cfg = best
+        _, best_cfg = best
+        dense = measure_steps(kernel_fn(best_cfg), *base)
+        record(f"dense kernel b{batch} fastest config {best_cfg} again, three timings", dense, tokens)
         # Quest, 4096-token budget, selection included.
         budget = args.budget
         qargs = base + (c["k_min"], c["k_max"])
@@ -288,15 +379,15 @@ def main():
         sel, sel_len = selection_fn(budget)(c["qs"][0], c["table"], c["lengths"], c["k_min"], c["k_max"])
         check(quest_fn(qcfg, budget)(c["qs"][0], *qargs[1:]),
               reference_fn(c["qs"][0], c["k"], c["v"], sel, sel_len), f"quest b{batch}")
-        t_quest = time_steps(quest_fn(qcfg, budget), *qargs)
+        t_quest = measure_steps(quest_fn(qcfg, budget), *qargs)
         t_sel = time_steps(selection_fn(budget), c["qs"], c["table"], c["lengths"], c["k_min"], c["k_max"])
-        record(f"quest {budget} b{batch} (selection + kernel)", t_quest, batch * (budget + PAGE),
-               speedup_vs_dense=best_t / t_quest)
+        record(f"quest {budget} b{batch} (XLA scores + lax.top_k selection + kernel)", t_quest,
+               batch * (budget + PAGE), dense=dense)
         record(f"quest {budget} b{batch} selection only", t_sel, None)
         score = lambda q, table, k_min, k_max: quest.page_upper_bounds(q, k_min, k_max, table, share_pages=True)
         record(f"quest {budget} b{batch} scores only", time_steps(score, c["qs"], c["table"], c["k_min"], c["k_max"]),
                None)
-        quest_kernel_stages(c, batch, budget, best_t, record)
+        quest_kernel_stages(c, batch, budget, dense, record)
         del c, base, qargs
         if args.quest_only:
             continue
@@ -314,16 +405,26 @@ def main():
                                num_warps=best_cfg.num_warps, num_stages=best_cfg.num_stages)
             base = (c["qs"], c["k"], c["v"], c["table"], c["lengths"])
             check(kernel_fn(cfg)(c["qs"][0], *base[1:]), reference_fn(c["qs"][0], *base[1:]), name)
-            record(f"{name} b{batch}", time_steps(kernel_fn(cfg), *base), int(lens.sum()) // G)
+            record(f"{name} b{batch}", measure_steps(kernel_fn(cfg), *base), int(lens.sum()) // G)
             del c, base
 
     print("\nSUMMARY")
     for r in rows:
-        extra = f"  speedup {r['speedup_vs_dense']:.1f}x" if "speedup_vs_dense" in r else ""
+        extra = f"  speedup {r['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in r else ""
+        if "pipelined_us" in r:
+            extra += f"  pipelined {r['pipelined_us']:.1f} us"
+        if "pipelined_speedup_vs_dense" in r:
+            extra += f" ({r['pipelined_speedup_vs_dense']:.2f}x)"
+        if "device_us" in r:
+            extra += f"  device {r['device_us']:.1f} us"
+        if "device_tb_s" in r:
+            extra += f" {r['device_tb_s']:.2f} TB/s"
+        if "device_speedup_vs_dense" in r:
+            extra += f" ({r['device_speedup_vs_dense']:.2f}x)"
         bw = f"{r['tb_s']:.2f} TB/s" if r["tb_s"] else ""
         print(f"{r['name']:58s} {r['us']:10.1f} us {bw:>11s}{extra}")
     if args.out:
-        with open(f"{args.out}/decode_kernels.json", "w") as f:
+        with open(f"{args.out}/decode_kernels_steps{REPEATS}.json", "w") as f:
             json.dump(rows, f, indent=1)
 
 

@@ -26,6 +26,7 @@ def paged_decode_attention(
     *,
     scale: float,
     sliding_window: int | None = None,
+    max_row_pages: int | None = None,
     backend: str | None = None,
     config: DecodeConfig | None = None,
     interpret: bool = False,
@@ -35,6 +36,8 @@ def paged_decode_attention(
     Args:
       backend: ``"gpu"``, ``"tpu"`` or ``"reference"``; default: the kernel of
         ``jax.default_backend()``, or the reference on CPU unless ``interpret``.
+      max_row_pages: static bound on the pages any row reads; lets the kernels read a
+        table with spare columns in place (see :func:`gpu_triton.paged_decode_attention`).
       config: block sizes; default from :func:`default_config`.
       interpret: run the chosen kernel in the Pallas interpreter (for CPU tests).
 
@@ -51,12 +54,13 @@ def paged_decode_attention(
             q, k_pages, v_pages, page_table, lengths, scale=scale, sliding_window=sliding_window
         )
     if config is None:
-        config = default_config(q.shape[0], page_table.shape[1], page_table.shape[2])
+        row_pages = page_table.shape[2] if max_row_pages is None else min(max_row_pages, page_table.shape[2])
+        config = default_config(q.shape[0], page_table.shape[1], max(row_pages, 1))
     kernel = gpu_triton if backend == "gpu" else tpu
     mode = pltpu.InterpretParams() if (interpret and backend == "tpu") else interpret
     return kernel.paged_decode_attention(
-        q, k_pages, v_pages, page_table, lengths, scale=scale, sliding_window=sliding_window, config=config,
-        interpret=mode,
+        q, k_pages, v_pages, page_table, lengths, scale=scale, sliding_window=sliding_window,
+        max_row_pages=max_row_pages, config=config, interpret=mode,
     )
 
 

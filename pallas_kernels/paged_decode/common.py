@@ -45,10 +45,19 @@ def check_inputs(
         raise ValueError(f"lengths must be [batch, rows] = {page_table.shape[:2]}; got {lengths.shape}")
 
 
-def pad_table(page_table: jax.Array, pages_per_block: int) -> jax.Array:
+def pad_table(page_table: jax.Array, pages_per_block: int, max_row_pages: int | None = None) -> jax.Array:
     """Append ``pages_per_block`` entries to every row, so a block read starting at any
     page of the row stays inside the table. ``[B, R, P] -> [B, R, P + pages_per_block]``.
+
+    When ``max_row_pages`` (a static bound on the pages any row reads) already leaves
+    ``pages_per_block`` spare columns, the table is returned as it is: no copy, and no
+    extra kernel in the step.
     """
+    if max_row_pages is not None:
+        if not isinstance(max_row_pages, int) or max_row_pages < 0:
+            raise ValueError(f"max_row_pages must be a non-negative int or None; got {max_row_pages!r}")
+        if page_table.shape[2] >= max_row_pages + pages_per_block:
+            return page_table
     return jnp.pad(page_table, ((0, 0), (0, 0), (0, pages_per_block)))
 
 

@@ -44,6 +44,9 @@ def _decode_kernel(
     last_slot = jnp.minimum(stop * page_size, length)
     q = q_ref[...]
     offsets = jnp.arange(block_tokens, dtype=jnp.int32)
+    # fp32 caches get IEEE fp32 products (Triton's default for fp32 is TF32, ~1e-3 relative
+    # error); bf16 caches are unaffected (bf16 tensor-core products, fp32 accumulation).
+    precision = jax.lax.Precision.HIGHEST
 
     def body(i, carry):
         acc, m, l = carry
@@ -53,13 +56,13 @@ def _decode_kernel(
         v = v_ref[ids].reshape(block_tokens, d)
         slot = page0 * page_size + offsets
         valid = (slot >= first_slot) & (slot < last_slot)
-        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision) * scale
         s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
-        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=precision)
         return acc * alpha[:, None] + pv, m_new, l * alpha + p.sum(axis=1)
 
     init = (
@@ -73,7 +76,7 @@ def _decode_kernel(
     lse_ref[...] = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "max_row_pages", "config", "interpret"))
 def paged_decode_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -83,6 +86,7 @@ def paged_decode_attention(
     *,
     scale: float,
     sliding_window: int | None = None,
+    max_row_pages: int | None = None,
     config: DecodeConfig = DecodeConfig(),
     interpret: bool = False,
 ) -> jax.Array:
@@ -95,6 +99,9 @@ def paged_decode_attention(
       lengths: ``[B, R]`` int32.
       scale: multiplier of ``q . k``.
       sliding_window: read only the last ``sliding_window`` valid slots of each row.
+      max_row_pages: a static promise that no row reads more than this many pages
+        (``lengths <= max_row_pages * page_size``); a table with ``pages_per_block``
+        columns to spare beyond it is then read in place instead of through a padded copy.
       config: block sizes.
       interpret: run the kernel in the Pallas interpreter (CPU tests).
 
@@ -108,7 +115,7 @@ def paged_decode_attention(
     rows_per_kv = rows // g
     n_pad = max(MIN_DOT_ROWS, pl.next_power_of_2(h // rows))
     splits = config.num_splits
-    table = common.pad_table(page_table, config.pages_per_block)
+    table = common.pad_table(page_table, config.pages_per_block, max_row_pages)
     qr = common.group_queries(q, rows, n_pad)
 
     kernel = functools.partial(

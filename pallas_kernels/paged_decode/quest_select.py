@@ -225,9 +225,10 @@ def _kth_largest(keys: jax.Array, eligible: jax.Array, k: jax.Array, candidates:
 def _select_kernel(scores_ref, table_ref, length_ref, budget_ref, out_table_ref, out_length_ref, *,
                    page_size: int, max_pages: int, candidates: int):
     """Refs: scores ``[W]`` fp32, table ``[P]`` int32 (the row's cache table), length / budget
-    ``[]`` int32 (cached tokens, earlier-page budget), out_table ``[W]`` int32, out_length ``[]``
-    int32: :func:`quest.finish_rows`'s table (first ``max_pages + 1`` slots) and length, from
-    the row rules of :mod:`quest` (computed here, so no XLA pass runs before the kernel)."""
+    ``[]`` int32 (cached tokens, earlier-page budget), out_table ``[C]`` int32 (``C <= W``),
+    out_length ``[]`` int32: :func:`quest.finish_rows`'s table (first ``max_pages + 1`` slots,
+    the current page repeated after them) and length, from the row rules of :mod:`quest`
+    (computed here, so no XLA pass runs before the kernel)."""
     width = scores_ref.shape[0]
     num_table = table_ref.shape[0]
     position = jax.lax.broadcasted_iota(jnp.int32, (width,), 0)
@@ -244,12 +245,12 @@ def _select_kernel(scores_ref, table_ref, length_ref, budget_ref, out_table_ref,
     best = above | (equal & (jnp.cumsum(equal.astype(jnp.int32)) <= ties))  # lax.top_k's set, ties by position
     keep = jnp.where(quest.reads_all_pages(current, row_budget), position <= max_pages, best | (position == current))
     kept_before = jnp.cumsum(keep.astype(jnp.int32))  # inclusive; the current page lands at slot k
-    # A permutation of the row's slots (every slot written once): kept pages first, in
-    # table order, then the current page again in every other slot.
+    # A permutation of the row's W slots (each written once; those past C are dropped): kept
+    # pages first, in table order, then the current page again in every other slot.
     slot = jnp.where(keep, kept_before - 1, jnp.sum(keep.astype(jnp.int32)) + position - kept_before)
     current_page = table_ref[jnp.minimum(current, num_table - 1)]
     pages = plgpu.load(table_ref.at[jnp.minimum(position, num_table - 1)], mask=keep, other=current_page)
-    plgpu.store(out_table_ref.at[slot], pages)
+    plgpu.store(out_table_ref.at[slot], pages, mask=slot < out_table_ref.shape[0])
     out_length_ref[()] = quest.read_length(n, current, row_budget, page_size)
 
 
@@ -261,6 +262,7 @@ def select_pages(
     page_size: int,
     token_budget: int,
     budget_pages: jax.Array | None = None,
+    spare_columns: int = 0,
     candidates: int = 1,
     num_warps: int = 8,
     interpret: bool = False,
@@ -271,15 +273,19 @@ def select_pages(
     Args:
       scores: ``[B, R, W]`` fp32 with ``W >= P`` a power of two (e.g. :func:`page_scores`);
         positions ``>= P`` are never chosen.
+      spare_columns: extra table columns after the ``b + 1`` read ones (in-range pages past
+        the row length, never read), so a decode kernel reading blocks of up to
+        ``spare_columns`` pages can take the table as it is (``max_row_pages = b + 1``).
       candidates: thresholds counted per search pass, a power of two (more: fewer, wider
         passes).
       num_warps: Triton warps per row program.
       interpret: run in the Pallas interpreter (CPU tests).
 
     Returns:
-      ``(table [B, R, b + 1], row_lengths [B, R])``: the same pages and lengths as
-      :func:`quest.select_pages` (ties: the lowest table positions, as ``lax.top_k``), the
-      kept earlier pages in table order, then the current page.
+      ``(table [B, R, b + 1 + spare_columns], row_lengths [B, R])``: the same pages and
+      lengths as :func:`quest.select_pages` (ties: the lowest table positions, as
+      ``lax.top_k``), the kept earlier pages in table order, then the current page. When the
+      budget covers every page the cache's own table is returned (no spare columns).
     """
     b, rows, width = scores.shape
     g = page_table.shape[1]
@@ -292,20 +298,28 @@ def select_pages(
         raise ValueError(f"scores rows ({rows}) must be a multiple of the page table's KV heads ({g})")
     if candidates <= 0 or candidates & (candidates - 1):
         raise ValueError(f"candidates ({candidates}) must be a power of two (Triton reductions need one)")
+    if not isinstance(spare_columns, int) or spare_columns < 0:
+        raise ValueError(f"spare_columns must be a non-negative int; got {spare_columns!r}")
     plan = quest.plan_rows(page_table, lengths, rows, page_size=page_size, token_budget=token_budget,
                            budget_pages=budget_pages)
     if plan.passthrough:
         return plan.table, plan.lengths
+    columns = plan.max_pages + 1 + spare_columns
     table, row_lengths = _select_call(scores, page_table, lengths, plan.row_budget, page_size=page_size,
-                                      max_pages=plan.max_pages, candidates=candidates, num_warps=num_warps,
-                                      interpret=interpret)
-    return table[..., : plan.max_pages + 1], row_lengths
+                                      max_pages=plan.max_pages, columns=min(columns, width), candidates=candidates,
+                                      num_warps=num_warps, interpret=interpret)
+    if columns > width:  # spare columns past the scores' width: never read, any in-range page will do
+        table = jnp.pad(table, ((0, 0), (0, 0), (0, columns - width)))
+    return table, row_lengths
 
 
-@functools.partial(jax.jit, static_argnames=("page_size", "max_pages", "candidates", "num_warps", "interpret"))
-def _select_call(scores, page_table, lengths, row_budget, *, page_size, max_pages, candidates, num_warps, interpret):
+@functools.partial(
+    jax.jit, static_argnames=("page_size", "max_pages", "columns", "candidates", "num_warps", "interpret")
+)
+def _select_call(scores, page_table, lengths, row_budget, *, page_size, max_pages, columns, candidates, num_warps,
+                 interpret):
     """``scores [B, R, W]``, ``page_table [B, G, P]``, ``lengths [B, G]``, ``row_budget [B, R]`` ->
-    ``(table [B, R, W], lengths [B, R])``; the decode table is ``table[..., :max_pages + 1]``."""
+    ``(table [B, R, columns], lengths [B, R])`` with ``max_pages < columns <= W``."""
     b, rows, width = scores.shape
     g, num_table = page_table.shape[1:]
     group = rows // g
@@ -319,8 +333,8 @@ def _select_call(scores, page_table, lengths, row_budget, *, page_size, max_page
             pl.BlockSpec((None, None), lambda i, r: (i, r // group)),
             pl.BlockSpec((None, None), row),
         ],
-        out_specs=[pl.BlockSpec((None, None, width), lambda i, r: (i, r, 0)), pl.BlockSpec((None, None), row)],
-        out_shape=[jax.ShapeDtypeStruct((b, rows, width), jnp.int32),
+        out_specs=[pl.BlockSpec((None, None, columns), lambda i, r: (i, r, 0)), pl.BlockSpec((None, None), row)],
+        out_shape=[jax.ShapeDtypeStruct((b, rows, columns), jnp.int32),
                    jax.ShapeDtypeStruct((b, rows), jnp.int32)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
@@ -339,13 +353,16 @@ def quest_page_table(
     token_budget: int,
     share_pages: bool,
     budget_pages: jax.Array | None = None,
+    spare_columns: int = 0,
     block_pages: int = 64,
     blocks_per_program: int = 4,
     candidates: int = 1,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Kernel version of :func:`quest.quest_page_table`: :func:`page_scores` then :func:`select_pages`."""
+    """Kernel version of :func:`quest.quest_page_table`: :func:`page_scores` then :func:`select_pages`
+    (``spare_columns`` as there)."""
     scores = page_scores(q, k_min, k_max, page_table, share_pages=share_pages, block_pages=block_pages,
                          blocks_per_program=blocks_per_program, interpret=interpret)
     return select_pages(scores, page_table, lengths, page_size=page_size, token_budget=token_budget,
-                        budget_pages=budget_pages, candidates=candidates, interpret=interpret)
+                        budget_pages=budget_pages, spare_columns=spare_columns, candidates=candidates,
+                        interpret=interpret)

@@ -97,7 +97,7 @@ def _decode_kernel(
     lse_ref[...] = jnp.where(nonempty, m + jnp.log(safe_l), -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "max_row_pages", "config", "interpret"))
 def paged_decode_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -107,6 +107,7 @@ def paged_decode_attention(
     *,
     scale: float,
     sliding_window: int | None = None,
+    max_row_pages: int | None = None,
     config: DecodeConfig = DecodeConfig(),
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
@@ -114,6 +115,7 @@ def paged_decode_attention(
 
     ``interpret=pltpu.InterpretParams()`` runs the kernel in the TPU interpreter (CPU tests).
     The flattened page table lives in SMEM, which bounds ``B * R * P`` on a real TPU.
+    ``max_row_pages``: as for the GPU kernel, skips the padded copy of a wide enough table.
     """
     common.check_inputs(q, k_pages, v_pages, page_table, lengths)
     b, h, d = q.shape
@@ -121,7 +123,7 @@ def paged_decode_attention(
     rows = page_table.shape[1]
     n = h // rows
     splits, ppb = config.num_splits, config.pages_per_block
-    table = common.pad_table(page_table, ppb).reshape(-1)
+    table = common.pad_table(page_table, ppb, max_row_pages).reshape(-1)
     qr = q.reshape(b, rows, n, d)
 
     kernel = functools.partial(

@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING, ClassVar
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_decode import quest_select
+from pallas_kernels.paged_decode import DecodeConfig, paged_decode_attention, quest_select
 from pallas_kernels.paged_decode.quest import page_upper_bounds, select_pages
-from pallas_kernels.paged_decode import paged_decode_attention
 from sparse_jax.attention.base import AttentionMethod, DecodeStats, LayerSpec
 from sparse_jax.attention.methods import budgets
 from sparse_jax.attention.registry import register
@@ -104,14 +103,18 @@ class Quest(AttentionMethod):
         )
         # On GPUs the Pallas scoring and selection kernels replace XLA's scoring and top-k
         # (same pages; H100 timings in experiments/results/decode_kernels_h100.md).
+        # The selection kernel leaves room for the decode kernel's page blocks after the
+        # selected pages, so the decode reads its table in place (one kernel less per step).
         if jax.default_backend() == "gpu":
             table, row_lengths = quest_select.quest_page_table(
-                q, cache.k_min, cache.k_max, cache.page_table, cache.lengths, share_pages=self.share_pages, **selection
+                q, cache.k_min, cache.k_max, cache.page_table, cache.lengths, share_pages=self.share_pages,
+                spare_columns=DecodeConfig().pages_per_block, **selection
             )
         else:
             scores = page_upper_bounds(q, cache.k_min, cache.k_max, cache.page_table, share_pages=self.share_pages)
             table, row_lengths = select_pages(scores, cache.page_table, cache.lengths, **selection)
-        out = paged_decode_attention(q, cache.k_pages, cache.v_pages, table, row_lengths, scale=layer.scale)
+        out = paged_decode_attention(q, cache.k_pages, cache.v_pages, table, row_lengths, scale=layer.scale,
+                                     max_row_pages=max(max_pages, 1) + 1)
         read = jnp.repeat(row_lengths, h // rows, axis=1).astype(jnp.float32)
         cached = jnp.broadcast_to(cache.seq_lengths[:, None], read.shape).astype(jnp.float32)
         return out, DecodeStats(tokens_read=read, tokens_cached=cached)
