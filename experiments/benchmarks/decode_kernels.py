@@ -303,6 +303,8 @@ def main():
     parser.add_argument("--quest-only", action="store_true", help="only the Quest cases (one dense config)")
     parser.add_argument("--steps", type=int, default=10, help="decode steps chained in one timed call")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1; got {args.steps}")
     global INTERPRET, TRIALS, REPEATS
     INTERPRET = args.interpret
     REPEATS = args.steps
@@ -315,10 +317,10 @@ def main():
     sweep = [DecodeConfig(pages_per_block=p, num_splits=1, num_warps=w, num_stages=s)
              for p, w, s in [(4, 4, 3), (4, 4, 4), (4, 8, 3), (8, 4, 3), (8, 8, 2), (2, 4, 4)]]
 
-    def record(name, time, tokens, dense: StepTime | None = None, **extra):
-        """``time``: seconds (serial) or a :class:`StepTime`; ``dense``: the dense step to compare with."""
-        step = time if isinstance(time, StepTime) else None
-        seconds = step.serial if step else time
+    def record(name, timing, tokens, dense: StepTime | None = None, **extra):
+        """``timing``: seconds (serial) or a :class:`StepTime`; ``dense``: the dense step to compare with."""
+        step = timing if isinstance(timing, StepTime) else None
+        seconds = step.serial if step else timing
         bw = kv_bytes(tokens) / seconds / 1e12 if tokens else None
         if step:
             extra["pipelined_us"] = step.pipelined * 1e6
@@ -363,13 +365,11 @@ def main():
             t = measure_steps(kernel_fn(cfg), *base)
             record(f"dense kernel b{batch} ppb{cfg.pages_per_block} w{cfg.num_warps} s{cfg.num_stages} "
                    f"sp{cfg.num_splits}", t, tokens, config=str(cfg))
-            if best is None or t.ranking < best[0]:
-                best = (t.ranking, cfg)
+            if best is None or t.ranking < best[1].ranking:
+                best = (cfg, t)
         if not args.quest_only:
             dense_baselines(c, base, batch, ctx, tokens, record)
-        _, best_cfg = best
-        dense = measure_steps(kernel_fn(best_cfg), *base)
-        record(f"dense kernel b{batch} fastest config {best_cfg} again, three timings", dense, tokens)
+        best_cfg, dense = best  # the Quest rows compare with this dense step
         # Quest, 4096-token budget, selection included.
         budget = args.budget
         qargs = base + (c["k_min"], c["k_max"])

@@ -13,6 +13,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# Triton's dot needs at least 16 along each matrix dimension; the GPU kernels pad the
+# query heads of a row (and size their page blocks) to reach it.
+TRITON_MIN_DOT_DIM = 16
+
 
 def check_inputs(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, lengths: jax.Array

@@ -42,7 +42,7 @@ GPU_TARGET_PROGRAMS = 4 * 132
 
 
 def default_config(batch: int, rows: int, pages_per_row: int, *, target_programs: int = GPU_TARGET_PROGRAMS,
-                   pages_per_block: int = 4) -> DecodeConfig:
+                   pages_per_block: int = DecodeConfig.pages_per_block) -> DecodeConfig:
     """Pick ``num_splits`` so ``batch * rows * num_splits`` reaches ``target_programs``,
     without giving a split less than one block of the widest row. The other defaults
     (4 pages per block, 4 warps, 3 stages) were the fastest on an H100 at 128K

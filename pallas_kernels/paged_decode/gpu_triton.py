@@ -21,8 +21,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.paged_decode import common
 from pallas_kernels.paged_decode.configs import DecodeConfig
 
-# Triton's dot needs at least 16 rows; query groups are padded up to this.
-MIN_DOT_ROWS = 16
 # Finite start value of the running max, so fully masked blocks never give inf - inf.
 _NEG_INIT = -1e30
 
@@ -113,7 +111,7 @@ def paged_decode_attention(
     g, num_pool_pages, page_size, _ = k_pages.shape
     rows = page_table.shape[1]
     rows_per_kv = rows // g
-    n_pad = max(MIN_DOT_ROWS, pl.next_power_of_2(h // rows))
+    n_pad = max(common.TRITON_MIN_DOT_DIM, pl.next_power_of_2(h // rows))
     splits = config.num_splits
     table = common.pad_table(page_table, config.pages_per_block, max_row_pages)
     qr = common.group_queries(q, rows, n_pad)

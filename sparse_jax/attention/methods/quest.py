@@ -96,9 +96,10 @@ class Quest(AttentionMethod):
         else:
             capacity = cache.page_table.shape[2] * self.page_size
             max_pages = int(budgets.token_budget(capacity, self.sparsity, self.page_size)) // self.page_size
+        max_pages = max(max_pages, 1)
         selection = dict(
             page_size=self.page_size,
-            token_budget=max(max_pages, 1) * self.page_size,
+            token_budget=max_pages * self.page_size,
             budget_pages=self.budget_tokens(n) // self.page_size,
         )
         # On GPUs the Pallas scoring and selection kernels replace XLA's scoring and top-k
@@ -108,13 +109,13 @@ class Quest(AttentionMethod):
         if jax.default_backend() == "gpu":
             table, row_lengths = quest_select.quest_page_table(
                 q, cache.k_min, cache.k_max, cache.page_table, cache.lengths, share_pages=self.share_pages,
-                spare_columns=DecodeConfig().pages_per_block, **selection
+                spare_columns=DecodeConfig.pages_per_block, **selection
             )
         else:
             scores = page_upper_bounds(q, cache.k_min, cache.k_max, cache.page_table, share_pages=self.share_pages)
             table, row_lengths = select_pages(scores, cache.page_table, cache.lengths, **selection)
         out = paged_decode_attention(q, cache.k_pages, cache.v_pages, table, row_lengths, scale=layer.scale,
-                                     max_row_pages=max(max_pages, 1) + 1)
+                                     max_row_pages=max_pages + 1)
         read = jnp.repeat(row_lengths, h // rows, axis=1).astype(jnp.float32)
         cached = jnp.broadcast_to(cache.seq_lengths[:, None], read.shape).astype(jnp.float32)
         return out, DecodeStats(tokens_read=read, tokens_cached=cached)

@@ -1,0 +1,21 @@
+"""Benchmark command lines reject bad options before any work starts."""
+
+import pytest
+
+from experiments.benchmarks import decode_kernels, engine_methods
+
+
+@pytest.mark.parametrize(
+    "module,argv,message",
+    [
+        (decode_kernels, ["--steps", "0"], "--steps must be at least 1"),
+        (engine_methods, ["--methods", "quest"], "--methods must name 'dense'"),
+        (engine_methods, ["--methods", "dense,qeust"], "--methods must name 'dense'"),
+    ],
+)
+def test_bad_options_name_the_problem(module, argv, message, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", [module.__name__, *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
