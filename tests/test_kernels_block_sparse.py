@@ -51,15 +51,6 @@ def test_all_blocks_equals_dense_causal():
     assert_close(out, dense_causal_attention(q, k, v, scale=0.2), jnp.float32)
 
 
-def test_causal_tile_pairs_brute_force():
-    rng = np.random.default_rng(3)
-    for _ in range(50):
-        q_lo, k_lo = rng.integers(0, 40, 2)
-        q_hi, k_hi = q_lo + rng.integers(0, 20), k_lo + rng.integers(0, 20)
-        brute = sum(1 for i in range(q_lo, q_hi) for j in range(k_lo, k_hi) if j <= i)
-        assert float(reference.causal_tile_pairs(q_lo, q_hi, k_lo, k_hi)) == brute
-
-
 # GQA ratios 1/4/8, head dims 64/128/256, odd lengths, one block to all blocks, empty rows.
 KERNEL_CASES = [
     (77, 4, 4, 64, 16, 0.5, 0.1, jnp.float32),
@@ -87,13 +78,6 @@ def test_tpu_kernel_matches_reference(t, h, g, d, density, empty, dtype):
     index = random_block_sparse_index(np.random.default_rng(7), 1, h, t, 16, density, empty_fraction=empty)
     out = tpu.block_sparse_attention(q, k, v, index, scale=d**-0.5, interpret=pltpu.InterpretParams())
     assert_close(out, reference.block_sparse_attention(q, k, v, index, scale=d**-0.5), dtype)
-
-
-def test_tpu_head_chunks_cover_heads_in_whole_groups():
-    chunks = tpu.head_chunks(32, tpu.SMEM_LIST_INTS // 10, group=4)
-    assert chunks[0] == (0, 8) and chunks[-1][1] == 32
-    assert all(b - a == 8 for a, b in chunks)
-    assert tpu.head_chunks(4, tpu.SMEM_LIST_INTS * 2, group=4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
 
 
 def test_dispatch_reference_backend():

@@ -8,8 +8,8 @@ import pytest
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sparse.configs import TritonConfig
 from pallas_kernels.block_sparse.reference import masked_attention
+from pallas_kernels.common import TritonConfig
 from pallas_kernels.vertical_slash import configs, gpu_triton, reference, tpu, vertical_slash_attention
 from pallas_kernels.vertical_slash.configs import VerticalSlashConfig
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex

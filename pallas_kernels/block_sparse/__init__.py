@@ -16,21 +16,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.block_sparse import gpu_mosaic, gpu_triton, reference, tpu
 from pallas_kernels.block_sparse.configs import SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS
 from pallas_kernels.block_sparse.index import BlockSparseIndex
-
-BACKENDS = ("gpu", "tpu", "reference")
-
-
-def resolve_backend(backend: str | None, interpret: bool, kernel_fits: bool) -> str:
-    """The backend to run: the requested one, else the platform's kernel when the shapes
-    fit a kernel config (or the GPU kernel interpreted on CPU), else the reference."""
-    if backend is None:
-        platform = jax.default_backend()
-        backend = platform if platform in ("gpu", "tpu") else ("gpu" if interpret else "reference")
-        if not kernel_fits:
-            backend = "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    return backend
+from pallas_kernels.common import BACKENDS, resolve_backend
 
 
 def block_sparse_attention(
@@ -49,7 +35,8 @@ def block_sparse_attention(
       q: ``[B, T, H, d]`` queries; ``k/v [B, T, G, d]``.
       index: key blocks per (batch, query head, query block).
       scale: multiplier applied to ``q . k``.
-      backend: ``"gpu"``, ``"tpu"`` or ``"reference"``; default: see :func:`resolve_backend`.
+      backend: ``"gpu"``, ``"tpu"`` or ``"reference"``; default: see
+        :func:`pallas_kernels.common.resolve_backend`.
       interpret: run the chosen kernel in the Pallas interpreter (CPU tests).
 
     Returns:

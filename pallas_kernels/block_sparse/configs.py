@@ -1,26 +1,26 @@
-"""Tuned launch parameters of the block-sparse kernels, per backend and shape class.
+"""Launch parameters of the block-sparse kernels, per device kind and shape class.
 
 The tile sizes of the block-sparse kernel are fixed by the index (one query block by
 one key block of ``block_size`` tokens); what is tuned here is how each backend runs
-one tile: warps and software-pipelining depth on GPU, buffering depth on TPU.
+one tile: warps and software-pipelining depth on GPU (Triton), the K/V ring depth of the
+Hopper Mosaic kernel, buffering depth on TPU. :data:`LAUNCH` holds one entry per device
+kind; :func:`pallas_kernels.common.launch_entry` explains the lookup, the fallback for
+unlisted kinds and the ``$PALLAS_KERNELS_LAUNCH`` override.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-
-@dataclasses.dataclass(frozen=True)
-class TritonConfig:
-    """Launch parameters of a Pallas-Triton kernel.
-
-    Attributes:
-      num_warps: warps per program.
-      num_stages: software-pipelining depth of the key-block loop.
-    """
-
-    num_warps: int
-    num_stages: int
+from pallas_kernels.common import (
+    H100,
+    H200,
+    SUPPORTED_BLOCK_SIZES,
+    SUPPORTED_HEAD_DIMS,
+    TritonConfig,
+    TritonTileLaunch,
+    launch_entry,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,25 +45,30 @@ class TpuConfig:
     kv_buffers: int
 
 
-# (block_size, head_dim) -> config; tiles of 128x128 with d <= 128 need 8 warps to keep
-# the fp32 accumulators in registers, d = 256 also halves the pipeline depth.
-_TRITON: dict[tuple[int, int], TritonConfig] = {
-    (16, 64): TritonConfig(num_warps=4, num_stages=3),
-    (16, 128): TritonConfig(num_warps=4, num_stages=3),
-    (16, 256): TritonConfig(num_warps=4, num_stages=2),
-    (32, 64): TritonConfig(num_warps=4, num_stages=3),
-    (32, 128): TritonConfig(num_warps=4, num_stages=3),
-    (32, 256): TritonConfig(num_warps=4, num_stages=2),
-    (64, 64): TritonConfig(num_warps=4, num_stages=3),
-    (64, 128): TritonConfig(num_warps=4, num_stages=3),
-    (64, 256): TritonConfig(num_warps=8, num_stages=2),
-    (128, 64): TritonConfig(num_warps=8, num_stages=3),
-    (128, 128): TritonConfig(num_warps=8, num_stages=3),
-    (128, 256): TritonConfig(num_warps=8, num_stages=2),
-}
+@dataclasses.dataclass(frozen=True)
+class BlockSparseLaunch:
+    """The launch knobs of all block-sparse kernels on one device kind.
 
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
+    Attributes:
+      triton: warps and stages per tile size (Triton kernel).
+      mosaic_stages: K/V ring slots of the Hopper Mosaic kernel; d = 128 with 3 stages
+        would need 224 KiB of shared memory.
+      tpu_kv_buffers: K/V buffering depth on TPU for tiles above 64 x 128.
+      tpu_kv_buffers_small_tile: the same for tiles up to 64 x 128, whose DMAs are short.
+    """
+
+    triton: TritonTileLaunch = TritonTileLaunch()
+    mosaic_stages: int = 2
+    tpu_kv_buffers: int = 2
+    tpu_kv_buffers_small_tile: int = 3
+
+
+_H100_LAUNCH = BlockSparseLaunch()  # Measured: experiments/results/prefill_kernels_h100.md.
+LAUNCH: dict[str, BlockSparseLaunch] = {
+    H100: _H100_LAUNCH,
+    H200: _H100_LAUNCH,  # Awaits its own measurement; the H100 entry until then.
+}
+FAMILY = "block_sparse"
 
 
 def check_shape_class(block_size: int, head_dim: int) -> None:
@@ -79,27 +84,33 @@ def check_shape_class(block_size: int, head_dim: int) -> None:
         )
 
 
-def triton_config(block_size: int, head_dim: int) -> TritonConfig:
+def launch(kind: str | None = None) -> BlockSparseLaunch:
+    """The entry for device ``kind`` (default: the default device's kind)."""
+    return launch_entry(LAUNCH, FAMILY, kind=kind)
+
+
+def triton_config(block_size: int, head_dim: int, *, kind: str | None = None) -> TritonConfig:
     """The GPU (Triton) config for a ``block_size`` x ``block_size`` tile of ``head_dim``."""
     check_shape_class(block_size, head_dim)
-    return _TRITON[(block_size, head_dim)]
+    return launch(kind).triton.for_tile(block_size, block_size, head_dim)
 
 
 # Mosaic GPU: two 64-row compute warpgroups share each 128-key tile, so only 128-token
-# blocks fit; d = 128 with 3 stages would need 224 KiB of shared memory (2 measured at
-# 634 TFLOP/s on all blocks of a 32K-128K prompt, H100).
+# blocks fit.
 MOSAIC_BLOCK_SIZE = 128
 MOSAIC_HEAD_DIMS = (64, 128)
 
 
-def mosaic_config(block_size: int, head_dim: int) -> MosaicConfig | None:
+def mosaic_config(block_size: int, head_dim: int, *, kind: str | None = None) -> MosaicConfig | None:
     """The Hopper Mosaic-GPU config, or ``None`` when that kernel does not cover the shapes."""
     if block_size != MOSAIC_BLOCK_SIZE or head_dim not in MOSAIC_HEAD_DIMS:
         return None
-    return MosaicConfig(stages=2)
+    return MosaicConfig(stages=launch(kind).mosaic_stages)
 
 
-def tpu_config(block_size: int, head_dim: int) -> TpuConfig:
+def tpu_config(block_size: int, head_dim: int, *, kind: str | None = None) -> TpuConfig:
     """The TPU config: deeper K/V buffering for small tiles, whose DMAs are short."""
     check_shape_class(block_size, head_dim)
-    return TpuConfig(kv_buffers=3 if block_size * head_dim <= 64 * 128 else 2)
+    entry = launch(kind)
+    small = block_size * head_dim <= 64 * 128
+    return TpuConfig(kv_buffers=entry.tpu_kv_buffers_small_tile if small else entry.tpu_kv_buffers)

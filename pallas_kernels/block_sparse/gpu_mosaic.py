@@ -26,8 +26,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_sparse.configs import MOSAIC_BLOCK_SIZE, MosaicConfig, mosaic_config
 from pallas_kernels.block_sparse.index import BlockSparseIndex
-from pallas_kernels.block_sparse.online_softmax import pad_sequence, prescale_queries
-from pallas_kernels.block_sparse.reference import check_attention_inputs, check_index
+from pallas_kernels.block_sparse.reference import check_index
+from pallas_kernels.common import check_attention_inputs, pad_sequence, prescale_queries
 
 BLOCK = MOSAIC_BLOCK_SIZE  # Query block = key block = index block size.
 ROWS = BLOCK // 2  # Query rows per compute warpgroup.

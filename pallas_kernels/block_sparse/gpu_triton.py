@@ -22,14 +22,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.block_sparse.configs import TritonConfig, triton_config
 from pallas_kernels.block_sparse.index import BlockSparseIndex
-from pallas_kernels.block_sparse.online_softmax import (
+from pallas_kernels.block_sparse.reference import check_index
+from pallas_kernels.common import (
+    check_attention_inputs,
     finish,
     init_carry,
     online_softmax_step,
     pad_sequence,
     prescale_queries,
 )
-from pallas_kernels.block_sparse.reference import check_attention_inputs, check_index
 
 
 def unmasked_prefix(block_ids: jax.Array, counts: jax.Array) -> jax.Array:

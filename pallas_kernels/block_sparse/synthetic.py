@@ -6,22 +6,7 @@ import numpy as np
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse.index import BlockSparseIndex
-
-
-def pad_sorted_lists(ids: list[list[int]] | np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ascending id lists -> ``([n, width]`` padded ids, ``[n]`` counts).
-
-    Padding repeats each list's last id (0 for an empty list), as the index formats ask.
-    """
-    out = np.zeros((len(ids), width), np.int32)
-    counts = np.zeros(len(ids), np.int32)
-    for row, lst in enumerate(ids):
-        lst = np.asarray(lst, np.int32)
-        counts[row] = len(lst)
-        if len(lst):
-            out[row, : len(lst)] = lst
-            out[row, len(lst) :] = lst[-1]
-    return out, counts
+from pallas_kernels.common import pad_sorted_lists
 
 
 def random_block_sparse_index(

@@ -10,7 +10,7 @@ innermost (``arbitrary``) axis.
 Layout: the kernel wants sequence-major tiles per head, so ``q`` is transposed to
 ``[B, H, T, d]`` and ``k/v`` to ``[B, G, T, d]`` (zero-padded to whole blocks).
 Prefetched lists live in SMEM, which is small: heads are split over several calls so
-that each call's list fits ``SMEM_LIST_INTS``.
+that each call's list fits SMEM (:func:`pallas_kernels.common.head_chunks`).
 """
 
 from __future__ import annotations
@@ -24,40 +24,18 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_sparse.configs import TpuConfig, tpu_config
 from pallas_kernels.block_sparse.index import BlockSparseIndex
-from pallas_kernels.block_sparse.online_softmax import finish, online_softmax_step, pad_sequence, prescale_queries
-from pallas_kernels.block_sparse.reference import check_attention_inputs, check_index
-
-# Largest prefetched list (int32 entries) per call; SMEM holds a few hundred KiB.
-SMEM_LIST_INTS = 1 << 16
-
-
-def head_chunks(num_heads: int, ints_per_head: int, group: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` query-head ranges whose lists fit ``SMEM_LIST_INTS``.
-
-    Chunks are whole KV-head groups when possible so each call reads few KV heads.
-    """
-    per_call = max(1, SMEM_LIST_INTS // max(ints_per_head, 1))
-    if per_call >= group:
-        per_call -= per_call % group
-    return [(h, min(h + per_call, num_heads)) for h in range(0, num_heads, per_call)]
-
-
-def load_state(acc_ref, m_ref, l_ref):
-    """Online-softmax state from VMEM scratch (``m``/``l`` stored as ``[bq, 1]``)."""
-    return acc_ref[...], m_ref[...][:, 0], l_ref[...][:, 0]
-
-
-def store_state(state, acc_ref, m_ref, l_ref) -> None:
-    acc, m_i, l_i = state
-    acc_ref[...] = acc
-    m_ref[...] = m_i[:, None]
-    l_ref[...] = l_i[:, None]
-
-
-def init_state(acc_ref, m_ref, l_ref) -> None:
-    acc_ref[...] = jnp.zeros_like(acc_ref)
-    m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
-    l_ref[...] = jnp.zeros_like(l_ref)
+from pallas_kernels.block_sparse.reference import check_index
+from pallas_kernels.common import (
+    check_attention_inputs,
+    finish,
+    head_chunks,
+    init_state,
+    load_state,
+    online_softmax_step,
+    pad_sequence,
+    prescale_queries,
+    store_state,
+)
 
 
 def _kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, o_ref, acc_ref, m_ref, l_ref, *, block_size, scale):

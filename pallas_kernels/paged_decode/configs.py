@@ -1,4 +1,4 @@
-"""Block sizes of the paged-decode kernels.
+"""Block sizes and launch parameters of the paged-decode kernels, per device kind.
 
 A kernel program handles one table row (one KV head's query group, or one query head)
 of one sequence and one of ``num_splits`` contiguous slices of that row's valid pages;
@@ -8,6 +8,8 @@ inside it, ``pages_per_block`` pages are loaded per step.
 from __future__ import annotations
 
 import dataclasses
+
+from pallas_kernels.common import H100, H200, launch_entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,17 +39,50 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.pages_per_block must be a power of two; got {self.pages_per_block}")
 
 
-# Enough programs to fill an H100 (132 SMs) several times over.
-GPU_TARGET_PROGRAMS = 4 * 132
+@dataclasses.dataclass(frozen=True)
+class DecodeLaunch:
+    """The launch knobs of the paged-decode kernels on one device kind.
 
-
-def default_config(batch: int, rows: int, pages_per_row: int, *, target_programs: int = GPU_TARGET_PROGRAMS,
-                   pages_per_block: int = DecodeConfig.pages_per_block) -> DecodeConfig:
-    """Pick ``num_splits`` so ``batch * rows * num_splits`` reaches ``target_programs``,
-    without giving a split less than one block of the widest row. The other defaults
-    (4 pages per block, 4 warps, 3 stages) were the fastest on an H100 at 128K
-    (experiments/results/decode_kernels_h100.md).
+    Attributes:
+      target_programs: programs a call should launch (``batch * rows * num_splits``);
+        enough to fill every SM several times over.
+      pages_per_block: pages gathered per inner step.
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining depth.
     """
+
+    target_programs: int = 4 * 132  # 4 programs per SM of an H100 (132 SMs).
+    pages_per_block: int = DecodeConfig.pages_per_block
+    num_warps: int = DecodeConfig.num_warps
+    num_stages: int = DecodeConfig.num_stages
+
+
+# Measured: the fastest at 128K on an H100 (experiments/results/decode_kernels_h100.md).
+_H100_LAUNCH = DecodeLaunch()
+LAUNCH: dict[str, DecodeLaunch] = {
+    H100: _H100_LAUNCH,
+    H200: _H100_LAUNCH,  # Awaits its own measurement (it also has 132 SMs); the H100 entry until then.
+}
+FAMILY = "paged_decode"
+
+
+def default_config(batch: int, rows: int, pages_per_row: int, *, target_programs: int | None = None,
+                   pages_per_block: int | None = None, kind: str | None = None) -> DecodeConfig:
+    """The config of one call on device ``kind`` (default: the default device's kind).
+
+    ``num_splits`` is chosen so ``batch * rows * num_splits`` reaches ``target_programs``,
+    without giving a split less than one block of the widest row; ``target_programs``,
+    ``pages_per_block``, warps and stages come from the device's :data:`LAUNCH` entry
+    unless given (:func:`pallas_kernels.common.launch_entry`: lookup, fallback, override).
+    """
+    entry = launch_entry(LAUNCH, FAMILY, kind=kind)
+    if target_programs is None:
+        target_programs = entry.target_programs
+    if pages_per_block is None:
+        pages_per_block = entry.pages_per_block
     max_splits = max(1, -(-pages_per_row // pages_per_block))
     want = max(1, -(-target_programs // (batch * rows)))
-    return DecodeConfig(pages_per_block=pages_per_block, num_splits=min(want, max_splits))
+    return DecodeConfig(
+        pages_per_block=pages_per_block, num_splits=min(want, max_splits),
+        num_warps=entry.num_warps, num_stages=entry.num_stages,
+    )

@@ -1,8 +1,10 @@
 """Vertical-slash attention: per row block, key ranges (slashes) plus key columns (verticals).
 
 :func:`vertical_slash_attention` has the signature of the jnp reference
-(:mod:`.reference`) and dispatches like
-:func:`pallas_kernels.block_sparse.block_sparse_attention`.
+(:mod:`.reference`) and dispatches on the backend
+(:func:`pallas_kernels.common.resolve_backend`): the Triton kernel on GPUs, the Mosaic-TPU
+kernel on TPUs, the reference elsewhere and for tile sizes or head dims that no kernel
+config covers (:mod:`.configs`).
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ from __future__ import annotations
 import jax
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sparse import resolve_backend
-from pallas_kernels.block_sparse.configs import SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS
+from pallas_kernels.common import SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, resolve_backend
 from pallas_kernels.vertical_slash import gpu_triton, reference, tpu
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 
@@ -33,7 +34,7 @@ def vertical_slash_attention(
       index: the vertical-slash pattern.
       scale: multiplier applied to ``q . k``.
       backend: ``"gpu"``, ``"tpu"`` or ``"reference"``; default: see
-        :func:`pallas_kernels.block_sparse.resolve_backend`.
+        :func:`pallas_kernels.common.resolve_backend`.
       interpret: run the chosen kernel in the Pallas interpreter (CPU tests).
 
     Returns:

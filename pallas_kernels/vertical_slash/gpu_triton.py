@@ -1,8 +1,8 @@
 """Vertical-slash attention for GPUs: Pallas with the Triton lowering.
 
 One program computes one row block (``block_m`` queries) of one (batch, query head).
-It folds into a single fp32 online softmax (base 2, as in
-:mod:`pallas_kernels.block_sparse.gpu_triton`):
+It folds into a single fp32 online softmax (base 2,
+:func:`pallas_kernels.common.online_softmax_step`):
 
 1. the key ranges: contiguous ``block_n``-key tiles read from arbitrary token starts;
    ranges that end at or before the row block's first query need no causal mask;
@@ -21,18 +21,19 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.block_sparse.online_softmax import (
+from pallas_kernels.common import (
+    check_attention_inputs,
     finish,
     init_carry,
     online_softmax_step,
     pad_sequence,
     prescale_queries,
 )
-from pallas_kernels.block_sparse.reference import check_attention_inputs
 from pallas_kernels.vertical_slash.configs import VerticalSlashConfig, config_for
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from pallas_kernels.vertical_slash.operands import META_WIDTH, kernel_operands
 from pallas_kernels.vertical_slash.reference import check_index
+
 
 def _kernel(starts_ref, cols_ref, meta_ref, q_ref, k_ref, v_ref, o_ref, *, block_m, block_n, chunk, scale):
     r = pl.num_programs(1) - 1 - pl.program_id(1)

@@ -3,8 +3,8 @@
 Shapes: ``q [B, T, H, d]``, ``k/v [B, T, G, d]``; query head ``h`` reads KV head
 ``h // (H // G)``. Each row block of ``block_m`` queries attends to its key ranges
 (``block_n`` keys from each start, token-causal) and its single key columns, with one
-fp32 softmax over the union (the index lists no key twice). Memory is bounded as in
-:mod:`pallas_kernels.block_sparse.reference`, whose core this module reuses.
+fp32 softmax over the union (the index lists no key twice). Memory is bounded by the
+shared core :func:`pallas_kernels.common.gathered_key_attention`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse.reference import (
+from pallas_kernels.common import (
     KEY_CHUNK,
     causal_tile_pairs,
     check_attention_inputs,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse.synthetic import pad_sorted_lists
+from pallas_kernels.common import pad_sorted_lists
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 
 

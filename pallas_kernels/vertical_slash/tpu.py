@@ -9,8 +9,8 @@ block's key ranges, then its key columns ``column_chunk`` at a time:
 * columns: K/V also stay in HBM (``pl.ANY``) and each step gathers its columns row by
   row with async copies into VMEM scratch, then folds them into the same softmax.
 
-Lists are scalar-prefetch operands in SMEM; heads are split over calls as in
-:mod:`pallas_kernels.block_sparse.tpu`. Layout ``q [B, H, T, d]``, ``k/v [B, G, T, d]``.
+Lists are scalar-prefetch operands in SMEM; heads are split over calls
+(:func:`pallas_kernels.common.head_chunks`). Layout ``q [B, H, T, d]``, ``k/v [B, G, T, d]``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sparse.online_softmax import finish, online_softmax_step, pad_sequence, prescale_queries
-from pallas_kernels.block_sparse.reference import check_attention_inputs
-from pallas_kernels.block_sparse.tpu import head_chunks, init_state, load_state, store_state
+from pallas_kernels.common import (
+    check_attention_inputs,
+    finish,
+    head_chunks,
+    init_state,
+    load_state,
+    online_softmax_step,
+    pad_sequence,
+    prescale_queries,
+    store_state,
+)
 from pallas_kernels.vertical_slash.configs import VerticalSlashConfig, config_for
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from pallas_kernels.vertical_slash.operands import META_WIDTH, kernel_operands
