@@ -1,4 +1,4 @@
-"""Quest page selection (REFERENCE.md section 4.7), producing a page table the decode kernels read.
+"""Quest page selection (docs/reference_behaviour.md section 4.7) into the decode page table.
 
 Each cached page keeps element-wise ``k_min`` / ``k_max`` of its keys. For a query ``q``
 the largest possible ``q . k`` inside the page is
