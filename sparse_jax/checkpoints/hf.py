@@ -83,8 +83,8 @@ def _as_ids(value: Any) -> tuple[int, ...]:
 def read_stop_ids(folder: str | Path, config: dict[str, Any]) -> tuple[int, ...]:
     """Stop ids: ``generation_config.json``'s ``eos_token_id``, else ``config.json``'s, else none.
 
-    transformers loads such a checkpoint too and generates up to its length limit;
-    :func:`sparse_jax.models.loading.load_model` warns about it.
+    A checkpoint that names none still loads (as in transformers, generation then runs to
+    its length limit); :func:`sparse_jax.models.loading.load_model` warns about it once.
     """
     path = Path(folder) / GENERATION_CONFIG_FILE
     ids = _as_ids(_read_json(path).get("eos_token_id")) if path.is_file() else ()
