@@ -123,7 +123,8 @@ def test_declared_policy_keeps_plain_rope():
 def test_rope_is_logged(caplog):
     with caplog.at_level(logging.INFO, logger="sparse_jax.models.loading"):
         load_model(FIXTURES / "tiny_gemma3", dtype=jnp.float32, max_length=65536)
-    assert "RoPE linear theta=1e+06 factor=2 (from config.json); sliding-window layers: default theta=10000" in caplog.text
+    want = "RoPE linear theta=1e+06 factor=2 (from config.json); sliding-window layers: default theta=10000"
+    assert want in caplog.text
 
 
 def test_no_stop_token_loads_warns_once_and_generates_to_the_limit(tmp_path, caplog):

@@ -9,11 +9,10 @@ warns once per source when the checkpoint names no stop token.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
-
-import logging
 
 import jax
 import jax.numpy as jnp
