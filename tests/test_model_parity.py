@@ -1,11 +1,14 @@
 """Flax ports vs Hugging Face transformers (PyTorch) logits on the tiny fixtures.
 
-The fixtures and reference logits come from tests/fixtures/make_hf_fixtures.py.
+The fixtures and reference logits come from tests/fixtures/make_hf_fixtures.py; the
+table in tests/fixtures/README.md says what each folder exercises.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import shutil
 from pathlib import Path
 
 import jax
@@ -14,11 +17,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparse_jax.engine.generate import generate
 from sparse_jax.models.loading import load_model
 from sparse_jax.models.transformer import full_attention
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAMILIES = ("tiny_llama", "tiny_qwen2", "tiny_gemma3")
+# Folders with reference logits: the families plus a Qwen2 that declares YaRN and no stop token.
+REFERENCE_FOLDERS = (*FAMILIES, "tiny_qwen2_yarn")
+# A case past 32K tokens loaded with a run length, per folder with a declared or no RoPE scaling.
+LONG_CASES = {
+    "tiny_llama": "maxlen65536_offset60000_len12",
+    "tiny_qwen2": "yarn65536_offset60000_len12",
+    "tiny_gemma3": "maxlen65536_offset40000_len24",
+    "tiny_qwen2_yarn": "maxlen65536_offset60000_len12",
+}
 SLOW_CASES = {("tiny_gemma3", "len1100")}
 FP32_TOL = 1e-4  # max|a - b| / max|b|
 
@@ -40,12 +53,12 @@ def reference(family: str) -> dict[str, np.ndarray]:
 
 
 @functools.cache
-def model_for(family: str, max_length: int, dtype=jnp.float32):
-    return load_model(FIXTURES / family, dtype=dtype, max_length=max_length or None)
+def model_for(family: str, max_length: int, dtype=jnp.float32, rope_policy: str = "auto"):
+    return load_model(FIXTURES / family, dtype=dtype, max_length=max_length or None, rope_policy=rope_policy)
 
 
 def cases():
-    for family in FAMILIES:
+    for family in REFERENCE_FOLDERS:
         names = sorted({k.rsplit(".", 1)[0] for k in reference(family)})
         for name in names:
             marks = [pytest.mark.slow] if (family, name) in SLOW_CASES else []
@@ -69,6 +82,65 @@ def test_fp32_logits_match_transformers(family, name):
     logits = forward(loaded.model, jnp.asarray(tokens), jnp.asarray(positions))
     assert logits.shape == (*tokens.shape, 256) and logits.dtype == jnp.float32
     assert rel_err(np.asarray(logits)[:, rows], want) <= FP32_TOL
+
+
+def logits_rel_err(model, family: str, name: str) -> float:
+    tokens, positions, rows, want, _ = case(family, name)
+    logits = forward(model, jnp.asarray(tokens), jnp.asarray(positions))
+    return rel_err(np.asarray(logits)[:, rows], want)
+
+
+@pytest.mark.parametrize("family", REFERENCE_FOLDERS)
+def test_old_rope_layout_matches_transformers(family, tmp_path):
+    """config_old_layout.json (rope_theta + rope_scaling) loads to the same config and logits."""
+    folder = tmp_path / family
+    shutil.copytree(FIXTURES / family, folder)
+    shutil.move(folder / "config_old_layout.json", folder / "config.json")
+    name = LONG_CASES[family]
+    max_length = case(family, name)[4]
+    loaded = load_model(folder, dtype=jnp.float32, max_length=max_length)
+    assert loaded.config == model_for(family, max_length).config
+    assert logits_rel_err(loaded.model, family, name) <= FP32_TOL
+
+
+def test_declared_yarn_wins_over_run_length():
+    """tiny_qwen2_yarn declares YaRN factor 3: loads with it at any run length unless told otherwise."""
+    for max_length in (0, 65536, 131072):
+        rope = model_for("tiny_qwen2_yarn", max_length).config.rope
+        assert (rope.kind, rope.factor) == ("yarn", 3.0)
+    forced = model_for("tiny_qwen2_yarn", 65536, rope_policy="run_length")
+    assert forced.config.rope.factor == 2.0 and forced.config.rope_origin == "run_length_rule"
+    assert logits_rel_err(forced.model, "tiny_qwen2_yarn", "maxlen65536_offset60000_len12") > 1e-3
+
+
+def test_declared_policy_keeps_plain_rope():
+    """rope_policy='declared' on a Qwen2 without scaling keeps plain RoPE past 32K (as transformers does)."""
+    loaded = model_for("tiny_qwen2", 65536, rope_policy="declared")
+    assert loaded.config.rope.kind == "default"
+    assert logits_rel_err(loaded.model, "tiny_qwen2", "yarn65536_offset60000_len12") > 1e-2
+
+
+def test_rope_is_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="sparse_jax.models.loading"):
+        load_model(FIXTURES / "tiny_gemma3", dtype=jnp.float32, max_length=65536)
+    want = "RoPE linear theta=1e+06 factor=2 (from config.json); sliding-window layers: default theta=10000"
+    assert want in caplog.text
+
+
+def test_no_stop_token_loads_warns_once_and_generates_to_the_limit(tmp_path, caplog):
+    """tiny_qwen2_yarn names no eos_token_id: it loads, warns once, and matches transformers' greedy run."""
+    folder = tmp_path / "tiny_qwen2_yarn"  # a fresh path, so this test sees the first warning
+    shutil.copytree(FIXTURES / "tiny_qwen2_yarn", folder)
+    with caplog.at_level(logging.WARNING, logger="sparse_jax.models.loading"):
+        loaded = load_model(folder, dtype=jnp.float32)
+        load_model(folder, dtype=jnp.float32)
+    warnings = [r.getMessage() for r in caplog.records if "no stop token" in r.getMessage()]
+    assert len(warnings) == 1 and str(folder / "generation_config.json") in warnings[0]
+    assert loaded.stop_ids == ()
+    with np.load(folder / "reference_generation.npz") as ref:
+        prompt, want = ref["prompt"], ref["tokens"]
+    (result,) = generate(loaded.model, prompt.tolist(), max_new_tokens=want.shape[1], stop_ids=loaded.stop_ids)
+    assert list(result.token_ids) == want[0].tolist() and not result.stopped
 
 
 def test_yarn_fixture_is_sensitive_to_rope():

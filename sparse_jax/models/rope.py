@@ -47,7 +47,7 @@ def _yarn_correction_dim(rotations: float, head_dim: int, theta: float, original
 
 
 def yarn_inv_freq(rope: RopeScaling, head_dim: int) -> np.ndarray:
-    """YaRN (REFERENCE.md section 2.1): interpolate low frequencies, extrapolate high ones.
+    """YaRN (README "RoPE of a run"): interpolate low frequencies, extrapolate high ones.
 
     ``low = floor(dim(beta_fast))``, ``high = ceil(dim(beta_slow))`` clamped to
     ``[0, head_dim - 1]``; ``ramp_i = clamp((i - low) / (high - low), 0, 1)``;
