@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the input (settings, files, checkpoints, results folders), not by a bug."""
+    from sparse_jax.analysis.records import RunFileError
     from sparse_jax.checkpoints.gguf import GGUFError
     from sparse_jax.checkpoints.hf import CheckpointError
     from sparse_jax.distributed.mesh import MeshError
@@ -149,6 +150,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         GGUFError,
         ModelConfigError,
+        RunFileError,
     )
 
 

@@ -199,3 +199,27 @@ def test_generate_and_its_errors_work_without_gin():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "sparse-jax: configuration error: the prompt is empty" in done.stderr
+
+
+def test_run_longer_than_the_trained_context_is_refused_unless_asked_for(gin_file, tmp_path, no_engine):
+    too_long = ["--gin_param=ExperimentConfig.max_input_tokens = 8192", "--gin_param=ExperimentConfig.max_output_tokens = 32"]
+    result = run_cli("run", f"--gin_file={gin_file}", *too_long)
+    assert result.code == 2
+    line = result.error_line()
+    assert "8224 exceeds the 8192-token context" in line and "ExperimentConfig.allow_extrapolation = True" in line
+    assert not (tmp_path / "results").exists()
+    allowed = config_of(gin_file, *(b.split("=", 1)[1] for b in too_long), "ExperimentConfig.allow_extrapolation = True")
+    runner.check_config(allowed)
+    assert allowed.run_key() == config_of(gin_file, *(b.split("=", 1)[1] for b in too_long)).run_key()
+
+
+@pytest.mark.parametrize(
+    "fixture, declared, length, trained",
+    [("tiny_llama", 1024, 2048, 1024), ("tiny_qwen2", 32768, 65536, 65536)],  # Qwen2 switches to YaRN on purpose
+)
+def test_trained_context_of_checkpoint_folders(tmp_path, fixture, declared, length, trained):
+    from sparse_jax.pipeline.resources import trained_context
+
+    config = json.loads((REPO / "tests" / "fixtures" / fixture / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"max_position_embeddings": declared}))
+    assert trained_context(str(tmp_path), length) == trained

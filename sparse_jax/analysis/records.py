@@ -85,6 +85,10 @@ SCORES_FILE = "scores.jsonl"
 _SIZE_TOKEN = re.compile(r"[-_ ]\d+(\.\d+)?[bm](?![a-z])", re.IGNORECASE)
 
 
+class RunFileError(ValueError):
+    """A results folder's ``run.json`` or ``scores.jsonl`` is missing, malformed or of another format."""
+
+
 def infer_family(model_name: str) -> str:
     """The model family: the name up to its size token (``Qwen2.5-7B-Instruct`` -> ``qwen2.5``)."""
     match = _SIZE_TOKEN.search(model_name)
@@ -222,13 +226,13 @@ def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where
     if key not in obj:
         if optional:
             return None
-        raise ValueError(f"{where}: missing key {key!r}; see sparse_jax/analysis/records.py for the format.")
+        raise RunFileError(f"{where}: missing key {key!r}; see sparse_jax/analysis/records.py for the format.")
     value = obj[key]
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ValueError(f"{where}: {key!r} must be {names}, got {value!r}.")
+        raise RunFileError(f"{where}: {key!r} must be {names}, got {value!r}.")
     return value
 
 
@@ -240,14 +244,14 @@ def _parse_model(obj: dict[str, Any], where: str) -> ModelConfig:
     for key in ints:
         kwargs[key] = _require(obj, key, int, where)
         if kwargs[key] <= 0:
-            raise ValueError(f"{where}: {key!r} must be positive, got {kwargs[key]}.")
+            raise RunFileError(f"{where}: {key!r} must be positive, got {kwargs[key]}.")
     kwargs["family"] = _require(obj, "family", str, where, optional=True) or ""
     kwargs["sliding_window"] = _require(obj, "sliding_window", int, where, optional=True)
     kwargs["num_sliding_layers"] = _require(obj, "num_sliding_layers", int, where, optional=True) or 0
     try:
         return ModelConfig(**kwargs)
     except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+        raise RunFileError(f"{where}: {err}") from None
 
 
 def _parse_scores(path: pathlib.Path) -> dict[int, float | None]:
@@ -259,15 +263,15 @@ def _parse_scores(path: pathlib.Path) -> dict[int, float | None]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object.") from None
+            raise RunFileError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object.") from None
         index = _require(obj, "index", int, where)
         if "score" not in obj:
-            raise ValueError(f"{where}: missing key 'score' (use null for a skipped sample).")
+            raise RunFileError(f"{where}: missing key 'score' (use null for a skipped sample).")
         score = _require(obj, "score", (int, float), where, optional=True)
         if index in scores:
-            raise ValueError(f"{where}: sample index {index} appears twice; keep one line per sample.")
+            raise RunFileError(f"{where}: sample index {index} appears twice; keep one line per sample.")
         if score is not None and not math.isfinite(score):
-            raise ValueError(f"{where}: score must be finite or null, got {score!r}.")
+            raise RunFileError(f"{where}: score must be finite or null, got {score!r}.")
         scores[index] = None if score is None else float(score)
     return scores
 
@@ -321,7 +325,7 @@ class RunSummary:
                   ("prefill_sparsity", "decode_sparsity", "mean_prompt_tokens", "mean_output_tokens")}
         for key in ("prefill_sparsity", "decode_sparsity"):
             if not 0.0 <= kwargs[key] <= 1.0:
-                raise ValueError(f"{where}: {key} must be in [0, 1] (a ratio of attended to dense work), "
+                raise RunFileError(f"{where}: {key} must be in [0, 1] (a ratio of attended to dense work), "
                                  f"got {kwargs[key]}.")
         kwargs |= {k: _require(obj, k, (int, float), where, optional=True) for k in _SUMMARY_NUMBERS}
         kwargs |= {k: _require(obj, k, str, where, optional=True) for k in ("device", "metric")}
@@ -380,21 +384,21 @@ class RunFile:
         """Parse a ``run.json`` object.
 
         Raises:
-          ValueError: an unsupported format version, a missing key or a wrong type; the
+          RunFileError: an unsupported format version, a missing key or a wrong type; the
             message names ``where`` and the key.
         """
         if not isinstance(obj, dict):
-            raise ValueError(f"{where}: not a JSON object; see sparse_jax/analysis/records.py for the format.")
+            raise RunFileError(f"{where}: not a JSON object; see sparse_jax/analysis/records.py for the format.")
         version = obj.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(
+            raise RunFileError(
                 f"{where}: format_version is {version!r}; this reader understands {FORMAT_VERSION}. "
                 f"Read it with the sparse-jax version that wrote it, or rerun that experiment."
             )
         method = _require(obj, "method", dict, where)
         target = _require(obj, "target_sparsity", (int, float), where, optional=True)
         if target is not None and not 0.0 <= target < 1.0:
-            raise ValueError(f"{where}: target_sparsity must be in [0, 1) or null, got {target}.")
+            raise RunFileError(f"{where}: target_sparsity must be in [0, 1) or null, got {target}.")
         return cls(
             model=_parse_model(_require(obj, "model", dict, where), where),
             task=_require(obj, "task", str, where),
@@ -415,7 +419,7 @@ class RunFile:
         try:
             obj = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err.msg}); move that run folder away and rerun.") from None
+            raise RunFileError(f"{path}: not valid JSON ({err.msg}); move that run folder away and rerun.") from None
         return cls.from_json(obj, str(path))
 
     def write(self, run_dir: str | pathlib.Path) -> None:
@@ -427,13 +431,13 @@ def load_run(run_dir: str | pathlib.Path) -> RunRecord:
     """Read one run folder (``run.json`` + ``scores.jsonl``).
 
     Raises:
-      ValueError: a missing file or key, a wrong type, or an unsupported format version;
+      RunFileError: a missing file or key, a wrong type, or an unsupported format version;
         the message names the file and the offending key.
     """
     run_dir = pathlib.Path(run_dir)
     scores_path = run_dir / SCORES_FILE
     if not scores_path.exists():
-        raise ValueError(f"{run_dir}: has {RUN_FILE} but no {SCORES_FILE}; rerun the evaluation or remove the folder.")
+        raise RunFileError(f"{run_dir}: has {RUN_FILE} but no {SCORES_FILE}; rerun the evaluation or remove the folder.")
     run = RunFile.read(run_dir)
     summary = run.summary
     return RunRecord(
@@ -450,15 +454,15 @@ def load_records(results_dir: str | pathlib.Path) -> list[RunRecord]:
     """Every run under ``results_dir`` (folders holding ``run.json``), sorted by path.
 
     Raises:
-      ValueError: ``results_dir`` does not exist or holds no run, or a run folder is
+      RunFileError: ``results_dir`` does not exist or holds no run, or a run folder is
         malformed (see :func:`load_run`).
     """
     root = pathlib.Path(results_dir)
     if not root.is_dir():
-        raise ValueError(f"results directory {root} does not exist; pass the folder the pipeline wrote.")
+        raise RunFileError(f"results directory {root} does not exist; pass the folder the pipeline wrote.")
     records = [load_run(path.parent) for path in sorted(root.rglob(RUN_FILE))]
     if not records:
-        raise ValueError(f"no {RUN_FILE} found under {root}; is this the pipeline's results folder?")
+        raise RunFileError(f"no {RUN_FILE} found under {root}; is this the pipeline's results folder?")
     return records
 
 
