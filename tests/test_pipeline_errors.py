@@ -223,3 +223,12 @@ def test_trained_context_of_checkpoint_folders(tmp_path, fixture, declared, leng
     config = json.loads((REPO / "tests" / "fixtures" / fixture / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | {"max_position_embeddings": declared}))
     assert trained_context(str(tmp_path), length) == trained
+
+
+def test_relative_include_from_another_folder_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gin_file = tmp_path / "elsewhere.gin"
+    gin_file.write_text(f"include '{REPO / 'configs' / 'experiments' / 'demo_niah_single_4k.gin'}'\n")
+    result = run_cli("run", f"--gin_file={gin_file}")
+    assert result.code == 2
+    assert "an included gin file was not found" in result.error_line()

@@ -233,6 +233,10 @@ def parse_gin(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> None
         gin.parse_config_files_and_bindings([str(f) for f in files], list(bindings))
     except (ValueError, KeyError, SyntaxError, tokenize.TokenError, OSError, ImportError) as e:
         raise ConfigError(_explain_gin_error(e)) from e
+    except TypeError as e:  # gin's include lookup fails this way on a path it cannot find from here
+        if "include" not in str(e):
+            raise
+        raise ConfigError(_explain_gin_error(e)) from e
 
 
 _MOVED_BINDINGS = {
@@ -281,6 +285,9 @@ def _explain_gin_error(error: BaseException) -> str:
         hint = f" Did you mean {close[0]!r}?" if close else f" Known configurables: {', '.join(known)}."
     if isinstance(error, OSError) and "Unable to open file" in message:
         hint = " (include paths are relative to the current folder)"
+    if isinstance(error, TypeError):
+        first = "an included gin file was not found"
+        hint = " (include paths are relative to the current folder: run from the folder they are relative to)"
     where = "; ".join(line for line in lines[1:] if line.rstrip(".") != first)
     return f"{first}.{hint}" + (f" [{where}]" if where else "")
 
