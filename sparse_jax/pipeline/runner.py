@@ -245,9 +245,10 @@ def _weighted(values: Sequence[float | None], weights: Sequence[float]) -> float
 
 
 def _model_summary(cfg: ExperimentConfig) -> ModelConfig:
+    """The model's architecture numbers (the bundle predict loaded, on its mesh, is reused)."""
     from sparse_jax.pipeline.resources import load_bundle
 
-    loaded = load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens).loaded
+    loaded = load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh).loaded
     c = loaded.config
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(loaded.model.flat_params()))
     sliding = [i for i in range(c.num_layers) if c.is_sliding(i)]
