@@ -27,6 +27,7 @@ from typing import Any, Sequence
 from sparse_jax.analysis.records import RUN_FILE, RunFile
 from sparse_jax.analysis.tables import markdown_table
 from sparse_jax.atomic_files import atomic_write_text
+from sparse_jax.pipeline.experiment import KEY_EXCLUDED_FIELDS
 
 COLUMNS = (
     "task",
@@ -73,8 +74,6 @@ def settings_of(config: dict[str, Any], method: str, method_args: dict[str, Any]
       method: method name.
       method_args: the method's full hyper-parameters (``sparsity`` is a column already).
     """
-    from sparse_jax.pipeline.experiment import KEY_EXCLUDED_FIELDS
-
     skipped = set(_COLUMN_SETTINGS) | set(KEY_EXCLUDED_FIELDS) | {"task_args", "method_args", "engine_args"}
     settings = {k: v for k, v in config.items() if k not in skipped}
     settings |= {f"task.{k}": v for k, v in (config.get("task_args") or {}).items()}
