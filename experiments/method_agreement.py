@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from sparse_jax.analysis.tables import markdown_table
 from sparse_jax.attention.base import AttentionMethod
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.buckets import bucket_length
@@ -334,25 +335,25 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def markdown_table(rows: dict[str, dict[str, Any]], order: Sequence[str]) -> str:
+def results_table(rows: dict[str, dict[str, Any]], order: Sequence[str]) -> str:
     """The results table, one line per finished configuration in ``order``."""
-    lines = [
-        "| method | target sparsity | prefill sparsity | decode sparsity | exact match | accuracy "
-        "| first-token match | KL first token | KL first decode step | probe = engine | wall s (compile) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    table = [
+        {
+            "method": r["method"],
+            "target sparsity": _fmt(r["sparsity"], ".2f"),
+            "prefill sparsity": f"{r['prefill_sparsity']:.3f}",
+            "decode sparsity": _fmt(r["decode_sparsity"], ".3f"),
+            "exact match": f"{r['exact_match']:.2f}",
+            "accuracy": f"{r['accuracy']:.2f}",
+            "first-token match": f"{r['first_token_match']:.2f}",
+            "KL first token": f"{r['kl_first']:.2e}",
+            "KL first decode step": f"{r['kl_step']:.2e}",
+            "probe = engine": f"{r['probe_matches_engine']:.2f}",
+            "wall s (compile)": f"{r['generate_s'] + r['probe_s']:.0f} ({r['compile_s']:.0f})",
+        }
+        for r in (rows[key] for key in order if key in rows)
     ]
-    for key in order:
-        if key not in rows:
-            continue
-        r = rows[key]
-        lines.append(
-            f"| {r['method']} | {_fmt(r['sparsity'], '.2f')} | {r['prefill_sparsity']:.3f} "
-            f"| {_fmt(r['decode_sparsity'], '.3f')} | {r['exact_match']:.2f} | {r['accuracy']:.2f} "
-            f"| {r['first_token_match']:.2f} | {r['kl_first']:.2e} | {r['kl_step']:.2e} "
-            f"| {r['probe_matches_engine']:.2f} "
-            f"| {r['generate_s'] + r['probe_s']:.0f} ({r['compile_s']:.0f}) |"
-        )
-    return "\n".join(lines)
+    return markdown_table(table).rstrip("\n")
 
 
 def write_markdown(path: Path, settings: dict[str, Any], meta: dict[str, Any], rows, order: Sequence[str]) -> None:
@@ -385,7 +386,7 @@ engine's first token was the fed one) equal to the engine's, a check that both c
 *wall s*: engine generation plus the logits probe, compilation included (in parentheses: the
 engine's compile seconds); a shared CPU, so an upper bound.
 
-{markdown_table(rows, order)}
+{results_table(rows, order)}
 
 {NOTES_MARKER}
 """

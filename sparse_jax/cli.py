@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 DEMO_SWEEP = Path(__file__).resolve().parent.parent / "configs" / "sweeps" / "demo.gin"
@@ -42,9 +43,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run = run_experiment(config, stages=[s.strip() for s in args.stages.split(",") if s.strip()])
     print(f"results: {config.run_dir()}")
     if run is not None:
-        from sparse_jax.pipeline.report import print_summary
+        from sparse_jax.pipeline.report import print_summary, run_row
 
-        print_summary([run | {"run_dir": str(config.run_dir())}])
+        print_summary([run_row(run, config.run_dir())])
     return 0
 
 
@@ -85,6 +86,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of a user error too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="greedy answer from a model to one prompt")
@@ -127,8 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the input (settings, files, results folders), not by a bug."""
+    """Errors caused by the input (settings, files, checkpoints, results folders), not by a bug."""
+    from sparse_jax.analysis.records import RunFileError
+    from sparse_jax.checkpoints.gguf import GGUFError
+    from sparse_jax.checkpoints.hf import CheckpointError
     from sparse_jax.distributed.mesh import MeshError
+    from sparse_jax.models.config import ConfigError as ModelConfigError
     from sparse_jax.engine.memory import InsufficientMemoryError
     from sparse_jax.pipeline.errors import ConfigError, IncompatibleResultsError, StageError
     from sparse_jax.pipeline.jsonl_store import CorruptResultsError
@@ -141,11 +147,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         StageError,
         MeshError,
         InsufficientMemoryError,
+        CheckpointError,
+        GGUFError,
+        ModelConfigError,
+        RunFileError,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. User errors print one ``sparse-jax: ...`` line and return 2; bugs raise."""
+    """Run one subcommand. User errors print one ``sparse-jax: ...`` line and return 2; bugs raise.
+
+    With ``--debug`` the traceback of a user error is printed before that line.
+    """
     args = build_parser().parse_args(argv)
     # The engine reports each batch's memory plan (KV cache, activations, free memory) before it runs.
     logging.basicConfig(format="%(name)s: %(message)s")
@@ -161,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         from sparse_jax.pipeline.errors import ConfigError
 
+        if args.debug:
+            traceback.print_exc()
         kind = "configuration error: " if isinstance(e, ConfigError) else ""
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"sparse-jax: {kind}{message}", file=sys.stderr)

@@ -4,7 +4,15 @@ import json
 
 import pytest
 
-from sparse_jax.analysis.records import ModelConfig, RunRecord, infer_family, load_records, load_run, save_run
+from sparse_jax.analysis.records import (
+    ModelConfig,
+    RunFile,
+    RunRecord,
+    infer_family,
+    load_records,
+    load_run,
+    save_run,
+)
 
 MODEL = ModelConfig("Qwen2.5-7B-Instruct", 28, 3584, 18944, 152064, 28, 4, 128, 7_615_616_512)
 
@@ -80,3 +88,30 @@ def test_malformed_runs_raise_clear_errors(tmp_path):
         load_run(run)
     with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
         ModelConfig("bad-1b", 2, 64, 128, 100, 6, 4, 16, 10**9)
+
+
+def test_run_json_of_the_first_pipeline_version_still_reads(tmp_path):
+    """A run.json as the runner wrote it before RunFile existed (no compile seconds)."""
+    old = {
+        "format_version": 1, "task": "niah_single", "task_key": "abc", "max_input_tokens": 512,
+        "model": {"name": "SmolLM2-135M-Instruct", "num_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+                  "vocab_size": 49152, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "num_parameters": 134515008,
+                  "sliding_window": None, "num_sliding_layers": 0},
+        "method": {"name": "quest", "args": {"token_budget": 1024, "page_size": 16, "share_pages": True,
+                                             "sparsity": 0.5}},
+        "target_sparsity": 0.5,
+        "summary": {"prefill_sparsity": 0.0, "decode_sparsity": 0.4, "reported_sparsity": 0.1,
+                    "mean_prompt_tokens": 500.0, "mean_output_tokens": 8.0, "max_output_tokens": 8,
+                    "prefill_seconds": 0.5, "decode_seconds": 1.0, "prefill_tokens_per_s": 1000.0,
+                    "decode_tokens_per_s": 8.0, "device": "cpu", "metric": "accuracy", "metrics": {"accuracy": 0.5},
+                    "score": 0.5, "variance": 0.25, "scored_samples": 2, "total_samples": 2},
+        "config": {"method": "quest", "seed": 43}, "status": "complete",
+    }
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    (tmp_path / "scores.jsonl").write_text('{"index": 0, "score": 1.0}\n{"index": 1, "score": 0.0}\n')
+    run = RunFile.read(tmp_path)
+    assert run.summary.compile_seconds is None and run.summary.score == 0.5 and run.config["seed"] == 43
+    assert run.to_json()["summary"]["decode_sparsity"] == 0.4
+    assert load_run(tmp_path).method_args["share_pages"] is True
+    run.write(tmp_path / "again")
+    assert RunFile.read(tmp_path / "again") == run

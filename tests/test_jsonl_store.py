@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from sparse_jax.atomic_files import atomic_write_json
 from sparse_jax.pipeline import jsonl_store
 
 
@@ -40,7 +41,7 @@ def test_corruption_in_the_middle_is_an_error_and_nothing_is_lost(tmp_path):
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     path = tmp_path / "run.json"
-    jsonl_store.atomic_write_json(path, {"a": 1})
-    jsonl_store.atomic_write_json(path, {"a": 2})
+    atomic_write_json(path, {"a": 1})
+    atomic_write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]

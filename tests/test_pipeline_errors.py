@@ -51,7 +51,15 @@ def no_engine(monkeypatch):
         ("ExperimentConfg.samples = 2", "No configurable matching 'ExperimentConfg'. Did you mean 'ExperimentConfig'?"),
         ("ExperimentConfig.method = 'qest'", "unknown attention method 'qest'. Did you mean 'quest'?"),
         ("ExperimentConfig.task = 'niah_singel'", "unknown task 'niah_singel'. Did you mean 'niah_single'"),
-        ("ExperimentConfig.method_args = {'token_budgt': 64}", "has no argument(s) token_budgt; valid arguments"),
+        ("Quest.token_budgt = 64", "Configurable 'Quest' doesn't have a parameter named 'token_budgt'. Did you mean "
+                                   "'token_budget'?"),
+        ("Quets.token_budget = 64", "No configurable matching 'Quets'. Did you mean 'Quest'?"),
+        ("ExperimentConfig.method = 'quest'\nQuest.token_budget = 100", "token_budget=100 must be a multiple of page_size=16"),
+        ("Quest.sparsity = 0.5", "bind `ExperimentConfig.sparsity` instead"),
+        ("EngineConfig.batch_size = 2", "bind `ExperimentConfig.batch_size` instead"),
+        ("EngineConfig.page_size = 0", "EngineConfig.page_size must be >= 1, got 0"),
+        ("ExperimentConfig.method_args = {'token_budget': 64}",
+         "write e.g. `Quest.token_budget = 1024` instead of `ExperimentConfig.method_args"),
         ("ExperimentConfig.task_args = {'num_digit': 7}", "has no argument(s) num_digit; valid arguments"),
         ("ExperimentConfig.sparsity = 1.0", "sparsity must be in [0, 1), got 1.0"),
         ("ExperimentConfig.sparsity = -0.1", "sparsity must be in [0, 1), got -0.1"),
@@ -191,3 +199,36 @@ def test_generate_and_its_errors_work_without_gin():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "sparse-jax: configuration error: the prompt is empty" in done.stderr
+
+
+def test_run_longer_than_the_trained_context_is_refused_unless_asked_for(gin_file, tmp_path, no_engine):
+    too_long = ["--gin_param=ExperimentConfig.max_input_tokens = 8192", "--gin_param=ExperimentConfig.max_output_tokens = 32"]
+    result = run_cli("run", f"--gin_file={gin_file}", *too_long)
+    assert result.code == 2
+    line = result.error_line()
+    assert "8224 exceeds the 8192-token context" in line and "ExperimentConfig.allow_extrapolation = True" in line
+    assert not (tmp_path / "results").exists()
+    allowed = config_of(gin_file, *(b.split("=", 1)[1] for b in too_long), "ExperimentConfig.allow_extrapolation = True")
+    runner.check_config(allowed)
+    assert allowed.run_key() == config_of(gin_file, *(b.split("=", 1)[1] for b in too_long)).run_key()
+
+
+@pytest.mark.parametrize(
+    "fixture, declared, length, trained",
+    [("tiny_llama", 1024, 2048, 1024), ("tiny_qwen2", 32768, 65536, 65536)],  # Qwen2 switches to YaRN on purpose
+)
+def test_trained_context_of_checkpoint_folders(tmp_path, fixture, declared, length, trained):
+    from sparse_jax.pipeline.resources import trained_context
+
+    config = json.loads((REPO / "tests" / "fixtures" / fixture / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"max_position_embeddings": declared}))
+    assert trained_context(str(tmp_path), length) == trained
+
+
+def test_relative_include_from_another_folder_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gin_file = tmp_path / "elsewhere.gin"
+    gin_file.write_text(f"include '{REPO / 'configs' / 'experiments' / 'demo_niah_single_4k.gin'}'\n")
+    result = run_cli("run", f"--gin_file={gin_file}")
+    assert result.code == 2
+    assert "an included gin file was not found" in result.error_line()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import gin
+import jax
 import pytest
 
-from sparse_jax.analysis.records import load_records
+from sparse_jax.analysis.records import RunFile, load_records
 from sparse_jax.pipeline.experiment import ExperimentConfig
 from sparse_jax.pipeline.resources import load_tokenizer
 from tests.test_pipeline_common import (
@@ -42,6 +44,9 @@ def test_run_writes_every_result_file_and_prints_a_summary(shared):
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "complete" and run["format_version"] == 1
     assert run["summary"]["total_samples"] == 2 and run["summary"]["metric"] == "accuracy"
+    assert run["summary"]["compile_seconds"] > 0 and all(p["compile_seconds"] >= 0 for p in preds)
+    assert RunFile.read(run_dir).config == cfg.as_record()  # the typed record reads what the runner wrote
+    assert Path(jax.config.jax_compilation_cache_dir).is_dir()  # the persistent compilation cache is on
     (record,) = load_records(shared.results)  # the analysis package reads it
     assert record.task == "niah_single" and record.method == "dense" and record.max_input_tokens == 512
     assert json.loads((run_dir / "experiment.json").read_text())["format_version"] == 1

@@ -36,9 +36,17 @@ explain the fields and are not part of the file)::
         "mean_output_tokens": 23.1,          # float, mean generated tokens (stop token included)
         "prefill_seconds": null,             # optional float, mean wall time of one prefill
         "decode_seconds": null,              # optional float, mean wall time of all decode steps of one sample
-        "device": null                       # optional str, e.g. "NVIDIA H100 80GB HBM3"
-      }
+        "device": null,                      # optional str, e.g. "NVIDIA H100 80GB HBM3"
+        "compile_seconds": 12.5              # optional float, total seconds spent compiling
+      },                                     # (other optional summary fields: see RunSummary)
+      "task_key": "...",                     # optional str, the task's own settings key
+      "config": {...},                       # optional dict, the pipeline's ExperimentConfig fields
+      "status": "complete"                   # optional str
     }
+
+:class:`RunFile` is this file as a frozen dataclass: ``RunFile.read(run_dir)`` parses and
+checks it, ``run_file.write(run_dir)`` writes it atomically. The pipeline's runner writes
+it and every analysis reads it through that one class.
 
 Achieved sparsities are ratios of sums over every layer, query head and sample, from the
 attention methods' statistics (``sparse_jax.attention.base``)::
@@ -65,13 +73,20 @@ import pathlib
 import re
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
+
+from sparse_jax.atomic_files import atomic_write_json, atomic_write_text
 
 FORMAT_VERSION = 1
+"""Version of the results format (``run.json`` and the pipeline's ``experiment.json``); the one owner."""
 RUN_FILE = "run.json"
 SCORES_FILE = "scores.jsonl"
 
 _SIZE_TOKEN = re.compile(r"[-_ ]\d+(\.\d+)?[bm](?![a-z])", re.IGNORECASE)
+
+
+class RunFileError(ValueError):
+    """A results folder's ``run.json`` or ``scores.jsonl`` is missing, malformed or of another format."""
 
 
 def infer_family(model_name: str) -> str:
@@ -211,13 +226,13 @@ def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where
     if key not in obj:
         if optional:
             return None
-        raise ValueError(f"{where}: missing key {key!r}; see sparse_jax/analysis/records.py for the format.")
+        raise RunFileError(f"{where}: missing key {key!r}; see sparse_jax/analysis/records.py for the format.")
     value = obj[key]
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ValueError(f"{where}: {key!r} must be {names}, got {value!r}.")
+        raise RunFileError(f"{where}: {key!r} must be {names}, got {value!r}.")
     return value
 
 
@@ -229,14 +244,14 @@ def _parse_model(obj: dict[str, Any], where: str) -> ModelConfig:
     for key in ints:
         kwargs[key] = _require(obj, key, int, where)
         if kwargs[key] <= 0:
-            raise ValueError(f"{where}: {key!r} must be positive, got {kwargs[key]}.")
+            raise RunFileError(f"{where}: {key!r} must be positive, got {kwargs[key]}.")
     kwargs["family"] = _require(obj, "family", str, where, optional=True) or ""
     kwargs["sliding_window"] = _require(obj, "sliding_window", int, where, optional=True)
     kwargs["num_sliding_layers"] = _require(obj, "num_sliding_layers", int, where, optional=True) or 0
     try:
         return ModelConfig(**kwargs)
     except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+        raise RunFileError(f"{where}: {err}") from None
 
 
 def _parse_scores(path: pathlib.Path) -> dict[int, float | None]:
@@ -248,105 +263,217 @@ def _parse_scores(path: pathlib.Path) -> dict[int, float | None]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object.") from None
+            raise RunFileError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object.") from None
         index = _require(obj, "index", int, where)
         if "score" not in obj:
-            raise ValueError(f"{where}: missing key 'score' (use null for a skipped sample).")
+            raise RunFileError(f"{where}: missing key 'score' (use null for a skipped sample).")
         score = _require(obj, "score", (int, float), where, optional=True)
         if index in scores:
-            raise ValueError(f"{where}: sample index {index} appears twice; keep one line per sample.")
+            raise RunFileError(f"{where}: sample index {index} appears twice; keep one line per sample.")
         if score is not None and not math.isfinite(score):
-            raise ValueError(f"{where}: score must be finite or null, got {score!r}.")
+            raise RunFileError(f"{where}: score must be finite or null, got {score!r}.")
         scores[index] = None if score is None else float(score)
     return scores
+
+
+_SUMMARY_NUMBERS = ("prefill_seconds", "decode_seconds", "compile_seconds", "reported_sparsity", "max_output_tokens",
+                    "prefill_tokens_per_s", "decode_tokens_per_s", "score", "variance", "scored_samples",
+                    "total_samples")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """The ``summary`` object of ``run.json`` (see the module docstring).
+
+    Attributes:
+      prefill_sparsity, decode_sparsity: achieved sparsities in [0, 1].
+      mean_prompt_tokens, mean_output_tokens: mean lengths over the samples.
+      prefill_seconds, decode_seconds: mean wall time of one prefill / of one sample's decode.
+      compile_seconds: total seconds the run's processes spent tracing, lowering and
+        compiling (``sparse_jax.pipeline.compile_time``); ``None`` when not measured.
+      device: the accelerator's name.
+      reported_sparsity: mean of the methods' own sparsity estimates.
+      max_output_tokens: longest generated output.
+      prefill_tokens_per_s, decode_tokens_per_s: throughput over all samples.
+      metric, metrics, score, variance: the task's metric name, every metric, the main
+        metric's mean and its per-sample variance.
+      scored_samples, total_samples: samples with a score / samples of the run.
+    """
+
+    prefill_sparsity: float
+    decode_sparsity: float
+    mean_prompt_tokens: float
+    mean_output_tokens: float
+    prefill_seconds: float | None = None
+    decode_seconds: float | None = None
+    compile_seconds: float | None = None
+    device: str | None = None
+    reported_sparsity: float | None = None
+    max_output_tokens: int | None = None
+    prefill_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    metric: str | None = None
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    score: float | None = None
+    variance: float | None = None
+    scored_samples: int | None = None
+    total_samples: int | None = None
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], where: str) -> RunSummary:
+        kwargs = {k: float(_require(obj, k, (int, float), where)) for k in
+                  ("prefill_sparsity", "decode_sparsity", "mean_prompt_tokens", "mean_output_tokens")}
+        for key in ("prefill_sparsity", "decode_sparsity"):
+            if not 0.0 <= kwargs[key] <= 1.0:
+                raise RunFileError(f"{where}: {key} must be in [0, 1] (a ratio of attended to dense work), "
+                                 f"got {kwargs[key]}.")
+        kwargs |= {k: _require(obj, k, (int, float), where, optional=True) for k in _SUMMARY_NUMBERS}
+        kwargs |= {k: _require(obj, k, str, where, optional=True) for k in ("device", "metric")}
+        kwargs["metrics"] = _require(obj, "metrics", dict, where, optional=True) or {}
+        return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFile:
+    """One ``run.json``: reads, checks and (atomically) writes itself.
+
+    Attributes:
+      model: the architecture numbers.
+      task: task name.
+      max_input_tokens: the prompt budget.
+      method: attention method name.
+      method_args: the method's hyper-parameters (all of them, defaults included).
+      target_sparsity: the sweep's sparsity level, ``None`` for dense or a raw budget.
+      summary: the run's measured numbers.
+      task_key: the task's own settings key (pipeline runs).
+      config: the experiment settings the pipeline ran with (its ``ExperimentConfig``
+        fields); ``{}`` for records made elsewhere.
+      status: ``complete`` for an evaluated run.
+    """
+
+    model: ModelConfig
+    task: str
+    max_input_tokens: int
+    method: str
+    method_args: dict[str, Any]
+    target_sparsity: float | None
+    summary: RunSummary
+    task_key: str | None = None
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    status: str = "complete"
+
+    format_version: ClassVar[int] = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written to ``run.json``."""
+        return {
+            "format_version": self.format_version,
+            "model": dataclasses.asdict(self.model),
+            "task": self.task,
+            "task_key": self.task_key,
+            "max_input_tokens": self.max_input_tokens,
+            "method": {"name": self.method, "args": self.method_args},
+            "target_sparsity": self.target_sparsity,
+            "summary": dataclasses.asdict(self.summary),
+            "config": self.config,
+            "status": self.status,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> RunFile:
+        """Parse a ``run.json`` object.
+
+        Raises:
+          RunFileError: an unsupported format version, a missing key or a wrong type; the
+            message names ``where`` and the key.
+        """
+        if not isinstance(obj, dict):
+            raise RunFileError(f"{where}: not a JSON object; see sparse_jax/analysis/records.py for the format.")
+        version = obj.get("format_version")
+        if version != FORMAT_VERSION:
+            raise RunFileError(
+                f"{where}: format_version is {version!r}; this reader understands {FORMAT_VERSION}. "
+                f"Read it with the sparse-jax version that wrote it, or rerun that experiment."
+            )
+        method = _require(obj, "method", dict, where)
+        target = _require(obj, "target_sparsity", (int, float), where, optional=True)
+        if target is not None and not 0.0 <= target < 1.0:
+            raise RunFileError(f"{where}: target_sparsity must be in [0, 1) or null, got {target}.")
+        return cls(
+            model=_parse_model(_require(obj, "model", dict, where), where),
+            task=_require(obj, "task", str, where),
+            max_input_tokens=_require(obj, "max_input_tokens", int, where),
+            method=_require(method, "name", str, f"{where} 'method'"),
+            method_args=_require(method, "args", dict, f"{where} 'method'"),
+            target_sparsity=None if target is None else float(target),
+            summary=RunSummary.from_json(_require(obj, "summary", dict, where), f"{where} 'summary'"),
+            task_key=_require(obj, "task_key", str, where, optional=True),
+            config=_require(obj, "config", dict, where, optional=True) or {},
+            status=_require(obj, "status", str, where, optional=True) or "complete",
+        )
+
+    @classmethod
+    def read(cls, run_dir: str | pathlib.Path) -> RunFile:
+        """Read ``run_dir/run.json`` (see :meth:`from_json` for the errors)."""
+        path = pathlib.Path(run_dir) / RUN_FILE
+        try:
+            obj = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RunFileError(f"{path}: not valid JSON ({err.msg}); move that run folder away and rerun.") from None
+        return cls.from_json(obj, str(path))
+
+    def write(self, run_dir: str | pathlib.Path) -> None:
+        """Write ``run_dir/run.json`` atomically."""
+        atomic_write_json(pathlib.Path(run_dir) / RUN_FILE, self.to_json())
 
 
 def load_run(run_dir: str | pathlib.Path) -> RunRecord:
     """Read one run folder (``run.json`` + ``scores.jsonl``).
 
     Raises:
-      ValueError: a missing file or key, a wrong type, or an unsupported format version;
+      RunFileError: a missing file or key, a wrong type, or an unsupported format version;
         the message names the file and the offending key.
     """
     run_dir = pathlib.Path(run_dir)
-    run_path, scores_path = run_dir / RUN_FILE, run_dir / SCORES_FILE
+    scores_path = run_dir / SCORES_FILE
     if not scores_path.exists():
-        raise ValueError(f"{run_dir}: has {RUN_FILE} but no {SCORES_FILE}; rerun the evaluation or remove the folder.")
-    try:
-        obj = json.loads(run_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{run_path}: not valid JSON ({err.msg}).") from None
-    where = str(run_path)
-    version = obj.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{where}: format_version is {version!r}; this reader understands {FORMAT_VERSION}.")
-    method = _require(obj, "method", dict, where)
-    summary = _require(obj, "summary", dict, where)
-    swhere = f"{where} 'summary'"
-    target = _require(obj, "target_sparsity", (int, float), where, optional=True)
-    if target is not None and not 0.0 <= target < 1.0:
-        raise ValueError(f"{where}: target_sparsity must be in [0, 1) or null, got {target}.")
-    record = RunRecord(
-        model=_parse_model(_require(obj, "model", dict, where), where),
-        task=_require(obj, "task", str, where),
-        max_input_tokens=_require(obj, "max_input_tokens", int, where),
-        method=_require(method, "name", str, f"{where} 'method'"),
-        method_args=_require(method, "args", dict, f"{where} 'method'"),
-        target_sparsity=None if target is None else float(target),
-        prefill_sparsity=float(_require(summary, "prefill_sparsity", (int, float), swhere)),
-        decode_sparsity=float(_require(summary, "decode_sparsity", (int, float), swhere)),
-        scores=_parse_scores(scores_path),
-        mean_prompt_tokens=float(_require(summary, "mean_prompt_tokens", (int, float), swhere)),
-        mean_output_tokens=float(_require(summary, "mean_output_tokens", (int, float), swhere)),
-        prefill_seconds=_require(summary, "prefill_seconds", (int, float), swhere, optional=True),
-        decode_seconds=_require(summary, "decode_seconds", (int, float), swhere, optional=True),
-        device=_require(summary, "device", str, swhere, optional=True),
-        path=str(run_dir),
+        raise RunFileError(f"{run_dir}: has {RUN_FILE} but no {SCORES_FILE}; rerun the evaluation or remove the folder.")
+    run = RunFile.read(run_dir)
+    summary = run.summary
+    return RunRecord(
+        model=run.model, task=run.task, max_input_tokens=run.max_input_tokens, method=run.method,
+        method_args=run.method_args, target_sparsity=run.target_sparsity,
+        prefill_sparsity=summary.prefill_sparsity, decode_sparsity=summary.decode_sparsity,
+        scores=_parse_scores(scores_path), mean_prompt_tokens=summary.mean_prompt_tokens,
+        mean_output_tokens=summary.mean_output_tokens, prefill_seconds=summary.prefill_seconds,
+        decode_seconds=summary.decode_seconds, device=summary.device, path=str(run_dir),
     )
-    for key in ("prefill_sparsity", "decode_sparsity"):
-        if not 0.0 <= getattr(record, key) <= 1.0:
-            raise ValueError(f"{swhere}: {key} must be in [0, 1] (a ratio of attended to dense work), "
-                             f"got {getattr(record, key)}.")
-    return record
 
 
 def load_records(results_dir: str | pathlib.Path) -> list[RunRecord]:
     """Every run under ``results_dir`` (folders holding ``run.json``), sorted by path.
 
     Raises:
-      ValueError: ``results_dir`` does not exist or holds no run, or a run folder is
+      RunFileError: ``results_dir`` does not exist or holds no run, or a run folder is
         malformed (see :func:`load_run`).
     """
     root = pathlib.Path(results_dir)
     if not root.is_dir():
-        raise ValueError(f"results directory {root} does not exist; pass the folder the pipeline wrote.")
+        raise RunFileError(f"results directory {root} does not exist; pass the folder the pipeline wrote.")
     records = [load_run(path.parent) for path in sorted(root.rglob(RUN_FILE))]
     if not records:
-        raise ValueError(f"no {RUN_FILE} found under {root}; is this the pipeline's results folder?")
+        raise RunFileError(f"no {RUN_FILE} found under {root}; is this the pipeline's results folder?")
     return records
 
 
 def save_run(record: RunRecord, run_dir: str | pathlib.Path) -> None:
     """Write ``record`` as a run folder in the format :func:`load_run` reads."""
-    run_dir = pathlib.Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    obj = {
-        "format_version": FORMAT_VERSION,
-        "model": dataclasses.asdict(record.model),
-        "task": record.task,
-        "max_input_tokens": record.max_input_tokens,
-        "method": {"name": record.method, "args": record.method_args},
-        "target_sparsity": record.target_sparsity,
-        "summary": {
-            "prefill_sparsity": record.prefill_sparsity,
-            "decode_sparsity": record.decode_sparsity,
-            "mean_prompt_tokens": record.mean_prompt_tokens,
-            "mean_output_tokens": record.mean_output_tokens,
-            "prefill_seconds": record.prefill_seconds,
-            "decode_seconds": record.decode_seconds,
-            "device": record.device,
-        },
-    }
-    (run_dir / RUN_FILE).write_text(json.dumps(obj, indent=2) + "\n")
+    summary = RunSummary(
+        prefill_sparsity=record.prefill_sparsity, decode_sparsity=record.decode_sparsity,
+        mean_prompt_tokens=record.mean_prompt_tokens, mean_output_tokens=record.mean_output_tokens,
+        prefill_seconds=record.prefill_seconds, decode_seconds=record.decode_seconds, device=record.device,
+    )
+    RunFile(record.model, record.task, record.max_input_tokens, record.method, record.method_args,
+            record.target_sparsity, summary).write(run_dir)
     lines = (json.dumps({"index": i, "score": s}) for i, s in sorted(record.scores.items()))
-    (run_dir / SCORES_FILE).write_text("".join(line + "\n" for line in lines))
+    atomic_write_text(pathlib.Path(run_dir) / SCORES_FILE, "".join(line + "\n" for line in lines))

@@ -1,10 +1,14 @@
 """One experiment's settings, read from gin, validated, and turned into a results key.
 
-An experiment is (model, task + args, lengths, attention method + args, target sparsity,
-samples, seed). Everything that can change a prediction is part of
+An experiment is (model, task + args, lengths, attention method + args, engine settings,
+target sparsity, samples, seed). Everything that can change a prediction is part of
 :meth:`ExperimentConfig.key_fields`, hashed into the run's folder name, so a result is
-never reused for a different setting. Execution-only settings (batch size, results
-root) are not.
+never reused for a different setting. Execution-only settings (batch size, mesh, results
+root, the extrapolation opt-in, the engine's memory knobs) are not.
+
+Method and engine hyper-parameters are bound on their own classes (``Quest.token_budget
+= 2048``, ``EngineConfig.page_size = 16``; :mod:`sparse_jax.pipeline.configurables`);
+:func:`current_config` copies them into ``method_args`` / ``engine_args``.
 """
 
 from __future__ import annotations
@@ -21,13 +25,19 @@ from typing import Any, Mapping, Sequence
 
 import gin
 
+from sparse_jax.analysis.records import FORMAT_VERSION
 from sparse_jax.pipeline.errors import ConfigError
 
-RESULTS_FORMAT_VERSION = 1
 EMBEDDED_CHECKPOINT = "SmolLM2-135M-Instruct"
+KEY_EXCLUDED_FIELDS = ("batch_size", "results_dir", "mesh", "allow_extrapolation")
+"""ExperimentConfig fields that cannot change a prediction (not in the results key)."""
+ENGINE_EXECUTION_FIELDS = ("prefill_rows", "memory_limit_bytes")
+"""EngineConfig fields that cannot change a prediction (not in the results key)."""
+CLASS_BOUND_FIELDS = ("method_args", "engine_args")
+"""Filled from the method's and the engine's class bindings, never bound directly."""
 
 
-@gin.configurable
+@gin.configurable(denylist=list(CLASS_BOUND_FIELDS))
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """Settings of one run (bind them as ``ExperimentConfig.<field> = ...`` in gin).
@@ -39,7 +49,10 @@ class ExperimentConfig:
       task: registered task name (``sparse_jax.tasks.registry``).
       task_args: task hyper-parameters.
       method: registered attention method name (``sparse_jax.attention.registry``).
-      method_args: method hyper-parameters (raw budgets).
+      method_args: method hyper-parameters (raw budgets), from the bindings of the
+        method's class (``Quest.token_budget = 2048``); not bindable here.
+      engine_args: ``EngineConfig`` settings from its bindings (``EngineConfig.page_size
+        = 32``); not bindable here.
       sparsity: target sparsity in ``[0, 1)`` passed to the method instead of its raw
         budget; ignored (normalised to ``None``) for ``dense``.
       max_input_tokens: prompt budget, chat template included.
@@ -50,6 +63,9 @@ class ExperimentConfig:
       mesh: ``"DATAxMODEL"`` devices to split the model over, e.g. ``"1x8"`` for 8-way
         tensor parallelism (execution only; results equal one device's).
       results_dir: root folder of all runs (not part of the key).
+      allow_extrapolation: run past the model's trained context (prompt + output longer
+        than its ``max_position_embeddings``), which is refused otherwise (not part of
+        the key).
     """
 
     model: str = "smollm2"
@@ -66,6 +82,8 @@ class ExperimentConfig:
     batch_size: int = 4
     mesh: str = "1x1"
     results_dir: str = "experiments/runs"
+    engine_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    allow_extrapolation: bool = False
 
     def __post_init__(self):
         _check(
@@ -88,7 +106,7 @@ class ExperimentConfig:
             isinstance(self.mesh, str) and re.fullmatch(r"(\d+|\*)x\d+", self.mesh.lower()) is not None,
             f"mesh must look like 'DATAxMODEL' (e.g. '1x1', '1x8', '2x4', '*x4'), got {self.mesh!r}",
         )
-        for name in ("task_args", "method_args"):
+        for name in ("task_args", "method_args", "engine_args"):
             value = getattr(self, name)
             _check(isinstance(value, Mapping), f"{name} must be a dict such as {{'name': value}}, got {value!r}")
         _check(self.dtype in ("bfloat16", "float32"), f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
@@ -104,6 +122,9 @@ class ExperimentConfig:
             object.__setattr__(self, "sparsity", float(self.sparsity))
         object.__setattr__(self, "task_args", dict(self.task_args))
         object.__setattr__(self, "method_args", dict(self.method_args))
+        object.__setattr__(self, "engine_args", dict(self.engine_args))
+        _check(isinstance(self.allow_extrapolation, bool),
+               f"allow_extrapolation must be True or False, got {self.allow_extrapolation!r}")
 
     def method_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``get_method``: the raw args plus the target sparsity."""
@@ -113,11 +134,25 @@ class ExperimentConfig:
         return kwargs
 
     def key_fields(self) -> dict[str, Any]:
-        """Everything that can change a prediction or a score."""
-        fields = dataclasses.asdict(self)
-        del fields["batch_size"], fields["results_dir"], fields["mesh"]
-        fields["format_version"] = RESULTS_FORMAT_VERSION
+        """Everything that can change a prediction or a score.
+
+        Engine settings enter only when some are bound, so runs without engine bindings
+        keep the keys they had before engine settings were bindable.
+        """
+        fields = self.as_record()
+        for name in KEY_EXCLUDED_FIELDS:
+            del fields[name]
+        engine = {k: v for k, v in self.engine_args.items() if k not in ENGINE_EXECUTION_FIELDS}
+        if engine:
+            fields["engine_args"] = engine
+        else:
+            del fields["engine_args"]
+        fields["format_version"] = FORMAT_VERSION
         return fields
+
+    def as_record(self) -> dict[str, Any]:
+        """Every field as plain JSON-able values (``run.json``'s ``config``)."""
+        return dataclasses.asdict(self)
 
     def data_key_fields(self) -> dict[str, Any]:
         """What the generated task samples depend on (shared by every method)."""
@@ -125,9 +160,17 @@ class ExperimentConfig:
         return {k: f[k] for k in ("model", "task", "task_args", "max_input_tokens", "max_output_tokens", "samples", "seed")}
 
     def to_gin(self) -> str:
-        """Gin bindings of every field: parsing them gives back this exact config."""
+        """Gin bindings of every setting: parsing them gives back this exact config."""
+        from sparse_jax.pipeline.configurables import ENGINE_CONFIGURABLE, gin_name
+
         lines = [f"# {self.label()} (run key {self.run_key()})"]
-        lines += [f"ExperimentConfig.{f.name} = {getattr(self, f.name)!r}" for f in dataclasses.fields(self)]
+        lines += [
+            f"ExperimentConfig.{f.name} = {getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name not in CLASS_BOUND_FIELDS
+        ]
+        lines += [f"{gin_name(self.method)}.{k} = {v!r}" for k, v in sorted(self.method_args.items())]
+        lines += [f"{ENGINE_CONFIGURABLE}.{k} = {v!r}" for k, v in sorted(self.engine_args.items())]
         return "\n".join(lines) + "\n"
 
     def run_key(self) -> str:
@@ -178,6 +221,9 @@ def parse_gin(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> None
         offending binding; the message is one line.
     """
     import sparse_jax.pipeline.sweep  # noqa: F401  (registers `Sweep`, so sweep files parse anywhere)
+    from sparse_jax.pipeline.configurables import method_classes
+
+    method_classes()  # registers the method classes and EngineConfig
 
     gin.clear_config()
     for f in files:
@@ -187,6 +233,23 @@ def parse_gin(files: Sequence[str | Path], bindings: Sequence[str] = ()) -> None
         gin.parse_config_files_and_bindings([str(f) for f in files], list(bindings))
     except (ValueError, KeyError, SyntaxError, tokenize.TokenError, OSError, ImportError) as e:
         raise ConfigError(_explain_gin_error(e)) from e
+    except TypeError as e:  # gin's include lookup fails this way on a path it cannot find from here
+        if "include" not in str(e):
+            raise
+        raise ConfigError(_explain_gin_error(e)) from e
+
+
+_MOVED_BINDINGS = {
+    "method_args": (
+        " Method hyper-parameters are bound on the method's class now, one line each: write e.g."
+        " `Quest.token_budget = 1024` instead of `ExperimentConfig.method_args = {'token_budget': 1024}`"
+        " (the class names and examples are in configs/methods/)."
+    ),
+    "engine_args": " Engine settings are bound on the engine's class: write e.g. `EngineConfig.page_size = 32`.",
+    "sparsity": " The target sparsity has one owner: bind `ExperimentConfig.sparsity` instead.",
+    "batch_size": " The batch size has one owner: bind `ExperimentConfig.batch_size` instead.",
+    "max_input_tokens": " The prompt budget has one owner: bind `ExperimentConfig.max_input_tokens` instead.",
+}
 
 
 def _explain_gin_error(error: BaseException) -> str:
@@ -197,21 +260,34 @@ def _explain_gin_error(error: BaseException) -> str:
     message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     first = lines[0].rstrip(".") if lines else type(error).__name__
+    from sparse_jax.pipeline.configurables import configurable_fields
+
     hint = ""
+    fields = configurable_fields() | {
+        "ExperimentConfig": [f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in CLASS_BOUND_FIELDS],
+        "Sweep": ["axes"],
+    }
     m = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", message)
     if m:
         configurable, param = m.groups()
-        fields = {"ExperimentConfig": [f.name for f in dataclasses.fields(ExperimentConfig)], "Sweep": ["axes"]}
         valid = fields.get(configurable.split(".")[-1], [])
         close = difflib.get_close_matches(param, valid, n=2)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        if not close and valid:
+            hint = f" Valid parameters: {', '.join(valid)}."
+    m = re.search(r"Configurable '([^']+)' has denylisted kwarg '([^']+)'", message)
+    if m:
+        hint = _MOVED_BINDINGS.get(m.group(2), " That value is set elsewhere: see sparse_jax/pipeline/configurables.py.")
     m = re.search(r"No configurable matching '([^']+)'", message)
     if m:
-        known = ["ExperimentConfig", "Sweep"]
+        known = sorted(fields)
         close = difflib.get_close_matches(m.group(1).split(".")[-1], known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else f" Known configurables: {', '.join(known)}."
     if isinstance(error, OSError) and "Unable to open file" in message:
         hint = " (include paths are relative to the current folder)"
+    if isinstance(error, TypeError):
+        first = "an included gin file was not found"
+        hint = " (include paths are relative to the current folder: run from the folder they are relative to)"
     where = "; ".join(line for line in lines[1:] if line.rstrip(".") != first)
     return f"{first}.{hint}" + (f" [{where}]" if where else "")
 
@@ -222,7 +298,10 @@ def current_config() -> ExperimentConfig:
     Raises:
       ConfigError: a bound value is invalid (one line, without gin's call-site note).
     """
+    from sparse_jax.pipeline.configurables import engine_bindings, method_bindings
+
     try:
-        return ExperimentConfig()
+        config = ExperimentConfig()
+        return dataclasses.replace(config, method_args=method_bindings(config.method), engine_args=engine_bindings())
     except ConfigError as e:
         raise ConfigError(f"ExperimentConfig: {str(e).splitlines()[0]}") from None

@@ -1,5 +1,7 @@
 """Crash-safe JSONL files: atomic whole-file writes, durable appends, torn-tail recovery.
 
+Whole-file writes go through :mod:`sparse_jax.atomic_files`.
+
 A run appends one record per finished sample. A crash can leave the last line
 half-written; :func:`read_records` detects that torn tail (a final line without its
 newline, or one that is not valid JSON) and :func:`repair` cuts it off so the sample is
@@ -11,33 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
+
+from sparse_jax.atomic_files import atomic_write_text
 
 
 class CorruptResultsError(RuntimeError):
     """A results file is damaged in a way a resume cannot safely repair."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (temp file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_records(path: Path, records: Iterable[dict]) -> None:

@@ -1,12 +1,18 @@
 """Tables and plots of a results folder.
 
-Reads every ``run.json`` under a results folder (written by the runner; see
-``sparse_jax.pipeline.runner`` for the format), writes ``runs.csv`` and ``runs.md``
-with one row per run, and two PNG plots: score vs achieved sparsity per task (one line
-per method, 95% confidence intervals from the per-sample variance) and score vs
-attention cost (fraction of dense attention work actually done). Given the sweep file,
-the sweep's runs that have no complete results in the results folder (wherever the sweep
-file's own ``results_dir`` points) are listed as missing or partial.
+Reads every ``run.json`` under a results folder (:class:`sparse_jax.analysis.records.RunFile`,
+written by the runner), writes ``runs.csv`` and ``runs.md`` with one row per run, and two
+PNG plots: score vs achieved sparsity per task (one line per method, 95% confidence
+intervals from the per-sample variance) and score vs attention cost (fraction of dense
+attention work actually done). Given the sweep file, the sweep's runs that have no
+complete results in the results folder (wherever the sweep file's own ``results_dir``
+points) are listed as missing or partial.
+
+Runs that differ in a setting other than the fixed columns (a method argument such as
+Quest's ``share_pages``, a task argument, an engine setting, the seed, ...) would look
+identical; every such setting that varies across the reported runs becomes a column of
+its own (``quest.share_pages``, ``task.num_digits``, ``engine.page_size``, ``seed``) and
+part of the plots' legend entries.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from sparse_jax.pipeline.jsonl_store import atomic_write_text
+from sparse_jax.analysis.records import RUN_FILE, RunFile
+from sparse_jax.analysis.tables import markdown_table
+from sparse_jax.atomic_files import atomic_write_text
+from sparse_jax.pipeline.experiment import KEY_EXCLUDED_FIELDS
 
 COLUMNS = (
     "task",
@@ -38,58 +47,73 @@ COLUMNS = (
     "status",
     "prefill_tok_s",
     "decode_tok_s",
+    "compile_s",
     "run_dir",
 )
+SUMMARY_COLUMNS = ("task", "length", "method", "target_sparsity", "sparsity_prefill", "sparsity_decode", "metric",
+                   "score", "samples", "compile_s", "status")
+_COLUMN_SETTINGS = ("model", "task", "max_input_tokens", "method", "sparsity")
+"""ExperimentConfig fields that already have a column of their own."""
 
 
-def load_runs(results_dir: Path) -> list[dict[str, Any]]:
-    """Every ``run.json`` below ``results_dir`` (sample data folders excluded)."""
+def load_runs(results_dir: Path) -> list[tuple[RunFile, Path]]:
+    """Every ``run.json`` below ``results_dir`` (sample data folders excluded), with its folder."""
     runs = []
-    for path in sorted(Path(results_dir).rglob("run.json")):
+    for path in sorted(Path(results_dir).rglob(RUN_FILE)):
         if "_data" in path.parts:
             continue
-        run = json.loads(path.read_text())
-        run["run_dir"] = str(path.parent.resolve())
-        runs.append(run)
+        runs.append((RunFile.read(path.parent), path.parent.resolve()))
     return runs
 
 
-def _row(run: dict[str, Any]) -> dict[str, Any]:
-    cfg, summary = run["config"], run.get("summary") or {}
-    n = summary.get("scored_samples", 0)
-    var = summary.get("variance") or 0.0
-    ci = 1.96 * math.sqrt(var / n) if n else 0.0
+def settings_of(config: dict[str, Any], method: str, method_args: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings besides the fixed columns, by report column name.
+
+    Args:
+      config: the ``ExperimentConfig`` fields (``RunFile.config``).
+      method: method name.
+      method_args: the method's full hyper-parameters (``sparsity`` is a column already).
+    """
+    skipped = set(_COLUMN_SETTINGS) | set(KEY_EXCLUDED_FIELDS) | {"task_args", "method_args", "engine_args"}
+    settings = {k: v for k, v in config.items() if k not in skipped}
+    settings |= {f"task.{k}": v for k, v in (config.get("task_args") or {}).items()}
+    settings |= {f"{method}.{k}": v for k, v in method_args.items() if k not in ("name", "sparsity")}
+    settings |= {f"engine.{k}": v for k, v in (config.get("engine_args") or {}).items()}
+    return settings
+
+
+def run_row(run: RunFile, run_dir: str | Path) -> dict[str, Any]:
+    """One report row of a complete run (settings under the ``settings`` key)."""
+    summary = run.summary
+    n = summary.scored_samples or 0
+    var = summary.variance or 0.0
     return {
-        "task": cfg["task"],
-        "length": cfg["max_input_tokens"],
-        "model": run["model"]["name"],
-        "method": cfg["method"],
-        "target_sparsity": cfg.get("sparsity"),
-        "sparsity": _achieved(summary),
-        "sparsity_prefill": summary.get("prefill_sparsity"),
-        "sparsity_decode": summary.get("decode_sparsity"),
-        "sparsity_reported": summary.get("reported_sparsity"),
-        "metric": summary.get("metric"),
-        "score": summary.get("score"),
+        "task": run.task,
+        "length": run.max_input_tokens,
+        "model": run.model.name,
+        "method": run.method,
+        "target_sparsity": run.target_sparsity,
+        "sparsity": max(summary.prefill_sparsity, summary.decode_sparsity),
+        "sparsity_prefill": summary.prefill_sparsity,
+        "sparsity_decode": summary.decode_sparsity,
+        "sparsity_reported": summary.reported_sparsity,
+        "metric": summary.metric,
+        "score": summary.score,
         "variance": var,
-        "ci95": ci,
-        "samples": summary.get("total_samples", 0),
-        "status": run.get("status", "partial"),
-        "prefill_tok_s": summary.get("prefill_tokens_per_s"),
-        "decode_tok_s": summary.get("decode_tokens_per_s"),
-        "run_dir": run["run_dir"],
+        "ci95": 1.96 * math.sqrt(var / n) if n else 0.0,
+        "samples": summary.total_samples or 0,
+        "status": run.status,
+        "prefill_tok_s": summary.prefill_tokens_per_s,
+        "decode_tok_s": summary.decode_tokens_per_s,
+        "compile_s": summary.compile_seconds,
+        "run_dir": str(run_dir),
+        "settings": settings_of(run.config, run.method, run.method_args),
     }
-
-
-def _achieved(summary: dict[str, Any]) -> float | None:
-    """The sparsity a method achieved in the phase it acts in (the other phase is dense)."""
-    values = [summary.get(k) for k in ("prefill_sparsity", "decode_sparsity") if summary.get(k) is not None]
-    return max(values) if values else None
 
 
 def _missing_rows(sweep_file: str | Path, results_dir: Path, have: set[str]) -> list[dict[str, Any]]:
     """Rows for the sweep's runs, looked for under ``results_dir``, that have no ``run.json`` yet."""
-    from sparse_jax.pipeline.runner import run_state
+    from sparse_jax.pipeline.runner import make_method, run_state
     from sparse_jax.pipeline.sweep import expand
 
     rows = []
@@ -106,46 +130,53 @@ def _missing_rows(sweep_file: str | Path, results_dir: Path, have: set[str]) -> 
                 "target_sparsity": cfg.sparsity,
                 "status": run_state(cfg),
                 "run_dir": str(cfg.run_dir().resolve()),
+                "settings": settings_of(cfg.as_record(), cfg.method, make_method(cfg).describe()),
             }
         )
     return rows
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
+def varying_settings(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Setting names whose value differs between rows that have them, sorted."""
+    values: dict[str, set[str]] = {}
+    for row in rows:
+        for name, value in row["settings"].items():
+            values.setdefault(name, set()).add(json.dumps(value, sort_keys=True, default=str))
+    return sorted(name for name, seen in values.items() if len(seen) > 1)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS[:-1]) -> str:
-    out = io.StringIO()
-    out.write("| " + " | ".join(columns) + " |\n")
-    out.write("|" + "---|" * len(columns) + "\n")
-    for r in rows:
-        out.write("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |\n")
-    return out.getvalue()
+def with_setting_columns(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows with one flat column per varying setting, and those column names."""
+    names = varying_settings(rows)
+    return [r | {n: r["settings"].get(n) for n in names} for r in rows], names
 
 
 def _sort_key(r: dict[str, Any]):
-    return (r["task"], r["length"], r["model"], r["method"] != "dense", r["method"], r["target_sparsity"] or 0.0)
+    settings = json.dumps(r["settings"], sort_keys=True, default=str)
+    return (r["task"], r["length"], r["model"], r["method"] != "dense", r["method"], r["target_sparsity"] or 0.0,
+            settings)
 
 
 def build_rows(results_dir: Path, sweep_file: str | Path | None = None) -> list[dict[str, Any]]:
-    rows = [_row(r) for r in load_runs(results_dir)]
+    rows = [run_row(run, run_dir) for run, run_dir in load_runs(results_dir)]
     if sweep_file is not None:
         rows += _missing_rows(sweep_file, results_dir, {r["run_dir"] for r in rows})
     return sorted(rows, key=_sort_key)
 
 
-def print_summary(summaries: Sequence[dict[str, Any]]) -> None:
-    """Print a compact table of run summaries (as returned by the runner)."""
-    rows = [_row(s) for s in summaries]
-    print(markdown_table(rows, ("task", "length", "method", "target_sparsity", "sparsity_prefill", "sparsity_decode", "metric", "score", "samples", "status")))
+def print_summary(rows: Sequence[dict[str, Any]]) -> None:
+    """Print a compact table of report rows (:func:`run_row`), varying settings included."""
+    flat, names = with_setting_columns(rows)
+    print(markdown_table(flat, [*SUMMARY_COLUMNS[:4], *names, *SUMMARY_COLUMNS[4:]]))
 
 
-def _plot_score_vs(rows, x_key: str, x_label: str, path: Path, title: str) -> None:
+def _legend(row: dict[str, Any], names: Sequence[str]) -> str:
+    """The method and its varying settings: ``quest share_pages=False``."""
+    parts = [f"{n.removeprefix(row['method'] + '.')}={row['settings'][n]}" for n in names if n in row["settings"]]
+    return " ".join([row["method"], *parts])
+
+
+def _plot_score_vs(rows, names, x_key: str, x_label: str, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,17 +189,15 @@ def _plot_score_vs(rows, x_key: str, x_label: str, path: Path, title: str) -> No
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, (task, length, model) in zip(axes[0], tasks):
         cell = [r for r in done if (r["task"], r["length"], r["model"]) == (task, length, model)]
-        dense = [r for r in cell if r["method"] == "dense"]
-        for r in dense:
-            ax.axhline(r["score"], color="black", linestyle="--", linewidth=1, label="dense")
-        for method in sorted({r["method"] for r in cell} - {"dense"}):
-            pts = sorted((r for r in cell if r["method"] == method), key=lambda r: r[x_key] or 0.0)
-            pts = [p for p in pts if p[x_key] is not None]
+        for r in (r for r in cell if r["method"] == "dense"):
+            ax.axhline(r["score"], color="black", linestyle="--", linewidth=1, label=_legend(r, names))
+        for label in sorted({_legend(r, names) for r in cell if r["method"] != "dense"}):
+            pts = [r for r in cell if r["method"] != "dense" and _legend(r, names) == label and r[x_key] is not None]
             if not pts:
                 continue
-            xs = [p[x_key] for p in pts]
-            ys = [p["score"] for p in pts]
-            ax.errorbar(xs, ys, yerr=[p["ci95"] for p in pts], marker="o", capsize=3, label=method)
+            pts.sort(key=lambda r: r[x_key])
+            ax.errorbar([p[x_key] for p in pts], [p["score"] for p in pts], yerr=[p["ci95"] for p in pts],
+                        marker="o", capsize=3, label=label)
         ax.set_title(f"{task} @ {length} tokens ({model})")
         ax.set_xlabel(x_label)
         ax.set_ylabel(cell[0]["metric"] or "score")
@@ -198,18 +227,20 @@ def write_report(results_dir: Path, *, out_dir: Path | None = None, sweep_file: 
         raise FileNotFoundError(f"results folder {results_dir} does not exist; run `sparse-jax run` or `sweep` first")
     out_dir = Path(out_dir) if out_dir else results_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = build_rows(results_dir, sweep_file)
+    rows, names = with_setting_columns(build_rows(results_dir, sweep_file))
+    columns = [*COLUMNS[:5], *names, *COLUMNS[5:]]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out_dir / "runs.csv", buf.getvalue())
-    table = markdown_table(rows)
+    table = markdown_table(rows, columns[:-1])
     atomic_write_text(out_dir / "runs.md", table)
     print(table)
     missing = sum(r["status"] != "complete" for r in rows)
     if missing:
         print(f"{missing} run(s) are missing or partial (status column).")
-    _plot_score_vs(rows, "sparsity", "achieved sparsity", out_dir / "score_vs_sparsity.png", "Score vs sparsity")
-    _plot_score_vs(_with_cost(rows), "attention_cost", "attention cost (fraction of dense)", out_dir / "score_vs_cost.png", "Score vs attention cost")
+    _plot_score_vs(rows, names, "sparsity", "achieved sparsity", out_dir / "score_vs_sparsity.png", "Score vs sparsity")
+    _plot_score_vs(_with_cost(rows), names, "attention_cost", "attention cost (fraction of dense)",
+                   out_dir / "score_vs_cost.png", "Score vs attention cost")
     return out_dir

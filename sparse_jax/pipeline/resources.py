@@ -54,6 +54,13 @@ def _tokenizer(source: str) -> Tokenizer:
     return Tokenizer.from_source(source)
 
 
+def _hf_model_config(source: Path):
+    """The :class:`~sparse_jax.models.config.ModelConfig` of a Hugging Face checkpoint folder."""
+    from sparse_jax.models.config import ModelConfig
+
+    return ModelConfig.from_hf_dict(json.loads((source / "config.json").read_text()))
+
+
 def _num_kv_heads(source: Path) -> int:
     """KV heads of a checkpoint, read from its config (the mesh layout depends on them)."""
     from sparse_jax.models.config import ModelConfig
@@ -62,7 +69,24 @@ def _num_kv_heads(source: Path) -> int:
         from sparse_jax.checkpoints.gguf import read_gguf
 
         return ModelConfig.from_hf_dict(read_gguf(source).hf_config).num_kv_heads
-    return ModelConfig.from_hf_dict(json.loads((source / "config.json").read_text())).num_kv_heads
+    return _hf_model_config(source).num_kv_heads
+
+
+def trained_context(model: str, max_length: int) -> int | None:
+    """The longest sequence ``model`` serves at run length ``max_length``; ``None`` if it does not say.
+
+    A folder's ``max_position_embeddings`` after the run-length RoPE rule
+    (``ModelConfig.for_run_length``: Qwen2's YaRN switch extends it on purpose), or a GGUF
+    file's ``{architecture}.context_length`` (read from its header alone).
+    """
+    source = model_source(model)
+    if source.suffix == ".gguf":
+        from sparse_jax.checkpoints.gguf import read_gguf_header
+
+        metadata = read_gguf_header(source).metadata
+        length = metadata.get(f"{metadata.get('general.architecture')}.context_length")
+        return None if length is None else int(length)
+    return _hf_model_config(source).for_run_length(max_length).max_position_embeddings
 
 
 @functools.lru_cache(maxsize=2)

@@ -8,13 +8,15 @@ Folders (see :class:`~sparse_jax.pipeline.experiment.ExperimentConfig`):
   ``config.gin`` (every setting as a gin binding: ``sparse-jax run --gin_file`` it to
   redo the run), ``experiment.json`` (the settings in the results key),
   ``predictions.jsonl`` (one record per finished sample, appended and fsynced), and
-  after evaluation ``scores.jsonl`` and ``run.json`` (the format of
-  :mod:`sparse_jax.analysis.records`, plus ``config``, ``metric``, ``score`` and other
-  report fields).
+  after evaluation ``scores.jsonl`` and ``run.json``
+  (:class:`sparse_jax.analysis.records.RunFile`).
+* ``{results_dir}/_jax_cache/``: the persistent compilation cache
+  (:mod:`sparse_jax.pipeline.compile_time`; ``$JAX_COMPILATION_CACHE_DIR`` wins).
 
 An interrupted prediction resumes at the first missing sample; a torn last line is cut
 and that sample redone. Files are written atomically; finished results are never
-deleted.
+deleted. Predict and evaluate hold the run's lock (:mod:`sparse_jax.pipeline.run_lock`),
+so two processes started on one run predict each sample once.
 """
 
 from __future__ import annotations
@@ -30,9 +32,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from sparse_jax.analysis.records import FORMAT_VERSION, ModelConfig, RunFile, RunSummary
+from sparse_jax.atomic_files import atomic_write_json, atomic_write_text
 from sparse_jax.pipeline import jsonl_store
+from sparse_jax.pipeline.compile_time import compile_seconds, enable_compilation_cache
 from sparse_jax.pipeline.errors import ConfigError, IncompatibleResultsError, StageError
-from sparse_jax.pipeline.experiment import RESULTS_FORMAT_VERSION, ExperimentConfig
+from sparse_jax.pipeline.experiment import ExperimentConfig
+from sparse_jax.pipeline.run_lock import run_lock
 
 STAGES = ("prepare", "predict", "evaluate")
 
@@ -46,10 +52,10 @@ def _check_format(run_dir: Path) -> None:
             raise jsonl_store.CorruptResultsError(
                 f"{meta} is not a JSON object ({e}); move that run folder away and rerun"
             ) from e
-        if version != RESULTS_FORMAT_VERSION:
+        if version != FORMAT_VERSION:
             raise IncompatibleResultsError(
                 f"{run_dir} holds results in format version {version}, this sparse-jax writes version "
-                f"{RESULTS_FORMAT_VERSION}. Keep them by moving that folder away (or pick another "
+                f"{FORMAT_VERSION}. Keep them by moving that folder away (or pick another "
                 f"ExperimentConfig.results_dir), then rerun."
             )
 
@@ -71,7 +77,12 @@ def _make_task(cfg: ExperimentConfig, tokenizer):
         raise ConfigError(f"ExperimentConfig.task={cfg.task!r}: {e} (check ExperimentConfig.task_args)") from e
 
 
-def _make_method(cfg: ExperimentConfig):
+def make_method(cfg: ExperimentConfig):
+    """The attention method ``cfg`` describes.
+
+    Raises:
+      ConfigError: unknown method or arguments it rejects.
+    """
     from sparse_jax.attention.registry import get_method
 
     try:
@@ -80,11 +91,35 @@ def _make_method(cfg: ExperimentConfig):
         raise ConfigError(f"ExperimentConfig.method={cfg.method!r}: {e}") from e
 
 
+def _engine_config(cfg: ExperimentConfig):
+    from sparse_jax.engine.generate import EngineConfig
+
+    try:
+        return EngineConfig(batch_size=cfg.batch_size, max_input_tokens=cfg.max_input_tokens, **cfg.engine_args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"engine settings {cfg.engine_args}: {e}") from e
+
+
+def _check_context(cfg: ExperimentConfig) -> None:
+    """Refuse a run longer than the model's trained context unless extrapolation is asked for."""
+    from sparse_jax.pipeline.resources import trained_context
+
+    length = cfg.max_input_tokens + cfg.max_output_tokens
+    trained = trained_context(cfg.model, length)
+    if trained is not None and length > trained and not cfg.allow_extrapolation:
+        raise ConfigError(
+            f"max_input_tokens + max_output_tokens = {length} exceeds the {trained}-token context "
+            f"{cfg.checkpoint_name()} was trained for; shorten the run, or set "
+            f"ExperimentConfig.allow_extrapolation = True to extrapolate deliberately"
+        )
+
+
 def check_config(cfg: ExperimentConfig, *, task_args: bool = True) -> None:
     """Fail fast, before any work, on settings that cannot run.
 
-    Checks the task name and builds the method; with ``task_args`` also builds the task
-    (which loads the model's tokenizer, so a missing checkpoint fails here too).
+    Checks the task name and builds the method and the engine settings; with
+    ``task_args`` also builds the task (which loads the model's tokenizer, so a missing
+    checkpoint fails here too) and checks the run fits the model's trained context.
 
     Raises:
       ConfigError: unknown task or method (the closest registered names suggested), or
@@ -98,11 +133,13 @@ def check_config(cfg: ExperimentConfig, *, task_args: bool = True) -> None:
         close = difflib.get_close_matches(cfg.task, tasks, n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ConfigError(f"ExperimentConfig.task: unknown task {cfg.task!r}.{hint} Available: {', '.join(tasks)}.")
-    _make_method(cfg)
+    make_method(cfg)
+    _engine_config(cfg)
     if task_args:
         from sparse_jax.pipeline.resources import load_tokenizer
 
         _make_task(cfg, load_tokenizer(cfg.model))
+        _check_context(cfg)
 
 
 def prepare(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -121,7 +158,7 @@ def prepare(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, A
     except ValueError as e:  # the tasks' documented errors: the settings cannot make these samples
         raise ConfigError(f"ExperimentConfig.task={cfg.task!r}: {e}") from e
     jsonl_store.write_records(data_file, records)
-    jsonl_store.atomic_write_json(
+    atomic_write_json(
         data_dir / "data.json", cfg.data_key_fields() | {"task_key": task.task_key(), "tokenizer": tokenizer.name}
     )
     return records
@@ -139,8 +176,13 @@ def _sample_sparsity(result, prompt_length: int) -> dict[str, float]:
 
 
 def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progress: bool = True) -> list[dict]:
-    """Generate the missing predictions, appending one record per finished sample."""
-    from sparse_jax.engine.generate import Engine, EngineConfig
+    """Generate the missing predictions, appending one record per finished sample.
+
+    Each record carries its share of the batch's compile seconds
+    (:func:`sparse_jax.pipeline.compile_time.compile_seconds`), so a run's total survives
+    resumes.
+    """
+    from sparse_jax.engine.generate import Engine
     from sparse_jax.pipeline.resources import load_bundle
 
     pred_file = cfg.run_dir() / "predictions.jsonl"
@@ -148,10 +190,10 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
     todo = [r for r in records if r["index"] not in done]
     if not todo:
         return [done[r["index"]] for r in records]
-    method = _make_method(cfg)
+    method = make_method(cfg)
     bundle = load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh)
     tokenizer = bundle.tokenizer
-    engine_config = EngineConfig(batch_size=cfg.batch_size, max_input_tokens=cfg.max_input_tokens)
+    engine_config = _engine_config(cfg)
     if bundle.mesh is None:
         engine = Engine(bundle.loaded.model, method, engine_config)
     else:
@@ -163,6 +205,7 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
     for start in range(0, len(todo), cfg.batch_size):
         chunk = todo[start : start + cfg.batch_size]
         chunk_prompts = prompts[start : start + cfg.batch_size]
+        compiled_before = compile_seconds()
         results = engine.generate(
             chunk_prompts,
             max_new_tokens=cfg.max_output_tokens,
@@ -170,6 +213,7 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
             tokenizer=tokenizer,
             progress=False,
         )
+        compile_share = (compile_seconds() - compiled_before) / len(chunk)
         for record, prompt, result in zip(chunk, chunk_prompts, results):
             timing = result.timing
             out = {
@@ -183,6 +227,7 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
                 "decode_seconds": timing.decode_seconds / timing.batch_size,
                 "decode_steps": timing.decode_steps,
                 "batch_size": timing.batch_size,
+                "compile_seconds": compile_share,
                 **_sample_sparsity(result, len(prompt)),
             }
             jsonl_store.append_record(pred_file, out)
@@ -199,30 +244,60 @@ def _weighted(values: Sequence[float | None], weights: Sequence[float]) -> float
     return float(sum(v * w for v, w in pairs) / sum(w for _, w in pairs))
 
 
-def _model_summary(cfg: ExperimentConfig) -> dict[str, Any]:
+def _model_summary(cfg: ExperimentConfig) -> ModelConfig:
+    """The model's architecture numbers (the bundle predict loaded, on its mesh, is reused)."""
     from sparse_jax.pipeline.resources import load_bundle
 
-    loaded = load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens).loaded
+    loaded = load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh).loaded
     c = loaded.config
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(loaded.model.flat_params()))
     sliding = [i for i in range(c.num_layers) if c.is_sliding(i)]
-    return {
-        "name": cfg.checkpoint_name(),
-        "num_layers": c.num_layers,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "vocab_size": c.vocab_size,
-        "num_heads": c.num_heads,
-        "num_kv_heads": c.num_kv_heads,
-        "head_dim": c.head_dim,
-        "num_parameters": params,
-        "sliding_window": c.sliding_window if sliding else None,
-        "num_sliding_layers": len(sliding),
-    }
+    return ModelConfig(
+        name=cfg.checkpoint_name(),
+        num_layers=c.num_layers,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        num_heads=c.num_heads,
+        num_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        num_parameters=params,
+        sliding_window=c.sliding_window if sliding else None,
+        num_sliding_layers=len(sliding),
+    )
 
 
-def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequence[dict]) -> dict[str, Any]:
-    """Score the predictions; write ``scores.jsonl`` and ``run.json``; return ``run.json``'s content."""
+def _summary(preds: Sequence[dict], evaluation, metric: str, total_samples: int) -> RunSummary:
+    """The run's numbers from its prediction records and the task's evaluation."""
+    pairs = [p["prefill_pairs"] for p in preds]
+    decode_weights = [p["decode_steps"] * (p["prompt_tokens"] + p["decode_steps"] / 2) for p in preds]
+    prefill_s = sum(p["prefill_seconds"] for p in preds)
+    decode_s = sum(p["decode_seconds"] for p in preds)
+    compile_s = [p["compile_seconds"] for p in preds if "compile_seconds" in p]  # absent in older records
+    return RunSummary(
+        prefill_sparsity=_weighted([p["prefill_sparsity"] for p in preds], pairs),
+        decode_sparsity=_weighted([p["decode_sparsity"] for p in preds], decode_weights),
+        reported_sparsity=float(np.mean([p["reported_sparsity"] for p in preds])),
+        mean_prompt_tokens=float(np.mean([p["prompt_tokens"] for p in preds])),
+        mean_output_tokens=float(np.mean([p["output_tokens_len"] for p in preds])),
+        max_output_tokens=int(max(p["output_tokens_len"] for p in preds)),
+        prefill_seconds=prefill_s / len(preds),
+        decode_seconds=decode_s / len(preds),
+        compile_seconds=float(sum(compile_s)) if compile_s else None,
+        prefill_tokens_per_s=sum(p["prompt_tokens"] for p in preds) / prefill_s if prefill_s else None,
+        decode_tokens_per_s=sum(p["output_tokens_len"] for p in preds) / decode_s if decode_s else None,
+        device=jax.devices()[0].device_kind,
+        metric=metric,
+        metrics=evaluation.metrics,
+        score=evaluation.metrics[metric],
+        variance=evaluation.metrics[f"{metric}_variance"],
+        scored_samples=sum(s.score is not None for s in evaluation.scores),
+        total_samples=total_samples,
+    )
+
+
+def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequence[dict]) -> RunFile:
+    """Score the predictions; write ``scores.jsonl`` and ``run.json``; return the record written."""
     from sparse_jax.pipeline.resources import load_tokenizer
 
     by_index = {p["index"]: p for p in predictions}
@@ -234,72 +309,55 @@ def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequen
     evaluation = task.evaluate(merged)
     run_dir = cfg.run_dir()
     jsonl_store.write_records(run_dir / "scores.jsonl", [{"index": s.index, "score": s.score} for s in evaluation.scores])
-    preds = [by_index[r["index"]] for r in records]
-    pairs = [p["prefill_pairs"] for p in preds]
-    decode_weights = [p["decode_steps"] * (p["prompt_tokens"] + p["decode_steps"] / 2) for p in preds]
-    scored = [s.score for s in evaluation.scores if s.score is not None]
-    prefill_s = sum(p["prefill_seconds"] for p in preds)
-    decode_s = sum(p["decode_seconds"] for p in preds)
-    method = _make_method(cfg)
-    summary = {
-        "prefill_sparsity": _weighted([p["prefill_sparsity"] for p in preds], pairs),
-        "decode_sparsity": _weighted([p["decode_sparsity"] for p in preds], decode_weights),
-        "reported_sparsity": float(np.mean([p["reported_sparsity"] for p in preds])),
-        "mean_prompt_tokens": float(np.mean([p["prompt_tokens"] for p in preds])),
-        "mean_output_tokens": float(np.mean([p["output_tokens_len"] for p in preds])),
-        "max_output_tokens": int(max(p["output_tokens_len"] for p in preds)),
-        "prefill_seconds": prefill_s / len(preds),
-        "decode_seconds": decode_s / len(preds),
-        "prefill_tokens_per_s": sum(p["prompt_tokens"] for p in preds) / prefill_s if prefill_s else None,
-        "decode_tokens_per_s": sum(p["output_tokens_len"] for p in preds) / decode_s if decode_s else None,
-        "device": jax.devices()[0].device_kind,
-        "metric": task.metric,
-        "metrics": evaluation.metrics,
-        "score": evaluation.metrics[task.metric],
-        "variance": evaluation.metrics[f"{task.metric}_variance"],
-        "scored_samples": len(scored),
-        "total_samples": len(records),
-    }
-    run = {
-        "format_version": 1,
-        "model": _model_summary(cfg),
-        "task": cfg.task,
-        "task_key": task.task_key(),
-        "max_input_tokens": cfg.max_input_tokens,
-        "method": {"name": method.name, "args": {k: v for k, v in method.describe().items() if k != "name"}},
-        "target_sparsity": cfg.sparsity,
-        "summary": summary,
-        "config": dataclasses.asdict(cfg),
-        "status": "complete",
-    }
-    jsonl_store.atomic_write_json(run_dir / "run.json", run)
+    method = make_method(cfg)
+    run = RunFile(
+        model=_model_summary(cfg),
+        task=cfg.task,
+        task_key=task.task_key(),
+        max_input_tokens=cfg.max_input_tokens,
+        method=method.name,
+        method_args={k: v for k, v in method.describe().items() if k != "name"},
+        target_sparsity=cfg.sparsity,
+        summary=_summary([by_index[r["index"]] for r in records], evaluation, task.metric, len(records)),
+        config=cfg.as_record(),
+    )
+    run.write(run_dir)
     return run
 
 
-def run_experiment(cfg: ExperimentConfig, stages: Sequence[str] = STAGES, *, progress: bool = True) -> dict | None:
+def run_experiment(
+    cfg: ExperimentConfig, stages: Sequence[str] = STAGES, *, progress: bool = True
+) -> RunFile | None:
     """Run the requested stages (in pipeline order) of one experiment.
 
+    Predict and evaluate run under the run's lock; a second process on the same run
+    waits for it, then predicts only what is still missing.
+
     Returns:
-      The ``run.json`` content when the evaluate stage ran, else ``None``.
+      The ``run.json`` record when the evaluate stage ran, else ``None``.
     """
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
     check_config(cfg)
+    enable_compilation_cache(cfg.results_dir)
     run_dir = cfg.run_dir()
     _check_format(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    jsonl_store.atomic_write_json(run_dir / "experiment.json", cfg.key_fields() | {"label": cfg.label()})
-    jsonl_store.atomic_write_text(run_dir / "config.gin", cfg.to_gin())
+    atomic_write_json(run_dir / "experiment.json", cfg.key_fields() | {"label": cfg.label()})
+    atomic_write_text(run_dir / "config.gin", cfg.to_gin())
     records = prepare(cfg, progress=progress) if "prepare" in stages else _existing_data(cfg)
-    predictions = None
-    if "predict" in stages:
-        predictions = predict(cfg, records, progress=progress)
-    if "evaluate" in stages:
+    if "predict" not in stages and "evaluate" not in stages:
+        return None
+    with run_lock(run_dir):
+        predictions = None
+        if "predict" in stages:
+            predictions = predict(cfg, records, progress=progress)
+        if "evaluate" not in stages:
+            return None
         if predictions is None:
             predictions = jsonl_store.repair(run_dir / "predictions.jsonl")
         return evaluate(cfg, records, predictions)
-    return None
 
 
 def _existing_data(cfg: ExperimentConfig) -> list[dict]:
@@ -330,7 +388,7 @@ def run_sweep(
     index, count = parse_shard(shard_spec)
     mine = shard(runs, index, count)
     states = {c.run_key(): run_state(c) for c in mine}
-    print(f"sweep {sweep_file}: {len(runs)} runs, worker {index}/{count} owns {len(mine)}")
+    print(f"sweep {sweep_file}: {len(runs)} runs, worker {index}/{count} owns {len(mine)}; {describe_devices()}")
     for c in mine:
         print(f"  [{states[c.run_key()]:>24}] {c.label()}  {c.run_dir()}")
     if dry_run:
@@ -346,8 +404,16 @@ def run_sweep(
             summaries.append(run_experiment(c, progress=False))
             bar.update(1)
     if todo:
-        from sparse_jax.pipeline.report import print_summary
+        from sparse_jax.pipeline.report import print_summary, run_row
 
-        print(f"sweep done: {len(todo)} runs in {time.time() - start:.0f} s")
-        print_summary([s | {"run_dir": str(c.run_dir())} for s, c in zip(summaries, todo)])
+        compiled = sum(s.summary.compile_seconds or 0.0 for s in summaries)
+        print(f"sweep done: {len(todo)} runs in {time.time() - start:.0f} s ({compiled:.0f} s of it compiling)")
+        print_summary([run_row(s, c.run_dir()) for s, c in zip(summaries, todo)])
     return 0
+
+
+def describe_devices() -> str:
+    """``devices: 1 x cpu (cpu)``: what this process computes on."""
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    return f"devices: {len(devices)} x {jax.default_backend()} ({', '.join(kinds)})"
