@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     # The engine reports each batch's memory plan (KV cache, activations, free memory) before it runs.
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("sparse_jax.engine").setLevel(logging.INFO)
+    logging.getLogger("sparse_jax.models").setLevel(logging.INFO)  # the RoPE a run uses
     if args.command in ("run", "sweep", "demo"):
         # Multi-host launches (TPU pod slices, SLURM, mpirun, JAX_COORDINATOR_ADDRESS) must
         # initialise jax.distributed before any device is touched; a no-op on one host.

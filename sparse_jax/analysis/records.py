@@ -349,6 +349,9 @@ class RunFile:
       config: the experiment settings the pipeline ran with (its ``ExperimentConfig``
         fields); ``{}`` for records made elsewhere.
       status: ``complete`` for an evaluated run.
+      rope: the RoPE the model ran with (``ModelConfig.rope_description()`` of
+        sparse_jax/models/config.py: where its scaling came from and its parameters);
+        ``{}`` in records written before it was recorded.
     """
 
     model: ModelConfig
@@ -361,6 +364,7 @@ class RunFile:
     task_key: str | None = None
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     status: str = "complete"
+    rope: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     format_version: ClassVar[int] = FORMAT_VERSION
 
@@ -377,6 +381,7 @@ class RunFile:
             "summary": dataclasses.asdict(self.summary),
             "config": self.config,
             "status": self.status,
+            "rope": self.rope,
         }
 
     @classmethod
@@ -410,6 +415,7 @@ class RunFile:
             task_key=_require(obj, "task_key", str, where, optional=True),
             config=_require(obj, "config", dict, where, optional=True) or {},
             status=_require(obj, "status", str, where, optional=True) or "complete",
+            rope=_require(obj, "rope", dict, where, optional=True) or {},
         )
 
     @classmethod

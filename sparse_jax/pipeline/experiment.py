@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import gin
 
 from sparse_jax.analysis.records import FORMAT_VERSION
+from sparse_jax.models.config import ROPE_POLICIES
 from sparse_jax.pipeline.errors import ConfigError
 
 EMBEDDED_CHECKPOINT = "SmolLM2-135M-Instruct"
@@ -66,6 +67,10 @@ class ExperimentConfig:
       allow_extrapolation: run past the model's trained context (prompt + output longer
         than its ``max_position_embeddings``), which is refused otherwise (not part of
         the key).
+      rope_policy: which RoPE scaling a checkpoint runs with (``ModelConfig.for_run_length``):
+        ``"auto"`` (a scaling declared in the checkpoint's config wins; otherwise the
+        run-length YaRN rule of docs/reference_behaviour.md section 2.1), ``"declared"`` or
+        ``"run_length"``. In the key only when not ``"auto"``, so older keys stay valid.
     """
 
     model: str = "smollm2"
@@ -84,6 +89,7 @@ class ExperimentConfig:
     results_dir: str = "experiments/runs"
     engine_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     allow_extrapolation: bool = False
+    rope_policy: str = "auto"
 
     def __post_init__(self):
         _check(
@@ -123,6 +129,8 @@ class ExperimentConfig:
         object.__setattr__(self, "task_args", dict(self.task_args))
         object.__setattr__(self, "method_args", dict(self.method_args))
         object.__setattr__(self, "engine_args", dict(self.engine_args))
+        _check(self.rope_policy in ROPE_POLICIES,
+               f"rope_policy must be one of {', '.join(ROPE_POLICIES)}, got {self.rope_policy!r}")
         _check(isinstance(self.allow_extrapolation, bool),
                f"allow_extrapolation must be True or False, got {self.allow_extrapolation!r}")
 
@@ -147,6 +155,8 @@ class ExperimentConfig:
             fields["engine_args"] = engine
         else:
             del fields["engine_args"]
+        if fields["rope_policy"] == "auto":
+            del fields["rope_policy"]
         fields["format_version"] = FORMAT_VERSION
         return fields
 

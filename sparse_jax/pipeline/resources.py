@@ -11,6 +11,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from sparse_jax.models.config import RopePolicy
 from sparse_jax.models.loading import LoadedModel, load_model
 from sparse_jax.tokenizer import Tokenizer
 
@@ -90,7 +91,9 @@ def trained_context(model: str, max_length: int) -> int | None:
 
 
 @functools.lru_cache(maxsize=2)
-def load_bundle(model: str, dtype: str, max_length: int, mesh: str = "1x1") -> ModelBundle:
+def load_bundle(
+    model: str, dtype: str, max_length: int, mesh: str = "1x1", rope_policy: RopePolicy = "auto"
+) -> ModelBundle:
     """The model (parameters cached with Orbax after the first conversion) and its tokenizer.
 
     Args:
@@ -101,7 +104,9 @@ def load_bundle(model: str, dtype: str, max_length: int, mesh: str = "1x1") -> M
         ``"1x1"``, parameters are restored straight into their shards.
     """
     source = model_source(model)
-    kwargs = dict(dtype=jnp.dtype(dtype), max_length=max_length, cache_dir=cache_dir() / "orbax")
+    kwargs = dict(
+        dtype=jnp.dtype(dtype), max_length=max_length, cache_dir=cache_dir() / "orbax", rope_policy=rope_policy
+    )
     if mesh == "1x1":
         return ModelBundle(load_model(source, **kwargs), _tokenizer(str(source)))
     from sparse_jax.distributed.mesh import MeshConfig, make_mesh

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from sparse_jax.analysis.records import FORMAT_VERSION, ModelConfig, RunFile, RunSummary
 from sparse_jax.atomic_files import atomic_write_json, atomic_write_text
+from sparse_jax.models.loading import LoadedModel
 from sparse_jax.pipeline import jsonl_store
 from sparse_jax.pipeline.compile_time import compile_seconds, enable_compilation_cache
 from sparse_jax.pipeline.errors import ConfigError, IncompatibleResultsError, StageError
@@ -191,7 +192,9 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
     if not todo:
         return [done[r["index"]] for r in records]
     method = make_method(cfg)
-    bundle = load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh)
+    bundle = load_bundle(
+        cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh, cfg.rope_policy
+    )
     tokenizer = bundle.tokenizer
     engine_config = _engine_config(cfg)
     if bundle.mesh is None:
@@ -244,11 +247,17 @@ def _weighted(values: Sequence[float | None], weights: Sequence[float]) -> float
     return float(sum(v * w for v, w in pairs) / sum(w for _, w in pairs))
 
 
-def _model_summary(cfg: ExperimentConfig) -> ModelConfig:
-    """The model's architecture numbers (the bundle predict loaded, on its mesh, is reused)."""
+def _loaded_model(cfg: ExperimentConfig) -> LoadedModel:
+    """The model predict loaded (cached by ``load_bundle``, on its mesh)."""
     from sparse_jax.pipeline.resources import load_bundle
 
-    loaded = load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh).loaded
+    return load_bundle(
+        cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh, cfg.rope_policy
+    ).loaded
+
+
+def _model_summary(cfg: ExperimentConfig, loaded: LoadedModel) -> ModelConfig:
+    """The model's architecture numbers."""
     c = loaded.config
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(loaded.model.flat_params()))
     sliding = [i for i in range(c.num_layers) if c.is_sliding(i)]
@@ -310,8 +319,10 @@ def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequen
     run_dir = cfg.run_dir()
     jsonl_store.write_records(run_dir / "scores.jsonl", [{"index": s.index, "score": s.score} for s in evaluation.scores])
     method = make_method(cfg)
+    loaded = _loaded_model(cfg)
     run = RunFile(
-        model=_model_summary(cfg),
+        model=_model_summary(cfg, loaded),
+        rope=loaded.config.rope_description(),
         task=cfg.task,
         task_key=task.task_key(),
         max_input_tokens=cfg.max_input_tokens,
