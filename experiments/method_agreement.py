@@ -42,10 +42,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sparse_jax.attention.base import AttentionMethod
+from sparse_jax.attention.kv_cache import PagedKVCache, pages_for
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.buckets import bucket_length
 from sparse_jax.engine.generate import Engine, EngineConfig, GenerationResult
-from sparse_jax.engine.kv_cache import PagedKVCache, pages_for
 
 METHODS = ("block_sparse", "vertical_and_slash", "flexprefill", "snapkv", "ada_snapkv", "quest")
 DECODE_METHODS = frozenset({"snapkv", "ada_snapkv", "quest"})

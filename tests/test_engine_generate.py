@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_jax.attention.base import AttentionMethod, KeptTokens
+from sparse_jax.attention.base import AttentionMethod
+from sparse_jax.attention.kv_cache import KeptTokens
 from sparse_jax.engine.generate import Engine, EngineConfig, generate
 from sparse_jax.engine.memory import InsufficientMemoryError
 from sparse_jax.engine.reference import reference_greedy

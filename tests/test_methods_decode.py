@@ -7,8 +7,8 @@ import pytest
 
 from pallas_kernels.paged_decode.quest import quest_page_table
 from sparse_jax.attention.base import LayerSpec
+from sparse_jax.attention.kv_cache import PagedKVCache
 from sparse_jax.attention.registry import get_method
-from sparse_jax.engine.kv_cache import PagedKVCache
 
 B, T, H, G, D = 2, 192, 4, 2, 16
 GROUP = H // G

@@ -35,9 +35,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sparse_jax.attention.base import AttentionMethod
+from sparse_jax.attention.kv_cache import PagedKVCache, pages_for
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.buckets import bucket_length, group_by_bucket
-from sparse_jax.engine.kv_cache import PagedKVCache, pages_for
 from sparse_jax.engine.memory import MemoryPlan, plan_memory, pytree_bytes
 from sparse_jax.engine.prefill_attention import PrefillBackend, prefill_attention, resolve_backend
 from sparse_jax.engine.sampling import SamplingParams, sample_tokens

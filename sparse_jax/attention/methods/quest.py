@@ -20,19 +20,17 @@ Prefill is dense; its ``reported_sparsity`` is the reference's ``1 - token_budge
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.paged_decode import DecodeConfig, paged_decode_attention, quest_select
 from pallas_kernels.paged_decode.quest import page_upper_bounds, select_pages
-from sparse_jax.attention.base import AttentionMethod, DecodeStats, LayerSpec
+from sparse_jax.attention.base import AttentionMethod, LayerSpec
+from sparse_jax.attention.kv_cache import DecodeStats, PagedKVCache
 from sparse_jax.attention.methods import budgets
 from sparse_jax.attention.registry import register
-
-if TYPE_CHECKING:  # The engine imports the methods; avoid the cycle at run time.
-    from sparse_jax.engine.kv_cache import PagedKVCache
 
 
 @register
