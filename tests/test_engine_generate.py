@@ -103,11 +103,15 @@ def test_decoded_text_uses_the_tokenizer_and_programs_are_reused(dense_engine, f
         def decode(self, ids):
             return "-".join(map(str, ids))
 
-    results = dense_engine.generate_batch(
-        random_prompts(LENGTHS), max_new_tokens=MAX_NEW, stop_ids=[1, 2], tokenizer=Spell()
-    )
+    def run():
+        return dense_engine.generate_batch(
+            random_prompts(LENGTHS), max_new_tokens=MAX_NEW, stop_ids=[1, 2], tokenizer=Spell()
+        )
+
+    run()  # compiles, unless an earlier test already ran these shapes
+    results = run()
     assert [r.text for r in results] == ["-".join(map(str, r.token_ids)) for r in results]
-    assert results[0].timing.compile_seconds == 0.0  # same shapes as the test above
+    assert results[0].timing.compile_seconds == 0.0  # the programs of the first call are reused
 
 
 def test_every_cache_buffer_is_donated_to_prefill_and_decode(dense_engine, model):

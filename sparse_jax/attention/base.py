@@ -39,11 +39,14 @@ class LayerSpec(NamedTuple):
         ``query_pre_attn_scalar ** -0.5`` for Gemma 3).
       sliding_window: for local (sliding-window) layers, the number of most recent
         keys a query may see, itself included; ``None`` for global layers.
+      page_size: tokens per page of the layer's KV cache, filled in by the engine that
+        owns the cache (``EngineConfig.page_size``); ``None`` outside an engine.
     """
 
     index: int
     scale: float
     sliding_window: int | None = None
+    page_size: int | None = None
 
 
 class PrefillStats(NamedTuple):
@@ -94,12 +97,19 @@ class AttentionMethod:
 
     Subclasses are frozen dataclasses whose fields are the method's hyper-parameters,
     so a method instance is hashable and usable as a static argument under ``jax.jit``.
+
+    Attributes:
+      implementation: how the method's kernel ops run, passed as ``implementation=`` to
+        every op it calls (:mod:`pallas_kernels._dispatch`): ``None`` (the best for the
+        backend), ``"xla"`` (the jnp references), ``"triton"``, ``"mosaic_gpu"`` or
+        ``"mosaic_tpu"``, as far as the ops have them.
     """
 
     name: ClassVar[str] = "dense"
     pools_kv_heads: ClassVar[bool] = False
     """Whether ``compress`` pools a budget across all KV heads of a layer (so a sharded
     run must give it every head at once, not one shard's)."""
+    implementation: str | None = dataclasses.field(default=None, kw_only=True)
 
     def prefill(
         self, q: jax.Array, k: jax.Array, v: jax.Array, *, lengths: jax.Array, layer: LayerSpec
@@ -152,8 +162,14 @@ class AttentionMethod:
         Returns:
           ``out [B, H, d]`` and the :class:`DecodeStats`.
         """
-        return cache.dense_decode(q, scale=layer.scale, sliding_window=layer.sliding_window)
+        return cache.dense_decode(
+            q, scale=layer.scale, sliding_window=layer.sliding_window, implementation=self.implementation
+        )
 
     def describe(self) -> dict[str, Any]:
-        """The method's name and hyper-parameters, for results keys and reports."""
-        return {"name": self.name, **dataclasses.asdict(self)}
+        """The method's name and hyper-parameters, for results keys and reports; the
+        implementation only when one was chosen."""
+        described = {"name": self.name, **dataclasses.asdict(self)}
+        if self.implementation is None:
+            del described["implementation"]
+        return described

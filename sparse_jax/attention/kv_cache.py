@@ -223,11 +223,13 @@ class PagedKVCache:
         return self.k_pages.shape[0]
 
     def dense_decode(
-        self, q: jax.Array, *, scale: float, sliding_window: int | None = None
+        self, q: jax.Array, *, scale: float, sliding_window: int | None = None, implementation: str | None = None
     ) -> tuple[jax.Array, DecodeStats]:
-        """Attend ``q [B, H, d]`` to every valid cached token of its KV head."""
+        """Attend ``q [B, H, d]`` to every valid cached token of its KV head (``implementation``
+        as :func:`pallas_kernels.paged_decode.paged_decode_attention`)."""
         out = paged_decode_attention(
-            q, self.k_pages, self.v_pages, self.page_table, self.lengths, scale=scale, sliding_window=sliding_window
+            q, self.k_pages, self.v_pages, self.page_table, self.lengths, scale=scale, sliding_window=sliding_window,
+            implementation=implementation,
         )
         group = q.shape[1] // self.num_kv_heads
         read = jnp.repeat(self.lengths, group, axis=1).astype(jnp.float32)
