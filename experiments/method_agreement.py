@@ -183,11 +183,13 @@ def probe_logits(
         b, t = tokens.shape
 
         def prefill(layer, q, k, v, cache):
+            layer = layer._replace(page_size=cache.page_size)  # as the engine does: the cache owns it
             out, _ = method.prefill(q, k, v, lengths=lengths, layer=layer)
             kept = method.compress(q, k, v, lengths=lengths, layer=layer)
             return out, cache.write_prompt(k, v, lengths, kept=kept)
 
         def decode(layer, q, k, v, cache):
+            layer = layer._replace(page_size=cache.page_size)
             cache = cache.append(k[:, 0], v[:, 0])
             out, _ = method.decode(q[:, 0], cache, layer=layer)
             return out[:, None], cache
