@@ -71,7 +71,8 @@ class EngineConfig:
     """Settings of the generation engine.
 
     Attributes:
-      page_size: tokens per KV-cache page.
+      page_size: tokens per KV-cache page; the one owner of this fact (methods read it
+        from the cache, or from ``LayerSpec.page_size`` in prefill).
       bucket_granularity: prompt buckets are powers of two up to this length, then
         multiples of it (see :mod:`sparse_jax.engine.buckets`).
       batch_size: prompts per batch when :meth:`Engine.generate` gets more prompts.
