@@ -9,6 +9,7 @@ import pytest
 
 from sparse_jax.attention.base import AttentionMethod
 from sparse_jax.attention.kv_cache import KeptTokens
+from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.generate import Engine, EngineConfig, generate
 from sparse_jax.engine.memory import InsufficientMemoryError
 from sparse_jax.engine.reference import reference_greedy
@@ -205,6 +206,8 @@ def test_sampling_is_reproducible_per_key(model, free_running):
         (dict(prompts=[[1, VOCAB + 5]]), "outside the vocabulary"),
         (dict(method="densee"), "unknown attention method 'densee'"),
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        # The engine's cache owns the page size; a Quest page size that disagrees is refused.
+        (dict(method=get_method("quest", page_size=32, sparsity=0.5)), "page_size=32 but the cache has pages of 16"),
     ],
 )
 def test_bad_input_gives_clear_errors(model, kwargs, message):
