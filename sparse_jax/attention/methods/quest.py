@@ -91,8 +91,9 @@ class Quest(AttentionMethod):
         self.check_budget(page_size)
         return page_size
 
-    def budget_tokens(self, n: jax.Array, page_size: int) -> jax.Array:
-        """Tokens read (besides the current page) with ``n`` tokens cached in pages of ``page_size``."""
+    def budget_tokens(self, n: jax.Array, page_size: int | None) -> jax.Array:
+        """Tokens read (besides the current page) with ``n`` tokens cached in pages of
+        ``page_size`` (needed only with ``sparsity``)."""
         if self.sparsity is None:
             return jnp.full(n.shape, self.token_budget, jnp.int32)
         return budgets.token_budget(n, self.sparsity, page_size, jnp)
@@ -101,7 +102,7 @@ class Quest(AttentionMethod):
         """The reference's ``1 - token_budget / L``: a prefill-time statement about decode reads."""
         if layer.sliding_window is not None:
             return super().dense_prefill_reported_sparsity(lengths, num_heads, layer)
-        page_size = self.page_size if self.sparsity is None else self.cache_page_size(layer.page_size)
+        page_size = None if self.sparsity is None else self.cache_page_size(layer.page_size)
         budget = self.budget_tokens(lengths, page_size).astype(jnp.float32)
         reported = 1.0 - budget / lengths.astype(jnp.float32)
         return jnp.broadcast_to(reported[:, None], (lengths.shape[0], num_heads))
