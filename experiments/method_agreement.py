@@ -43,10 +43,10 @@ from tqdm.auto import tqdm
 
 from sparse_jax.analysis.tables import markdown_table
 from sparse_jax.attention.base import AttentionMethod
+from sparse_jax.attention.kv_cache import PagedKVCache, pages_for
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.buckets import bucket_length
 from sparse_jax.engine.generate import Engine, EngineConfig, GenerationResult
-from sparse_jax.engine.kv_cache import PagedKVCache, pages_for
 
 METHODS = ("block_sparse", "vertical_and_slash", "flexprefill", "snapkv", "ada_snapkv", "quest")
 DECODE_METHODS = frozenset({"snapkv", "ada_snapkv", "quest"})
@@ -184,11 +184,13 @@ def probe_logits(
         b, t = tokens.shape
 
         def prefill(layer, q, k, v, cache):
+            layer = layer._replace(page_size=cache.page_size)  # as the engine does: the cache owns it
             out, _ = method.prefill(q, k, v, lengths=lengths, layer=layer)
             kept = method.compress(q, k, v, lengths=lengths, layer=layer)
             return out, cache.write_prompt(k, v, lengths, kept=kept)
 
         def decode(layer, q, k, v, cache):
+            layer = layer._replace(page_size=cache.page_size)
             cache = cache.append(k[:, 0], v[:, 0])
             out, _ = method.decode(q[:, 0], cache, layer=layer)
             return out[:, None], cache

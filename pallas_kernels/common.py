@@ -7,7 +7,8 @@ rows of one tile): attention inputs are ``q [B, T, H, d]`` and ``k/v [B, T, G, d
 Contents, in order:
 
 * input checks shared by the attention kernels and their references;
-* backend resolution (which kernel a call runs when the caller does not say);
+* implementation choice: the names every op's `implementation=` takes, the default per
+  platform and the table lookup;
 * the fp32 base-2 online softmax that the GPU and TPU sparse-attention kernels fold key
   tiles with, and its query pre-scaling and sequence padding;
 * the TPU scratch helpers (online-softmax state in VMEM, head chunks whose scalar
@@ -64,22 +65,57 @@ SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 
-# ----------------------------------------------------------------------------- backends
+# ----------------------------------------------------------------------------- implementations
+# Every public op of a kernel family (``block_sparse_attention``, ``vertical_slash_attention``,
+# ``paged_decode_attention``, ``quest_page_table``) takes ``implementation``, one of
+#
+# * ``None``: the best implementation for ``jax.default_backend()`` that covers the inputs
+#   (each family states its rule), else ``"xla"``;
+# * ``"xla"``: the jnp reference, on any platform;
+# * ``"triton"``: the GPU kernel lowered through Triton;
+# * ``"mosaic_gpu"``: the GPU kernel lowered through Mosaic GPU (Hopper);
+# * ``"mosaic_tpu"``: the TPU kernel;
+#
+# as far as the family has them: its ``IMPLEMENTATIONS`` table maps each name to a function
+# with the reference's signature plus ``interpret``. ``interpret=True`` runs a kernel in the
+# Pallas interpreter (CPU tests; the reference ignores it); with ``implementation=None`` on a
+# CPU it picks the family's GPU kernel, interpreted.
 
-BACKENDS = ("gpu", "tpu", "reference")
+XLA = "xla"
+TRITON = "triton"
+MOSAIC_GPU = "mosaic_gpu"
+MOSAIC_TPU = "mosaic_tpu"
+
+Impl = TypeVar("Impl")
 
 
-def resolve_backend(backend: str | None, interpret: bool, kernel_fits: bool) -> str:
-    """The backend to run: the requested one, else the platform's kernel when the shapes
-    fit a kernel config (or the GPU kernel interpreted on CPU), else the reference."""
-    if backend is None:
-        platform = jax.default_backend()
-        backend = platform if platform in ("gpu", "tpu") else ("gpu" if interpret else "reference")
-        if not kernel_fits:
-            backend = "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    return backend
+def platform_default(kernels: Mapping[str, str], *, interpret: bool, fits: bool = True) -> str:
+    """The implementation ``None`` stands for.
+
+    Args:
+      kernels: the family's kernel per platform, e.g. ``{"gpu": "triton", "tpu": "mosaic_tpu"}``.
+      interpret: the caller will interpret the kernel; off a GPU/TPU this picks the GPU kernel.
+      fits: whether a kernel config covers the inputs; if not, the reference.
+    """
+    if not fits:
+        return XLA
+    platform = jax.default_backend()
+    if platform in kernels:
+        return kernels[platform]
+    if interpret and "gpu" in kernels:
+        return kernels["gpu"]
+    return XLA
+
+
+def lookup(op: str, table: Mapping[str, Impl], implementation: str) -> Impl:
+    """``table[implementation]``, or a ``ValueError`` naming ``op`` and the valid names."""
+    if implementation not in table:
+        valid = ", ".join(repr(name) for name in table)
+        raise ValueError(
+            f"{op}: unknown implementation {implementation!r}; use one of {valid}, "
+            "or None for the best one on this backend"
+        )
+    return table[implementation]
 
 
 # ----------------------------------------------------------------------------- online softmax

@@ -25,12 +25,12 @@ def check_cache_ops(spec: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from sparse_jax.attention.base import KeptTokens, LayerSpec
+    from sparse_jax.attention.base import LayerSpec
+    from sparse_jax.attention.kv_cache import KeptTokens, PagedKVCache
     from sparse_jax.attention.registry import get_method
     from sparse_jax.distributed.mesh import MeshConfig, make_mesh
     from sparse_jax.distributed.sharded_method import ShardedMethod
     from sparse_jax.distributed.sharding import cache_shardings
-    from sparse_jax.engine.kv_cache import PagedKVCache
 
     mesh = make_mesh(MeshConfig.parse(spec), num_kv_heads=G)
     sharded = ShardedMethod(get_method("quest", token_budget=16, page_size=S), mesh)

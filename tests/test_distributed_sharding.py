@@ -56,13 +56,23 @@ def test_mesh_config_parse_and_errors():
         MeshConfig(model=0)
 
 
+def one_device() -> list[jax.Device]:
+    """This process's first device: a one-device mesh however many CPU devices XLA_FLAGS makes."""
+    return jax.local_devices()[:1]
+
+
 def test_make_mesh_on_one_device_and_clear_errors():
-    mesh = make_mesh(MeshConfig(), num_kv_heads=2)
+    mesh = make_mesh(MeshConfig(), num_kv_heads=2, devices=one_device())
     assert dict(mesh.shape) == {DATA: 1, MODEL: 1, KV_REPLICA: 1}
     with pytest.raises(MeshError, match="does not divide the 1 available devices"):
-        make_mesh(MeshConfig(model=2), num_kv_heads=2)
+        make_mesh(MeshConfig(model=2), num_kv_heads=2, devices=one_device())
     with pytest.raises(MeshError, match="use data=1"):
-        make_mesh(MeshConfig(model=1, data=2), num_kv_heads=2)
+        make_mesh(MeshConfig(model=1, data=2), num_kv_heads=2, devices=one_device())
+
+
+def test_make_mesh_fills_data_with_every_local_device():
+    mesh = make_mesh(MeshConfig(), num_kv_heads=2)
+    assert dict(mesh.shape) == {DATA: jax.local_device_count(), MODEL: 1, KV_REPLICA: 1}
 
 
 def test_param_rules_16_way_tensor_parallel_with_8_kv_heads():
@@ -111,7 +121,7 @@ def test_cache_and_batch_specs():
 
 
 def test_shard_method_keeps_the_method_identity():
-    mesh = make_mesh(MeshConfig(), num_kv_heads=2)
+    mesh = make_mesh(MeshConfig(), num_kv_heads=2, devices=one_device())
     quest = get_method("quest", token_budget=32)
     assert shard_method(quest, mesh) is quest  # one device: nothing to shard
     wrapped = ShardedMethod(quest, mesh)

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.paged_decode.reference import gather_rows
-from sparse_jax.attention.base import KeptTokens
-from sparse_jax.engine.kv_cache import PagedKVCache
+from sparse_jax.attention.kv_cache import KeptTokens, PagedKVCache
 
 B, G, D, S, P = 3, 2, 4, 4, 5  # rows, KV heads, head dim, page size, pages per row
 

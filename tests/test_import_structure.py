@@ -118,11 +118,6 @@ def kernel_families(root: Path = ROOT) -> set[str]:
 # --------------------------------------------------------------------------- the rules
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known cycle sparse_jax.attention -> sparse_jax.engine (the paged KV cache type lives above the "
-    "methods, issue 20 item 1); removed on another branch: drop this marker after merging it",
-)
 def test_no_cycles_between_sparse_jax_subpackages():
     graph = {u: {t for t in ts if t.startswith("sparse_jax.")} for u, ts in import_graph().items()
              if u.startswith("sparse_jax.")}

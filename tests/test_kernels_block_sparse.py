@@ -8,7 +8,15 @@ import pytest
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_sparse import block_sparse_attention, configs, gpu_mosaic, gpu_triton, reference, tpu
+from pallas_kernels.block_sparse import (
+    block_sparse_attention,
+    configs,
+    default_implementation,
+    gpu_mosaic,
+    gpu_triton,
+    reference,
+    tpu,
+)
 from pallas_kernels.block_sparse.index import BlockSparseIndex
 from pallas_kernels.block_sparse.synthetic import random_block_sparse_index
 from sparse_jax.attention.dense import dense_causal_attention
@@ -80,13 +88,26 @@ def test_tpu_kernel_matches_reference(t, h, g, d, density, empty, dtype):
     assert_close(out, reference.block_sparse_attention(q, k, v, index, scale=d**-0.5), dtype)
 
 
-def test_dispatch_reference_backend():
+def test_dispatch_xla_implementation_and_unknown_name():
     q, k, v = random_qkv(8, 30, 2, 1, 16)
     index = random_block_sparse_index(np.random.default_rng(8), 1, 2, 30, 8, 0.5)
-    out = block_sparse_attention(q, k, v, index, scale=0.25, backend="reference")
+    out = block_sparse_attention(q, k, v, index, scale=0.25, implementation="xla")
     assert_close(out, reference.block_sparse_attention(q, k, v, index, scale=0.25), jnp.float32)
-    with pytest.raises(ValueError, match="unknown backend"):
-        block_sparse_attention(q, k, v, index, scale=0.25, backend="cuda")
+    valid = "'xla', 'triton', 'mosaic_gpu', 'mosaic_tpu'"
+    with pytest.raises(ValueError, match=f"block_sparse_attention: unknown implementation 'cuda'; use one of {valid}"):
+        block_sparse_attention(q, k, v, index, scale=0.25, implementation="cuda")
+
+
+def test_default_implementation_on_cpu():
+    """``None`` on a CPU: the reference, or the Triton kernel when interpreted and a config fits."""
+    fitting = random_block_sparse_index(np.random.default_rng(9), 1, 2, 64, 16, 0.5)
+    q, k, v = random_qkv(9, 64, 2, 1, 64)
+    assert default_implementation(q, fitting, interpret=False) == "xla"
+    assert default_implementation(q, fitting, interpret=True) == "triton"
+    odd_block = random_block_sparse_index(np.random.default_rng(9), 1, 2, 64, 8, 0.5)
+    assert default_implementation(q, odd_block, interpret=True) == "xla"
+    with pytest.raises(ValueError, match="Mosaic GPU kernel has no interpreter"):
+        block_sparse_attention(q, k, v, fitting, scale=0.1, implementation="mosaic_gpu", interpret=True)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -53,10 +53,10 @@ def rel_err(out, ref):
     return np.linalg.norm(out - ref) / np.linalg.norm(ref)
 
 
-BACKENDS = ["gpu", "tpu"]
+IMPLEMENTATIONS = ["triton", "mosaic_tpu"]  # the kernels, interpreted
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize(
     "heads,kv_heads,per_query_head,lengths",
     [
@@ -66,58 +66,58 @@ BACKENDS = ["gpu", "tpu"]
         (8, 2, True, [[1, 5, 24, 9, 16, 2, 7, 21], [3, 3, 12, 4, 22, 8, 19, 1]]),  # per-query-head tables
     ],
 )
-def test_kernel_matches_reference(backend, heads, kv_heads, per_query_head, lengths):
+def test_kernel_matches_reference(implementation, heads, kv_heads, per_query_head, lengths):
     rng = np.random.default_rng(hash((heads, kv_heads, per_query_head)) % 2**32)
     args, clean = make_cache(
         rng, batch=2, heads=heads, kv_heads=kv_heads, pages_per_row=6, lengths=lengths, per_query_head=per_query_head
     )
     ref = reference.paged_decode_attention(*clean, scale=0.2)
-    out = paged_decode_attention(*args, scale=0.2, backend=backend, interpret=True,
+    out = paged_decode_attention(*args, scale=0.2, implementation=implementation, interpret=True,
                                  config=DecodeConfig(pages_per_block=2, num_splits=2))
     assert np.isfinite(np.asarray(out)).all()
     assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("ppb,splits", [(1, 1), (4, 3)])
-def test_block_and_split_sizes(backend, ppb, splits):
+def test_block_and_split_sizes(implementation, ppb, splits):
     """More splits than pages, blocks wider than rows, one page per block: same result."""
     rng = np.random.default_rng(ppb * 10 + splits)
     args, clean = make_cache(rng, batch=1, heads=8, kv_heads=2, pages_per_row=7, lengths=[[25, 2]])
     # (4, 3): blocks wider than the 2-token row and more splits than its one page.
     ref = reference.paged_decode_attention(*clean, scale=0.3)
-    out = paged_decode_attention(*args, scale=0.3, backend=backend, interpret=True,
+    out = paged_decode_attention(*args, scale=0.3, implementation=implementation, interpret=True,
                                  config=DecodeConfig(pages_per_block=ppb, num_splits=splits))
     assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sliding_window_and_empty_row(backend):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_sliding_window_and_empty_row(implementation):
     rng = np.random.default_rng(7)
     args, clean = make_cache(rng, batch=2, heads=4, kv_heads=2, pages_per_row=6, lengths=[[23, 0], [6, 17]])
     ref = reference.paged_decode_attention(*clean, scale=0.25, sliding_window=7)
-    out = paged_decode_attention(*args, scale=0.25, sliding_window=7, backend=backend, interpret=True,
+    out = paged_decode_attention(*args, scale=0.25, sliding_window=7, implementation=implementation, interpret=True,
                                  config=DecodeConfig(pages_per_block=2, num_splits=3))
     np.testing.assert_array_equal(np.asarray(out)[0, 2:], 0.0)  # KV head 1 of sequence 0 is empty
     assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16(backend):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bf16(implementation):
     rng = np.random.default_rng(3)
     args, clean = make_cache(rng, batch=1, heads=8, kv_heads=2, pages_per_row=8, lengths=[[31, 9]],
                              dtype=jnp.bfloat16)
     ref = reference.paged_decode_attention(*clean, scale=D**-0.5)
-    out = paged_decode_attention(*args, scale=D**-0.5, backend=backend, interpret=True)
+    out = paged_decode_attention(*args, scale=D**-0.5, implementation=implementation, interpret=True)
     assert out.dtype == jnp.bfloat16
     assert rel_err(out, ref) < 1e-2
 
 
-def test_reference_backend_and_default_config():
+def test_xla_implementation_and_default_config():
     rng = np.random.default_rng(0)
     _, clean = make_cache(rng, batch=1, heads=4, kv_heads=2, pages_per_row=3, lengths=[[5, 12]])
     np.testing.assert_array_equal(
-        paged_decode_attention(*clean, scale=0.1, backend="reference"),
+        paged_decode_attention(*clean, scale=0.1, implementation="xla"),
         reference.paged_decode_attention(*clean, scale=0.1),
     )
     cfg = default_config(batch=1, rows=8, pages_per_row=8192)
@@ -129,7 +129,7 @@ def test_bad_inputs_raise_clear_errors():
     rng = np.random.default_rng(0)
     (q, k, v, table, lengths), _ = make_cache(rng, batch=1, heads=4, kv_heads=2, pages_per_row=3, lengths=[[5, 12]])
     call = lambda **kw: paged_decode_attention(
-        kw.get("q", q), k, v, kw.get("table", table), kw.get("lengths", lengths), scale=0.1, backend="gpu",
+        kw.get("q", q), k, v, kw.get("table", table), kw.get("lengths", lengths), scale=0.1, implementation="triton",
         interpret=True,
     )
     with pytest.raises(ValueError, match="int32"):
@@ -140,8 +140,9 @@ def test_bad_inputs_raise_clear_errors():
         call(lengths=lengths[:, :1])
     with pytest.raises(ValueError, match="head_dim"):
         call(q=q[..., :8])
-    with pytest.raises(ValueError, match="unknown backend"):
-        paged_decode_attention(q, k, v, table, lengths, scale=0.1, backend="cuda")
+    with pytest.raises(ValueError, match="paged_decode_attention: unknown implementation 'cuda'; "
+                                         "use one of 'xla', 'triton', 'mosaic_tpu'"):
+        paged_decode_attention(q, k, v, table, lengths, scale=0.1, implementation="cuda")
     with pytest.raises(ValueError, match="power of two"):
         DecodeConfig(pages_per_block=3)
     with pytest.raises(ValueError, match="positive int"):
@@ -234,9 +235,9 @@ def test_quest_pool_and_gather_scoring_agree():
     np.testing.assert_allclose(pool_scores, brute, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("share,budget_pages", [(True, 1), (False, 10)])
-def test_quest_decode_end_to_end(backend, share, budget_pages):
+def test_quest_decode_end_to_end(implementation, share, budget_pages):
     """Kernel over the Quest table == reference over the same table; all-pages budget == dense decode."""
     rng = np.random.default_rng(budget_pages)
     lengths = [[37, 40], [22, 31]]
@@ -248,7 +249,7 @@ def test_quest_decode_end_to_end(backend, share, budget_pages):
         q, k_min, k_max, table, lens, page_size=PAGE, token_budget=budget_pages * PAGE, share_pages=share
     )
     assert sel.shape[1] == (2 if share else 8)
-    out = paged_decode_attention(q, k, v, sel, sel_len, scale=0.2, backend=backend, interpret=True,
+    out = paged_decode_attention(q, k, v, sel, sel_len, scale=0.2, implementation=implementation, interpret=True,
                                  config=DecodeConfig(pages_per_block=2, num_splits=2))
     ref = reference.paged_decode_attention(q, kc, vc, sel, sel_len, scale=0.2)
     assert rel_err(out, ref) < 1e-5
@@ -257,25 +258,25 @@ def test_quest_decode_end_to_end(backend, share, budget_pages):
         assert rel_err(out, dense) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_table_read_in_place_with_max_row_pages(backend):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_table_read_in_place_with_max_row_pages(implementation):
     """A table with spare columns past ``max_row_pages`` is read as it is; the result is unchanged."""
-    from pallas_kernels.paged_decode import common
+    from pallas_kernels.paged_decode import split_pages
 
     rng = np.random.default_rng(11)
     (q, k, v, table, lens), clean = make_cache(rng, batch=2, heads=8, kv_heads=2, pages_per_row=7,
                                                lengths=[[13, 1], [16, 9]])
     # Rows read at most 4 pages; 3 spare columns fit blocks of 2 pages (and 3 < 2 + 4 - 1 would not
     # fit blocks of 4: the kernel then pads, still correct).
-    assert common.pad_table(table, 2, max_row_pages=4) is table
-    assert common.pad_table(table, 4, max_row_pages=4).shape[2] == 7 + 4
+    assert split_pages.pad_table(table, 2, max_row_pages=4) is table
+    assert split_pages.pad_table(table, 4, max_row_pages=4).shape[2] == 7 + 4
     ref = reference.paged_decode_attention(*clean, scale=0.2)
     for ppb in (2, 4):
-        out = paged_decode_attention(q, k, v, table, lens, scale=0.2, max_row_pages=4, backend=backend,
+        out = paged_decode_attention(q, k, v, table, lens, scale=0.2, max_row_pages=4, implementation=implementation,
                                      interpret=True, config=DecodeConfig(pages_per_block=ppb, num_splits=2))
         assert rel_err(out, ref) < 1e-5
     with pytest.raises(ValueError, match="max_row_pages must be a non-negative int"):
-        common.pad_table(table, 2, max_row_pages=-1)
+        split_pages.pad_table(table, 2, max_row_pages=-1)
 
 
 def test_quest_bad_budget():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kernel_test_utils import lowering_for_h100
+from pallas_kernels import paged_decode
 from pallas_kernels.paged_decode import quest, quest_select
 
 PAGE = 4
@@ -93,6 +94,27 @@ def test_quest_page_table_end_to_end():
         got = quest_select.quest_page_table(q, k_min, k_max, table, lengths, block_pages=16, blocks_per_program=2,
                                             interpret=True, **kwargs)
         same_selection(got, quest.quest_page_table(q, k_min, k_max, table, lengths, **kwargs))
+
+
+def test_quest_page_table_op_has_one_signature_for_every_implementation():
+    """The op's reference ("xla") and kernels ("triton", interpreted) take the same arguments
+    (per-row budgets, spare columns) and pick the same pages."""
+    rng = np.random.default_rng(7)
+    q, k_min, k_max, table = make_inputs(rng)
+    lengths = jnp.asarray([[96, 61], [90, 12]], jnp.int32)
+    kwargs = dict(page_size=PAGE, token_budget=5 * PAGE, share_pages=True, spare_columns=4,
+                  budget_pages=jnp.asarray([[5, 2], [3, 0]], jnp.int32))
+    want = paged_decode.quest_page_table(q, k_min, k_max, table, lengths, implementation="xla", **kwargs)
+    got = paged_decode.quest_page_table(q, k_min, k_max, table, lengths, implementation="triton", interpret=True,
+                                        **kwargs)
+    assert got[0].shape == want[0].shape == (2, 2, 6 + 4)
+    same_selection((got[0][..., :6], got[1]), (want[0][..., :6], want[1]))
+    assert int(want[0].min()) >= 0 and int(want[0].max()) < 64  # spare columns: in-range pool pages
+    default = paged_decode.quest_page_table(q, k_min, k_max, table, lengths, **kwargs)  # CPU: the reference
+    np.testing.assert_array_equal(np.asarray(default[0]), np.asarray(want[0]))
+    with pytest.raises(ValueError, match="quest_page_table: unknown implementation 'mosaic_tpu'; use one of 'xla', "
+                                         "'triton', or None"):
+        paged_decode.quest_page_table(q, k_min, k_max, table, lengths, implementation="mosaic_tpu", **kwargs)
 
 
 @pytest.mark.parametrize("spare", [3, 40])

@@ -99,13 +99,14 @@ def test_tpu_kernel_matches_reference(t, h, g, d, n_ranges, n_cols, empty, dtype
     assert_close(out, reference.vertical_slash_attention(q, k, v, index, scale=d**-0.5), dtype)
 
 
-def test_dispatch_reference_backend():
+def test_dispatch_xla_implementation_and_unknown_name():
     q, k, v = random_qkv(8, 40, 2, 1, 16)
     index = random_vertical_slash_index(np.random.default_rng(8), 1, 2, 40, 2, 4, block_m=16, block_n=8)
-    out = vertical_slash_attention(q, k, v, index, scale=0.25, backend="reference")
+    out = vertical_slash_attention(q, k, v, index, scale=0.25, implementation="xla")
     assert_close(out, reference.vertical_slash_attention(q, k, v, index, scale=0.25), jnp.float32)
-    with pytest.raises(ValueError, match="unknown backend"):
-        vertical_slash_attention(q, k, v, index, scale=0.25, backend="cuda")
+    valid = "'xla', 'triton', 'mosaic_tpu'"
+    with pytest.raises(ValueError, match=f"vertical_slash_attention: unknown implementation 'cuda'; use one of {valid}"):
+        vertical_slash_attention(q, k, v, index, scale=0.25, implementation="cuda")
 
 
 def test_bad_inputs_raise_clear_errors():

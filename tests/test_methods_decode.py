@@ -7,8 +7,8 @@ import pytest
 
 from pallas_kernels.paged_decode.quest import quest_page_table
 from sparse_jax.attention.base import LayerSpec
+from sparse_jax.attention.kv_cache import PagedKVCache
 from sparse_jax.attention.registry import get_method
-from sparse_jax.engine.kv_cache import PagedKVCache
 
 B, T, H, G, D = 2, 192, 4, 2, 16
 GROUP = H // G
@@ -228,8 +228,44 @@ def test_quest_prefill_is_dense_and_reports_reference_figure():
 def test_quest_rejects_a_cache_with_another_page_size():
     q, k_tok, v_tok = _quest_inputs(6, 40)
     cache = _cache(k_tok, v_tok, np.array([40, 30]))
-    with pytest.raises(ValueError, match="page_size=16 but the cache has pages of 8 tokens"):
-        get_method("quest").decode(jnp.asarray(q, jnp.float32), cache, layer=LAYER)
+    with pytest.raises(ValueError, match="page_size=16 but the cache has pages of 8 tokens; drop quest's page_size"):
+        get_method("quest", page_size=16).decode(jnp.asarray(q, jnp.float32), cache, layer=LAYER)
+    with pytest.raises(ValueError, match="token_budget=20 must be a multiple of page_size=8"):
+        get_method("quest", token_budget=20).decode(jnp.asarray(q, jnp.float32), cache, layer=LAYER)
+
+
+def test_quest_takes_the_page_size_of_the_cache():
+    lengths = np.array([203, 131])
+    q, k_tok, v_tok = _quest_inputs(8, 203)
+    cache = _cache(k_tok, v_tok, lengths)
+    decode = lambda method: jax.jit(lambda q, c: method.decode(q, c, layer=LAYER))(jnp.asarray(q, jnp.float32), cache)
+    for kwargs in (dict(token_budget=48), dict(sparsity=0.5)):
+        (out, stats), (want, want_stats) = decode(get_method("quest", **kwargs)), decode(
+            get_method("quest", page_size=S, **kwargs))
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(stats.tokens_read), np.asarray(want_stats.tokens_read))
+    # Prefill has no cache: the engine puts its page size in the LayerSpec.
+    q, k, v = _inputs()
+    prefill = lambda method, layer: method.prefill(q, k, v, lengths=jnp.asarray(LENGTHS), layer=layer)[1]
+    got = prefill(get_method("quest", sparsity=0.7), LAYER._replace(page_size=S))
+    want = prefill(get_method("quest", page_size=S, sparsity=0.7), LAYER)
+    np.testing.assert_array_equal(np.asarray(got.reported_sparsity), np.asarray(want.reported_sparsity))
+    with pytest.raises(ValueError, match="page size is unknown outside the engine"):
+        prefill(get_method("quest", sparsity=0.7), LAYER)
+    assert "page_size" not in get_method("quest").describe()  # the engine's, not the method's
+
+
+def test_quest_implementation_is_passed_to_its_ops():
+    lengths = np.array([203, 131])
+    q, k_tok, v_tok = _quest_inputs(9, 203)
+    cache = _cache(k_tok, v_tok, lengths)
+    decode = lambda method: method.decode(jnp.asarray(q, jnp.float32), cache, layer=LAYER)
+    out, _ = decode(get_method("quest", token_budget=48))
+    xla, _ = decode(get_method("quest", token_budget=48, implementation="xla"))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(xla))  # the default on CPU is the reference
+    assert get_method("quest", implementation="xla").describe()["implementation"] == "xla"
+    with pytest.raises(ValueError, match="quest_page_table: unknown implementation 'mosaic_gpu'; use one of 'xla', "):
+        decode(get_method("quest", token_budget=48, implementation="mosaic_gpu"))
 
 
 @pytest.mark.parametrize(
@@ -239,7 +275,7 @@ def test_quest_rejects_a_cache_with_another_page_size():
         ("snapkv", dict(kernel_size=4), "kernel_size=4 must be odd"),
         ("snapkv", dict(token_capacity=100), "must exceed local_window \\+ prefix_tokens"),
         ("ada_snapkv", dict(min_head_capacity_ratio=1.5), "min_head_capacity_ratio=1.5"),
-        ("quest", dict(token_budget=100), "multiple of page_size=16"),
+        ("quest", dict(token_budget=100, page_size=16), "multiple of page_size=16"),
         ("quest", dict(sparsity=-1.0), "outside \\[0, 1\\)"),
     ],
 )

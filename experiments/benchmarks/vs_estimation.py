@@ -184,7 +184,7 @@ def time_end_to_end(q, k, v, reps: int, r: dict) -> None:
     dense = median_seconds(lambda: cudnn_attention(q, k, v), reps)
     r["cudnn_ms"] = dense * 1e3
     index_fn = jax.jit(method_index)
-    kernel = functools.partial(vertical_slash_attention, scale=SCALE, backend="gpu")
+    kernel = functools.partial(vertical_slash_attention, scale=SCALE, implementation="triton")
     whole = jax.jit(lambda q, k, v: kernel(q, k, v, method_index(q, k)))
     for kind in ("random", "banded"):
         qi, ki, vi = (q, k, v) if kind == "random" else make_qkv(4, t, banded=True)

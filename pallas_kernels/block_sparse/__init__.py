@@ -1,11 +1,12 @@
 """Block-sparse causal attention: per query block, a list of key blocks.
 
 :func:`block_sparse_attention` has the signature of the jnp reference
-(:mod:`.reference`) and dispatches on the backend: on GPUs the Mosaic-GPU kernel
-(:mod:`.gpu_mosaic`, Hopper, 128-token blocks, bf16/f16, d in {64, 128}: 1.6x faster than
-the Triton one there) else the Triton kernel (:mod:`.gpu_triton`); the Mosaic-TPU kernel
-(:mod:`.tpu`) on TPUs; the reference elsewhere and for block sizes or head dims that no
-kernel config covers (:mod:`.configs`).
+(:mod:`.reference`) plus the choice of implementation (:mod:`pallas_kernels.common`):
+``"xla"`` (the reference), ``"triton"`` (:mod:`.gpu_triton`), ``"mosaic_gpu"``
+(:mod:`.gpu_mosaic`: Hopper, 128-token blocks, bf16/f16, d in {64, 128}; 1.6x faster than
+the Triton kernel there) and ``"mosaic_tpu"`` (:mod:`.tpu`). ``None`` picks the platform's
+kernel (Mosaic GPU where it applies, else Triton, on GPUs), and the reference for block
+sizes or head dims that no kernel config covers (:mod:`.configs`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,51 @@ from __future__ import annotations
 import jax
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import common
 from pallas_kernels.block_sparse import gpu_mosaic, gpu_triton, reference, tpu
 from pallas_kernels.block_sparse.configs import SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS
 from pallas_kernels.block_sparse.index import BlockSparseIndex
-from pallas_kernels.common import BACKENDS, resolve_backend
+
+
+def _xla(q, k, v, index, *, scale, interpret):
+    del interpret  # nothing to interpret
+    return reference.block_sparse_attention(q, k, v, index, scale=scale)
+
+
+def _triton(q, k, v, index, *, scale, interpret):
+    return gpu_triton.block_sparse_attention(q, k, v, index, scale=scale, interpret=interpret)
+
+
+def _mosaic_gpu(q, k, v, index, *, scale, interpret):
+    if interpret:
+        raise ValueError("the Mosaic GPU kernel has no interpreter; use implementation='triton' with interpret=True")
+    return gpu_mosaic.block_sparse_attention(q, k, v, index, scale=scale)
+
+
+def _mosaic_tpu(q, k, v, index, *, scale, interpret):
+    mode = pltpu.InterpretParams() if interpret else False
+    return tpu.block_sparse_attention(q, k, v, index, scale=scale, interpret=mode)
+
+
+IMPLEMENTATIONS = {
+    common.XLA: _xla,
+    common.TRITON: _triton,
+    common.MOSAIC_GPU: _mosaic_gpu,
+    common.MOSAIC_TPU: _mosaic_tpu,
+}
+
+
+def default_implementation(q: jax.Array, index: BlockSparseIndex, interpret: bool) -> str:
+    """What ``implementation=None`` runs for these inputs."""
+    block_size, head_dim = int(index.block_size), q.shape[-1]
+    fits = block_size in SUPPORTED_BLOCK_SIZES and head_dim in SUPPORTED_HEAD_DIMS
+    name = common.platform_default(
+        {"gpu": common.TRITON, "tpu": common.MOSAIC_TPU}, interpret=interpret, fits=fits
+    )
+    if name == common.TRITON and not interpret and gpu_mosaic.is_hopper():
+        if gpu_mosaic.supports(block_size, head_dim, q.dtype):
+            return common.MOSAIC_GPU
+    return name
 
 
 def block_sparse_attention(
@@ -26,7 +68,7 @@ def block_sparse_attention(
     index: BlockSparseIndex,
     *,
     scale: float,
-    backend: str | None = None,
+    implementation: str | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Causal attention of ``q [B, T, H, d]`` over the key blocks listed in ``index``.
@@ -35,24 +77,17 @@ def block_sparse_attention(
       q: ``[B, T, H, d]`` queries; ``k/v [B, T, G, d]``.
       index: key blocks per (batch, query head, query block).
       scale: multiplier applied to ``q . k``.
-      backend: ``"gpu"``, ``"tpu"`` or ``"reference"``; default: see
-        :func:`pallas_kernels.common.resolve_backend`.
+      implementation: a name of :data:`IMPLEMENTATIONS`, or ``None`` for
+        :func:`default_implementation`.
       interpret: run the chosen kernel in the Pallas interpreter (CPU tests).
 
     Returns:
       ``[B, T, H, d]`` in ``q.dtype``; rows with no listed key are zero.
     """
-    fits = int(index.block_size) in SUPPORTED_BLOCK_SIZES and q.shape[-1] in SUPPORTED_HEAD_DIMS
-    backend = resolve_backend(backend, interpret, fits)
-    if backend == "reference":
-        return reference.block_sparse_attention(q, k, v, index, scale=scale)
-    if backend == "gpu":
-        block_size = int(index.block_size)
-        if not interpret and gpu_mosaic.is_hopper() and gpu_mosaic.supports(block_size, q.shape[-1], q.dtype):
-            return gpu_mosaic.block_sparse_attention(q, k, v, index, scale=scale)
-        return gpu_triton.block_sparse_attention(q, k, v, index, scale=scale, interpret=interpret)
-    mode = pltpu.InterpretParams() if interpret else False
-    return tpu.block_sparse_attention(q, k, v, index, scale=scale, interpret=mode)
+    if implementation is None:
+        implementation = default_implementation(q, index, interpret)
+    run = common.lookup("block_sparse_attention", IMPLEMENTATIONS, implementation)
+    return run(q, k, v, index, scale=scale, interpret=interpret)
 
 
-__all__ = ["BACKENDS", "BlockSparseIndex", "block_sparse_attention", "resolve_backend"]
+__all__ = ["IMPLEMENTATIONS", "BlockSparseIndex", "block_sparse_attention", "default_implementation"]

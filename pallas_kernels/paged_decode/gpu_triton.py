@@ -4,7 +4,7 @@ One program per (sequence, table row, split). A row is a KV head with its whole 
 group (``R == G``: every K/V page is read once for the group) or a single query head
 (``R == H``, Quest's per-head selection). The program gathers ``pages_per_block`` pages
 of K and V per step through the row's page table, runs an fp32 online softmax and writes
-its normalised partial output and log-sum-exp; :func:`common.merge_splits` combines the
+its normalised partial output and log-sum-exp; :func:`split_pages.merge_splits` combines the
 splits. Ragged row lengths, partially filled last pages and sliding windows are masked
 per slot; slots outside the readable range never contribute, even if they hold NaN.
 """
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.paged_decode import common
+from pallas_kernels.paged_decode import split_pages
 from pallas_kernels.paged_decode.configs import DecodeConfig
 
 # Finite start value of the running max, so fully masked blocks never give inf - inf.
@@ -35,7 +35,7 @@ def _decode_kernel(
     n_pad, d = q_ref.shape
     block_tokens = pages_per_block * page_size
     length = length_ref[()]
-    first_slot, start, stop, num_blocks = common.split_page_range(
+    first_slot, start, stop, num_blocks = split_pages.split_page_range(
         length, pl.program_id(2), page_size=page_size, pages_per_block=pages_per_block,
         num_splits=num_splits, sliding_window=sliding_window,
     )
@@ -106,15 +106,15 @@ def paged_decode_attention(
     Returns:
       ``[B, H, d]`` in ``q.dtype``.
     """
-    common.check_inputs(q, k_pages, v_pages, page_table, lengths)
+    split_pages.check_inputs(q, k_pages, v_pages, page_table, lengths)
     b, h, d = q.shape
     g, num_pool_pages, page_size, _ = k_pages.shape
     rows = page_table.shape[1]
     rows_per_kv = rows // g
-    n_pad = max(common.TRITON_MIN_DOT_DIM, pl.next_power_of_2(h // rows))
+    n_pad = max(split_pages.TRITON_MIN_DOT_DIM, pl.next_power_of_2(h // rows))
     splits = config.num_splits
-    table = common.pad_table(page_table, config.pages_per_block, max_row_pages)
-    qr = common.group_queries(q, rows, n_pad)
+    table = split_pages.pad_table(page_table, config.pages_per_block, max_row_pages)
+    qr = split_pages.group_queries(q, rows, n_pad)
 
     kernel = functools.partial(
         _decode_kernel, scale=scale, page_size=page_size, pages_per_block=config.pages_per_block,
@@ -143,4 +143,4 @@ def paged_decode_attention(
         interpret=interpret,
         name="paged_decode_attention",
     )(table, lengths, qr, k_pages, v_pages)
-    return common.merge_splits(out, lse, h, q.dtype)
+    return split_pages.merge_splits(out, lse, h, q.dtype)

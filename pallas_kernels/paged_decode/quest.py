@@ -194,11 +194,21 @@ def quest_page_table(
     page_size: int,
     token_budget: int,
     share_pages: bool,
+    budget_pages: jax.Array | None = None,
+    spare_columns: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Score and select: ``(table [B, R, b + 1], lengths [B, R])`` for the decode kernels.
+    """Score and select: ``(table [B, R, b + 1 + spare_columns], lengths [B, R])`` for the decode kernels.
 
-    Shapes as in :func:`page_upper_bounds` and :func:`select_pages`; ``R = G`` with
-    ``share_pages``, else ``H``.
+    The base of the ``quest_page_table`` op (:mod:`pallas_kernels.paged_decode`); its
+    kernel version (:func:`.quest_select.quest_page_table`) has this signature. Shapes as
+    in :func:`page_upper_bounds` and :func:`select_pages`; ``R = G`` with ``share_pages``,
+    else ``H``. ``spare_columns`` extra columns (the current page again, never read) follow
+    the selected pages, so a decode kernel reading blocks of pages can take the table as it
+    is; a table returned unchanged (no more pages than the budget) gets none.
     """
     scores = page_upper_bounds(q, k_min, k_max, page_table, share_pages=share_pages)
-    return select_pages(scores, page_table, lengths, page_size=page_size, token_budget=token_budget)
+    table, row_lengths = select_pages(scores, page_table, lengths, page_size=page_size, token_budget=token_budget,
+                                      budget_pages=budget_pages)
+    if spare_columns and page_table.shape[2] > token_budget // page_size + 1:
+        table = jnp.pad(table, ((0, 0), (0, 0), (0, spare_columns)), mode="edge")
+    return table, row_lengths

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.paged_decode import common, quest
+from pallas_kernels.paged_decode import quest, split_pages
 
 _INT_MIN = -(2**31)
 _INT_MAX = 2**31 - 1
@@ -123,8 +123,8 @@ def page_scores(
     for name, value in (("block_pages", block_pages), ("blocks_per_program", blocks_per_program)):
         if value <= 0 or value & (value - 1):
             raise ValueError(f"{name} ({value}) must be a power of two")
-    if block_pages < common.TRITON_MIN_DOT_DIM:
-        raise ValueError(f"block_pages ({block_pages}) must be at least {common.TRITON_MIN_DOT_DIM} (Triton dot rows)")
+    if block_pages < split_pages.TRITON_MIN_DOT_DIM:
+        raise ValueError(f"block_pages ({block_pages}) must be at least {split_pages.TRITON_MIN_DOT_DIM} (Triton dot rows)")
     program_pages = block_pages * blocks_per_program
     b, h, d = q.shape
     g, num_pool_pages, _ = k_min.shape
@@ -140,7 +140,7 @@ def page_scores(
     if share_pages:
         pos, neg = pos.sum(axis=2, keepdims=True), neg.sum(axis=2, keepdims=True)
     n = pos.shape[2]
-    n_pad = max(common.TRITON_MIN_DOT_DIM, pl.next_power_of_2(n))
+    n_pad = max(split_pages.TRITON_MIN_DOT_DIM, pl.next_power_of_2(n))
     # [B, G, n, d] -> [B, G, parts, d, n_pad]: one matrix column per query head.
     pos, neg = (
         jnp.pad(jnp.moveaxis(_split_exact(jnp.swapaxes(x, 2, 3), k_min.dtype), 0, 2),

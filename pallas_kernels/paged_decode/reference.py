@@ -1,6 +1,6 @@
 """Paged decode attention in plain jnp: the reference the Pallas decode kernels match.
 
-Cache layout (shared with ``sparse_jax.engine.kv_cache.PagedKVCache``):
+Cache layout (shared with ``sparse_jax.attention.kv_cache.PagedKVCache``):
 
 * ``k_pages``, ``v_pages``: ``[G, num_pages, page_size, d]``; every KV head has its own
   pool of pages, so heads can hold different numbers of tokens (after KV eviction).

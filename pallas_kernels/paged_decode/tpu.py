@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.paged_decode import common
+from pallas_kernels.paged_decode import split_pages
 from pallas_kernels.paged_decode.configs import DecodeConfig
 
 _NEG_INIT = -1e30
@@ -37,7 +37,7 @@ def _decode_kernel(
     block_tokens = pages_per_block * page_size
     row = b * rows + r
     length = lengths_ref[row]
-    first_slot, start, stop, num_blocks = common.split_page_range(
+    first_slot, start, stop, num_blocks = split_pages.split_page_range(
         length, split, page_size=page_size, pages_per_block=pages_per_block, num_splits=num_splits,
         sliding_window=sliding_window,
     )
@@ -117,13 +117,13 @@ def paged_decode_attention(
     The flattened page table lives in SMEM, which bounds ``B * R * P`` on a real TPU.
     ``max_row_pages``: as for the GPU kernel, skips the padded copy of a wide enough table.
     """
-    common.check_inputs(q, k_pages, v_pages, page_table, lengths)
+    split_pages.check_inputs(q, k_pages, v_pages, page_table, lengths)
     b, h, d = q.shape
     g, _, page_size, _ = k_pages.shape
     rows = page_table.shape[1]
     n = h // rows
     splits, ppb = config.num_splits, config.pages_per_block
-    table = common.pad_table(page_table, ppb, max_row_pages).reshape(-1)
+    table = split_pages.pad_table(page_table, ppb, max_row_pages).reshape(-1)
     qr = q.reshape(b, rows, n, d)
 
     kernel = functools.partial(
@@ -155,4 +155,4 @@ def paged_decode_attention(
         interpret=interpret,
         name="paged_decode_attention_tpu",
     )(table, lengths.reshape(-1), qr, k_pages, v_pages)
-    return common.merge_splits(out, lse[..., 0], h, q.dtype)
+    return split_pages.merge_splits(out, lse[..., 0], h, q.dtype)

@@ -6,8 +6,12 @@ Shapes (B batch, T tokens, H query heads, G KV heads, g = H // G, d head dim):
   to a bucket length ``T``; ``lengths [B]`` holds each sequence's real prompt length.
   Query head ``h`` reads KV head ``h // g``.
 * decode inputs: ``q [B, H, d]`` (one new token per sequence) and the layer's
-  :class:`~sparse_jax.engine.kv_cache.PagedKVCache`, into which the engine has already
+  :class:`~sparse_jax.attention.kv_cache.PagedKVCache`, into which the engine has already
   appended the new token's key and value.
+
+The cache and the records that go in and out of it (:class:`KeptTokens`,
+:class:`DecodeStats`) live one floor below, in :mod:`sparse_jax.attention.kv_cache`;
+this module imports them and never the other way round.
 
 A method implements any subset of ``prefill``, ``compress`` and ``decode``; the
 :class:`AttentionMethod` defaults fall back to dense attention and to keeping every
@@ -18,13 +22,12 @@ overrides one hook and inherits the rest.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:  # Imported for annotations only; the engine imports this module.
-    from sparse_jax.engine.kv_cache import PagedKVCache
+from sparse_jax.attention.kv_cache import DecodeStats, KeptTokens, PagedKVCache
 
 
 class LayerSpec(NamedTuple):
@@ -36,11 +39,14 @@ class LayerSpec(NamedTuple):
         ``query_pre_attn_scalar ** -0.5`` for Gemma 3).
       sliding_window: for local (sliding-window) layers, the number of most recent
         keys a query may see, itself included; ``None`` for global layers.
+      page_size: tokens per page of the layer's KV cache, filled in by the engine that
+        owns the cache (``EngineConfig.page_size``); ``None`` outside an engine.
     """
 
     index: int
     scale: float
     sliding_window: int | None = None
+    page_size: int | None = None
 
 
 class PrefillStats(NamedTuple):
@@ -57,35 +63,6 @@ class PrefillStats(NamedTuple):
 
     attended_pairs: jax.Array
     causal_pairs: jax.Array
-    reported_sparsity: jax.Array
-
-
-class DecodeStats(NamedTuple):
-    """Tokens read by one decode step, per sequence and query head.
-
-    Attributes:
-      tokens_read: ``[B, H]`` float32, cached tokens whose keys were scored.
-      tokens_cached: ``[B, H]`` float32, tokens the full (uncompressed) cache of this
-        sequence would hold at this step: the dense read count.
-    """
-
-    tokens_read: jax.Array
-    tokens_cached: jax.Array
-
-
-class KeptTokens(NamedTuple):
-    """Token indices kept in the cache after KV eviction (SnapKV-style compression).
-
-    Attributes:
-      indices: ``[B, G, capacity]`` int32 prompt positions kept per KV head, ascending;
-        entries at and past ``counts`` are padding and never read.
-      counts: ``[B, G]`` int32, tokens kept per KV head (may differ between heads).
-      reported_sparsity: ``[B]`` float32, the reference's per-layer figure
-        (``1 - kept / L``) for this compression.
-    """
-
-    indices: jax.Array
-    counts: jax.Array
     reported_sparsity: jax.Array
 
 
@@ -120,12 +97,19 @@ class AttentionMethod:
 
     Subclasses are frozen dataclasses whose fields are the method's hyper-parameters,
     so a method instance is hashable and usable as a static argument under ``jax.jit``.
+
+    Attributes:
+      implementation: how the method's kernel ops run, passed as ``implementation=`` to
+        every op it calls (:mod:`pallas_kernels.common`): ``None`` (the best for the
+        backend), ``"xla"`` (the jnp references), ``"triton"``, ``"mosaic_gpu"`` or
+        ``"mosaic_tpu"``, as far as the ops have them.
     """
 
     name: ClassVar[str] = "dense"
     pools_kv_heads: ClassVar[bool] = False
     """Whether ``compress`` pools a budget across all KV heads of a layer (so a sharded
     run must give it every head at once, not one shard's)."""
+    implementation: str | None = dataclasses.field(default=None, kw_only=True)
 
     def prefill(
         self, q: jax.Array, k: jax.Array, v: jax.Array, *, lengths: jax.Array, layer: LayerSpec
@@ -178,8 +162,14 @@ class AttentionMethod:
         Returns:
           ``out [B, H, d]`` and the :class:`DecodeStats`.
         """
-        return cache.dense_decode(q, scale=layer.scale, sliding_window=layer.sliding_window)
+        return cache.dense_decode(
+            q, scale=layer.scale, sliding_window=layer.sliding_window, implementation=self.implementation
+        )
 
     def describe(self) -> dict[str, Any]:
-        """The method's name and hyper-parameters, for results keys and reports."""
-        return {"name": self.name, **dataclasses.asdict(self)}
+        """The method's name and hyper-parameters, for results keys and reports; the
+        implementation only when one was chosen."""
+        described = {"name": self.name, **dataclasses.asdict(self)}
+        if self.implementation is None:
+            del described["implementation"]
+        return described

@@ -28,10 +28,10 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from sparse_jax.attention.base import AttentionMethod, DecodeStats, KeptTokens, LayerSpec, PrefillStats
+from sparse_jax.attention.base import AttentionMethod, LayerSpec, PrefillStats
+from sparse_jax.attention.kv_cache import DecodeStats, KeptTokens, PagedKVCache
 from sparse_jax.distributed.mesh import DATA, MODEL, MeshError, check_mesh
 from sparse_jax.distributed.sharding import batch_axis, cache_shardings, cache_specs
-from sparse_jax.engine.kv_cache import PagedKVCache
 from sparse_jax.engine.prefill_attention import PrefillBackend, prefill_attention, resolve_backend
 
 

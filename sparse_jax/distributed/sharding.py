@@ -15,7 +15,7 @@ A dimension that the axes do not divide (e.g. a vocabulary of 151646 on 4 device
 replicated instead. Attention weights always divide: :func:`make_mesh` sizes ``model``
 to a divisor of the KV heads.
 
-KV caches (:class:`~sparse_jax.engine.kv_cache.PagedKVCache`) are split by KV head over
+KV caches (:class:`~sparse_jax.attention.kv_cache.PagedKVCache`) are split by KV head over
 ``model``; their page pools and per-row arrays also by sequence over ``data`` when the
 batch divides it (see :func:`batch_axis`).
 """
@@ -29,8 +29,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sparse_jax.attention.kv_cache import PagedKVCache
 from sparse_jax.distributed.mesh import DATA, MODEL, TENSOR_AXES, MeshError, check_mesh
-from sparse_jax.engine.kv_cache import PagedKVCache
 from sparse_jax.models.config import ModelConfig
 
 # (pattern on the flat name, the spec of a parameter of that rank)

@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,9 +36,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from sparse_jax.attention.base import AttentionMethod
+from sparse_jax.attention.kv_cache import PagedKVCache, pages_for
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.buckets import bucket_length, group_by_bucket
-from sparse_jax.engine.kv_cache import PagedKVCache, pages_for
 from sparse_jax.engine.memory import MemoryPlan, plan_memory, pytree_bytes
 from sparse_jax.engine.prefill_attention import PrefillBackend, prefill_attention, resolve_backend
 from sparse_jax.engine.sampling import SamplingParams, sample_tokens
@@ -70,7 +71,8 @@ class EngineConfig:
     """Settings of the generation engine.
 
     Attributes:
-      page_size: tokens per KV-cache page.
+      page_size: tokens per KV-cache page; the one owner of this fact (methods read it
+        from the cache, or from ``LayerSpec.page_size`` in prefill).
       bucket_granularity: prompt buckets are powers of two up to this length, then
         multiples of it (see :mod:`sparse_jax.engine.buckets`).
       batch_size: prompts per batch when :meth:`Engine.generate` gets more prompts.
@@ -106,6 +108,52 @@ class EngineConfig:
                 f"EngineConfig.bucket_granularity ({self.bucket_granularity}) must be a multiple of "
                 f"page_size ({self.page_size})"
             )
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """What the decode loop carries from one step to the next (B sequences, L layers, H query heads).
+
+    Attributes:
+      step: int32 scalar, the output column being chosen (1 .. ``max_new_tokens``); when
+        the loop ends it has run ``step - 1`` decode steps.
+      tokens: ``[B, max_new_tokens]`` int32 tokens chosen so far (column 0 from the prefill).
+      done: ``[B]`` bool, the sequence has produced a stop id.
+      n_out: ``[B]`` int32 tokens each sequence has produced.
+      caches: one :class:`PagedKVCache` per layer.
+      decode_sum: ``[B, L, H]`` float32 read densities summed over the sequence's steps.
+      decode_count: ``[B]`` int32 decode steps each sequence took part in.
+    """
+
+    step: jax.Array
+    tokens: jax.Array
+    done: jax.Array
+    n_out: jax.Array
+    caches: list[PagedKVCache]
+    decode_sum: jax.Array
+    decode_count: jax.Array
+
+    @classmethod
+    def start(cls, caches: list[PagedKVCache], first: jax.Array, stop_ids: jax.Array, *, max_new_tokens: int,
+              num_layers: int, num_heads: int) -> DecodeState:
+        """The state before the first decode step: ``first [B]`` chosen by the prefill."""
+        b = first.shape[0]
+        return cls(
+            step=jnp.int32(1),
+            tokens=jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first),
+            done=jnp.isin(first, stop_ids),
+            n_out=jnp.ones((b,), jnp.int32),
+            caches=caches,
+            decode_sum=jnp.zeros((b, num_layers, num_heads), jnp.float32),
+            decode_count=jnp.zeros((b,), jnp.int32),
+        )
+
+    def decode_density(self) -> np.ndarray:
+        """``[B, L, H]`` mean read density over each sequence's decode steps (NaN for none)."""
+        count = np.asarray(self.decode_count)
+        density = np.asarray(self.decode_sum) / np.maximum(count, 1)[:, None, None]
+        density[count == 0] = np.nan
+        return density
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,13 +433,12 @@ class Engine:
             )
             compile_s += seconds
             t0 = time.perf_counter()
-            out = jax.block_until_ready(fn(*args))
+            final = jax.block_until_ready(fn(*args))
             decode_s = time.perf_counter() - t0
-            caches, out_tokens, n_out, loop_end, decode_sum, decode_count = out
-            steps = int(loop_end) - 1
-            out_tokens, n_out = np.asarray(out_tokens), np.asarray(n_out)
-            decode_density = np.asarray(decode_sum) / np.maximum(np.asarray(decode_count), 1)[:, None, None]
-            decode_density[np.asarray(decode_count) == 0] = np.nan
+            steps = int(final.step) - 1
+            out_tokens, n_out = np.asarray(final.tokens), np.asarray(final.n_out)
+            decode_density = final.decode_density()
+            del final  # its caches
         else:
             out_tokens, n_out = np.asarray(first)[:, None], np.ones(b, np.int32)
             decode_density = np.full_like(prefill_density, np.nan)
@@ -441,6 +488,7 @@ class Engine:
         write, _ = _cache_updates(method)
 
         def attend(layer, q, k, v, cache):
+            layer = layer._replace(page_size=cache.page_size)  # the cache owns the page size
             out, stats = prefill_attention(method, q, k, v, lengths=lengths, layer=layer, backend=backend)
             kept = method.compress(q, k, v, lengths=lengths, layer=layer)
             cache = write(cache, k, v, lengths, row_start=row_start, kept=kept)
@@ -465,9 +513,7 @@ class Engine:
           stop_ids: ``[S]`` int32.
 
         Returns:
-          ``(caches, tokens [B, max_new_tokens], n_out [B], loop_end, decode_sum [B, L, H],
-          decode_count [B])``; ``tokens[b, :n_out[b]]`` are sample ``b``'s outputs and the
-          loop ran ``loop_end - 1`` decode steps.
+          The final :class:`DecodeState`: ``tokens[b, :n_out[b]]`` are sample ``b``'s outputs.
         """
         model = nnx.merge(self.graphdef, params)
         method, sampling = self.method, self.config.sampling
@@ -476,49 +522,37 @@ class Engine:
         _, append = _cache_updates(method)
 
         def attend(layer, q, k, v, cache):
+            layer = layer._replace(page_size=cache.page_size)  # the cache owns the page size
             cache = append(cache, k[:, 0], v[:, 0])
             out, stats = method.decode(q[:, 0], cache, layer=layer)
             return out[:, None], (cache, stats.tokens_read / stats.tokens_cached)
 
-        def cond(carry):
-            step, _, done, *_ = carry
-            return (step < max_new_tokens) & ~jnp.all(done)
+        def cond(state: DecodeState):
+            return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
-        def body(carry):
-            step, tokens, done, n_out, caches, decode_sum, decode_count = carry
-            fed = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1)  # [B, 1]
+        def body(state: DecodeState) -> DecodeState:
+            step = state.step
+            fed = jax.lax.dynamic_index_in_dim(state.tokens, step - 1, axis=1)  # [B, 1]
             positions = (prompt_lengths + step - 1)[:, None]
-            logits, states = model(
-                fed, positions, attend=attend, layer_states=caches, logits_at=jnp.zeros((b,), jnp.int32)
+            logits, layer_outs = model(
+                fed, positions, attend=attend, layer_states=state.caches, logits_at=jnp.zeros((b,), jnp.int32)
             )
-            active = ~done
-            density = jnp.stack([s[1] for s in states], axis=1)  # [B, L, H]
-            decode_sum = decode_sum + jnp.where(active[:, None, None], density, 0.0)
+            active = ~state.done
+            density = jnp.stack([s[1] for s in layer_outs], axis=1)  # [B, L, H]
             nxt = jnp.where(active, sample_tokens(logits, jax.random.fold_in(key, step), sampling), 0)
-            tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, step, axis=1)
-            done = done | (active & jnp.isin(nxt, stop_ids))
-            return (
-                step + 1,
-                tokens,
-                done,
-                n_out + active,
-                [s[0] for s in states],
-                decode_sum,
-                decode_count + active,
+            return state.replace(
+                step=step + 1,
+                tokens=jax.lax.dynamic_update_index_in_dim(state.tokens, nxt, step, axis=1),
+                done=state.done | (active & jnp.isin(nxt, stop_ids)),
+                n_out=state.n_out + active,
+                caches=[s[0] for s in layer_outs],
+                decode_sum=state.decode_sum + jnp.where(active[:, None, None], density, 0.0),
+                decode_count=state.decode_count + active,
             )
 
-        tokens = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
-        init = (
-            jnp.int32(1),
-            tokens,
-            jnp.isin(first, stop_ids),
-            jnp.ones((b,), jnp.int32),
-            caches,
-            jnp.zeros((b, num_layers, num_heads), jnp.float32),
-            jnp.zeros((b,), jnp.int32),
-        )
-        step, tokens, _, n_out, caches, decode_sum, decode_count = jax.lax.while_loop(cond, body, init)
-        return caches, tokens, n_out, step, decode_sum, decode_count
+        init = DecodeState.start(caches, first, stop_ids, max_new_tokens=max_new_tokens,
+                                 num_layers=num_layers, num_heads=num_heads)
+        return jax.lax.while_loop(cond, body, init)
 
 
 def _cache_updates(method: AttentionMethod):

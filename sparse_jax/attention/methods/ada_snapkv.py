@@ -26,7 +26,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.attention.base import KeptTokens, LayerSpec
+from sparse_jax.attention.base import LayerSpec
+from sparse_jax.attention.kv_cache import KeptTokens
 from sparse_jax.attention.methods.eviction import Reduction, kept_tokens
 from sparse_jax.attention.methods.snapkv import EvictionMethod
 from sparse_jax.attention.registry import register

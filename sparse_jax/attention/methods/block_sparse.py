@@ -147,7 +147,7 @@ class BlockSparse(AttentionMethod):
             return super().prefill(q, k, v, lengths=lengths, layer=layer)
         top_chunks, k_max = self.top_chunks_for(lengths, q.shape[1])
         index = block_sparse_index(q, k, lengths, top_chunks, block_size=self.chunk_size, max_chunks=k_max)
-        out = block_sparse_attention(q, k, v, index, scale=layer.scale)
+        out = block_sparse_attention(q, k, v, index, scale=layer.scale, implementation=self.implementation)
         h = q.shape[2]
         reported_k = top_chunks if self.sparsity is not None else jnp.full(lengths.shape, self.top_chunks)
         reported = budgets.block_sparse_reported_sparsity(-(-lengths // self.chunk_size), reported_k, jnp)

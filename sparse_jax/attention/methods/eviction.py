@@ -15,7 +15,7 @@ import enum
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.attention.base import KeptTokens
+from sparse_jax.attention.kv_cache import KeptTokens
 from sparse_jax.attention.methods.budgets import check_positive
 from sparse_jax.attention.methods.scoring import (
     NEG_INF,

@@ -140,4 +140,4 @@ class FlexPrefill(AttentionMethod):
             max_budget=max_budget,
             scale=layer.scale,
         )
-        return attend(q, k, v, index, lengths=lengths, scale=layer.scale)
+        return attend(q, k, v, index, lengths=lengths, scale=layer.scale, implementation=self.implementation)

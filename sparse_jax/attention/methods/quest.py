@@ -15,24 +15,25 @@ Differences from the reference, by design:
 
 Prefill is dense; its ``reported_sparsity`` is the reference's ``1 - token_budget / L``
 (negative when ``L < token_budget``), a statement about later decode reads.
+
+The page size belongs to the engine's cache (``EngineConfig.page_size``): decode reads it
+from the cache, prefill from ``LayerSpec.page_size``. An explicit ``page_size`` is kept for
+old configs and must agree with the cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_decode import DecodeConfig, paged_decode_attention, quest_select
-from pallas_kernels.paged_decode.quest import page_upper_bounds, select_pages
-from sparse_jax.attention.base import AttentionMethod, DecodeStats, LayerSpec
+from pallas_kernels.paged_decode import DecodeConfig, paged_decode_attention, quest_page_table
+from sparse_jax.attention.base import AttentionMethod, LayerSpec
+from sparse_jax.attention.kv_cache import DecodeStats, PagedKVCache
 from sparse_jax.attention.methods import budgets
 from sparse_jax.attention.registry import register
-
-if TYPE_CHECKING:  # The engine imports the methods; avoid the cycle at run time.
-    from sparse_jax.engine.kv_cache import PagedKVCache
 
 
 @register
@@ -42,8 +43,9 @@ class Quest(AttentionMethod):
 
     Attributes:
       token_budget: tokens read per decode step besides the current page's
-        (a multiple of ``page_size``).
-      page_size: tokens per page; must equal the cache's page size.
+        (a multiple of the page size).
+      page_size: ``None`` (the default) takes the cache's page size; a number must equal
+        it (kept so that configs that name it keep working).
       share_pages: one selection per KV head (group scores summed) instead of one per
         query head.
       sparsity: if set, replaces ``token_budget`` at every step by
@@ -53,69 +55,89 @@ class Quest(AttentionMethod):
 
     name: ClassVar[str] = "quest"
     token_budget: int = 1024
-    page_size: int = 16
+    page_size: int | None = None
     share_pages: bool = True
     sparsity: float | None = None
 
     def __post_init__(self):
-        budgets.check_positive(self.name, token_budget=self.token_budget, page_size=self.page_size)
-        if self.token_budget % self.page_size:
-            raise ValueError(
-                f"quest: token_budget={self.token_budget} must be a multiple of page_size={self.page_size}; "
-                f"use e.g. {self.token_budget // self.page_size * self.page_size or self.page_size}."
-            )
+        budgets.check_positive(self.name, token_budget=self.token_budget)
+        if self.page_size is not None:
+            budgets.check_positive(self.name, page_size=self.page_size)
+            self.check_budget(self.page_size)
         budgets.check_sparsity(self.sparsity, self.name)
 
-    def budget_tokens(self, n: jax.Array) -> jax.Array:
-        """Tokens read (besides the current page) with ``n`` tokens cached."""
+    def check_budget(self, page_size: int) -> None:
+        """``token_budget`` must be whole pages of ``page_size`` tokens."""
+        if self.token_budget % page_size:
+            raise ValueError(
+                f"quest: token_budget={self.token_budget} must be a multiple of page_size={page_size}; "
+                f"use e.g. {self.token_budget // page_size * page_size or page_size}."
+            )
+
+    def cache_page_size(self, page_size: int | None) -> int:
+        """The page size to work with, given the cache's (``None``: not known here)."""
+        if page_size is None:
+            if self.page_size is None:
+                raise ValueError(
+                    "quest: the page size is unknown outside the engine; pass a LayerSpec with page_size "
+                    "(the engine's cache page size) or set quest page_size"
+                )
+            return self.page_size
+        if self.page_size is not None and self.page_size != page_size:
+            raise ValueError(
+                f"quest: page_size={self.page_size} but the cache has pages of {page_size} tokens; "
+                f"drop quest's page_size (the engine's EngineConfig.page_size owns it) or set it to {page_size}."
+            )
+        self.check_budget(page_size)
+        return page_size
+
+    def budget_tokens(self, n: jax.Array, page_size: int | None) -> jax.Array:
+        """Tokens read (besides the current page) with ``n`` tokens cached in pages of
+        ``page_size`` (needed only with ``sparsity``)."""
         if self.sparsity is None:
             return jnp.full(n.shape, self.token_budget, jnp.int32)
-        return budgets.token_budget(n, self.sparsity, self.page_size, jnp)
+        return budgets.token_budget(n, self.sparsity, page_size, jnp)
 
     def dense_prefill_reported_sparsity(self, lengths: jax.Array, num_heads: int, layer: LayerSpec) -> jax.Array:
         """The reference's ``1 - token_budget / L``: a prefill-time statement about decode reads."""
         if layer.sliding_window is not None:
             return super().dense_prefill_reported_sparsity(lengths, num_heads, layer)
-        reported = 1.0 - self.budget_tokens(lengths).astype(jnp.float32) / lengths.astype(jnp.float32)
+        page_size = None if self.sparsity is None else self.cache_page_size(layer.page_size)
+        budget = self.budget_tokens(lengths, page_size).astype(jnp.float32)
+        reported = 1.0 - budget / lengths.astype(jnp.float32)
         return jnp.broadcast_to(reported[:, None], (lengths.shape[0], num_heads))
 
     def decode(self, q: jax.Array, cache: PagedKVCache, *, layer: LayerSpec) -> tuple[jax.Array, DecodeStats]:
         if layer.sliding_window is not None:
-            return cache.dense_decode(q, scale=layer.scale, sliding_window=layer.sliding_window)
-        if cache.page_size != self.page_size:
-            raise ValueError(
-                f"quest: page_size={self.page_size} but the cache has pages of {cache.page_size} tokens; "
-                "build the cache with the method's page_size (or set quest page_size to match)."
-            )
+            return super().decode(q, cache, layer=layer)
+        page_size = self.cache_page_size(cache.page_size)
         h = q.shape[1]
         g = cache.num_kv_heads
         rows = g if self.share_pages else h
         n = jnp.repeat(cache.lengths, rows // g, axis=1)
         if self.sparsity is None:
-            max_pages = self.token_budget // self.page_size
+            max_pages = self.token_budget // page_size
         else:
-            capacity = cache.page_table.shape[2] * self.page_size
-            max_pages = int(budgets.token_budget(capacity, self.sparsity, self.page_size)) // self.page_size
+            capacity = cache.page_table.shape[2] * page_size
+            max_pages = int(budgets.token_budget(capacity, self.sparsity, page_size)) // page_size
         max_pages = max(max_pages, 1)
-        selection = dict(
-            page_size=self.page_size,
-            token_budget=max_pages * self.page_size,
-            budget_pages=self.budget_tokens(n) // self.page_size,
+        # The selection leaves room for the decode kernel's page blocks after the selected
+        # pages, so the decode reads its table in place (one kernel less per step; H100
+        # timings in experiments/results/decode_kernels_h100.md).
+        table, row_lengths = quest_page_table(
+            q, cache.k_min, cache.k_max, cache.page_table, cache.lengths, page_size=page_size,
+            token_budget=max_pages * page_size, share_pages=self.share_pages,
+            budget_pages=self.budget_tokens(n, page_size) // page_size, spare_columns=DecodeConfig.pages_per_block,
+            implementation=self.implementation,
         )
-        # On GPUs the Pallas scoring and selection kernels replace XLA's scoring and top-k
-        # (same pages; H100 timings in experiments/results/decode_kernels_h100.md).
-        # The selection kernel leaves room for the decode kernel's page blocks after the
-        # selected pages, so the decode reads its table in place (one kernel less per step).
-        if jax.default_backend() == "gpu":
-            table, row_lengths = quest_select.quest_page_table(
-                q, cache.k_min, cache.k_max, cache.page_table, cache.lengths, share_pages=self.share_pages,
-                spare_columns=DecodeConfig.pages_per_block, **selection
-            )
-        else:
-            scores = page_upper_bounds(q, cache.k_min, cache.k_max, cache.page_table, share_pages=self.share_pages)
-            table, row_lengths = select_pages(scores, cache.page_table, cache.lengths, **selection)
         out = paged_decode_attention(q, cache.k_pages, cache.v_pages, table, row_lengths, scale=layer.scale,
-                                     max_row_pages=max_pages + 1)
+                                     max_row_pages=max_pages + 1, implementation=self.implementation)
         read = jnp.repeat(row_lengths, h // rows, axis=1).astype(jnp.float32)
         cached = jnp.broadcast_to(cache.seq_lengths[:, None], read.shape).astype(jnp.float32)
         return out, DecodeStats(tokens_read=read, tokens_cached=cached)
+
+    def describe(self) -> dict:
+        described = super().describe()
+        if self.page_size is None:  # the engine's; not a hyper-parameter of this run's method
+            del described["page_size"]
+        return described

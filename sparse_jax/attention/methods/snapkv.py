@@ -22,7 +22,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.attention.base import AttentionMethod, KeptTokens, LayerSpec
+from sparse_jax.attention.base import AttentionMethod, LayerSpec
+from sparse_jax.attention.kv_cache import KeptTokens
 from sparse_jax.attention.methods import budgets
 from sparse_jax.attention.methods.eviction import Reduction, check_eviction_args, kept_tokens, token_importance
 from sparse_jax.attention.methods.scoring import top_k_valid

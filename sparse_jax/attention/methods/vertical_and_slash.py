@@ -142,4 +142,4 @@ class VerticalAndSlash(AttentionMethod):
             max_slashes=ns_max,
             scale=layer.scale,
         )
-        return attend(q, k, v, index, lengths=lengths, scale=layer.scale)
+        return attend(q, k, v, index, lengths=lengths, scale=layer.scale, implementation=self.implementation)

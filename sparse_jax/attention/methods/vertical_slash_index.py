@@ -87,14 +87,23 @@ def index_from_scores(
 
 
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashIndex, *, lengths: jax.Array, scale: float
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    index: VerticalSlashIndex,
+    *,
+    lengths: jax.Array,
+    scale: float,
+    implementation: str | None = None,
 ) -> tuple[jax.Array, PrefillStats]:
     """Attention restricted to ``index`` plus its exact and reported statistics.
+
+    ``implementation`` as :func:`pallas_kernels.vertical_slash.vertical_slash_attention`.
 
     Returns:
       ``out [B, T, H, d]`` and :class:`PrefillStats` (see :func:`index_stats`).
     """
-    out = vertical_slash_attention(q, k, v, index, scale=scale)
+    out = vertical_slash_attention(q, k, v, index, scale=scale, implementation=implementation)
     attended, reported = index_stats(index, lengths)
     return out, PrefillStats(attended, causal_pair_count(lengths), reported)
 

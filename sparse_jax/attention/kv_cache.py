@@ -19,16 +19,50 @@ P pages per row):
 The engine allocates each row a contiguous run of ``P`` pages (row ``b`` of every KV
 head owns pages ``b * P .. b * P + P - 1`` of that head's pool), but every read and
 write goes through ``page_table``, so methods and kernels may rely only on the table.
+
+This module sits below the attention methods (:mod:`sparse_jax.attention.base` imports
+it, the engine allocates it): it holds the cache, the tokens an eviction keeps
+(:class:`KeptTokens`) and what a decode read (:class:`DecodeStats`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.paged_decode import paged_decode_attention
-from sparse_jax.attention.base import DecodeStats, KeptTokens
+
+
+class DecodeStats(NamedTuple):
+    """Tokens read by one decode step, per sequence and query head.
+
+    Attributes:
+      tokens_read: ``[B, H]`` float32, cached tokens whose keys were scored.
+      tokens_cached: ``[B, H]`` float32, tokens the full (uncompressed) cache of this
+        sequence would hold at this step: the dense read count.
+    """
+
+    tokens_read: jax.Array
+    tokens_cached: jax.Array
+
+
+class KeptTokens(NamedTuple):
+    """Token indices kept in the cache after KV eviction (SnapKV-style compression).
+
+    Attributes:
+      indices: ``[B, G, capacity]`` int32 prompt positions kept per KV head, ascending;
+        entries at and past ``counts`` are padding and never read.
+      counts: ``[B, G]`` int32, tokens kept per KV head (may differ between heads).
+      reported_sparsity: ``[B]`` float32, the reference's per-layer figure
+        (``1 - kept / L``) for this compression.
+    """
+
+    indices: jax.Array
+    counts: jax.Array
+    reported_sparsity: jax.Array
 
 
 def pages_for(tokens: int, page_size: int) -> int:
@@ -38,6 +72,8 @@ def pages_for(tokens: int, page_size: int) -> int:
 
 @flax.struct.dataclass
 class PagedKVCache:
+    """One layer's paged KV cache (layout in the module docstring); the page size is its own."""
+
     k_pages: jax.Array
     v_pages: jax.Array
     k_min: jax.Array
@@ -187,11 +223,13 @@ class PagedKVCache:
         return self.k_pages.shape[0]
 
     def dense_decode(
-        self, q: jax.Array, *, scale: float, sliding_window: int | None = None
+        self, q: jax.Array, *, scale: float, sliding_window: int | None = None, implementation: str | None = None
     ) -> tuple[jax.Array, DecodeStats]:
-        """Attend ``q [B, H, d]`` to every valid cached token of its KV head."""
+        """Attend ``q [B, H, d]`` to every valid cached token of its KV head (``implementation``
+        as :func:`pallas_kernels.paged_decode.paged_decode_attention`)."""
         out = paged_decode_attention(
-            q, self.k_pages, self.v_pages, self.page_table, self.lengths, scale=scale, sliding_window=sliding_window
+            q, self.k_pages, self.v_pages, self.page_table, self.lengths, scale=scale, sliding_window=sliding_window,
+            implementation=implementation,
         )
         group = q.shape[1] // self.num_kv_heads
         read = jnp.repeat(self.lengths, group, axis=1).astype(jnp.float32)
