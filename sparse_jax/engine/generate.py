@@ -16,7 +16,9 @@ Per batch of prompts (unequal lengths, right-padded to a length bucket):
 
 Sparsity statistics are real attended fractions per (sample, layer, query head):
 prefill = computed causal pairs / all causal pairs; decode = cached tokens read / tokens
-a full cache would hold, averaged over the steps the sample actually decoded.
+a full cache would hold, averaged over the steps the sample actually decoded. The raw
+counts behind them are kept too, for the combined figure of the whole generation
+(docs/budgets.md).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from sparse_jax.attention.accounting import PhaseCounts, combined_sparsity
 from sparse_jax.attention.base import AttentionMethod
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.buckets import bucket_length, group_by_bucket
@@ -118,11 +121,21 @@ class SparsityStats:
         the sample's decode steps (NaN when it decoded none).
       reported_sparsity: the reference's single figure (REFERENCE.md section 4.0): mean
         over layers of the method's per-layer ``reported_sparsity``.
+      prefill_counts: ``[layers, H]`` computed and dense causal pairs.
+      decode_counts: ``[layers, H]`` cached tokens read and full-cache tokens, summed over
+        the sample's decode steps (zeros when it decoded none).
     """
 
     prefill_density: np.ndarray
     decode_density: np.ndarray
     reported_sparsity: float
+    prefill_counts: PhaseCounts | None = None
+    decode_counts: PhaseCounts | None = None
+
+    @property
+    def combined_sparsity(self) -> float:
+        """Skipped share of all (query, key) pairs of the generation, prefill and decode pooled."""
+        return combined_sparsity(self.prefill_counts, self.decode_counts)
 
     @property
     def prefill_sparsity(self) -> float:
@@ -345,7 +358,7 @@ class Engine:
         prefill_key, decode_key = jax.random.split(rng)
 
         compile_s = prefill_s = 0.0
-        firsts, densities, reported = [], [], []
+        firsts, densities, reported, prefill_counts = [], [], [], []
         for start in range(0, b, rows):
             stop = min(start + rows, b)
             args = (
@@ -359,14 +372,16 @@ class Engine:
             fn, seconds = self._compile(("prefill", stop - start, bucket, pages_per_row, b), self._prefill_fn, args)
             compile_s += seconds
             t0 = time.perf_counter()
-            caches, first, density, rep = jax.block_until_ready(fn(*args))
+            caches, first, density, rep, counts = jax.block_until_ready(fn(*args))
             prefill_s += time.perf_counter() - t0
             firsts.append(first)
             densities.append(density)
             reported.append(rep)
+            prefill_counts.append(counts)
         first = jnp.concatenate(firsts)
         prefill_density = np.asarray(jnp.concatenate(densities))  # [B, L, H]
         reported_sparsity = np.asarray(jnp.concatenate(reported)).mean(axis=1)  # [B]
+        prefill_counts = PhaseCounts(*(np.concatenate(c) for c in zip(*prefill_counts)))  # [B, L, H] each
 
         decode_s, steps = 0.0, 0
         if max_new_tokens > 1:
@@ -387,7 +402,8 @@ class Engine:
             t0 = time.perf_counter()
             out = jax.block_until_ready(fn(*args))
             decode_s = time.perf_counter() - t0
-            caches, out_tokens, n_out, loop_end, decode_sum, decode_count = out
+            caches, out_tokens, n_out, loop_end, decode_sum, decode_count, decode_counts = out
+            decode_counts = PhaseCounts(*map(np.asarray, decode_counts))  # [B, L, H] each
             steps = int(loop_end) - 1
             out_tokens, n_out = np.asarray(out_tokens), np.asarray(n_out)
             decode_density = np.asarray(decode_sum) / np.maximum(np.asarray(decode_count), 1)[:, None, None]
@@ -395,6 +411,7 @@ class Engine:
         else:
             out_tokens, n_out = np.asarray(first)[:, None], np.ones(b, np.int32)
             decode_density = np.full_like(prefill_density, np.nan)
+            decode_counts = PhaseCounts(np.zeros_like(prefill_density), np.zeros_like(prefill_density))
         del caches
 
         timing = BatchTiming(b, bucket, compile_s, prefill_s, decode_s, steps)
@@ -410,7 +427,13 @@ class Engine:
                     stopped=bool(ids) and ids[-1] in stop_set,
                     prompt_length=int(lengths[i]),
                     timing=timing,
-                    sparsity=SparsityStats(prefill_density[i], decode_density[i], float(reported_sparsity[i])),
+                    sparsity=SparsityStats(
+                        prefill_density[i],
+                        decode_density[i],
+                        float(reported_sparsity[i]),
+                        PhaseCounts(*(c[i] for c in prefill_counts)),
+                        PhaseCounts(*(c[i] for c in decode_counts)),
+                    ),
                 )
             )
         return results
@@ -433,7 +456,8 @@ class Engine:
           tokens: ``[b, T]`` int32 right-padded prompts; lengths: ``[b]`` int32.
 
         Returns:
-          ``(caches, first_tokens [b], prefill_density [b, L, H], reported_sparsity [b, L])``.
+          ``(caches, first_tokens [b], prefill_density [b, L, H], reported_sparsity [b, L],
+          PhaseCounts [b, L, H])``.
         """
         model = nnx.merge(self.graphdef, params)
         b, t = tokens.shape
@@ -446,7 +470,8 @@ class Engine:
             cache = write(cache, k, v, lengths, row_start=row_start, kept=kept)
             density = stats.attended_pairs / stats.causal_pairs[:, None]
             reported = stats.reported_sparsity.mean(axis=1) if kept is None else kept.reported_sparsity
-            return out, (cache, density, reported)
+            counts = PhaseCounts(stats.attended_pairs, jnp.broadcast_to(stats.causal_pairs[:, None], density.shape))
+            return out, (cache, density, reported, counts)
 
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         logits, states = model(tokens, positions, attend=attend, layer_states=caches, logits_at=lengths - 1)
@@ -454,7 +479,8 @@ class Engine:
         caches = [s[0] for s in states]
         density = jnp.stack([s[1] for s in states], axis=1)
         reported = jnp.stack([s[2] for s in states], axis=1)
-        return caches, first, density, reported
+        counts = jax.tree.map(lambda *per_layer: jnp.stack(per_layer, axis=1), *[s[3] for s in states])
+        return caches, first, density, reported, counts
 
     def _decode_fn(self, params, caches, first, prompt_lengths, stop_ids, key, *, max_new_tokens):
         """The decode loop.
@@ -466,8 +492,9 @@ class Engine:
 
         Returns:
           ``(caches, tokens [B, max_new_tokens], n_out [B], loop_end, decode_sum [B, L, H],
-          decode_count [B])``; ``tokens[b, :n_out[b]]`` are sample ``b``'s outputs and the
-          loop ran ``loop_end - 1`` decode steps.
+          decode_count [B], PhaseCounts [B, L, H])``; ``tokens[b, :n_out[b]]`` are sample
+          ``b``'s outputs and the loop ran ``loop_end - 1`` decode steps; the counts are the
+          tokens read and cached summed over each sample's steps.
         """
         model = nnx.merge(self.graphdef, params)
         method, sampling = self.method, self.config.sampling
@@ -478,14 +505,14 @@ class Engine:
         def attend(layer, q, k, v, cache):
             cache = append(cache, k[:, 0], v[:, 0])
             out, stats = method.decode(q[:, 0], cache, layer=layer)
-            return out[:, None], (cache, stats.tokens_read / stats.tokens_cached)
+            return out[:, None], (cache, stats.tokens_read / stats.tokens_cached, PhaseCounts(*stats))
 
         def cond(carry):
             step, _, done, *_ = carry
             return (step < max_new_tokens) & ~jnp.all(done)
 
         def body(carry):
-            step, tokens, done, n_out, caches, decode_sum, decode_count = carry
+            step, tokens, done, n_out, caches, decode_sum, decode_count, counts = carry
             fed = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1)  # [B, 1]
             positions = (prompt_lengths + step - 1)[:, None]
             logits, states = model(
@@ -494,6 +521,8 @@ class Engine:
             active = ~done
             density = jnp.stack([s[1] for s in states], axis=1)  # [B, L, H]
             decode_sum = decode_sum + jnp.where(active[:, None, None], density, 0.0)
+            step_counts = jax.tree.map(lambda *per_layer: jnp.stack(per_layer, axis=1), *[s[2] for s in states])
+            counts = jax.tree.map(lambda total, c: total + jnp.where(active[:, None, None], c, 0.0), counts, step_counts)
             nxt = jnp.where(active, sample_tokens(logits, jax.random.fold_in(key, step), sampling), 0)
             tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, step, axis=1)
             done = done | (active & jnp.isin(nxt, stop_ids))
@@ -505,6 +534,7 @@ class Engine:
                 [s[0] for s in states],
                 decode_sum,
                 decode_count + active,
+                counts,
             )
 
         tokens = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
@@ -516,9 +546,10 @@ class Engine:
             caches,
             jnp.zeros((b, num_layers, num_heads), jnp.float32),
             jnp.zeros((b,), jnp.int32),
+            PhaseCounts(*[jnp.zeros((b, num_layers, num_heads), jnp.float32)] * 2),
         )
-        step, tokens, _, n_out, caches, decode_sum, decode_count = jax.lax.while_loop(cond, body, init)
-        return caches, tokens, n_out, step, decode_sum, decode_count
+        step, tokens, _, n_out, caches, decode_sum, decode_count, counts = jax.lax.while_loop(cond, body, init)
+        return caches, tokens, n_out, step, decode_sum, decode_count, counts
 
 
 def _cache_updates(method: AttentionMethod):
