@@ -9,19 +9,18 @@ from pallas_kernels.block_sparse.reference import index_to_mask as block_mask
 from pallas_kernels.vertical_slash.reference import index_to_mask as vertical_slash_mask
 from sparse_jax.attention.accounting import PhaseCounts, combined_sparsity, phase_sparsity
 from sparse_jax.attention.base import AttentionMethod, LayerSpec
-from sparse_jax.attention.composed import ComposedMethod, DenseLayers, Phase, method_phase
+from sparse_jax.attention.composed import ComposedMethod, DenseLayers, Phase, method_phase, phase_targets
 from sparse_jax.attention.methods.block_sparse import block_sparse_index
 from sparse_jax.attention.methods.vertical_and_slash import vertical_and_slash_index
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.generate import Engine, EngineConfig
-from sparse_jax.engine.kv_cache import PagedKVCache, pages_for
+from tests.test_budgets import (
+    B, G, H, LENGTHS, SCALE, SNAP, STEPS, T, causal_mask_pairs, empty_cache, layer_inputs, one_layer_generation,
+    quest_reads,
+)
 from tests.test_engine_generate import random_prompts, tiny_model
+from tests.test_pipeline_common import REPO
 
-B, T, H, G, D, S = 2, 128, 4, 2, 16, 16
-LENGTHS = np.array([128, 100])
-STEPS = 5
-SCALE = D**-0.5
-SNAP = dict(token_capacity=48, approximation_window=32, kernel_size=5, local_window=16, prefix_tokens=4)
 
 
 # --- names, phases and errors -----------------------------------------------------
@@ -171,14 +170,6 @@ def test_dense_leading_layers_count_as_dense_in_the_achieved_sparsity(model):
 # --- dense_layers with a static or a traced layer index --------------------------------
 
 
-def _inputs(seed=0):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32)
-    k = jax.random.normal(ks[1], (B, T, G, D), jnp.float32).at[:, 20:26, 0].multiply(6.0)
-    v = jax.random.normal(ks[2], (B, T, G, D), jnp.float32)
-    return q, k, v
-
-
 def _hooks(method, index, q, k, v, lengths):
     """Prefill, compress and one decode step of one layer, jitted with ``index`` static or traced."""
 
@@ -186,18 +177,13 @@ def _hooks(method, index, q, k, v, lengths):
         layer = LayerSpec(index=index, scale=SCALE)
         out, stats = method.prefill(q, k, v, lengths=lengths, layer=layer)
         kept = method.compress(q, k, v, lengths=lengths, layer=layer)
-        cache = _cache().write_prompt(k, v, lengths, kept=kept).append(k[:, 0] * 2.0, v[:, 0])
+        cache = empty_cache().write_prompt(k, v, lengths, kept=kept).append(k[:, 0] * 2.0, v[:, 0])
         dec, dstats = method.decode(q[:, -1], cache, layer=layer)
         return out, stats, kept, dec, dstats
 
     if isinstance(index, int):
         return jax.jit(lambda: run(index))()
     return jax.jit(run)(index)
-
-
-def _cache():
-    return PagedKVCache.allocate(batch=B, num_kv_heads=G, head_dim=D, pages_per_row=pages_for(T + STEPS, S),
-                                 page_size=S, dtype=jnp.float32)
 
 
 def _kept_sets(kept, b, g):
@@ -207,7 +193,7 @@ def _kept_sets(kept, b, g):
 @pytest.mark.parametrize("name, kwargs", [("block_sparse+snapkv", dict(prefill=dict(top_chunks=3), decode=SNAP)),
                                           ("dense+quest", dict(decode=dict(token_budget=32)))])
 def test_dense_layers_agree_with_a_traced_layer_index(name, kwargs):
-    q, k, v = _inputs()
+    q, k, v = layer_inputs()
     lengths = jnp.asarray(LENGTHS)
     wrapped = get_method(name, dense_layers=1, **kwargs)
     for index, same_as in ((0, AttentionMethod()), (1, get_method(name, **kwargs))):
@@ -227,45 +213,15 @@ def test_dense_layers_agree_with_a_traced_layer_index(name, kwargs):
 # --- the combined figure against an independent count from the indices ----------------
 
 
-def _simulate(method, q, k, v, lengths):
-    """One layer's prefill, eviction and ``STEPS`` decode steps; the per-phase counts from the method's stats."""
-    layer = LayerSpec(index=0, scale=SCALE)
-    _, stats = method.prefill(q, k, v, lengths=lengths, layer=layer)
-    kept = method.compress(q, k, v, lengths=lengths, layer=layer)
-    cache = _cache().write_prompt(k, v, lengths, kept=kept)
-    decode = jax.jit(lambda q, cache: method.decode(q, cache, layer=layer))
-    read = cached = 0.0
-    for step in range(STEPS):
-        cache = cache.append(k[:, step] + 1.0, v[:, step])
-        _, dstats = decode(q[:, step], cache)
-        read, cached = read + np.asarray(dstats.tokens_read), cached + np.asarray(dstats.tokens_cached)
-    prefill = PhaseCounts(np.asarray(stats.attended_pairs), np.broadcast_to(np.asarray(stats.causal_pairs)[:, None],
-                                                                             (B, H)))
-    return prefill, PhaseCounts(read, cached), kept
-
-
-def _causal_mask_pairs(mask):
-    """``[B, H]`` causal pairs inside each row's real prompt of a ``[B, H, T, T]`` mask."""
-    mask = np.asarray(mask)
-    live = np.tril(np.ones((T, T), bool))
-    return np.stack([(mask[b, :, :n, :n] & live[:n, :n]).sum((-1, -2)) for b, n in enumerate(LENGTHS)])
-
-
-def _quest_reads(n, budget):
-    """Documented Quest read count with ``n`` tokens cached (docs/budgets.md): best pages plus the current one."""
-    complete = (n - 1) // S
-    return min(budget // S, complete) * S + (n - complete * S)
-
-
 def test_combined_sparsity_of_block_sparse_plus_quest_equals_a_count_from_the_indices():
-    q, k, v = _inputs(1)
+    q, k, v = layer_inputs(1)
     lengths = jnp.asarray(LENGTHS)
     method = get_method("block_sparse+quest", prefill=dict(top_chunks=3), decode=dict(token_budget=32))
-    prefill, decode, _ = _simulate(method, q, k, v, lengths)
+    prefill, decode, _ = one_layer_generation(method, q, k, v)
     top, k_max = method.prefill_part.top_chunks_for(lengths, T)
     index = block_sparse_index(q, k, lengths, top, block_size=16, max_chunks=k_max)
-    attended = _causal_mask_pairs(block_mask(index, T)).sum() + H * sum(
-        _quest_reads(n + s, 32) for n in LENGTHS for s in range(1, STEPS + 1)
+    attended = causal_mask_pairs(block_mask(index, T)).sum() + H * sum(
+        quest_reads(n + s, 32) for n in LENGTHS for s in range(1, STEPS + 1)
     )
     dense = H * sum(n * (n + 1) / 2 + sum(n + s for s in range(1, STEPS + 1)) for n in LENGTHS)
     assert combined_sparsity(prefill, decode) == pytest.approx(1 - attended / dense, abs=1e-12)
@@ -275,18 +231,18 @@ def test_combined_sparsity_of_block_sparse_plus_quest_equals_a_count_from_the_in
 
 
 def test_combined_sparsity_of_vertical_and_slash_plus_snapkv_equals_a_count_from_the_indices():
-    q, k, v = _inputs(2)
+    q, k, v = layer_inputs(2)
     lengths = jnp.asarray(LENGTHS)
     method = get_method("vertical_and_slash+snapkv", prefill=dict(approximation_size=32), prefill_sparsity=0.6,
                         decode=SNAP)
-    prefill, decode, kept = _simulate(method, q, k, v, lengths)
+    prefill, decode, kept = one_layer_generation(method, q, k, v)
     part = method.prefill_part
     nv, ns, nv_max, ns_max = part.budgets_for(lengths, T)
     index = vertical_and_slash_index(q, k, lengths, nv, ns, approximation_size=32, max_verticals=nv_max,
                                      max_slashes=ns_max, scale=SCALE)
     kept_per_head = np.repeat(np.asarray(kept.counts), H // G, axis=1)  # [B, H]
     decode_reads = sum((kept_per_head + s).sum() for s in range(1, STEPS + 1))
-    attended = _causal_mask_pairs(vertical_slash_mask(index, T)).sum() + decode_reads
+    attended = causal_mask_pairs(vertical_slash_mask(index, T)).sum() + decode_reads
     dense = H * sum(n * (n + 1) / 2 + sum(n + s for s in range(1, STEPS + 1)) for n in LENGTHS)
     assert combined_sparsity(prefill, decode) == pytest.approx(1 - attended / dense, abs=1e-12)
     np.testing.assert_array_equal(np.asarray(kept.counts), 48)
@@ -299,3 +255,36 @@ def test_combined_sparsity_pools_pairs_not_ratios():
     assert combined_sparsity(prefill, decode) == pytest.approx(1 - 140 / 300)
     assert combined_sparsity(prefill, None) == phase_sparsity(prefill)
     assert np.isnan(phase_sparsity(PhaseCounts(np.zeros(2), np.zeros(2))))
+
+
+# --- gin and the command line -----------------------------------------------------------
+
+
+def test_composition_sweeps_expand_to_buildable_methods(monkeypatch):
+    from sparse_jax.pipeline.sweep import expand
+
+    monkeypatch.chdir(REPO)  # gin include paths are relative to the current folder
+    runs = expand("configs/sweeps/composition.gin")
+    assert len(runs) == 36 and len({r.label() for r in runs}) == 36
+    targets = set()
+    for cfg in runs:
+        method = get_method(cfg.method, **cfg.method_kwargs())
+        assert isinstance(method, ComposedMethod) and method.name == cfg.method and cfg.samples == 40
+        targets.add(tuple(phase_targets(method).values()))
+    assert targets == {(0.5, 0.5), (0.5, 0.9), (0.9, 0.5), (0.9, 0.9)}
+    assert len(expand("configs/sweeps/composition_baselines.gin")) == 13
+
+
+def test_experiment_config_composes_with_a_shared_target_and_rejects_bad_pairs():
+    from sparse_jax.pipeline.errors import ConfigError
+    from sparse_jax.pipeline.experiment import ExperimentConfig
+    from sparse_jax.pipeline.runner import check_config
+
+    cfg = ExperimentConfig(method="flexprefill+quest", method_args={"decode_sparsity": 0.9, "dense_layers": 1},
+                           sparsity=0.5)
+    method = get_method(cfg.method, **cfg.method_kwargs())
+    assert phase_targets(method) == {"prefill": 0.5, "decode": 0.9}
+    assert method.describe()["dense_layers"] == 1
+    assert phase_targets(get_method("quest", sparsity=0.8)) == {"prefill": None, "decode": 0.8}
+    with pytest.raises(ConfigError, match="ExperimentConfig.method='snapkv\\+quest'.*Valid compositions"):
+        check_config(ExperimentConfig(method="snapkv+quest"), task_args=False)

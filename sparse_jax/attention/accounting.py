@@ -38,18 +38,22 @@ def phase_sparsity(counts: PhaseCounts) -> float:
     return float(1.0 - np.asarray(counts.attended, np.float64).sum() / dense)
 
 
-def combined_sparsity(prefill: PhaseCounts, decode: PhaseCounts | None) -> float:
-    """Skipped share of all (query, key) pairs of a generation: both phases pooled.
+def generation_totals(prefill: PhaseCounts, decode: PhaseCounts | None) -> PhaseCounts:
+    """Scalar ``(attended, dense)`` over every layer, head and both phases of a generation.
 
     Args:
       prefill: the prompt's pair counts.
       decode: the decode-read counts summed over steps, or ``None`` when the sample
-        decoded no step (then this is the prefill figure).
+        decoded no step.
     """
     phases = [prefill] if decode is None else [prefill, decode]
-    return phase_sparsity(
-        PhaseCounts(
-            attended=np.asarray([np.asarray(p.attended, np.float64).sum() for p in phases]),
-            dense=np.asarray([np.asarray(p.dense, np.float64).sum() for p in phases]),
-        )
+    return PhaseCounts(
+        attended=np.float64(sum(np.asarray(p.attended, np.float64).sum() for p in phases)),
+        dense=np.float64(sum(np.asarray(p.dense, np.float64).sum() for p in phases)),
     )
+
+
+def combined_sparsity(prefill: PhaseCounts, decode: PhaseCounts | None) -> float:
+    """Skipped share of all (query, key) pairs of a generation, both phases pooled
+    (:func:`generation_totals`); the prefill figure when no step was decoded."""
+    return phase_sparsity(generation_totals(prefill, decode))

@@ -211,3 +211,22 @@ def prefill_source(method: AttentionMethod) -> AttentionMethod:
 def with_dense_layers(method: AttentionMethod, dense_layers: int) -> AttentionMethod:
     """``method`` with its first ``dense_layers`` layers dense; unchanged for 0."""
     return DenseLayers(method, dense_layers) if dense_layers else method
+
+
+def phase_targets(method: AttentionMethod) -> dict[str, float | None]:
+    """Target sparsity of each phase, ``{"prefill": s, "decode": s}``.
+
+    ``None`` where the phase runs densely or on a raw budget. A single method's target
+    belongs to the phase its hooks serve (:func:`method_phase`).
+    """
+    if isinstance(method, DenseLayers):
+        method = method.inner
+    if isinstance(method, ComposedMethod):
+        parts = {"prefill": method.prefill_part, "decode": method.decode_part}
+    else:
+        phase = method_phase(type(method))
+        parts = {
+            "prefill": method if phase in (Phase.PREFILL, Phase.BOTH) else None,
+            "decode": method if phase in (Phase.DECODE, Phase.BOTH) else None,
+        }
+    return {name: getattr(part, "sparsity", None) for name, part in parts.items()}

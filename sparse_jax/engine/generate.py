@@ -129,8 +129,8 @@ class SparsityStats:
     prefill_density: np.ndarray
     decode_density: np.ndarray
     reported_sparsity: float
-    prefill_counts: PhaseCounts | None = None
-    decode_counts: PhaseCounts | None = None
+    prefill_counts: PhaseCounts
+    decode_counts: PhaseCounts
 
     @property
     def combined_sparsity(self) -> float:

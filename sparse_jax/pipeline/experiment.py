@@ -145,8 +145,11 @@ class ExperimentConfig:
         return EMBEDDED_CHECKPOINT if self.model == "smollm2" else self.model_name()
 
     def label(self) -> str:
-        """Short human-readable name: ``task/L4096/model/method@s0.9``."""
+        """Short human-readable name: ``task/L4096/model/method@s0.9`` (``@p0.5@d0.9``: per-phase targets)."""
         s = "" if self.sparsity is None else f"@s{self.sparsity:g}"
+        for phase in ("prefill", "decode"):  # a composed method's targets (docs/budgets.md)
+            target = self.method_args.get(f"{phase}_sparsity")
+            s += "" if target is None else f"@{phase[0]}{target:g}"
         return f"{self.task}/L{self.max_input_tokens}/{self.model_name()}/{self.method}{s}"
 
     def run_dir(self) -> Path:
