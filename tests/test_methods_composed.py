@@ -104,7 +104,8 @@ def model():
 
 
 def _generate(model, method):
-    return Engine(model, method, EngineConfig(batch_size=2)).generate_batch(PROMPTS, max_new_tokens=MAX_NEW, stop_ids=[])
+    engine = Engine(model, method, EngineConfig(batch_size=2))
+    return engine.generate_batch(PROMPTS, max_new_tokens=MAX_NEW, stop_ids=[])
 
 
 def _assert_same_generation(got, want):
@@ -124,11 +125,9 @@ def _assert_counts_are_the_generation_totals(results):
         np.testing.assert_array_equal(s.prefill_counts.dense, n * (n + 1) / 2)
         np.testing.assert_array_equal(s.decode_counts.dense, sum(n + i for i in range(1, steps + 1)))
         np.testing.assert_allclose(s.prefill_counts.attended / s.prefill_counts.dense, s.prefill_density, rtol=1e-6)
-        assert s.combined_sparsity == pytest.approx(
-            1 - (s.prefill_counts.attended.sum() + s.decode_counts.attended.sum())
-            / (s.prefill_counts.dense.sum() + s.decode_counts.dense.sum()),
-            rel=1e-12,
-        )
+        prefill, decode = (PhaseCounts(*map(np.float64, p)) for p in (s.prefill_counts, s.decode_counts))
+        want = 1 - (prefill.attended.sum() + decode.attended.sum()) / (prefill.dense.sum() + decode.dense.sum())
+        assert s.combined_sparsity == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -479,7 +479,7 @@ class Engine:
         caches = [s[0] for s in states]
         density = jnp.stack([s[1] for s in states], axis=1)
         reported = jnp.stack([s[2] for s in states], axis=1)
-        counts = jax.tree.map(lambda *per_layer: jnp.stack(per_layer, axis=1), *[s[3] for s in states])
+        counts = _stack_layers([s[3] for s in states])
         return caches, first, density, reported, counts
 
     def _decode_fn(self, params, caches, first, prompt_lengths, stop_ids, key, *, max_new_tokens):
@@ -521,8 +521,8 @@ class Engine:
             active = ~done
             density = jnp.stack([s[1] for s in states], axis=1)  # [B, L, H]
             decode_sum = decode_sum + jnp.where(active[:, None, None], density, 0.0)
-            step_counts = jax.tree.map(lambda *per_layer: jnp.stack(per_layer, axis=1), *[s[2] for s in states])
-            counts = jax.tree.map(lambda total, c: total + jnp.where(active[:, None, None], c, 0.0), counts, step_counts)
+            step_counts = _stack_layers([s[2] for s in states])  # [B, L, H] each
+            counts = PhaseCounts(*(t + jnp.where(active[:, None, None], c, 0.0) for t, c in zip(counts, step_counts)))
             nxt = jnp.where(active, sample_tokens(logits, jax.random.fold_in(key, step), sampling), 0)
             tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, step, axis=1)
             done = done | (active & jnp.isin(nxt, stop_ids))
@@ -557,6 +557,11 @@ def _cache_updates(method: AttentionMethod):
     if isinstance(method, CacheLayout):
         return method.write_cache, method.append_cache
     return PagedKVCache.write_prompt, PagedKVCache.append
+
+
+def _stack_layers(per_layer: list[PhaseCounts]) -> PhaseCounts:
+    """Per-layer ``[B, H]`` counts -> ``[B, L, H]``."""
+    return jax.tree.map(lambda *layers: jnp.stack(layers, axis=1), *per_layer)
 
 
 def _stop_array(stop_ids: Sequence[int]) -> jax.Array:
