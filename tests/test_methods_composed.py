@@ -11,12 +11,11 @@ from sparse_jax.attention.accounting import PhaseCounts, combined_sparsity, phas
 from sparse_jax.attention.base import AttentionMethod, LayerSpec
 from sparse_jax.attention.composed import ComposedMethod, DenseLayers, Phase, method_phase, phase_targets
 from sparse_jax.attention.methods.block_sparse import block_sparse_index
-from sparse_jax.attention.methods.vertical_and_slash import vertical_and_slash_index
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.generate import Engine, EngineConfig
 from tests.test_budgets import (
-    B, G, H, LENGTHS, SCALE, SNAP, STEPS, T, causal_mask_pairs, empty_cache, layer_inputs, one_layer_generation,
-    quest_reads,
+    B, G, H, LENGTHS, SCALE, SNAP, STEPS, T, VS_LENGTHS, VS_T, causal_mask_pairs, empty_cache, layer_inputs,
+    one_layer_generation, quest_reads, vertical_and_slash_index_of,
 )
 from tests.test_engine_generate import random_prompts, tiny_model
 from tests.test_pipeline_common import REPO
@@ -138,10 +137,10 @@ def _assert_counts_are_the_generation_totals(results):
          ("block_sparse", dict(chunk_size=8, top_chunks=3))),
         pytest.param(("dense+snapkv", dict(decode=SNAP | dict(token_capacity=24, local_window=8))),
                      ("snapkv", SNAP | dict(token_capacity=24, local_window=8)), marks=pytest.mark.slow),
-        pytest.param(("vertical_and_slash+dense", dict(prefill_sparsity=0.5)),
-                     ("vertical_and_slash", dict(sparsity=0.5)), marks=pytest.mark.slow),
+        pytest.param(("dense+ada_snapkv", dict(decode_sparsity=0.6, decode=dict(local_window=8))),
+                     ("ada_snapkv", dict(sparsity=0.6, local_window=8)), marks=pytest.mark.slow),
     ],
-    ids=["dense+quest", "block_sparse+dense", "dense+snapkv", "vertical_and_slash+dense"],
+    ids=["dense+quest", "block_sparse+dense", "dense+snapkv", "dense+ada_snapkv"],
 )
 def test_dense_on_either_side_equals_the_other_method_alone(model, composed, alone):
     got = _generate(model, get_method(composed[0], **composed[1]))
@@ -160,7 +159,10 @@ def test_dense_leading_layers_count_as_dense_in_the_achieved_sparsity(model):
     np.testing.assert_array_equal(long.decode_density[0], 1.0)
     assert long.prefill_density[1].max() < 1.0 and long.decode_density[1].max() < 1.0
     _assert_counts_are_the_generation_totals(results)
-    # Every layer dense: the dense generation.
+
+
+@pytest.mark.slow
+def test_every_layer_dense_is_the_dense_generation(model):
     all_dense = _generate(model, get_method("block_sparse+quest", prefill=dict(chunk_size=8, top_chunks=3),
                                             decode=dict(token_budget=16), dense_layers=2))
     _assert_same_generation(all_dense, _generate(model, "dense"))
@@ -230,21 +232,18 @@ def test_combined_sparsity_of_block_sparse_plus_quest_equals_a_count_from_the_in
 
 
 def test_combined_sparsity_of_vertical_and_slash_plus_snapkv_equals_a_count_from_the_indices():
-    q, k, v = layer_inputs(2)
-    lengths = jnp.asarray(LENGTHS)
-    method = get_method("vertical_and_slash+snapkv", prefill=dict(approximation_size=32), prefill_sparsity=0.6,
+    q, k, v = layer_inputs(2, VS_T)
+    method = get_method("vertical_and_slash+snapkv", prefill=dict(approximation_size=32), prefill_sparsity=0.8,
                         decode=SNAP)
-    prefill, decode, kept = one_layer_generation(method, q, k, v)
-    part = method.prefill_part
-    nv, ns, nv_max, ns_max = part.budgets_for(lengths, T)
-    index = vertical_and_slash_index(q, k, lengths, nv, ns, approximation_size=32, max_verticals=nv_max,
-                                     max_slashes=ns_max, scale=SCALE)
+    prefill, decode, kept = one_layer_generation(method, q, k, v, lengths=VS_LENGTHS)
+    index = vertical_and_slash_index_of(method.prefill_part, q, k, jnp.asarray(VS_LENGTHS))
+    prefill_pairs = causal_mask_pairs(vertical_slash_mask(index, VS_T), VS_LENGTHS).sum()
     kept_per_head = np.repeat(np.asarray(kept.counts), H // G, axis=1)  # [B, H]
     decode_reads = sum((kept_per_head + s).sum() for s in range(1, STEPS + 1))
-    attended = causal_mask_pairs(vertical_slash_mask(index, T)).sum() + decode_reads
-    dense = H * sum(n * (n + 1) / 2 + sum(n + s for s in range(1, STEPS + 1)) for n in LENGTHS)
-    assert combined_sparsity(prefill, decode) == pytest.approx(1 - attended / dense, abs=1e-12)
+    dense = H * sum(n * (n + 1) / 2 + sum(n + s for s in range(1, STEPS + 1)) for n in VS_LENGTHS)
+    assert combined_sparsity(prefill, decode) == pytest.approx(1 - (prefill_pairs + decode_reads) / dense, abs=1e-12)
     np.testing.assert_array_equal(np.asarray(kept.counts), 48)
+    assert phase_sparsity(prefill) > 0.2 and phase_sparsity(decode) > 0.5
 
 
 def test_combined_sparsity_pools_pairs_not_ratios():
