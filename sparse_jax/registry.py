@@ -39,6 +39,19 @@ class Registry(Generic[C]):
         self._load_builtins()
         return sorted(self._classes)
 
+    def lookup(self, name: str) -> type[C]:
+        """The class registered as ``name``.
+
+        Raises:
+          ValueError: unknown name (the closest names are suggested).
+        """
+        self._load_builtins()
+        if name not in self._classes:
+            close = difflib.get_close_matches(name, self._classes, n=3, cutoff=self._cutoff)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(sorted(self._classes))}.")
+        return self._classes[name]
+
     def build(self, name: str, **kwargs: Any) -> C:
         """An instance of the class registered as ``name``.
 
@@ -46,12 +59,7 @@ class Registry(Generic[C]):
           ValueError: unknown name (the closest names are suggested) or unknown argument
             (the valid arguments are listed).
         """
-        self._load_builtins()
-        if name not in self._classes:
-            close = difflib.get_close_matches(name, self._classes, n=3, cutoff=self._cutoff)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(sorted(self._classes))}.")
-        cls = self._classes[name]
+        cls = self.lookup(name)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - fields)
         if unknown:

@@ -57,7 +57,7 @@ def imported_names(path: Path, module: str, known: set[str]) -> set[str]:
 
 def unit(module: str) -> str:
     """The graph node of a module: its package and first subpackage or module
-    (``sparse_jax.engine.kv_cache -> sparse_jax.engine``)."""
+    (``sparse_jax.attention.kv_cache -> sparse_jax.engine``)."""
     return ".".join(module.split(".")[:2])
 
 

@@ -168,6 +168,7 @@ class RunRecord:
     scores: dict[int, float | None]
     mean_prompt_tokens: float
     mean_output_tokens: float
+    combined_sparsity: float | None = None
     prefill_seconds: float | None = None
     decode_seconds: float | None = None
     device: str | None = None
@@ -276,7 +277,7 @@ def _parse_scores(path: pathlib.Path) -> dict[int, float | None]:
     return scores
 
 
-_SUMMARY_NUMBERS = ("prefill_seconds", "decode_seconds", "compile_seconds", "reported_sparsity", "max_output_tokens",
+_SUMMARY_NUMBERS = ("combined_sparsity", "prefill_seconds", "decode_seconds", "compile_seconds", "reported_sparsity", "max_output_tokens",
                     "prefill_tokens_per_s", "decode_tokens_per_s", "score", "variance", "scored_samples",
                     "total_samples")
 
@@ -287,6 +288,8 @@ class RunSummary:
 
     Attributes:
       prefill_sparsity, decode_sparsity: achieved sparsities in [0, 1].
+      combined_sparsity: attended pairs over the whole generation (prefill pairs plus
+        decode reads) over the dense count (docs/budgets.md); ``None`` in older records.
       mean_prompt_tokens, mean_output_tokens: mean lengths over the samples.
       prefill_seconds, decode_seconds: mean wall time of one prefill / of one sample's decode.
       compile_seconds: total seconds the run's processes spent tracing, lowering and
@@ -304,6 +307,7 @@ class RunSummary:
     decode_sparsity: float
     mean_prompt_tokens: float
     mean_output_tokens: float
+    combined_sparsity: float | None = None
     prefill_seconds: float | None = None
     decode_seconds: float | None = None
     compile_seconds: float | None = None
@@ -344,6 +348,8 @@ class RunFile:
       method: attention method name.
       method_args: the method's hyper-parameters (all of them, defaults included).
       target_sparsity: the sweep's sparsity level, ``None`` for dense or a raw budget.
+      target_sparsity_by_phase: ``{"prefill": s, "decode": s}``, each ``None`` where that
+        phase runs densely or on a raw budget (``attention.composed.phase_targets``).
       summary: the run's measured numbers.
       task_key: the task's own settings key (pipeline runs).
       config: the experiment settings the pipeline ran with (its ``ExperimentConfig``
@@ -365,6 +371,7 @@ class RunFile:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     status: str = "complete"
     rope: dict[str, Any] = dataclasses.field(default_factory=dict)
+    target_sparsity_by_phase: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
     format_version: ClassVar[int] = FORMAT_VERSION
 
@@ -378,6 +385,7 @@ class RunFile:
             "max_input_tokens": self.max_input_tokens,
             "method": {"name": self.method, "args": self.method_args},
             "target_sparsity": self.target_sparsity,
+            "target_sparsity_by_phase": self.target_sparsity_by_phase,
             "summary": dataclasses.asdict(self.summary),
             "config": self.config,
             "status": self.status,
@@ -416,6 +424,7 @@ class RunFile:
             config=_require(obj, "config", dict, where, optional=True) or {},
             status=_require(obj, "status", str, where, optional=True) or "complete",
             rope=_require(obj, "rope", dict, where, optional=True) or {},
+            target_sparsity_by_phase=_require(obj, "target_sparsity_by_phase", dict, where, optional=True) or {},
         )
 
     @classmethod

@@ -16,7 +16,9 @@ Per batch of prompts (unequal lengths, right-padded to a length bucket):
 
 Sparsity statistics are real attended fractions per (sample, layer, query head):
 prefill = computed causal pairs / all causal pairs; decode = cached tokens read / tokens
-a full cache would hold, averaged over the steps the sample actually decoded.
+a full cache would hold, averaged over the steps the sample actually decoded. The raw
+counts behind them are kept too, for the combined figure of the whole generation
+(docs/budgets.md).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from sparse_jax.attention.accounting import PhaseCounts, combined_sparsity
 from sparse_jax.attention.base import AttentionMethod
 from sparse_jax.attention.kv_cache import PagedKVCache, pages_for
 from sparse_jax.attention.registry import get_method
@@ -123,6 +126,8 @@ class DecodeState:
       caches: one :class:`PagedKVCache` per layer.
       decode_sum: ``[B, L, H]`` float32 read densities summed over the sequence's steps.
       decode_count: ``[B]`` int32 decode steps each sequence took part in.
+      decode_counts: :class:`PhaseCounts` of ``[B, L, H]`` float32 tokens read and tokens
+        a full cache would hold, summed over the sequence's steps (docs/budgets.md).
     """
 
     step: jax.Array
@@ -132,6 +137,7 @@ class DecodeState:
     caches: list[PagedKVCache]
     decode_sum: jax.Array
     decode_count: jax.Array
+    decode_counts: PhaseCounts
 
     @classmethod
     def start(cls, caches: list[PagedKVCache], first: jax.Array, stop_ids: jax.Array, *, max_new_tokens: int,
@@ -146,6 +152,7 @@ class DecodeState:
             caches=caches,
             decode_sum=jnp.zeros((b, num_layers, num_heads), jnp.float32),
             decode_count=jnp.zeros((b,), jnp.int32),
+            decode_counts=PhaseCounts(*[jnp.zeros((b, num_layers, num_heads), jnp.float32)] * 2),
         )
 
     def decode_density(self) -> np.ndarray:
@@ -166,11 +173,21 @@ class SparsityStats:
         the sample's decode steps (NaN when it decoded none).
       reported_sparsity: the reference's single figure (REFERENCE.md section 4.0): mean
         over layers of the method's per-layer ``reported_sparsity``.
+      prefill_counts: ``[layers, H]`` computed and dense causal pairs.
+      decode_counts: ``[layers, H]`` cached tokens read and full-cache tokens, summed over
+        the sample's decode steps (zeros when it decoded none).
     """
 
     prefill_density: np.ndarray
     decode_density: np.ndarray
     reported_sparsity: float
+    prefill_counts: PhaseCounts
+    decode_counts: PhaseCounts
+
+    @property
+    def combined_sparsity(self) -> float:
+        """Skipped share of all (query, key) pairs of the generation, prefill and decode pooled."""
+        return combined_sparsity(self.prefill_counts, self.decode_counts)
 
     @property
     def prefill_sparsity(self) -> float:
@@ -393,7 +410,7 @@ class Engine:
         prefill_key, decode_key = jax.random.split(rng)
 
         compile_s = prefill_s = 0.0
-        firsts, densities, reported = [], [], []
+        firsts, densities, reported, prefill_counts = [], [], [], []
         for start in range(0, b, rows):
             stop = min(start + rows, b)
             args = (
@@ -407,14 +424,16 @@ class Engine:
             fn, seconds = self._compile(("prefill", stop - start, bucket, pages_per_row, b), self._prefill_fn, args)
             compile_s += seconds
             t0 = time.perf_counter()
-            caches, first, density, rep = jax.block_until_ready(fn(*args))
+            caches, first, density, rep, counts = jax.block_until_ready(fn(*args))
             prefill_s += time.perf_counter() - t0
             firsts.append(first)
             densities.append(density)
             reported.append(rep)
+            prefill_counts.append(counts)
         first = jnp.concatenate(firsts)
         prefill_density = np.asarray(jnp.concatenate(densities))  # [B, L, H]
         reported_sparsity = np.asarray(jnp.concatenate(reported)).mean(axis=1)  # [B]
+        prefill_counts = PhaseCounts(*(np.concatenate(c) for c in zip(*prefill_counts)))  # [B, L, H] each
 
         decode_s, steps = 0.0, 0
         if max_new_tokens > 1:
@@ -438,10 +457,12 @@ class Engine:
             steps = int(final.step) - 1
             out_tokens, n_out = np.asarray(final.tokens), np.asarray(final.n_out)
             decode_density = final.decode_density()
+            decode_counts = PhaseCounts(*map(np.asarray, final.decode_counts))  # [B, L, H] each
             del final  # its caches
         else:
             out_tokens, n_out = np.asarray(first)[:, None], np.ones(b, np.int32)
             decode_density = np.full_like(prefill_density, np.nan)
+            decode_counts = PhaseCounts(np.zeros_like(prefill_density), np.zeros_like(prefill_density))
         del caches
 
         timing = BatchTiming(b, bucket, compile_s, prefill_s, decode_s, steps)
@@ -457,7 +478,13 @@ class Engine:
                     stopped=bool(ids) and ids[-1] in stop_set,
                     prompt_length=int(lengths[i]),
                     timing=timing,
-                    sparsity=SparsityStats(prefill_density[i], decode_density[i], float(reported_sparsity[i])),
+                    sparsity=SparsityStats(
+                        prefill_density[i],
+                        decode_density[i],
+                        float(reported_sparsity[i]),
+                        PhaseCounts(*(c[i] for c in prefill_counts)),
+                        PhaseCounts(*(c[i] for c in decode_counts)),
+                    ),
                 )
             )
         return results
@@ -480,7 +507,8 @@ class Engine:
           tokens: ``[b, T]`` int32 right-padded prompts; lengths: ``[b]`` int32.
 
         Returns:
-          ``(caches, first_tokens [b], prefill_density [b, L, H], reported_sparsity [b, L])``.
+          ``(caches, first_tokens [b], prefill_density [b, L, H], reported_sparsity [b, L],
+          PhaseCounts [b, L, H])``.
         """
         model = nnx.merge(self.graphdef, params)
         b, t = tokens.shape
@@ -494,7 +522,8 @@ class Engine:
             cache = write(cache, k, v, lengths, row_start=row_start, kept=kept)
             density = stats.attended_pairs / stats.causal_pairs[:, None]
             reported = stats.reported_sparsity.mean(axis=1) if kept is None else kept.reported_sparsity
-            return out, (cache, density, reported)
+            counts = PhaseCounts(stats.attended_pairs, jnp.broadcast_to(stats.causal_pairs[:, None], density.shape))
+            return out, (cache, density, reported, counts)
 
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         logits, states = model(tokens, positions, attend=attend, layer_states=caches, logits_at=lengths - 1)
@@ -502,7 +531,8 @@ class Engine:
         caches = [s[0] for s in states]
         density = jnp.stack([s[1] for s in states], axis=1)
         reported = jnp.stack([s[2] for s in states], axis=1)
-        return caches, first, density, reported
+        counts = _stack_layers([s[3] for s in states])
+        return caches, first, density, reported, counts
 
     def _decode_fn(self, params, caches, first, prompt_lengths, stop_ids, key, *, max_new_tokens):
         """The decode loop.
@@ -525,7 +555,7 @@ class Engine:
             layer = layer._replace(page_size=cache.page_size)  # the cache owns the page size
             cache = append(cache, k[:, 0], v[:, 0])
             out, stats = method.decode(q[:, 0], cache, layer=layer)
-            return out[:, None], (cache, stats.tokens_read / stats.tokens_cached)
+            return out[:, None], (cache, stats.tokens_read / stats.tokens_cached, PhaseCounts(*stats))
 
         def cond(state: DecodeState):
             return (state.step < max_new_tokens) & ~jnp.all(state.done)
@@ -539,6 +569,7 @@ class Engine:
             )
             active = ~state.done
             density = jnp.stack([s[1] for s in layer_outs], axis=1)  # [B, L, H]
+            step_counts = _stack_layers([s[2] for s in layer_outs])  # [B, L, H] each
             nxt = jnp.where(active, sample_tokens(logits, jax.random.fold_in(key, step), sampling), 0)
             return state.replace(
                 step=step + 1,
@@ -548,6 +579,9 @@ class Engine:
                 caches=[s[0] for s in layer_outs],
                 decode_sum=state.decode_sum + jnp.where(active[:, None, None], density, 0.0),
                 decode_count=state.decode_count + active,
+                decode_counts=PhaseCounts(*(
+                    t + jnp.where(active[:, None, None], c, 0.0) for t, c in zip(state.decode_counts, step_counts)
+                )),
             )
 
         init = DecodeState.start(caches, first, stop_ids, max_new_tokens=max_new_tokens,
@@ -560,6 +594,11 @@ def _cache_updates(method: AttentionMethod):
     if isinstance(method, CacheLayout):
         return method.write_cache, method.append_cache
     return PagedKVCache.write_prompt, PagedKVCache.append
+
+
+def _stack_layers(per_layer: list[PhaseCounts]) -> PhaseCounts:
+    """Per-layer ``[B, H]`` counts -> ``[B, L, H]``."""
+    return jax.tree.map(lambda *layers: jnp.stack(layers, axis=1), *per_layer)
 
 
 def _stop_array(stop_ids: Sequence[int]) -> jax.Array:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax.attention.base import AttentionMethod, LayerSpec, PrefillStats
+from sparse_jax.attention.composed import prefill_source
 
 PrefillBackend = Literal["auto", "method", "cudnn"]
 
@@ -22,8 +23,8 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def uses_dense_prefill(method: AttentionMethod) -> bool:
-    """Whether ``method`` keeps :meth:`AttentionMethod.prefill` (dense causal attention)."""
-    return type(method).prefill is AttentionMethod.prefill
+    """Whether ``method`` (or the part a composition prefills with) keeps the dense :meth:`AttentionMethod.prefill`."""
+    return type(prefill_source(method)).prefill is AttentionMethod.prefill
 
 
 def resolve_backend(backend: PrefillBackend, method: AttentionMethod, dtype: jnp.dtype) -> Literal["method", "cudnn"]:

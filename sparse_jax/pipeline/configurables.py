@@ -62,7 +62,18 @@ def gin_name(method: str) -> str | None:
 
 
 def method_bindings(method: str) -> dict:
-    """The parsed gin bindings of method ``method``'s class (macros resolved)."""
+    """The parsed gin bindings of method ``method``'s class (macros resolved).
+
+    A composed method ``PREFILL+DECODE`` (docs/budgets.md) gets each part's bindings as
+    ``{"prefill": {...}, "decode": {...}}``, so ``Quest.token_budget = 2048`` configures
+    the Quest part of ``vertical_and_slash+quest``.
+    """
+    from sparse_jax.attention.registry import COMPOSE_SEPARATOR
+
+    if COMPOSE_SEPARATOR in method:
+        parts = dict(zip(("prefill", "decode"), method.split(COMPOSE_SEPARATOR, 1)))
+        bound = {phase: method_bindings(part) for phase, part in parts.items()}
+        return {phase: args for phase, args in bound.items() if args}
     name = gin_name(method)
     return dict(gin.get_bindings(name)) if name else {}
 

@@ -56,6 +56,11 @@ class ExperimentConfig:
         = 32``); not bindable here.
       sparsity: target sparsity in ``[0, 1)`` passed to the method instead of its raw
         budget; ignored (normalised to ``None``) for ``dense``.
+      prefill_sparsity, decode_sparsity: per-phase targets of a composed method
+        ``PREFILL+DECODE`` (docs/budgets.md); each phase falls back to ``sparsity``. In the
+        key only when set.
+      dense_layers: keep the first ``k`` layers dense, for any method (counted in the
+        achieved sparsity). In the key only when not 0.
       max_input_tokens: prompt budget, chat template included.
       max_output_tokens: generation limit.
       samples: number of samples (indices ``0 .. samples - 1``).
@@ -80,6 +85,9 @@ class ExperimentConfig:
     method: str = "dense"
     method_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     sparsity: float | None = None
+    prefill_sparsity: float | None = None
+    decode_sparsity: float | None = None
+    dense_layers: int = 0
     max_input_tokens: int = 4096
     max_output_tokens: int = 32
     samples: int = 8
@@ -116,16 +124,21 @@ class ExperimentConfig:
             value = getattr(self, name)
             _check(isinstance(value, Mapping), f"{name} must be a dict such as {{'name': value}}, got {value!r}")
         _check(self.dtype in ("bfloat16", "float32"), f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
-        if self.sparsity is not None:
+        for name in ("sparsity", "prefill_sparsity", "decode_sparsity"):
+            value = getattr(self, name)
+            if value is None:
+                continue
             _check(
-                isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool)
-                and 0.0 <= self.sparsity < 1.0,
-                f"sparsity must be in [0, 1), got {self.sparsity!r} (e.g. 0.9 keeps 10% of attention)",
+                isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0,
+                f"{name} must be in [0, 1), got {value!r} (e.g. 0.9 keeps 10% of attention)",
             )
-        if self.method == "dense":
-            object.__setattr__(self, "sparsity", None)
-        elif self.sparsity is not None:  # 0 and 0.0 are one setting and must give one results key
-            object.__setattr__(self, "sparsity", float(self.sparsity))
+            # 0 and 0.0 are one setting and must give one results key; dense has no target.
+            object.__setattr__(self, name, None if self.method == "dense" else float(value))
+        if self.prefill_sparsity is not None or self.decode_sparsity is not None:
+            _check("+" in self.method, f"prefill_sparsity / decode_sparsity need a composed method "
+                   f"'PREFILL+DECODE' (docs/budgets.md), got method {self.method!r}; use sparsity instead")
+        _check(isinstance(self.dense_layers, int) and not isinstance(self.dense_layers, bool)
+               and self.dense_layers >= 0, f"dense_layers must be an int >= 0, got {self.dense_layers!r}")
         object.__setattr__(self, "task_args", dict(self.task_args))
         object.__setattr__(self, "method_args", dict(self.method_args))
         object.__setattr__(self, "engine_args", dict(self.engine_args))
@@ -137,8 +150,11 @@ class ExperimentConfig:
     def method_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``get_method``: the raw args plus the target sparsity."""
         kwargs = dict(self.method_args)
-        if self.sparsity is not None:
-            kwargs["sparsity"] = float(self.sparsity)
+        for name in ("sparsity", "prefill_sparsity", "decode_sparsity"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        if self.dense_layers:
+            kwargs["dense_layers"] = self.dense_layers
         return kwargs
 
     def key_fields(self) -> dict[str, Any]:
@@ -155,8 +171,10 @@ class ExperimentConfig:
             fields["engine_args"] = engine
         else:
             del fields["engine_args"]
-        if fields["rope_policy"] == "auto":
-            del fields["rope_policy"]
+        for name, default in (("rope_policy", "auto"), ("prefill_sparsity", None), ("decode_sparsity", None),
+                              ("dense_layers", 0)):
+            if fields[name] == default:  # fields added later: older runs keep their keys
+                del fields[name]
         fields["format_version"] = FORMAT_VERSION
         return fields
 
@@ -198,8 +216,12 @@ class ExperimentConfig:
         return EMBEDDED_CHECKPOINT if self.model == "smollm2" else self.model_name()
 
     def label(self) -> str:
-        """Short human-readable name: ``task/L4096/model/method@s0.9``."""
+        """Short human-readable name: ``task/L4096/model/method@s0.9`` (``@p0.5@d0.9``: per-phase targets)."""
         s = "" if self.sparsity is None else f"@s{self.sparsity:g}"
+        for phase in ("prefill", "decode"):  # a composed method's targets (docs/budgets.md)
+            target = getattr(self, f"{phase}_sparsity")
+            s += "" if target is None else f"@{phase[0]}{target:g}"
+        s += f"@dense{self.dense_layers}" if self.dense_layers else ""
         return f"{self.task}/L{self.max_input_tokens}/{self.model_name()}/{self.method}{s}"
 
     def run_dir(self) -> Path:

@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 
 from sparse_jax.analysis.records import FORMAT_VERSION, ModelConfig, RunFile, RunSummary
 from sparse_jax.atomic_files import atomic_write_json, atomic_write_text
+from sparse_jax.attention.accounting import generation_totals
+from sparse_jax.attention.composed import phase_targets
 from sparse_jax.models.loading import LoadedModel
 from sparse_jax.pipeline import jsonl_store
 from sparse_jax.pipeline.compile_time import compile_seconds, enable_compilation_cache
@@ -168,12 +170,23 @@ def prepare(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, A
 def _sample_sparsity(result, prompt_length: int) -> dict[str, float]:
     s = result.sparsity
     decode = s.decode_sparsity if np.isfinite(s.decode_density).all() else None
+    totals = generation_totals(s.prefill_counts, s.decode_counts)
     return {
         "prefill_sparsity": s.prefill_sparsity,
         "decode_sparsity": decode,
+        "combined_sparsity": s.combined_sparsity,
+        "generation_pairs": [float(totals.attended), float(totals.dense)],  # docs/budgets.md
         "reported_sparsity": float(s.reported_sparsity),
         "prefill_pairs": prompt_length * (prompt_length + 1) / 2,
     }
+
+
+def _combined(preds: Sequence[dict]) -> float | None:
+    """Pooled combined sparsity of all samples; ``None`` for predictions written before it was recorded."""
+    if any("generation_pairs" not in p for p in preds):
+        return None
+    attended, dense = np.sum([p["generation_pairs"] for p in preds], axis=0)
+    return float(1.0 - attended / dense)
 
 
 def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progress: bool = True) -> list[dict]:
@@ -286,6 +299,7 @@ def _summary(preds: Sequence[dict], evaluation, metric: str, total_samples: int)
     return RunSummary(
         prefill_sparsity=_weighted([p["prefill_sparsity"] for p in preds], pairs),
         decode_sparsity=_weighted([p["decode_sparsity"] for p in preds], decode_weights),
+        combined_sparsity=_combined(preds),
         reported_sparsity=float(np.mean([p["reported_sparsity"] for p in preds])),
         mean_prompt_tokens=float(np.mean([p["prompt_tokens"] for p in preds])),
         mean_output_tokens=float(np.mean([p["output_tokens_len"] for p in preds])),
@@ -329,6 +343,7 @@ def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequen
         method=method.name,
         method_args={k: v for k, v in method.describe().items() if k != "name"},
         target_sparsity=cfg.sparsity,
+        target_sparsity_by_phase=phase_targets(method),
         summary=_summary([by_index[r["index"]] for r in records], evaluation, task.metric, len(records)),
         config=cfg.as_record(),
     )
