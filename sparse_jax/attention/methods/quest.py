@@ -87,9 +87,21 @@ class Quest(AttentionMethod):
                 f"quest: page_size={self.page_size} but the cache has pages of {cache.page_size} tokens; "
                 "build the cache with the method's page_size (or set quest page_size to match)."
             )
-        h = q.shape[1]
+        table, row_lengths, max_pages = self.read_table(q, cache, layer)
+        out = paged_decode_attention(q, cache.k_pages, cache.v_pages, table, row_lengths, scale=layer.scale,
+                                     max_row_pages=max_pages + 1)
+        read = jnp.repeat(row_lengths, q.shape[1] // row_lengths.shape[1], axis=1).astype(jnp.float32)
+        cached = jnp.broadcast_to(cache.seq_lengths[:, None], read.shape).astype(jnp.float32)
+        return out, DecodeStats(tokens_read=read, tokens_cached=cached)
+
+    def read_table(self, q: jax.Array, cache: PagedKVCache, layer: LayerSpec) -> tuple[jax.Array, jax.Array, int]:
+        """This step's decode table ``[B, R, >= b + 1]``, read lengths ``[B, R]`` and ``b``.
+
+        ``b`` is the static bound of earlier pages any row reads; ``R = G`` with
+        ``share_pages``, else ``H``.
+        """
         g = cache.num_kv_heads
-        rows = g if self.share_pages else h
+        rows = g if self.share_pages else q.shape[1]
         n = jnp.repeat(cache.lengths, rows // g, axis=1)
         if self.sparsity is None:
             max_pages = self.token_budget // self.page_size
@@ -97,25 +109,38 @@ class Quest(AttentionMethod):
             capacity = cache.page_table.shape[2] * self.page_size
             max_pages = int(budgets.token_budget(capacity, self.sparsity, self.page_size)) // self.page_size
         max_pages = max(max_pages, 1)
-        selection = dict(
-            page_size=self.page_size,
-            token_budget=max_pages * self.page_size,
+        table, row_lengths = self.choose_pages(
+            q, cache, scale=layer.scale, page_size=self.page_size, token_budget=max_pages * self.page_size,
             budget_pages=self.budget_tokens(n) // self.page_size,
         )
+        return table, row_lengths, max_pages
+
+    def choose_pages(
+        self,
+        q: jax.Array,
+        cache: PagedKVCache,
+        *,
+        scale: float,
+        page_size: int,
+        token_budget: int,
+        budget_pages: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
+        """The decode table ``[B, R, b + 1]`` and read lengths ``[B, R]`` of this step.
+
+        ``R = G`` with ``share_pages``, else ``H``; ``scale`` is the layer's softmax scale
+        (unused by Quest's estimate); the other arguments are
+        :func:`pallas_kernels.paged_decode.quest.select_pages`'s.
+        """
+        del scale
         # On GPUs the Pallas scoring and selection kernels replace XLA's scoring and top-k
         # (same pages; H100 timings in experiments/results/decode_kernels_h100.md).
         # The selection kernel leaves room for the decode kernel's page blocks after the
         # selected pages, so the decode reads its table in place (one kernel less per step).
+        selection = dict(page_size=page_size, token_budget=token_budget, budget_pages=budget_pages)
         if jax.default_backend() == "gpu":
-            table, row_lengths = quest_select.quest_page_table(
+            return quest_select.quest_page_table(
                 q, cache.k_min, cache.k_max, cache.page_table, cache.lengths, share_pages=self.share_pages,
                 spare_columns=DecodeConfig.pages_per_block, **selection
             )
-        else:
-            scores = page_upper_bounds(q, cache.k_min, cache.k_max, cache.page_table, share_pages=self.share_pages)
-            table, row_lengths = select_pages(scores, cache.page_table, cache.lengths, **selection)
-        out = paged_decode_attention(q, cache.k_pages, cache.v_pages, table, row_lengths, scale=layer.scale,
-                                     max_row_pages=max_pages + 1)
-        read = jnp.repeat(row_lengths, h // rows, axis=1).astype(jnp.float32)
-        cached = jnp.broadcast_to(cache.seq_lengths[:, None], read.shape).astype(jnp.float32)
-        return out, DecodeStats(tokens_read=read, tokens_cached=cached)
+        scores = page_upper_bounds(q, cache.k_min, cache.k_max, cache.page_table, share_pages=self.share_pages)
+        return select_pages(scores, cache.page_table, cache.lengths, **selection)
