@@ -5,7 +5,7 @@ page or block size, forced sinks and local windows, the kernel that applies the
 selection) but ranks candidates by the exact softmax attention mass of the dense model
 (:mod:`.attention_mass`) instead of the method's estimate. The accuracy gap between a
 method and its oracle is the method's headroom: how much better a selection with the
-same budget could do (docs/methods.md, "Oracles").
+same budget could do (docs/fidelity.md, "Oracle methods").
 
 * ``oracle_quest``: Quest's pages, ranked by the current query's true attention mass
   per page (summed over the query group with ``share_pages``), read by the paged

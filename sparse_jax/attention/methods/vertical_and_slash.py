@@ -32,6 +32,7 @@ from sparse_jax.attention.methods.scoring import window_diagonal_sums, window_pr
 from sparse_jax.attention.methods.vertical_slash_index import (
     FORCED_VERTICALS,
     LOCAL_DIAGONALS,
+    ScoreFn,
     attend,
     index_from_scores,
 )
@@ -63,7 +64,16 @@ def vertical_and_slash_index(
     Returns:
       :class:`VerticalSlashIndex` ``[B, H, ceil(T / 64), ...]``.
     """
-    window = min(approximation_size, q.shape[1])
+    return index_from_scores(
+        vertical_and_slash_scores(approximation_size, q.shape[1], scale), q, k, lengths, vertical_sizes,
+        slash_sizes, nv_max=max_verticals, ns_max=max_slashes,
+    )
+
+
+def vertical_and_slash_scores(approximation_size: int, bucket: int, scale: float) -> ScoreFn:
+    """The estimation of one head (a ``ScoreFn``): bf16 window probabilities of the last
+    ``min(A, L)`` queries, summed per key (verticals) and per diagonal (slashes)."""
+    window = min(approximation_size, bucket)
 
     def scores(qs, ks, length, nv, ns):
         probs, _, _ = window_probabilities(
@@ -72,9 +82,7 @@ def vertical_and_slash_index(
         probs = probs[0].astype(jnp.bfloat16)  # exact (already rounded); halves the traffic of both sums
         return probs.sum(axis=0, dtype=jnp.float32), window_diagonal_sums(probs, length), nv, ns
 
-    return index_from_scores(
-        scores, q, k, lengths, vertical_sizes, slash_sizes, nv_max=max_verticals, ns_max=max_slashes
-    )
+    return scores
 
 
 @register
