@@ -239,7 +239,50 @@ def quest_agreement(layer: int, label: str, share: bool, path: str) -> Agreement
 # ----------------------------------------------------------------------------------------------------- tests
 # Measured differences (selected, differing, unexplained) per layer and configuration; see
 # experiments/results/fidelity_smollm2.md for what explains them.
-EXPECTED: dict[tuple, tuple] = {}
+EXPECTED: dict[tuple, tuple] = {
+    ('block_sparse', 6, '0.5'): (146475, 440, 0),
+    ('vertical_and_slash', 6, '0.5'): ((10683, 0, 0), (10683, 0, 0), 0),
+    ('flexprefill', 6, '0.5'): ((10683, 0, 0), (12269, 0, 0), 0),
+    ('snapkv', 6, '0.5'): (6096, 8, 0),
+    ('ada_snapkv', 6, '0.5'): (6096, 10, 0),
+    ('quest_shared', 6, '0.5'): (3048, 8, 0),
+    ('quest_per_head', 6, '0.5'): (9144, 44, 0),
+    ('block_sparse', 6, '0.9'): (29016, 116, 0),
+    ('vertical_and_slash', 6, '0.9'): ((1872, 0, 0), (1872, 0, 0), 0),
+    ('flexprefill', 6, '0.9'): ((1950, 0, 0), (10011, 0, 0), 0),
+    ('snapkv', 6, '0.9'): (1248, 6, 0),
+    ('ada_snapkv', 6, '0.9'): (1248, 0, 0),
+    ('quest_shared', 6, '0.9'): (624, 30, 0),
+    ('quest_per_head', 6, '0.9'): (1872, 38, 0),
+    ('block_sparse', 6, 'default'): (128160, 408, 0),
+    ('vertical_and_slash', 6, 'default'): ((4608, 0, 0), (4608, 0, 0), 0),
+    ('flexprefill', 6, 'default'): ((4608, 0, 0), (10232, 0, 0), 0),
+    ('snapkv', 6, 'default'): (3072, 4, 0),
+    ('ada_snapkv', 6, 'default'): (3072, 8, 0),
+    ('quest_shared', 6, 'default'): (1536, 22, 0),
+    ('quest_per_head', 6, 'default'): (4608, 48, 0),
+    ('block_sparse', 21, '0.5'): (146475, 910, 0),
+    ('vertical_and_slash', 21, '0.5'): ((10683, 0, 0), (10683, 0, 0), 0),
+    ('flexprefill', 21, '0.5'): ((10683, 0, 0), (10683, 0, 0), 0),
+    ('snapkv', 21, '0.5'): (6096, 10, 0),
+    ('ada_snapkv', 21, '0.5'): (6096, 0, 0),
+    ('quest_shared', 21, '0.5'): (3048, 14, 0),
+    ('quest_per_head', 21, '0.5'): (9144, 76, 0),
+    ('block_sparse', 21, '0.9'): (29016, 348, 0),
+    ('vertical_and_slash', 21, '0.9'): ((1872, 0, 0), (1872, 0, 0), 0),
+    ('flexprefill', 21, '0.9'): ((2321, 0, 0), (3216, 0, 0), 0),
+    ('snapkv', 21, '0.9'): (1248, 4, 0),
+    ('ada_snapkv', 21, '0.9'): (1248, 2, 0),
+    ('quest_shared', 21, '0.9'): (624, 14, 0),
+    ('quest_per_head', 21, '0.9'): (1872, 38, 0),
+    ('block_sparse', 21, 'default'): (128160, 824, 0),
+    ('vertical_and_slash', 21, 'default'): ((4608, 0, 0), (4608, 0, 0), 0),
+    ('flexprefill', 21, 'default'): ((4621, 0, 0), (4617, 0, 0), 0),
+    ('snapkv', 21, 'default'): (3072, 0, 0),
+    ('ada_snapkv', 21, 'default'): (3072, 6, 0),
+    ('quest_shared', 21, 'default'): (1536, 14, 0),
+    ('quest_per_head', 21, 'default'): (4608, 56, 0),
+}
 
 
 def _check(key: tuple, agreement) -> None:
@@ -275,3 +318,25 @@ def test_fidelity_eviction(layer, label, method):
 def test_fidelity_quest(layer, label, share, path):
     _check(("quest_shared" if share else "quest_per_head", layer, label), tuple(quest_agreement(layer, label,
                                                                                                share, path)))
+
+
+def measure_all() -> dict[tuple, tuple]:
+    """Every configuration's counts (to refresh ``EXPECTED`` after regenerating the fixture)."""
+    measured = {}
+    for layer in LAYERS:
+        for label in BUDGET_LABELS:
+            measured[("block_sparse", layer, label)] = tuple(block_sparse_agreement(layer, label))
+            for method in ("vertical_and_slash", "flexprefill"):
+                v, s, heads = vertical_slash_agreement(layer, label, method)
+                measured[(method, layer, label)] = (tuple(v), tuple(s), heads)
+            for method in ("snapkv", "ada_snapkv"):
+                measured[(method, layer, label)] = tuple(eviction_agreement(layer, label, method))
+            for share in (True, False):
+                key = ("quest_shared" if share else "quest_per_head", layer, label)
+                measured[key] = tuple(quest_agreement(layer, label, share, "jnp"))
+    return measured
+
+
+if __name__ == "__main__":
+    for key, value in measure_all().items():
+        print(f"    {key!r}: {value!r},")
