@@ -188,3 +188,20 @@ def test_oracle_block_sparse_at_least_as_accurate_as_block_sparse():
 
     assert error("oracle_block_sparse") <= error("block_sparse")
     assert isinstance(get_method("oracle_block_sparse"), OracleBlockSparse)
+
+
+@pytest.mark.parametrize("name, kwargs", [("oracle_quest", dict(sparsity=0.5, page_size=16)),
+                                          ("oracle_tokens", dict(sparsity=0.5, local_window=4, prefix_tokens=2)),
+                                          ("oracle_block_sparse", dict(sparsity=0.5))])
+def test_oracles_run_through_the_engine(name, kwargs):
+    from sparse_jax.engine.generate import generate
+    from tests.test_engine_generate import random_prompts, tiny_model
+
+    prompts = random_prompts((300, 200))  # long enough for more pages than the budget
+    results = generate(tiny_model(), prompts, get_method(name, **kwargs), max_new_tokens=4, stop_ids=[])
+    for r in results:
+        assert r.output_length == 4
+        if name == "oracle_block_sparse":
+            assert float(np.min(r.sparsity.prefill_density)) < 1.0
+        else:  # decode reads about half of the cached tokens
+            assert 0.4 < float(np.mean(r.sparsity.decode_density)) < 0.8
