@@ -117,6 +117,8 @@ def test_eviction_coverage_reads_kept_and_generated_tokens():
     indices = np.tile(np.arange(0, 80, 2, dtype=np.int32), (B, G, 1))
     kept = kept_slots(jnp.asarray(indices), jnp.asarray([[40, 40], [40, 30]]), prompt)
     diag = decode_diagnostics(get_method("snapkv"), jnp.asarray(q), cache, LAYER, kept=kept)
+    with pytest.raises(ValueError, match="kept"):
+        decode_diagnostics(get_method("snapkv"), jnp.asarray(q), cache, LAYER)
     for b, n in enumerate(lengths):
         for h in range(H):
             count = 40 if (b, h // GROUP) != (1, 1) else 30

@@ -21,6 +21,7 @@ from sparse_jax.attention.methods.block_sparse import BlockSparse, block_sparse_
 from sparse_jax.attention.methods.flexprefill import FlexPrefill, flexprefill_index
 from sparse_jax.attention.methods.oracles import OracleTokens
 from sparse_jax.attention.methods.quest import Quest
+from sparse_jax.attention.methods.snapkv import EvictionMethod
 from sparse_jax.attention.methods.vertical_and_slash import VerticalAndSlash, vertical_and_slash_index
 from sparse_jax.diagnostics.coverage import (
     decode_coverage,
@@ -103,6 +104,8 @@ def decode_read_slots(method: AttentionMethod, q: jax.Array, cache: PagedKVCache
     if isinstance(method, OracleTokens):
         probs = decode_probabilities(q, cache.k_pages, cache.page_table, cache.lengths, scale=layer.scale)
         return method.kept_slots(probs.sum(axis=2), cache.lengths, cache.capacity)
+    if isinstance(method, EvictionMethod) and kept is None:
+        raise ValueError(f"{method.name}: decode diagnostics need the slots its eviction kept (kept=...).")
     if kept is not None:
         prompt = kept.shape[2]
         generated = (jnp.arange(slots)[None, None, :] >= prompt) & valid
