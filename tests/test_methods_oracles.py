@@ -205,3 +205,31 @@ def test_oracles_run_through_the_engine(name, kwargs):
             assert float(np.min(r.sparsity.prefill_density)) < 1.0
         else:  # decode reads about half of the cached tokens
             assert 0.4 < float(np.mean(r.sparsity.decode_density)) < 0.8
+
+
+def test_oracle_vertical_and_slash_ranks_by_mass_over_every_query():
+    from sparse_jax.attention.methods.vertical_slash_index import select_from_scores
+
+    t, length, nv, ns = 150, 131, 12, 70
+    rng = np.random.default_rng(6)
+    q = jnp.asarray(rng.normal(size=(1, t, H, D)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, t, G, D)), jnp.float32)
+    method = get_method("oracle_vertical_and_slash", vertical_size=nv, slash_size=ns)
+    selection = select_from_scores(method.score_fn(t, LAYER.scale), q, k, jnp.asarray([length]),
+                                   jnp.asarray([nv]), jnp.asarray([ns]), nv_max=nv, ns_max=ns)
+    qn, kn = np.asarray(q[0], np.float64), np.asarray(k[0], np.float64)
+    for h in range(H):
+        p = np.zeros((length, length))
+        for i in range(length):
+            p[i, : i + 1] = _dense_probs(qn[i, h], kn[:, h // GROUP], i + 1)
+        verticals = p.sum(0)
+        verticals[:4] = np.inf
+        slashes = np.array([np.trace(p, offset=-delta) for delta in range(length)])
+        slashes[:64] = np.inf
+        assert set(np.asarray(selection.verticals[0, h]).tolist()) == set(np.argsort(-verticals)[:nv].tolist())
+        assert set(np.asarray(selection.offsets[0, h]).tolist()) == set(np.argsort(-slashes)[:ns].tolist())
+    out, stats = method.prefill(q, k, k, lengths=jnp.asarray([length]), layer=LAYER)
+    _, base = get_method("vertical_and_slash", vertical_size=nv, slash_size=ns).prefill(
+        q, k, k, lengths=jnp.asarray([length]), layer=LAYER)
+    assert out.shape == q.shape
+    np.testing.assert_array_equal(np.asarray(stats.causal_pairs), np.asarray(base.causal_pairs))

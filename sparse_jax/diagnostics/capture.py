@@ -22,7 +22,7 @@ from sparse_jax.attention.methods.flexprefill import FlexPrefill, flexprefill_in
 from sparse_jax.attention.methods.oracles import OracleTokens
 from sparse_jax.attention.methods.quest import Quest
 from sparse_jax.attention.methods.snapkv import EvictionMethod
-from sparse_jax.attention.methods.vertical_and_slash import VerticalAndSlash, vertical_and_slash_index
+from sparse_jax.attention.methods.vertical_and_slash import VerticalAndSlash
 from sparse_jax.diagnostics.coverage import (
     decode_coverage,
     kept_slots,
@@ -58,9 +58,7 @@ def prefill_index(
         return block_sparse_index(q, k, lengths, top_chunks, block_size=method.chunk_size, max_chunks=k_max,
                                   scorer=method.block_scorer(layer))
     if isinstance(method, VerticalAndSlash):
-        nv, ns, nv_max, ns_max = method.budgets_for(lengths, q.shape[1])
-        return vertical_and_slash_index(q, k, lengths, nv, ns, approximation_size=method.approximation_size,
-                                        max_verticals=nv_max, max_slashes=ns_max, scale=layer.scale)
+        return method.index(q, k, lengths, layer)
     if isinstance(method, FlexPrefill):
         min_budgets, max_budget = method.min_budgets_for(lengths, q.shape[1])
         return flexprefill_index(q, k, lengths, min_budgets, alpha=method.alpha,

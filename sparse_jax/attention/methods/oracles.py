@@ -17,6 +17,10 @@ same budget could do (docs/fidelity.md, "Oracle methods").
 * ``oracle_block_sparse``: block-sparse's blocks per query block, ranked by the true
   attention mass of the block pair, with the sink, diagonal and sub-diagonal blocks
   forced as in block-sparse, applied by the block-sparse kernel.
+* ``oracle_vertical_and_slash``: vertical-and-slash's budgets and forced keys and
+  diagonals, verticals and slashes ranked by the true attention mass of every query of
+  the prompt (instead of the last ``approximation_size``), applied by the
+  vertical-slash kernel. It also bounds FlexPrefill at the same budgets.
 
 They need dense scores, so they cost more than dense attention; they are measuring
 instruments, not methods to deploy. Budget detail: ``oracle_tokens`` computes its
@@ -41,11 +45,18 @@ from pallas_kernels.paged_decode.quest import select_pages
 from pallas_kernels.paged_decode.reference import gather_rows
 from sparse_jax.attention.base import AttentionMethod, DecodeStats, LayerSpec
 from sparse_jax.attention.methods import budgets
-from sparse_jax.attention.methods.attention_mass import block_attention_mass, decode_probabilities
+from sparse_jax.attention.methods.attention_mass import (
+    block_attention_mass,
+    decode_probabilities,
+    map_probability_tiles,
+    tile_rows,
+)
 from sparse_jax.attention.methods.block_sparse import BlockScorer, BlockSparse, force_blocks
 from sparse_jax.attention.methods.quest import Quest
-from sparse_jax.attention.methods.scoring import NEG_INF, POS_INF, top_k_valid
+from sparse_jax.attention.methods.scoring import NEG_INF, POS_INF, top_k_valid, window_diagonal_sums
 from sparse_jax.attention.methods.snapkv import EvictionMethod
+from sparse_jax.attention.methods.vertical_and_slash import VerticalAndSlash
+from sparse_jax.attention.methods.vertical_slash_index import ScoreFn
 from sparse_jax.attention.registry import register
 
 if TYPE_CHECKING:  # The engine imports the methods; avoid the cycle at run time.
@@ -166,3 +177,33 @@ class OracleBlockSparse(BlockSparse):
         """Exact attention mass of each block pair, with block-sparse's forced blocks."""
         mass = functools.partial(block_attention_mass, block_size=self.chunk_size, scale=layer.scale)
         return lambda q, k, length: force_blocks(mass(q, k, length))
+
+
+def true_vertical_slash_scores(bucket: int, scale: float) -> ScoreFn:
+    """A ``ScoreFn``: each key's and each diagonal's attention mass summed over every query.
+
+    Tiles of queries are soft-maxed over their causal keys; a tile of rows
+    ``first .. first + rows - 1`` is the window of a prompt of ``first + rows`` tokens
+    for :func:`window_diagonal_sums`.
+    """
+    rows = tile_rows(bucket, 64)
+
+    def scores(qs, ks, length, nv, ns):
+        def reduce(first, probs):  # [rows, T]
+            return probs.sum(axis=0), window_diagonal_sums(probs, first + rows)
+
+        verticals, slashes = map_probability_tiles(qs, ks, length, reduce, scale=scale, rows=rows)
+        return verticals.sum(axis=0), slashes.sum(axis=0), nv, ns
+
+    return scores
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class OracleVerticalAndSlash(VerticalAndSlash):
+    """Vertical-and-slash's budgets, verticals and slashes ranked by true attention mass."""
+
+    name: ClassVar[str] = "oracle_vertical_and_slash"
+
+    def score_fn(self, bucket: int, scale: float) -> ScoreFn:
+        return true_vertical_slash_scores(bucket, scale)

@@ -138,16 +138,14 @@ class VerticalAndSlash(AttentionMethod):
     ) -> tuple[jax.Array, PrefillStats]:
         if layer.sliding_window is not None:
             return super().prefill(q, k, v, lengths=lengths, layer=layer)
+        return attend(q, k, v, self.index(q, k, lengths, layer), lengths=lengths, scale=layer.scale)
+
+    def index(self, q: jax.Array, k: jax.Array, lengths: jax.Array, layer: LayerSpec) -> VerticalSlashIndex:
+        """The pattern of every query head (shapes as in :meth:`prefill`)."""
         nv, ns, nv_max, ns_max = self.budgets_for(lengths, q.shape[1])
-        index = vertical_and_slash_index(
-            q,
-            k,
-            lengths,
-            nv,
-            ns,
-            approximation_size=self.approximation_size,
-            max_verticals=nv_max,
-            max_slashes=ns_max,
-            scale=layer.scale,
-        )
-        return attend(q, k, v, index, lengths=lengths, scale=layer.scale)
+        return index_from_scores(self.score_fn(q.shape[1], layer.scale), q, k, lengths, nv, ns, nv_max=nv_max,
+                                 ns_max=ns_max)
+
+    def score_fn(self, bucket: int, scale: float) -> ScoreFn:
+        """How one head's keys and diagonals are ranked (see :func:`vertical_and_slash_scores`)."""
+        return vertical_and_slash_scores(self.approximation_size, bucket, scale)
