@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax.attention.base import AttentionMethod, DecodeStats, KeptTokens, LayerSpec, PrefillStats
+from sparse_jax.attention.kv_cache import PagedKVCache
 
-if TYPE_CHECKING:  # Imported for annotations only; the engine imports this module.
-    from sparse_jax.attention.kv_cache import PagedKVCache
 
 COMPOSE_SEPARATOR = "+"
 

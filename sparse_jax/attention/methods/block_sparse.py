@@ -20,6 +20,8 @@ Differences from the reference, by design:
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import ClassVar
 
 import jax
@@ -57,7 +59,13 @@ def pooled_block_scores(q: jax.Array, k: jax.Array, length: jax.Array, block_siz
         x = jnp.pad(x, ((0, nb * block_size - t), (0, 0))).reshape(nb, block_size, d)
         return x.mean(axis=1).astype(q.dtype)
 
-    s = jnp.einsum("md,nd->mn", pool(q), pool(k))
+    return force_blocks(jnp.einsum("md,nd->mn", pool(q), pool(k)))
+
+
+def force_blocks(s: jax.Array) -> jax.Array:
+    """Block scores ``[nb, nb]`` with the sink column, diagonal and sub-diagonal set to
+    ``+inf`` and the blocks above the diagonal to ``-inf`` (REFERENCE.md 4.2 step 4)."""
+    nb = s.shape[0]
     m = jnp.arange(nb)[:, None]
     n = jnp.arange(nb)[None, :]
     s = jnp.where((n == m) | (n == m - 1), POS_INF, s)
@@ -65,8 +73,19 @@ def pooled_block_scores(q: jax.Array, k: jax.Array, length: jax.Array, block_siz
     return jnp.where(n == 0, POS_INF, s)
 
 
+BlockScorer = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+"""``(q [T, d], k [T, d], length) -> [nb, nb]`` forced block scores of one head."""
+
+
 def block_sparse_index(
-    q: jax.Array, k: jax.Array, lengths: jax.Array, top_chunks: jax.Array, *, block_size: int, max_chunks: int
+    q: jax.Array,
+    k: jax.Array,
+    lengths: jax.Array,
+    top_chunks: jax.Array,
+    *,
+    block_size: int,
+    max_chunks: int,
+    scorer: BlockScorer | None = None,
 ) -> BlockSparseIndex:
     """Which key blocks each query block of each head computes.
 
@@ -77,14 +96,18 @@ def block_sparse_index(
       top_chunks: ``[B]`` int32 blocks kept per query block (``<= max_chunks``).
       block_size: tokens per block.
       max_chunks: static upper bound of ``top_chunks``, at most ``ceil(T / block_size)``.
+      scorer: block scores of one head; default :func:`pooled_block_scores`.
 
     Returns:
       :class:`BlockSparseIndex` with ``block_ids [B, H, nb, max_chunks]`` ascending,
       ``counts [B, H, nb] = min(m + 1, top_chunks)`` for query block ``m``.
     """
 
+    if scorer is None:
+        scorer = functools.partial(pooled_block_scores, block_size=block_size)
+
     def one_head(qh, kh):  # [B, T, d] each
-        scores = jax.vmap(pooled_block_scores, in_axes=(0, 0, 0, None))(qh, kh, lengths, block_size)
+        scores = jax.vmap(scorer)(qh, kh, lengths)
         ids, valid = top_k_valid(scores, max_chunks, top_chunks[:, None])
         return compact_ascending(ids, valid)
 
@@ -130,6 +153,11 @@ class BlockSparse(AttentionMethod):
             )
         budgets.check_sparsity(self.sparsity, self.name)
 
+    def block_scorer(self, layer: LayerSpec) -> BlockScorer:
+        """How one head's block pairs are ranked: pooled ``q . k`` (see :func:`pooled_block_scores`)."""
+        del layer
+        return functools.partial(pooled_block_scores, block_size=self.chunk_size)
+
     def top_chunks_for(self, lengths: jax.Array, bucket: int) -> tuple[jax.Array, int]:
         """Per-row ``top_chunks [B]`` and its static maximum for bucket length ``bucket``."""
         nb_bucket = -(-bucket // self.chunk_size)
@@ -146,7 +174,8 @@ class BlockSparse(AttentionMethod):
         if layer.sliding_window is not None:
             return super().prefill(q, k, v, lengths=lengths, layer=layer)
         top_chunks, k_max = self.top_chunks_for(lengths, q.shape[1])
-        index = block_sparse_index(q, k, lengths, top_chunks, block_size=self.chunk_size, max_chunks=k_max)
+        index = block_sparse_index(q, k, lengths, top_chunks, block_size=self.chunk_size, max_chunks=k_max,
+                                   scorer=self.block_scorer(layer))
         out = block_sparse_attention(q, k, v, index, scale=layer.scale, implementation=self.implementation)
         h = q.shape[2]
         reported_k = top_chunks if self.sparsity is not None else jnp.full(lengths.shape, self.top_chunks)

@@ -32,7 +32,7 @@ from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from sparse_jax.attention.base import AttentionMethod, LayerSpec, PrefillStats
 from sparse_jax.attention.methods import budgets
 from sparse_jax.attention.methods.scoring import coverage_count, window_diagonal_sums, window_probabilities
-from sparse_jax.attention.methods.vertical_slash_index import LOCAL_DIAGONALS, attend, index_from_scores
+from sparse_jax.attention.methods.vertical_slash_index import LOCAL_DIAGONALS, ScoreFn, attend, index_from_scores
 from sparse_jax.attention.registry import register
 
 
@@ -61,7 +61,14 @@ def flexprefill_index(
     Returns:
       :class:`VerticalSlashIndex` ``[B, H, ceil(T / 64), ...]``.
     """
-    window = min(approximation_size, q.shape[1])
+    scores = flexprefill_scores(approximation_size, q.shape[1], scale, alpha=alpha, max_budget=max_budget)
+    return index_from_scores(scores, q, k, lengths, min_budgets, min_budgets, nv_max=max_budget, ns_max=max_budget)
+
+
+def flexprefill_scores(approximation_size: int, bucket: int, scale: float, *, alpha: float, max_budget: int) -> ScoreFn:
+    """The estimation of one head (a ``ScoreFn``): fp32 window probabilities averaged per key
+    and per diagonal, and the coverage budgets ``max(min_budget, cover(score, alpha))``."""
+    window = min(approximation_size, bucket)
 
     def scores(qs, ks, length, min_budget, _):
         probs, _, valid = window_probabilities(
@@ -77,7 +84,7 @@ def flexprefill_index(
 
         return v_score, s_score, budget(v_score), budget(s_score)
 
-    return index_from_scores(scores, q, k, lengths, min_budgets, min_budgets, nv_max=max_budget, ns_max=max_budget)
+    return scores
 
 
 @register

@@ -110,10 +110,22 @@ class Quest(AttentionMethod):
     def decode(self, q: jax.Array, cache: PagedKVCache, *, layer: LayerSpec) -> tuple[jax.Array, DecodeStats]:
         if layer.sliding_window is not None:
             return super().decode(q, cache, layer=layer)
+        table, row_lengths, max_pages = self.read_table(q, cache, layer)
+        out = paged_decode_attention(q, cache.k_pages, cache.v_pages, table, row_lengths, scale=layer.scale,
+                                     max_row_pages=max_pages + 1, implementation=self.implementation)
+        read = jnp.repeat(row_lengths, q.shape[1] // row_lengths.shape[1], axis=1).astype(jnp.float32)
+        cached = jnp.broadcast_to(cache.seq_lengths[:, None], read.shape).astype(jnp.float32)
+        return out, DecodeStats(tokens_read=read, tokens_cached=cached)
+
+    def read_table(self, q: jax.Array, cache: PagedKVCache, layer: LayerSpec) -> tuple[jax.Array, jax.Array, int]:
+        """This step's decode table ``[B, R, >= b + 1]``, read lengths ``[B, R]`` and ``b``.
+
+        ``b`` is the static bound of earlier pages any row reads; ``R = G`` with
+        ``share_pages``, else ``H``.
+        """
         page_size = self.cache_page_size(cache.page_size)
-        h = q.shape[1]
         g = cache.num_kv_heads
-        rows = g if self.share_pages else h
+        rows = g if self.share_pages else q.shape[1]
         n = jnp.repeat(cache.lengths, rows // g, axis=1)
         if self.sparsity is None:
             max_pages = self.token_budget // page_size
@@ -121,20 +133,37 @@ class Quest(AttentionMethod):
             capacity = cache.page_table.shape[2] * page_size
             max_pages = int(budgets.token_budget(capacity, self.sparsity, page_size)) // page_size
         max_pages = max(max_pages, 1)
+        table, row_lengths = self.choose_pages(
+            q, cache, scale=layer.scale, page_size=page_size, token_budget=max_pages * page_size,
+            budget_pages=self.budget_tokens(n, page_size) // page_size,
+        )
+        return table, row_lengths, max_pages
+
+    def choose_pages(
+        self,
+        q: jax.Array,
+        cache: PagedKVCache,
+        *,
+        scale: float,
+        page_size: int,
+        token_budget: int,
+        budget_pages: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
+        """The decode table ``[B, R, b + 1 + spare]`` and read lengths ``[B, R]`` of this step.
+
+        ``R = G`` with ``share_pages``, else ``H``; ``scale`` is the layer's softmax scale
+        (unused by Quest's estimate, used by its oracle); the other arguments are
+        :func:`pallas_kernels.paged_decode.quest_page_table`'s.
+        """
+        del scale
         # The selection leaves room for the decode kernel's page blocks after the selected
         # pages, so the decode reads its table in place (one kernel less per step; H100
         # timings in experiments/results/decode_kernels_h100.md).
-        table, row_lengths = quest_page_table(
+        return quest_page_table(
             q, cache.k_min, cache.k_max, cache.page_table, cache.lengths, page_size=page_size,
-            token_budget=max_pages * page_size, share_pages=self.share_pages,
-            budget_pages=self.budget_tokens(n, page_size) // page_size, spare_columns=DecodeConfig.pages_per_block,
-            implementation=self.implementation,
+            token_budget=token_budget, share_pages=self.share_pages, budget_pages=budget_pages,
+            spare_columns=DecodeConfig.pages_per_block, implementation=self.implementation,
         )
-        out = paged_decode_attention(q, cache.k_pages, cache.v_pages, table, row_lengths, scale=layer.scale,
-                                     max_row_pages=max_pages + 1, implementation=self.implementation)
-        read = jnp.repeat(row_lengths, h // rows, axis=1).astype(jnp.float32)
-        cached = jnp.broadcast_to(cache.seq_lengths[:, None], read.shape).astype(jnp.float32)
-        return out, DecodeStats(tokens_read=read, tokens_cached=cached)
 
     def describe(self) -> dict:
         described = super().describe()

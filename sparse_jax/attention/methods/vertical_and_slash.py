@@ -32,6 +32,7 @@ from sparse_jax.attention.methods.scoring import window_diagonal_sums, window_pr
 from sparse_jax.attention.methods.vertical_slash_index import (
     FORCED_VERTICALS,
     LOCAL_DIAGONALS,
+    ScoreFn,
     attend,
     index_from_scores,
 )
@@ -63,7 +64,16 @@ def vertical_and_slash_index(
     Returns:
       :class:`VerticalSlashIndex` ``[B, H, ceil(T / 64), ...]``.
     """
-    window = min(approximation_size, q.shape[1])
+    return index_from_scores(
+        vertical_and_slash_scores(approximation_size, q.shape[1], scale), q, k, lengths, vertical_sizes,
+        slash_sizes, nv_max=max_verticals, ns_max=max_slashes,
+    )
+
+
+def vertical_and_slash_scores(approximation_size: int, bucket: int, scale: float) -> ScoreFn:
+    """The estimation of one head (a ``ScoreFn``): bf16 window probabilities of the last
+    ``min(A, L)`` queries, summed per key (verticals) and per diagonal (slashes)."""
+    window = min(approximation_size, bucket)
 
     def scores(qs, ks, length, nv, ns):
         probs, _, _ = window_probabilities(
@@ -72,9 +82,7 @@ def vertical_and_slash_index(
         probs = probs[0].astype(jnp.bfloat16)  # exact (already rounded); halves the traffic of both sums
         return probs.sum(axis=0, dtype=jnp.float32), window_diagonal_sums(probs, length), nv, ns
 
-    return index_from_scores(
-        scores, q, k, lengths, vertical_sizes, slash_sizes, nv_max=max_verticals, ns_max=max_slashes
-    )
+    return scores
 
 
 @register
@@ -130,16 +138,15 @@ class VerticalAndSlash(AttentionMethod):
     ) -> tuple[jax.Array, PrefillStats]:
         if layer.sliding_window is not None:
             return super().prefill(q, k, v, lengths=lengths, layer=layer)
+        return attend(q, k, v, self.index(q, k, lengths, layer), lengths=lengths, scale=layer.scale,
+                      implementation=self.implementation)
+
+    def index(self, q: jax.Array, k: jax.Array, lengths: jax.Array, layer: LayerSpec) -> VerticalSlashIndex:
+        """The pattern of every query head (shapes as in :meth:`prefill`)."""
         nv, ns, nv_max, ns_max = self.budgets_for(lengths, q.shape[1])
-        index = vertical_and_slash_index(
-            q,
-            k,
-            lengths,
-            nv,
-            ns,
-            approximation_size=self.approximation_size,
-            max_verticals=nv_max,
-            max_slashes=ns_max,
-            scale=layer.scale,
-        )
-        return attend(q, k, v, index, lengths=lengths, scale=layer.scale, implementation=self.implementation)
+        return index_from_scores(self.score_fn(q.shape[1], layer.scale), q, k, lengths, nv, ns, nv_max=nv_max,
+                                 ns_max=ns_max)
+
+    def score_fn(self, bucket: int, scale: float) -> ScoreFn:
+        """How one head's keys and diagonals are ranked (see :func:`vertical_and_slash_scores`)."""
+        return vertical_and_slash_scores(self.approximation_size, bucket, scale)

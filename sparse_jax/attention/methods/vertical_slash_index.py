@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,20 @@ WALK_UNROLL = 8
 ScoreFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
 
 
+class Selection(NamedTuple):
+    """Selected verticals and slashes of every query head (``[B, H, n]`` each).
+
+    Attributes:
+      verticals: key positions, best first; vertical_valid: which are selected.
+      offsets: slash offsets (query - key), best first; offset_valid: which are selected.
+    """
+
+    verticals: jax.Array
+    vertical_valid: jax.Array
+    offsets: jax.Array
+    offset_valid: jax.Array
+
+
 def index_from_scores(
     score_fn: ScoreFn,
     q: jax.Array,
@@ -55,7 +70,24 @@ def index_from_scores(
     nv_max: int,
     ns_max: int,
 ) -> VerticalSlashIndex:
-    """Per query head: scores -> forced top-``nv`` verticals and top-``ns`` slashes -> index.
+    """:func:`select_from_scores`, then the index of those verticals and slashes."""
+    selection = select_from_scores(score_fn, q, k, lengths, vertical_budgets, slash_budgets, nv_max=nv_max,
+                                   ns_max=ns_max)
+    return build_index(*selection, num_row_blocks=-(-q.shape[1] // TILE), block_m=TILE, block_n=TILE)
+
+
+def select_from_scores(
+    score_fn: ScoreFn,
+    q: jax.Array,
+    k: jax.Array,
+    lengths: jax.Array,
+    vertical_budgets: jax.Array,
+    slash_budgets: jax.Array,
+    *,
+    nv_max: int,
+    ns_max: int,
+) -> Selection:
+    """Per query head: scores -> forced top-``nv`` verticals and top-``ns`` slashes.
 
     Key tokens ``0..3`` and offsets ``0..63`` are forced in (when inside the prompt);
     keys and offsets at or past ``L`` are never selected, so budgets are effectively
@@ -68,10 +100,9 @@ def index_from_scores(
       nv_max, ns_max: static upper bounds of the budgets ``score_fn`` returns (``<= T``).
 
     Returns:
-      :class:`VerticalSlashIndex` over ``ceil(T / 64)`` row blocks of 64 queries.
+      :class:`Selection` with ``nv_max`` vertical and ``ns_max`` slash slots.
     """
     t = q.shape[1]
-    num_row_blocks = -(-t // TILE)
 
     def one_head(qh, kh):
         return jax.vmap(score_fn)(qh, kh, lengths, vertical_budgets, slash_budgets)
@@ -82,8 +113,7 @@ def index_from_scores(
     real = pos < lengths[:, None, None]
     v_score = jnp.where(real, jnp.where(pos < FORCED_VERTICALS, POS_INF, v_score), NEG_INF)
     s_score = jnp.where(real, jnp.where(pos < LOCAL_DIAGONALS, POS_INF, s_score), NEG_INF)
-    selections = (*top_k_valid(v_score, nv_max, nv), *top_k_valid(s_score, ns_max, ns))  # [B, H, n] each
-    return build_index(*selections, num_row_blocks=num_row_blocks, block_m=TILE, block_n=TILE)
+    return Selection(*top_k_valid(v_score, nv_max, nv), *top_k_valid(s_score, ns_max, ns))  # [B, H, n] each
 
 
 def attend(
