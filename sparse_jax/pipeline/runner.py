@@ -102,7 +102,7 @@ def check_config(cfg: ExperimentConfig, *, task_args: bool = True) -> None:
     if task_args:
         from sparse_jax.pipeline.resources import load_tokenizer
 
-        _make_task(cfg, load_tokenizer(cfg.model))
+        _make_task(cfg, load_tokenizer(cfg.model, cfg.prompt_format))
 
 
 def prepare(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -114,7 +114,7 @@ def prepare(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, A
     records, _ = jsonl_store.read_records(data_file)
     if len(records) == cfg.samples and (data_dir / "data.json").exists():
         return records
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.prompt_format)
     task = _make_task(cfg, tokenizer)
     try:
         records = task.generate_samples(progress=progress)
@@ -149,7 +149,7 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
     if not todo:
         return [done[r["index"]] for r in records]
     method = _make_method(cfg)
-    bundle = load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh)
+    bundle = load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh, cfg.prompt_format)
     tokenizer = bundle.tokenizer
     engine_config = EngineConfig(batch_size=cfg.batch_size, max_input_tokens=cfg.max_input_tokens)
     if bundle.mesh is None:
@@ -230,7 +230,7 @@ def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequen
     if missing:
         raise StageError(f"{cfg.run_dir()}: no prediction for samples {missing[:10]}; run the predict stage first")
     merged = [r | {"pred": by_index[r["index"]]["pred"]} for r in records]
-    task = _make_task(cfg, load_tokenizer(cfg.model))
+    task = _make_task(cfg, load_tokenizer(cfg.model, cfg.prompt_format))
     evaluation = task.evaluate(merged)
     run_dir = cfg.run_dir()
     jsonl_store.write_records(run_dir / "scores.jsonl", [{"index": s.index, "score": s.score} for s in evaluation.scores])
