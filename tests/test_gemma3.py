@@ -126,10 +126,18 @@ def test_gemma3_270m_config(gemma_path):
 
 
 def test_gemma3_270m_tokenizer_equals_sentencepiece(gemma_path):
+    """Same ids as sentencepiece on ~3.9K characters, except control tokens written in the text: sentencepiece
+    never reads them from text, this project's tokenizer does (as llama.cpp does), so `<start_of_turn>` is one
+    token here and seven pieces there."""
     tok = _tokenizer(gemma_path)
     cases = _reference_token_cases()
     assert sum(len(text) for text, _ in cases) >= 3000
     for text, ids in cases:
+        if "<start_of_turn>" in text:
+            pieces = tok.hf_tokenizer.convert_ids_to_tokens(ids)
+            assert pieces[:7] == ["<", "start", "_", "of", "_", "turn", ">"]
+            assert tok.text_to_tokens(text)[:2] == [105, tok.text_to_tokens("user")[0]]
+            continue
         assert tok.text_to_tokens(text) == ids, text
         assert tok.decode(ids) == text, text
 
@@ -202,3 +210,17 @@ def test_gemma3_270m_bad_chunks(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="wrong sha256.*make setup-gemma"):
         embedded.gemma3_270m_path()
     assert not list((tmp_path / "cache" / "models").iterdir())  # no partial file left behind
+
+
+def test_gemma3_270m_gin_selects_the_completion_format():
+    from sparse_jax.pipeline.errors import ConfigError
+    from sparse_jax.pipeline.experiment import ExperimentConfig, current_config, parse_gin
+
+    parse_gin([Path(__file__).resolve().parent.parent / "configs" / "models" / "gemma3_270m.gin"], [])
+    cfg = current_config()
+    assert (cfg.model, cfg.prompt_format, cfg.dtype) == ("gemma3_270m", "completion", "float32")
+    chat = ExperimentConfig(**(cfg.__dict__ | {"prompt_format": "chat"}))
+    assert "prompt_format" not in chat.key_fields()  # chat models keep the run keys they had
+    assert cfg.run_key() != chat.run_key() and cfg.data_key() != chat.data_key()
+    with pytest.raises(ConfigError, match="prompt_format must be one of chat, completion, got 'plain'"):
+        ExperimentConfig(prompt_format="plain")
