@@ -102,13 +102,14 @@ def _spm_merges(meta: GGUFTokenizerMetadata) -> list[tuple[str, str]]:
     joined piece's score (highest first; ties by id, then by the left part's length).
     """
     vocab = {token: i for i, token in enumerate(meta.tokens)}
+    scores = meta.scores.tolist()
     candidates = []
-    for i, (piece, kind) in enumerate(zip(meta.tokens, meta.token_types)):
-        if int(kind) != _NORMAL_TOKEN:
+    for i, (piece, kind) in enumerate(zip(meta.tokens, meta.token_types.tolist())):
+        if kind != _NORMAL_TOKEN:
             continue
         for cut in range(1, len(piece)):
             if piece[:cut] in vocab and piece[cut:] in vocab:
-                candidates.append((-float(meta.scores[i]), i, cut, piece[:cut], piece[cut:]))
+                candidates.append((-scores[i], i, cut, piece[:cut], piece[cut:]))
     candidates.sort()
     return [(left, right) for *_, left, right in candidates]
 

@@ -213,11 +213,14 @@ def test_gemma3_270m_bad_chunks(monkeypatch, tmp_path):
 
 
 def test_gemma3_270m_gin_selects_the_completion_format():
+    import gin
+
     from sparse_jax.pipeline.errors import ConfigError
     from sparse_jax.pipeline.experiment import ExperimentConfig, current_config, parse_gin
 
     parse_gin([Path(__file__).resolve().parent.parent / "configs" / "models" / "gemma3_270m.gin"], [])
     cfg = current_config()
+    gin.clear_config()  # leave no bindings behind for other tests
     assert (cfg.model, cfg.prompt_format, cfg.dtype) == ("gemma3_270m", "completion", "float32")
     chat = ExperimentConfig(**(cfg.__dict__ | {"prompt_format": "chat"}))
     assert "prompt_format" not in chat.key_fields()  # chat models keep the run keys they had
