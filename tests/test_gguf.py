@@ -210,7 +210,7 @@ def test_missing_tensor(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(tokenizer_model="llama"), "tokenizer model 'llama' is not supported"),
+    (dict(tokenizer_model="bert"), "tokenizer model 'bert' is not supported"),
     (dict(pre="qwen2"), "pre-tokenizer 'qwen2' is not supported"),
 ])
 def test_unsupported_gguf_tokenizer(tmp_path, kwargs, match):

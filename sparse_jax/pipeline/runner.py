@@ -141,7 +141,7 @@ def check_config(cfg: ExperimentConfig, *, task_args: bool = True) -> None:
     if task_args:
         from sparse_jax.pipeline.resources import load_tokenizer
 
-        _make_task(cfg, load_tokenizer(cfg.model))
+        _make_task(cfg, load_tokenizer(cfg.model, cfg.prompt_format))
         _check_context(cfg)
 
 
@@ -154,7 +154,7 @@ def prepare(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, A
     records, _ = jsonl_store.read_records(data_file)
     if len(records) == cfg.samples and (data_dir / "data.json").exists():
         return records
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.prompt_format)
     task = _make_task(cfg, tokenizer)
     try:
         records = task.generate_samples(progress=progress)
@@ -197,7 +197,6 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
     resumes.
     """
     from sparse_jax.engine.generate import Engine
-    from sparse_jax.pipeline.resources import load_bundle
 
     pred_file = cfg.run_dir() / "predictions.jsonl"
     done = {r["index"]: r for r in jsonl_store.repair(pred_file)}
@@ -205,9 +204,7 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
     if not todo:
         return [done[r["index"]] for r in records]
     method = make_method(cfg)
-    bundle = load_bundle(
-        cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh, cfg.rope_policy
-    )
+    bundle = _bundle(cfg)
     tokenizer = bundle.tokenizer
     engine_config = _engine_config(cfg)
     if bundle.mesh is None:
@@ -260,13 +257,13 @@ def _weighted(values: Sequence[float | None], weights: Sequence[float]) -> float
     return float(sum(v * w for v, w in pairs) / sum(w for _, w in pairs))
 
 
-def _loaded_model(cfg: ExperimentConfig) -> LoadedModel:
-    """The model predict loaded (cached by ``load_bundle``, on its mesh)."""
+def _bundle(cfg: ExperimentConfig):
+    """The model and tokenizer ``cfg`` runs with (cached by ``load_bundle``: predict and
+    evaluate share one load, on the run's mesh)."""
     from sparse_jax.pipeline.resources import load_bundle
 
-    return load_bundle(
-        cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh, cfg.rope_policy
-    ).loaded
+    return load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh,
+                       cfg.rope_policy, cfg.prompt_format)
 
 
 def _model_summary(cfg: ExperimentConfig, loaded: LoadedModel) -> ModelConfig:
@@ -328,12 +325,12 @@ def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequen
     if missing:
         raise StageError(f"{cfg.run_dir()}: no prediction for samples {missing[:10]}; run the predict stage first")
     merged = [r | {"pred": by_index[r["index"]]["pred"]} for r in records]
-    task = _make_task(cfg, load_tokenizer(cfg.model))
+    task = _make_task(cfg, load_tokenizer(cfg.model, cfg.prompt_format))
     evaluation = task.evaluate(merged)
     run_dir = cfg.run_dir()
     jsonl_store.write_records(run_dir / "scores.jsonl", [{"index": s.index, "score": s.score} for s in evaluation.scores])
     method = make_method(cfg)
-    loaded = _loaded_model(cfg)
+    loaded = _bundle(cfg).loaded
     run = RunFile(
         model=_model_summary(cfg, loaded),
         rope=loaded.config.rope_description(),
