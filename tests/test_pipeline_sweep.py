@@ -64,7 +64,7 @@ def test_bad_shard_spec(tmp_path, spec):
         ("Sweep.axis = {'ExperimentConfig.method': ['dense']}", "Did you mean 'axes'?"),
         ("Sweep.axes = {'ExperimentConfig.method': []}", "must be a non-empty list"),
         ("Sweep.axes = {'ExperimentConfig.method': ['dense', 'qest']}", "Did you mean 'quest'?"),
-        ("Sweep.axes = {'ExperimentConfig.sparsty': [0.5]}", "Did you mean 'sparsity'?"),
+        ("Sweep.axes = {'ExperimentConfig.sparsty': [0.5]}", "Did you mean 'sparsity'"),
         (
             "Sweep.axes = {'ExperimentConfig.method': ['quest'], 'ExperimentConfig.sparsity': [0.5, 1.5]}",
             "sparsity must be in [0, 1)",

@@ -166,6 +166,11 @@ class AttentionMethod:
             q, scale=layer.scale, sliding_window=layer.sliding_window, implementation=self.implementation
         )
 
+    def check_page_size(self, page_size: int) -> None:
+        """Raise ``ValueError`` if the method cannot run on a cache of ``page_size``-token
+        pages (the engine's ``EngineConfig.page_size``); called before anything runs."""
+        del page_size
+
     def describe(self) -> dict[str, Any]:
         """The method's name and hyper-parameters, for results keys and reports; the
         implementation only when one was chosen."""

@@ -110,6 +110,10 @@ class ComposedMethod(AttentionMethod):
     def decode(self, q: jax.Array, cache: PagedKVCache, *, layer: LayerSpec) -> tuple[jax.Array, DecodeStats]:
         return self.decode_part.decode(q, cache, layer=layer)
 
+    def check_page_size(self, page_size: int) -> None:
+        self.prefill_part.check_page_size(page_size)
+        self.decode_part.check_page_size(page_size)
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "prefill": self.prefill_part.describe(), "decode": self.decode_part.describe()}
 
@@ -181,6 +185,9 @@ class DenseLayers(AttentionMethod):
 
     def decode(self, q: jax.Array, cache: PagedKVCache, *, layer: LayerSpec) -> tuple[jax.Array, DecodeStats]:
         return self._per_layer(layer, lambda m: m.decode(q, cache, layer=layer))
+
+    def check_page_size(self, page_size: int) -> None:
+        self.inner.check_page_size(page_size)
 
     def describe(self) -> dict[str, Any]:
         return {**self.inner.describe(), "dense_layers": self.dense_layers}

@@ -257,6 +257,7 @@ class Engine:
 
     def __init__(self, model: nnx.Module, method: AttentionMethod | str = "dense", config: EngineConfig = EngineConfig()):
         self.method = get_method(method) if isinstance(method, str) else method
+        self.method.check_page_size(config.page_size)
         self.config = config
         self.model_config = model.config
         self.graphdef, self.params = nnx.split(model)

@@ -136,8 +136,11 @@ def check_config(cfg: ExperimentConfig, *, task_args: bool = True) -> None:
         close = difflib.get_close_matches(cfg.task, tasks, n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ConfigError(f"ExperimentConfig.task: unknown task {cfg.task!r}.{hint} Available: {', '.join(tasks)}.")
-    make_method(cfg)
-    _engine_config(cfg)
+    method, engine_config = make_method(cfg), _engine_config(cfg)
+    try:
+        method.check_page_size(engine_config.page_size)
+    except ValueError as e:
+        raise ConfigError(f"ExperimentConfig.method={cfg.method!r}: {e}") from e
     if task_args:
         from sparse_jax.pipeline.resources import load_tokenizer
 

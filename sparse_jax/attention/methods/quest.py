@@ -74,6 +74,9 @@ class Quest(AttentionMethod):
                 f"use e.g. {self.token_budget // page_size * page_size or page_size}."
             )
 
+    def check_page_size(self, page_size: int) -> None:
+        self.check_budget(self.cache_page_size(page_size))
+
     def cache_page_size(self, page_size: int | None) -> int:
         """The page size to work with, given the cache's (``None``: not known here)."""
         if page_size is None:
