@@ -339,9 +339,7 @@ class Engine:
             page_size=cfg.page_size,
             dtype=self.cache_dtype,
         )
-        if isinstance(self.method, CacheLayout):  # allocated straight into the method's (mesh) layout
-            allocate = jax.jit(allocate, out_shardings=self.method.cache_shardings(b))
-        caches = [allocate() for _ in range(mcfg.num_layers)]
+        caches = _allocate_stacked(allocate, mcfg.num_layers, self.method, b)  # leaves [L, ...]
         prefill_key, decode_key = jax.random.split(rng)
 
         compile_s = prefill_s = 0.0
@@ -439,22 +437,24 @@ class Engine:
         b, t = tokens.shape
         method, backend = self.method, self.prefill_backend
         write, _ = _cache_updates(method)
+        num_layers, num_heads = self.model_config.num_layers, self.model_config.num_heads
 
-        def attend(layer, q, k, v, cache):
+        def attend(layer, q, k, v, state):
             out, stats = prefill_attention(method, q, k, v, lengths=lengths, layer=layer, backend=backend)
             kept = method.compress(q, k, v, lengths=lengths, layer=layer)
-            cache = write(cache, k, v, lengths, row_start=row_start, kept=kept)
+            cache = write(state[0], k, v, lengths, row_start=row_start, kept=kept)
             density = stats.attended_pairs / stats.causal_pairs[:, None]
             reported = stats.reported_sparsity.mean(axis=1) if kept is None else kept.reported_sparsity
-            return out, (cache, density, reported)
+            return out, (cache, density.astype(jnp.float32), reported.astype(jnp.float32))
 
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        logits, states = model(tokens, positions, attend=attend, layer_states=caches, logits_at=lengths - 1)
+        # Per-layer figures are stacked like the caches: [L, b, H] and [L, b].
+        states = (caches, jnp.zeros((num_layers, b, num_heads), jnp.float32), jnp.zeros((num_layers, b), jnp.float32))
+        logits, (caches, density, reported) = model(
+            tokens, positions, attend=attend, layer_states=states, logits_at=lengths - 1
+        )
         first = sample_tokens(logits, key, self.config.sampling)
-        caches = [s[0] for s in states]
-        density = jnp.stack([s[1] for s in states], axis=1)
-        reported = jnp.stack([s[2] for s in states], axis=1)
-        return caches, first, density, reported
+        return caches, first, jnp.swapaxes(density, 0, 1), jnp.swapaxes(reported, 0, 1)
 
     def _decode_fn(self, params, caches, first, prompt_lengths, stop_ids, key, *, max_new_tokens):
         """The decode loop.
@@ -475,10 +475,10 @@ class Engine:
         num_layers, num_heads = self.model_config.num_layers, self.model_config.num_heads
         _, append = _cache_updates(method)
 
-        def attend(layer, q, k, v, cache):
-            cache = append(cache, k[:, 0], v[:, 0])
+        def attend(layer, q, k, v, state):
+            cache = append(state[0], k[:, 0], v[:, 0])
             out, stats = method.decode(q[:, 0], cache, layer=layer)
-            return out[:, None], (cache, stats.tokens_read / stats.tokens_cached)
+            return out[:, None], (cache, (stats.tokens_read / stats.tokens_cached).astype(jnp.float32))
 
         def cond(carry):
             step, _, done, *_ = carry
@@ -488,11 +488,12 @@ class Engine:
             step, tokens, done, n_out, caches, decode_sum, decode_count = carry
             fed = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1)  # [B, 1]
             positions = (prompt_lengths + step - 1)[:, None]
-            logits, states = model(
-                fed, positions, attend=attend, layer_states=caches, logits_at=jnp.zeros((b,), jnp.int32)
+            states = (caches, jnp.zeros((num_layers, b, num_heads), jnp.float32))
+            logits, (caches, density) = model(
+                fed, positions, attend=attend, layer_states=states, logits_at=jnp.zeros((b,), jnp.int32)
             )
             active = ~done
-            density = jnp.stack([s[1] for s in states], axis=1)  # [B, L, H]
+            density = jnp.swapaxes(density, 0, 1)  # [B, L, H]
             decode_sum = decode_sum + jnp.where(active[:, None, None], density, 0.0)
             nxt = jnp.where(active, sample_tokens(logits, jax.random.fold_in(key, step), sampling), 0)
             tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, step, axis=1)
@@ -502,7 +503,7 @@ class Engine:
                 tokens,
                 done,
                 n_out + active,
-                [s[0] for s in states],
+                caches,
                 decode_sum,
                 decode_count + active,
             )
@@ -519,6 +520,24 @@ class Engine:
         )
         step, tokens, _, n_out, caches, decode_sum, decode_count = jax.lax.while_loop(cond, body, init)
         return caches, tokens, n_out, step, decode_sum, decode_count
+
+
+def _allocate_stacked(allocate, num_layers: int, method: AttentionMethod, batch: int) -> PagedKVCache:
+    """Every layer's empty cache in one :class:`PagedKVCache` whose arrays have a leading ``[L]`` axis.
+
+    A :class:`CacheLayout` method gets its per-layer layout, replicated over the layer axis.
+    """
+
+    def stacked():
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_layers, *a.shape)), allocate())
+
+    shardings = None
+    if isinstance(method, CacheLayout):  # allocated straight into the method's (mesh) layout
+        shardings = jax.tree.map(
+            lambda s: jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec)),
+            method.cache_shardings(batch),
+        )
+    return jax.jit(stacked, out_shardings=shardings)()
 
 
 def _cache_updates(method: AttentionMethod):
