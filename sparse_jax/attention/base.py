@@ -28,17 +28,18 @@ if TYPE_CHECKING:  # Imported for annotations only; the engine imports this modu
 
 
 class LayerSpec(NamedTuple):
-    """Static facts about the attention of one decoder layer.
+    """Facts about the attention of one decoder layer (``scale`` and ``sliding_window`` static).
 
     Attributes:
-      index: layer number, 0-based.
+      index: layer number, 0-based; a traced int32 scalar inside the model's layer loop
+        (:mod:`sparse_jax.models.transformer`), so never a Python branch or shape.
       scale: softmax scale applied to ``q . k`` (``1/sqrt(d)`` for Llama/Qwen,
         ``query_pre_attn_scalar ** -0.5`` for Gemma 3).
       sliding_window: for local (sliding-window) layers, the number of most recent
         keys a query may see, itself included; ``None`` for global layers.
     """
 
-    index: int
+    index: int | jax.Array
     scale: float
     sliding_window: int | None = None
 

@@ -228,7 +228,7 @@ class Transformer(nnx.Module):
         return dict(_param_shapes(config, dtype, dtype if param_dtype is None else param_dtype))
 
     def flat_params(self) -> dict[str, jax.Array]:
-        """All parameters keyed by dotted name, e.g. ``layers.0.mlp.up_proj.kernel``."""
+        """All parameters keyed by dotted name, e.g. ``layers.mlp.up_proj.kernel`` (``[num_layers, in, out]``)."""
         flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(self, nnx.Param)))[0]
         return {_dotted(path): leaf for path, leaf in flat}
 
