@@ -297,7 +297,8 @@ class Transformer(nnx.Module):
           ValueError: a tensor is missing or has the wrong shape (the message names it).
         """
         expected = cls.param_shapes(config, dtype=dtype, param_dtype=param_dtype)
-        for name, (hf_names, transpose) in hf_name_map(config).items():
+        names = hf_name_map(config)
+        for name, (hf_names, transpose) in names.items():
             for hf_name in hf_names:
                 if hf_name not in tensors:
                     raise ValueError(
@@ -309,7 +310,7 @@ class Transformer(nnx.Module):
                     raise ValueError(
                         f"checkpoint tensor {hf_name!r}: expected shape {want}, found {tuple(tensors[hf_name].shape)}"
                     )
-        params = _StackedHFTensors(tensors, hf_name_map(config))
+        params = _StackedHFTensors(tensors, names)
         return cls.from_flat_params(
             config, params, dtype=dtype, param_dtype=param_dtype, progress=progress, shardings=shardings
         )
