@@ -166,17 +166,15 @@ def probe_logits(
         tokens[i, : len(p)] = p
     cfg = model.config
     graphdef, params = nnx.split(model)
-    caches = [
-        PagedKVCache.allocate(
-            batch=len(prompts),
-            num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim,
-            pages_per_row=pages_for(bucket + 1, page_size),
-            page_size=page_size,
-            dtype=jnp.dtype(config.cache_dtype or model.dtype),
-        )
-        for _ in range(cfg.num_layers)
-    ]
+    empty = PagedKVCache.allocate(
+        batch=len(prompts),
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        pages_per_row=pages_for(bucket + 1, page_size),
+        page_size=page_size,
+        dtype=jnp.dtype(config.cache_dtype or model.dtype),
+    )
+    caches = jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_layers, *a.shape)), empty)  # stacked [L, ...]
 
     @jax.jit
     def run(params, caches, tokens, lengths, fed):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments.benchmarks import decode_kernels, engine_methods
+from experiments.benchmarks import compile_time, decode_kernels, engine_methods
 
 
 @pytest.mark.parametrize(
@@ -11,6 +11,7 @@ from experiments.benchmarks import decode_kernels, engine_methods
         (decode_kernels, ["--steps", "0"], "--steps must be at least 1"),
         (engine_methods, ["--methods", "quest"], "--methods must name 'dense'"),
         (engine_methods, ["--methods", "dense,qeust"], "--methods must name 'dense'"),
+        (compile_time, ["--batch", "0"], "--batch, --bucket and --new-tokens must be >= 1"),
     ],
 )
 def test_bad_options_name_the_problem(module, argv, message, monkeypatch, capsys):

@@ -40,8 +40,8 @@ def check_loading(model_dir: str, cache_dir: str) -> dict:
             "from_cache": loaded.from_cache,
             "wrong_sharding": wrong_sharding,
             "max_abs_diff": max(float(np.abs(np.asarray(params[n]) - np.asarray(plain[n])).max()) for n in plain),
-            "k_proj_shard": shard_shapes["layers.0.self_attn.k_proj.kernel"],
-            "up_proj_shard": shard_shapes["layers.0.mlp.up_proj.kernel"],
+            "k_proj_shard": shard_shapes["layers.self_attn.k_proj.kernel"],
+            "up_proj_shard": shard_shapes["layers.mlp.up_proj.kernel"],
             "lm_head_shard": shard_shapes["lm_head"],
         }
     return report
@@ -61,9 +61,9 @@ def test_sharded_convert_and_restore(tmp_path):
     for attempt, r in report.items():
         assert r["wrong_sharding"] == [], f"{attempt}: parameters not in their target sharding: {r['wrong_sharding']}"
         assert r["max_abs_diff"] == 0.0, f"{attempt}: sharded parameters differ from the plain load"
-        # tiny_llama: hidden 64, 2 KV heads x 16, MLP 96, vocab 256; mesh data 2, model 2, kv_replica 2.
-        assert r["k_proj_shard"] == [64, 16], attempt  # one KV head per model shard
-        assert r["up_proj_shard"] == [64, 24], attempt  # MLP hidden split 4 ways
+        # tiny_llama: 2 layers, hidden 64, 2 KV heads x 16, MLP 96, vocab 256; mesh data 2, model 2, kv_replica 2.
+        assert r["k_proj_shard"] == [2, 64, 16], attempt  # one KV head per model shard, every layer
+        assert r["up_proj_shard"] == [2, 64, 24], attempt  # MLP hidden split 4 ways
         assert r["lm_head_shard"] == [64, 64], attempt  # vocabulary split 4 ways
 
 

@@ -80,27 +80,27 @@ def test_param_rules_16_way_tensor_parallel_with_8_kv_heads():
     mesh = abstract_mesh(1, 16, config.num_kv_heads)  # model=8 x kv_replica=2
     shapes = Transformer.param_shapes(config, dtype=jnp.float32)
     specs = {name: param_spec(name, leaf.shape, mesh) for name, leaf in shapes.items()}
-    assert specs["layers.0.self_attn.q_proj.kernel"] == P(None, MODEL)
-    assert specs["layers.0.self_attn.k_proj.kernel"] == P(None, MODEL)
-    assert specs["layers.0.self_attn.o_proj.kernel"] == P(MODEL, None)
-    assert specs["layers.0.mlp.up_proj.kernel"] == P(None, TENSOR_AXES)
-    assert specs["layers.0.mlp.down_proj.kernel"] == P(TENSOR_AXES, None)
+    assert specs["layers.self_attn.q_proj.kernel"] == P(None, None, MODEL)  # [L, in, out]
+    assert specs["layers.self_attn.k_proj.kernel"] == P(None, None, MODEL)
+    assert specs["layers.self_attn.o_proj.kernel"] == P(None, MODEL, None)
+    assert specs["layers.mlp.up_proj.kernel"] == P(None, None, TENSOR_AXES)
+    assert specs["layers.mlp.down_proj.kernel"] == P(None, TENSOR_AXES, None)
     assert specs["embed_tokens.embedding"] == P(TENSOR_AXES, None)
-    assert specs["layers.0.attn_in_norm.weight"] == P()
+    assert specs["layers.attn_in_norm.weight"] == P()
 
 
 def test_indivisible_tensor_dims_are_replicated():
     config = llama_like(vocab_size=250, intermediate_size=100)
     mesh = abstract_mesh(1, 8, config.num_kv_heads)
     assert param_spec("embed_tokens.embedding", (250, 64), mesh) == P(None, None)
-    assert param_spec("layers.0.mlp.gate_proj.kernel", (64, 100), mesh) == P(None, None)
+    assert param_spec("layers.mlp.gate_proj.kernel", (3, 64, 100), mesh) == P(None, None, None)
 
 
 def test_attention_weights_of_a_foreign_mesh_are_rejected():
     mesh = abstract_mesh(1, 8, 8)  # built for 8 KV heads
     config = llama_like(num_kv_heads=2, num_heads=8)
     with pytest.raises(MeshError, match="num_kv_heads"):
-        param_spec("layers.0.self_attn.k_proj.kernel", (64, 2 * 2), mesh)
+        param_spec("layers.self_attn.k_proj.kernel", (3, 64, 2 * 2), mesh)
     with pytest.raises(MeshError, match="num_kv_heads=2"):
         check_model_fits(config, mesh)
 

@@ -31,10 +31,11 @@ from sparse_jax.attention.kv_cache import DecodeStats, KeptTokens, PagedKVCache
 
 
 class LayerSpec(NamedTuple):
-    """Static facts about the attention of one decoder layer.
+    """Facts about the attention of one decoder layer (``scale`` and ``sliding_window`` static).
 
     Attributes:
-      index: layer number, 0-based.
+      index: layer number, 0-based; a traced int32 scalar inside the model's layer loop
+        (:mod:`sparse_jax.models.transformer`), so never a Python branch or shape.
       scale: softmax scale applied to ``q . k`` (``1/sqrt(d)`` for Llama/Qwen,
         ``query_pre_attn_scalar ** -0.5`` for Gemma 3).
       sliding_window: for local (sliding-window) layers, the number of most recent
@@ -43,7 +44,7 @@ class LayerSpec(NamedTuple):
         owns the cache (``EngineConfig.page_size``); ``None`` outside an engine.
     """
 
-    index: int
+    index: int | jax.Array
     scale: float
     sliding_window: int | None = None
     page_size: int | None = None

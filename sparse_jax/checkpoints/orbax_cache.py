@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-FORMAT_VERSION = 1
+# 2: decoder-layer parameters stacked [num_layers, ...] under layers.* (version 1 held one entry per layer).
+FORMAT_VERSION = 2
 PARAMS_DIR = "params"
 META_FILE = "meta.json"
 

@@ -1,6 +1,8 @@
 """Which mesh axes each parameter, KV-cache array and batch dimension is split over.
 
-Parameters (flat names as in :meth:`Transformer.flat_params`, kernels ``[in, out]``):
+Parameters (flat names as in :meth:`Transformer.flat_params`, kernels ``[in, out]``; the
+rules split a parameter's trailing dimensions, so the decoder layers' parameters, stacked
+``[num_layers, ...]``, keep their layer axis whole on every device):
 
 ============================================  ==================================
 ``self_attn.{q,k,v}_proj.kernel`` / ``.bias``  output (heads) over ``model``
@@ -15,7 +17,7 @@ A dimension that the axes do not divide (e.g. a vocabulary of 151646 on 4 device
 replicated instead. Attention weights always divide: :func:`make_mesh` sizes ``model``
 to a divisor of the KV heads.
 
-KV caches (:class:`~sparse_jax.attention.kv_cache.PagedKVCache`) are split by KV head over
+KV caches (:class:`~sparse_jax.attention.kv_cache.PagedKVCache`, one layer's) are split by KV head over
 ``model``; their page pools and per-row arrays also by sequence over ``data`` when the
 batch divides it (see :func:`batch_axis`).
 """
@@ -62,8 +64,8 @@ def param_spec(name: str, shape: Sequence[int], mesh: Mesh) -> P:
     """The :class:`PartitionSpec` of parameter ``name`` of ``shape`` (see the module table)."""
     for pattern, spec in _RULES:
         if pattern.search(name):
-            axes = []
-            for size, axis in zip(shape, spec):
+            axes = [None] * (len(shape) - len(spec))  # leading (layer) axes stay whole
+            for size, axis in zip(shape[len(axes) :], spec):
                 if size % _axes_size(mesh, axis) == 0:
                     axes.append(axis)
                 elif axis == MODEL:  # attention must split by whole KV heads

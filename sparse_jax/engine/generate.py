@@ -405,9 +405,7 @@ class Engine:
             page_size=cfg.page_size,
             dtype=self.cache_dtype,
         )
-        if isinstance(self.method, CacheLayout):  # allocated straight into the method's (mesh) layout
-            allocate = jax.jit(allocate, out_shardings=self.method.cache_shardings(b))
-        caches = [allocate() for _ in range(mcfg.num_layers)]
+        caches = _allocate_stacked(allocate, mcfg.num_layers, self.method, b)  # leaves [L, ...]
         prefill_key, decode_key = jax.random.split(rng)
 
         compile_s = prefill_s = 0.0
@@ -515,25 +513,30 @@ class Engine:
         b, t = tokens.shape
         method, backend = self.method, self.prefill_backend
         write, _ = _cache_updates(method)
+        num_layers, num_heads = self.model_config.num_layers, self.model_config.num_heads
 
-        def attend(layer, q, k, v, cache):
+        def attend(layer, q, k, v, state):
+            cache = state[0]
             layer = layer._replace(page_size=cache.page_size)  # the cache owns the page size
             out, stats = prefill_attention(method, q, k, v, lengths=lengths, layer=layer, backend=backend)
             kept = method.compress(q, k, v, lengths=lengths, layer=layer)
-            cache = write(cache, k, v, lengths, row_start=row_start, kept=kept)
+            cache = write(state[0], k, v, lengths, row_start=row_start, kept=kept)
             density = stats.attended_pairs / stats.causal_pairs[:, None]
             reported = stats.reported_sparsity.mean(axis=1) if kept is None else kept.reported_sparsity
             counts = PhaseCounts(stats.attended_pairs, jnp.broadcast_to(stats.causal_pairs[:, None], density.shape))
-            return out, (cache, density, reported, counts)
+            return out, (cache, density.astype(jnp.float32), reported.astype(jnp.float32),
+                         *(c.astype(jnp.float32) for c in counts))
 
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        logits, states = model(tokens, positions, attend=attend, layer_states=caches, logits_at=lengths - 1)
+        # Per-layer figures are stacked like the caches: [L, b, H] and [L, b].
+        zeros = jnp.zeros((num_layers, b, num_heads), jnp.float32)
+        states = (caches, zeros, jnp.zeros((num_layers, b), jnp.float32), zeros, zeros)
+        logits, (caches, density, reported, attended, dense) = model(
+            tokens, positions, attend=attend, layer_states=states, logits_at=lengths - 1
+        )
+        counts = PhaseCounts(jnp.swapaxes(attended, 0, 1), jnp.swapaxes(dense, 0, 1))  # [b, L, H] each
         first = sample_tokens(logits, key, self.config.sampling)
-        caches = [s[0] for s in states]
-        density = jnp.stack([s[1] for s in states], axis=1)
-        reported = jnp.stack([s[2] for s in states], axis=1)
-        counts = _stack_layers([s[3] for s in states])
-        return caches, first, density, reported, counts
+        return caches, first, jnp.swapaxes(density, 0, 1), jnp.swapaxes(reported, 0, 1), counts
 
     def _decode_fn(self, params, caches, first, prompt_lengths, stop_ids, key, *, max_new_tokens):
         """The decode loop.
@@ -552,11 +555,12 @@ class Engine:
         num_layers, num_heads = self.model_config.num_layers, self.model_config.num_heads
         _, append = _cache_updates(method)
 
-        def attend(layer, q, k, v, cache):
-            layer = layer._replace(page_size=cache.page_size)  # the cache owns the page size
-            cache = append(cache, k[:, 0], v[:, 0])
+        def attend(layer, q, k, v, state):
+            layer = layer._replace(page_size=state[0].page_size)  # the cache owns the page size
+            cache = append(state[0], k[:, 0], v[:, 0])
             out, stats = method.decode(q[:, 0], cache, layer=layer)
-            return out[:, None], (cache, stats.tokens_read / stats.tokens_cached, PhaseCounts(*stats))
+            return out[:, None], (cache, (stats.tokens_read / stats.tokens_cached).astype(jnp.float32),
+                                  *(c.astype(jnp.float32) for c in stats))
 
         def cond(state: DecodeState):
             return (state.step < max_new_tokens) & ~jnp.all(state.done)
@@ -565,19 +569,21 @@ class Engine:
             step = state.step
             fed = jax.lax.dynamic_index_in_dim(state.tokens, step - 1, axis=1)  # [B, 1]
             positions = (prompt_lengths + step - 1)[:, None]
-            logits, layer_outs = model(
-                fed, positions, attend=attend, layer_states=state.caches, logits_at=jnp.zeros((b,), jnp.int32)
+            zeros = jnp.zeros((num_layers, b, num_heads), jnp.float32)
+            logits, (caches, density, read, cached) = model(
+                fed, positions, attend=attend, layer_states=(state.caches, zeros, zeros, zeros),
+                logits_at=jnp.zeros((b,), jnp.int32),
             )
             active = ~state.done
-            density = jnp.stack([s[1] for s in layer_outs], axis=1)  # [B, L, H]
-            step_counts = _stack_layers([s[2] for s in layer_outs])  # [B, L, H] each
+            density = jnp.swapaxes(density, 0, 1)  # [B, L, H]
+            step_counts = PhaseCounts(jnp.swapaxes(read, 0, 1), jnp.swapaxes(cached, 0, 1))  # [B, L, H] each
             nxt = jnp.where(active, sample_tokens(logits, jax.random.fold_in(key, step), sampling), 0)
             return state.replace(
                 step=step + 1,
                 tokens=jax.lax.dynamic_update_index_in_dim(state.tokens, nxt, step, axis=1),
                 done=state.done | (active & jnp.isin(nxt, stop_ids)),
                 n_out=state.n_out + active,
-                caches=[s[0] for s in layer_outs],
+                caches=caches,
                 decode_sum=state.decode_sum + jnp.where(active[:, None, None], density, 0.0),
                 decode_count=state.decode_count + active,
                 decode_counts=PhaseCounts(*(
@@ -590,16 +596,29 @@ class Engine:
         return jax.lax.while_loop(cond, body, init)
 
 
+def _allocate_stacked(allocate, num_layers: int, method: AttentionMethod, batch: int) -> PagedKVCache:
+    """Every layer's empty cache in one :class:`PagedKVCache` whose arrays have a leading ``[L]`` axis.
+
+    A :class:`CacheLayout` method gets its per-layer layout, replicated over the layer axis.
+    """
+
+    def stacked():
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_layers, *a.shape)), allocate())
+
+    shardings = None
+    if isinstance(method, CacheLayout):  # allocated straight into the method's (mesh) layout
+        shardings = jax.tree.map(
+            lambda s: jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec)),
+            method.cache_shardings(batch),
+        )
+    return jax.jit(stacked, out_shardings=shardings)()
+
+
 def _cache_updates(method: AttentionMethod):
     """``(write_prompt, append)``: the method's own (:class:`CacheLayout`) or the cache's."""
     if isinstance(method, CacheLayout):
         return method.write_cache, method.append_cache
     return PagedKVCache.write_prompt, PagedKVCache.append
-
-
-def _stack_layers(per_layer: list[PhaseCounts]) -> PhaseCounts:
-    """Per-layer ``[B, H]`` counts -> ``[B, L, H]``."""
-    return jax.tree.map(lambda *layers: jnp.stack(layers, axis=1), *per_layer)
 
 
 def _stop_array(stop_ids: Sequence[int]) -> jax.Array:

@@ -113,15 +113,29 @@ def device_budget(weight_bytes: int, limit_bytes: int | None = None) -> tuple[in
     """``(limit, in_use, source)`` of the default device.
 
     A configured ``limit_bytes`` wins (weights count as in use); otherwise the device's
-    memory statistics (GPU/TPU); otherwise the host's physical memory (CPU).
+    memory statistics (GPU/TPU); otherwise the host's memory (CPU): what the kernel reports
+    available now (``MemAvailable``: other processes' memory is not ours to plan with) plus
+    the weights this process already holds.
     """
     if limit_bytes is not None:
         return limit_bytes, weight_bytes, "EngineConfig.memory_limit_bytes"
     stats = jax.local_devices()[0].memory_stats() or {}  # jax.devices()[0] may belong to another process
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0)), "device memory stats"
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return host, weight_bytes, "host physical memory"
+    available = host_available_bytes()
+    if available is None:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), weight_bytes, "host physical memory"
+    return available + weight_bytes, weight_bytes, "host available memory"
+
+
+def host_available_bytes() -> int | None:
+    """The kernel's estimate of memory available without swapping (Linux ``MemAvailable``), if known."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def plan_memory(

@@ -5,16 +5,22 @@ each layer and hands them to an ``attend`` callable together with that layer's
 :class:`~sparse_jax.attention.base.LayerSpec` and a caller-owned per-layer state
 (e.g. a KV cache). Everything outside ``attend`` is linear in the sequence length.
 
-Parameters are addressed by flat dotted names (``layers.3.self_attn.q_proj.kernel``),
-which is the form the Orbax cache stores; :meth:`Transformer.from_hf_tensors` fills
-them from Hugging Face-named tensors.
+The decoder layers are one module whose parameters carry a leading ``[num_layers]``
+axis, and the forward pass loops over them with ``lax.fori_loop`` (see
+:func:`layer_period`), so the compiled program holds one copy of a layer (a repeating
+group of layers for Gemma 3's local/global pattern) whatever the depth. Per-layer
+states (KV caches) are stacked the same way.
+
+Parameters are addressed by flat dotted names (``layers.self_attn.q_proj.kernel``, of
+shape ``[num_layers, in, out]``), which is the form the Orbax cache stores;
+:meth:`Transformer.from_hf_tensors` fills them from Hugging Face-named tensors.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -29,7 +35,8 @@ from sparse_jax.models.config import ModelConfig
 from sparse_jax.models.layers import AttentionProjections, GatedMLP, RMSNorm, matmul_precision
 from sparse_jax.models.rope import rope_cos_sin, rope_frequencies
 
-# attend(layer, q [B,T,H,d], k [B,T,G,d], v [B,T,G,d], state) -> (out [B,T,H,d], new_state)
+# attend(layer, q [B,T,H,d], k [B,T,G,d], v [B,T,G,d], state) -> (out [B,T,H,d], new_state);
+# new_state has the structure, shapes and dtypes of state (it is written back into the stack).
 AttendFn = Callable[[LayerSpec, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
@@ -94,9 +101,13 @@ class Transformer(nnx.Module):
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-        self.layers = nnx.List(
-            [DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_layers)]
-        )
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.layers = stacked_layers(rngs)  # every parameter [num_layers, ...]
         self.norm = RMSNorm(
             config.hidden_size, eps=config.rms_norm_eps, plus_one=config.norm_plus_one, param_dtype=param_dtype
         )
@@ -112,50 +123,81 @@ class Transformer(nnx.Module):
         positions: jax.Array,
         *,
         attend: AttendFn,
-        layer_states: Sequence[Any] | None = None,
+        layer_states: Any = None,
         logits_at: jax.Array | None = None,
-    ) -> tuple[jax.Array, list[Any]]:
+    ) -> tuple[jax.Array, Any]:
         """Runs the decoder.
 
         Args:
           tokens: ``[B, T]`` int32 token ids.
           positions: ``[B, T]`` int32 absolute positions (RoPE).
-          attend: the attention core, called once per layer.
-          layer_states: one entry per layer handed to ``attend``; ``None`` gives ``None`` to all.
+          attend: the attention core, called once per layer (traced once per layer of the
+            repeating group; ``LayerSpec.index`` is then a traced int32 scalar).
+          layer_states: a pytree whose leaves have a leading ``[num_layers]`` axis; ``attend``
+            receives layer ``i``'s slice and returns its new value (same structure, shapes
+            and dtypes). ``None`` gives ``None`` to all layers.
           logits_at: ``[B]`` int32 indices into ``T``; when given only those rows get logits.
 
         Returns:
           ``(logits, new_layer_states)``: logits ``[B, T, V]`` float32, or ``[B, V]`` with
-          ``logits_at``; the states ``attend`` returned, one per layer.
+          ``logits_at``; the stacked states ``attend`` returned.
         """
         cfg = self.config
         if tokens.ndim != 2 or tokens.shape != positions.shape:
             raise ValueError(
                 f"tokens and positions must both be [batch, seq]; got {tokens.shape} and {positions.shape}"
             )
-        if layer_states is None:
-            layer_states = [None] * cfg.num_layers
-        if len(layer_states) != cfg.num_layers:
-            raise ValueError(f"layer_states has {len(layer_states)} entries; the model has {cfg.num_layers} layers")
+        for leaf in jax.tree.leaves(layer_states):
+            if leaf.shape[:1] != (cfg.num_layers,):
+                raise ValueError(
+                    f"layer_states leaves need a leading axis of {cfg.num_layers} layers; got shape {leaf.shape}"
+                )
 
         x = self.embed_tokens(tokens)
         if cfg.scale_embeddings:
             # Hugging Face rounds sqrt(hidden) to the embedding dtype before multiplying.
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), self.embed_tokens.embedding.dtype).astype(x.dtype)
 
-        tables: dict[Any, tuple[jax.Array, jax.Array]] = {}
-        new_states = []
-        for i, layer in enumerate(self.layers):
-            rope = cfg.rope_for(i)
-            if rope not in tables:
-                inv_freq, mscale = rope_frequencies(rope, cfg.head_dim)
-                tables[rope] = rope_cos_sin(positions, inv_freq, mscale)
-            x, state = layer(x, *tables[rope], spec=cfg.layer_spec(i), attend=attend, state=layer_states[i])
-            new_states.append(state)
+        tables = {}
+        for rope in {cfg.rope_for(i) for i in range(cfg.num_layers)}:
+            inv_freq, mscale = rope_frequencies(rope, cfg.head_dim)
+            tables[rope] = rope_cos_sin(positions, inv_freq, mscale)
+        x, layer_states = self._run_layers(x, tables, attend, layer_states)
 
         if logits_at is not None:
             x = x[jnp.arange(x.shape[0]), logits_at]  # [B, hidden]
-        return self._logits(self.norm(x)), new_states
+        return self._logits(self.norm(x)), layer_states
+
+    def _run_layers(self, x: jax.Array, tables: Mapping[Any, tuple[jax.Array, jax.Array]], attend: AttendFn, states):
+        """All layers over ``x [B, T, hidden]``: a loop over repeating groups, then the leftover layers.
+
+        Layer ``i`` of the loop reads its parameters and state at a traced index of the
+        stacks (what ``lax.scan`` does with its inputs) and writes its new state back in
+        place, so the states are never copied whole.
+        """
+        cfg = self.config
+        graphdef, stacked = nnx.split(self.layers)
+        period = layer_period(cfg)
+        groups = cfg.num_layers // period
+
+        def run_layer(i, kind: int, x, states):
+            """Layer ``i`` (maybe traced), whose attention and RoPE are those of static layer ``kind``."""
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
+            state = jax.tree.map(lambda a: a[i], states)
+            spec = cfg.layer_spec(kind)._replace(index=i)
+            x, new_state = layer(x, *tables[cfg.rope_for(kind)], spec=spec, attend=attend, state=state)
+            return x, jax.tree.map(lambda a, new: a.at[i].set(new), states, new_state)
+
+        def run_group(g, carry):
+            x, states = carry
+            for kind in range(period):
+                x, states = run_layer(g * period + kind, kind, x, states)
+            return x, states
+
+        x, states = jax.lax.fori_loop(0, groups, run_group, (x, states))
+        for i in range(groups * period, cfg.num_layers):  # fewer layers than one group
+            x, states = run_layer(i, i, x, states)
+        return x, states
 
     def _logits(self, x: jax.Array) -> jax.Array:
         """``[..., hidden] -> [..., V]`` float32."""
@@ -186,7 +228,7 @@ class Transformer(nnx.Module):
         return dict(_param_shapes(config, dtype, dtype if param_dtype is None else param_dtype))
 
     def flat_params(self) -> dict[str, jax.Array]:
-        """All parameters keyed by dotted name, e.g. ``layers.0.mlp.up_proj.kernel``."""
+        """All parameters keyed by dotted name, e.g. ``layers.mlp.up_proj.kernel`` (``[num_layers, in, out]``)."""
         flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(self, nnx.Param)))[0]
         return {_dotted(path): leaf for path, leaf in flat}
 
@@ -254,23 +296,60 @@ class Transformer(nnx.Module):
         Raises:
           ValueError: a tensor is missing or has the wrong shape (the message names it).
         """
-        expected = {
-            name: leaf.shape for name, leaf in cls.param_shapes(config, dtype=dtype, param_dtype=param_dtype).items()
-        }
-        params = {}
-        for name, (hf_name, transpose) in hf_name_map(config).items():
-            if hf_name not in tensors:
-                raise ValueError(
-                    f"checkpoint tensor {hf_name!r} is missing (needed for {config.family} parameter {name})"
-                )
-            tensor = tensors[hf_name]
-            want = tuple(reversed(expected[name])) if transpose else tuple(expected[name])
-            if tuple(tensor.shape) != want:
-                raise ValueError(f"checkpoint tensor {hf_name!r}: expected shape {want}, found {tuple(tensor.shape)}")
-            params[name] = tensor.T if transpose else tensor
+        expected = cls.param_shapes(config, dtype=dtype, param_dtype=param_dtype)
+        names = hf_name_map(config)
+        for name, (hf_names, transpose) in names.items():
+            for hf_name in hf_names:
+                if hf_name not in tensors:
+                    raise ValueError(
+                        f"checkpoint tensor {hf_name!r} is missing (needed for {config.family} parameter {name})"
+                    )
+                one = expected[name].shape[1:] if name.startswith(_LAYERS) else expected[name].shape
+                want = tuple(reversed(one)) if transpose else tuple(one)
+                if tuple(tensors[hf_name].shape) != want:
+                    raise ValueError(
+                        f"checkpoint tensor {hf_name!r}: expected shape {want}, found {tuple(tensors[hf_name].shape)}"
+                    )
+        params = _StackedHFTensors(tensors, names)
         return cls.from_flat_params(
             config, params, dtype=dtype, param_dtype=param_dtype, progress=progress, shardings=shardings
         )
+
+
+_LAYERS = "layers."
+
+
+class _StackedHFTensors(Mapping):
+    """Flat parameter name -> array in our layout, built from HF tensors on access.
+
+    Layer parameters stack the ``num_layers`` per-layer tensors (transposed where needed)
+    one parameter at a time, so at most one stacked host copy exists while loading.
+    """
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], names: Mapping[str, tuple[tuple[str, ...], bool]]):
+        self._tensors, self._names = tensors, names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        hf_names, transpose = self._names[name]
+        parts = [self._tensors[n].T if transpose else self._tensors[n] for n in hf_names]
+        return np.stack(parts) if name.startswith(_LAYERS) else parts[0]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def layer_period(config: ModelConfig) -> int:
+    """Smallest ``p`` such that every layer ``i`` has the attention kind and RoPE of layer ``i % p``.
+
+    1 for Llama/Qwen (all layers alike), the sliding-window pattern for Gemma 3 (e.g. 6:
+    five local layers and one global). The layer loop runs ``num_layers // p`` groups of
+    ``p`` layers, then the ``num_layers % p`` layers left unrolled.
+    """
+    kinds = [(config.is_sliding(i), config.rope_for(i)) for i in range(config.num_layers)]
+    return next(p for p in range(1, len(kinds) + 1) if all(k == kinds[i % p] for i, k in enumerate(kinds)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -282,12 +361,16 @@ def _dotted(path) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def hf_name_map(config: ModelConfig) -> dict[str, tuple[str, bool]]:
-    """Flat parameter name -> (Hugging Face tensor name, transpose?) for ``config``."""
-    names: dict[str, tuple[str, bool]] = {"embed_tokens.embedding": ("model.embed_tokens.weight", False)}
-    names["norm.weight"] = ("model.norm.weight", False)
+def hf_name_map(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """Flat parameter name -> (Hugging Face tensor names, transpose?) for ``config``.
+
+    Layer parameters (``layers.*``, stacked ``[num_layers, ...]``) list one HF tensor per
+    layer, in layer order; the others list one tensor.
+    """
+    names: dict[str, tuple[tuple[str, ...], bool]] = {"embed_tokens.embedding": (("model.embed_tokens.weight",), False)}
+    names["norm.weight"] = (("model.norm.weight",), False)
     if not config.tie_word_embeddings:
-        names["lm_head"] = ("lm_head.weight", False)
+        names["lm_head"] = (("lm_head.weight",), False)
     # Llama/Qwen call the norm before the MLP "post_attention_layernorm"; Gemma uses that
     # name for the norm of the attention output and "pre_feedforward_layernorm" before the MLP.
     norms = {"attn_in_norm": "input_layernorm"}
@@ -299,19 +382,17 @@ def hf_name_map(config: ModelConfig) -> dict[str, tuple[str, bool]]:
         )
     else:
         norms["mlp_in_norm"] = "post_attention_layernorm"
+    per_layer = {f"{mine}.weight": (f"{hf}.weight", False) for mine, hf in norms.items()}
+    if config.qk_norm:
+        per_layer.update({f"self_attn.{n}.weight": (f"self_attn.{n}.weight", False) for n in ("q_norm", "k_norm")})
     projections = {f"self_attn.{p}": p for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
     projections.update({f"mlp.{p}": p for p in ("gate_proj", "up_proj", "down_proj")})
     biased = {"q_proj": config.qkv_bias, "k_proj": config.qkv_bias, "v_proj": config.qkv_bias, "o_proj": config.o_bias}
-    for i in range(config.num_layers):
-        ours, theirs = f"layers.{i}", f"model.layers.{i}"
-        for mine, hf in norms.items():
-            names[f"{ours}.{mine}.weight"] = (f"{theirs}.{hf}.weight", False)
-        if config.qk_norm:
-            for n in ("q_norm", "k_norm"):
-                names[f"{ours}.self_attn.{n}.weight"] = (f"{theirs}.self_attn.{n}.weight", False)
-        for mine, proj in projections.items():
-            hf = f"{theirs}.{mine}"
-            names[f"{ours}.{mine}.kernel"] = (f"{hf}.weight", True)
-            if biased.get(proj, config.mlp_bias):
-                names[f"{ours}.{mine}.bias"] = (f"{hf}.bias", False)
+    for mine, proj in projections.items():
+        per_layer[f"{mine}.kernel"] = (f"{mine}.weight", True)
+        if biased.get(proj, config.mlp_bias):
+            per_layer[f"{mine}.bias"] = (f"{mine}.bias", False)
+    for mine, (hf, transpose) in per_layer.items():
+        hf_names = tuple(f"model.layers.{i}.{hf}" for i in range(config.num_layers))
+        names[f"{_LAYERS}{mine}"] = (hf_names, transpose)
     return names
