@@ -50,7 +50,7 @@ from sparse_jax.engine.generate import Engine, EngineConfig, GenerationResult
 
 METHODS = ("block_sparse", "vertical_and_slash", "flexprefill", "snapkv", "ada_snapkv", "quest")
 DECODE_METHODS = frozenset({"snapkv", "ada_snapkv", "quest"})
-"""Methods whose prefill is dense: their first token equals dense's (REFERENCE.md section 2.3)."""
+"""Methods whose prefill is dense: their first token equals dense's (docs/reference_behaviour.md section 2.3)."""
 SPARSITIES = (0.5, 0.8, 0.95)
 RESULTS = Path(__file__).resolve().parent / "results"
 NOTES_MARKER = "<!-- Notes below this line are kept when the script rewrites the table. -->"

@@ -1,4 +1,4 @@
-"""Tokenizer wrapper with the reference's prompt semantics (REFERENCE.md §2.2).
+"""Tokenizer wrapper with the reference's prompt semantics (docs/reference_behaviour.md §2.2).
 
 * `text_to_tokens(text)`: encode without adding special tokens (special tokens written in the text are
   recognised).
@@ -271,7 +271,7 @@ class Tokenizer:
         return self.render_chat(text)
 
     def encode_for_generation(self, text: str) -> list[int]:
-        """Token ids of the prompt for `text`: chat-templated (REFERENCE.md §2.2) or, in the `completion` format,
+        """Token ids of the prompt for `text`: chat-templated (docs/reference_behaviour.md §2.2) or, in the `completion` format,
         BOS (when the tokenizer has one) + the text + the answer prefix."""
         ids = self.text_to_tokens(self.render_prompt(text))
         bos = self._hf.bos_token_id

@@ -168,7 +168,7 @@ def summaries(k_pages, page_table, lengths):
 
 
 def quest_oracle(q, k_min, k_max, table, lengths, budget, share):
-    """Loop-by-loop Quest selection (REFERENCE.md 4.7) in float64."""
+    """Loop-by-loop Quest selection (docs/reference_behaviour.md 4.7) in float64."""
     q, k_min, k_max = (np.asarray(x, np.float64) for x in (q, k_min, k_max))
     b_, h, _ = q.shape
     g = k_min.shape[0]

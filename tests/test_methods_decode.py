@@ -1,4 +1,4 @@
-"""Decode-side methods (snapkv, ada_snapkv, quest) against numpy oracles of REFERENCE.md 4.5-4.7."""
+"""Decode-side methods (snapkv, ada_snapkv, quest) against numpy oracles of docs/reference_behaviour.md 4.5-4.7."""
 
 import jax
 import jax.numpy as jnp

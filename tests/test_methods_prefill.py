@@ -1,6 +1,6 @@
 """Prefill sparse methods (block_sparse, vertical_and_slash, flexprefill) against oracles.
 
-Oracles are written from REFERENCE.md section 4 with numpy on small inputs: brute-force
+Oracles are written from docs/reference_behaviour.md section 4 with numpy on small inputs: brute-force
 block scores and top-k, full ``[A, L]`` window probabilities, masked dense softmax.
 """
 
@@ -82,7 +82,7 @@ def test_zero_sparsity_is_dense(name, kwargs):
 
 
 def _block_sparse_oracle(q, k, length, bs, top):
-    """Selected key blocks per real query block of one head, per REFERENCE.md 4.2."""
+    """Selected key blocks per real query block of one head, per docs/reference_behaviour.md 4.2."""
     q, k = np.asarray(q[:length], np.float64), np.asarray(k[:length], np.float64)
     pad = bs - length % bs if length % bs else bs
     nb = (length + pad) // bs

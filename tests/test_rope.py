@@ -1,4 +1,4 @@
-"""RoPE frequency builders against the formulas of REFERENCE.md section 2.1, and rotation properties."""
+"""RoPE frequency builders against the formulas of docs/reference_behaviour.md section 2.1, and rotation properties."""
 
 import math
 
@@ -11,7 +11,7 @@ from sparse_jax.models.rope import apply_rope, default_inv_freq, llama3_inv_freq
 
 
 def spec_yarn(theta: float, d: int, factor: float, orig: int = 32768) -> tuple[np.ndarray, float]:
-    """REFERENCE.md section 2.1 written out in float64, independently of the implementation."""
+    """docs/reference_behaviour.md section 2.1 written out in float64, independently of the implementation."""
     f = theta ** (-2.0 * np.arange(d // 2) / d)
     low = math.floor(d * math.log(orig / (2 * math.pi * 32)) / (2 * math.log(theta)))
     high = math.ceil(d * math.log(orig / (2 * math.pi * 1)) / (2 * math.log(theta)))

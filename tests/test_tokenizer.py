@@ -1,4 +1,4 @@
-"""Tokenizer wrapper (REFERENCE.md §2.2) on the tiny trained BPE and on the embedded SmolLM2 tokenizer."""
+"""Tokenizer wrapper (docs/reference_behaviour.md §2.2) on the tiny trained BPE and on the embedded SmolLM2 tokenizer."""
 
 from __future__ import annotations
 

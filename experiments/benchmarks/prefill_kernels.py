@@ -12,7 +12,7 @@ after a warm-up, ``jax.block_until_ready``):
 * cuDNN dense causal attention (``jax.nn.dot_product_attention(implementation="cudnn")``);
 * the Triton block-sparse kernel over all causal blocks (dense through the sparse kernel);
 * block-sparse at ~5% density: the jnp estimation (mean-pooled block scores, top-k,
-  as REFERENCE.md section 4.2) and the kernel, separately and together;
+  as docs/reference_behaviour.md section 4.2) and the kernel, separately and together;
 * with ``--mosaic``, the same two for the Mosaic-GPU (Hopper) kernel at 128-token blocks;
 * vertical-slash with the default budgets (512 verticals, 512 slashes, window 256):
   estimation and index with the method's own builder (``vertical_and_slash_index``) and the kernel,
@@ -101,7 +101,7 @@ def dense_index(t: int, block_size: int, heads: int = HEADS) -> BlockSparseIndex
 
 
 def top_chunks_for_density(nb: int, density: float) -> int:
-    """Blocks per row whose block-level density (REFERENCE.md 4.2 step 7) is nearest ``density``."""
+    """Blocks per row whose block-level density (docs/reference_behaviour.md 4.2 step 7) is nearest ``density``."""
     total = nb * (nb + 1) / 2
     dens = [(k * (k + 1) / 2 + (nb - k) * k) / total for k in range(3, nb + 1)]
     return 3 + int(np.argmin(np.abs(np.asarray(dens) - density)))
@@ -131,7 +131,7 @@ def block_sparse_estimate(q, k, *, block_size: int, top_chunks: int):
 
 
 def vertical_slash_estimate(q, k, *, n_vertical=512, n_slash=512, window=256):
-    """The vertical_and_slash estimation and index build (REFERENCE.md 4.3): the method's own."""
+    """The vertical_and_slash estimation and index build (docs/reference_behaviour.md 4.3): the method's own."""
     from sparse_jax.attention.methods.vertical_and_slash import vertical_and_slash_index
 
     b, t = q.shape[:2]

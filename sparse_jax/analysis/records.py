@@ -55,13 +55,13 @@ attention methods' statistics (``sparse_jax.attention.base``)::
     decode_sparsity  = 1 - sum(DecodeStats.tokens_read)     / sum(DecodeStats.tokens_cached)
 
 so ``(1 - sparsity) * dense work`` is exactly the attention work done (the cost model relies
-on this). They are not the reference framework's per-method estimates (REFERENCE.md 4.0).
+on this). They are not the reference framework's per-method estimates (docs/reference_behaviour.md 4.0).
 
 ``scores.jsonl``: one JSON object per line and per sample, ``{"index": int, "score": float}``;
 ``score`` is ``null`` for a sample the task metric skips (e.g. an unparseable story-multihop
 answer). Indices are the dataset sample indices, identical across methods for the same
 (model, task, max_input_tokens), which is what pairs sparse with dense samples. Scores are
-the task's per-sample metric in [0, 1] (REFERENCE.md 5.9).
+the task's per-sample metric in [0, 1] (docs/reference_behaviour.md 5.9).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Scaling laws of sparse attention: score as a function of model size, length and density.
 
-Law (the log-linear family proposed in REFERENCE.md section 7, item 5)::
+Law (the log-linear family proposed in docs/reference_behaviour.md section 7, item 5)::
 
     score = link( theta_0 + sum_k theta_k * phi_k )
 

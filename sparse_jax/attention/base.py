@@ -59,7 +59,7 @@ class PrefillStats(NamedTuple):
       causal_pairs: ``[B]`` float32, ``L (L + 1) / 2`` for prompt length ``L`` (or the
         sliding-window count for local layers): the dense pair count.
       reported_sparsity: ``[B, H]`` float32, the reference framework's own per-method
-        sparsity figure (REFERENCE.md section 4), kept for comparison with its numbers.
+        sparsity figure (docs/reference_behaviour.md section 4), kept for comparison with its numbers.
     """
 
     attended_pairs: jax.Array

@@ -171,7 +171,7 @@ class SparsityStats:
       prefill_density: ``[layers, H]`` computed causal pairs / all causal pairs.
       decode_density: ``[layers, H]`` cached tokens read / full-cache tokens, mean over
         the sample's decode steps (NaN when it decoded none).
-      reported_sparsity: the reference's single figure (REFERENCE.md section 4.0): mean
+      reported_sparsity: the reference's single figure (docs/reference_behaviour.md section 4.0): mean
         over layers of the method's per-layer ``reported_sparsity``.
       prefill_counts: ``[layers, H]`` computed and dense causal pairs.
       decode_counts: ``[layers, H]`` cached tokens read and full-cache tokens, summed over
@@ -230,7 +230,7 @@ class GenerationResult:
     Attributes:
       token_ids: generated ids, the stop token included when generation stopped on one.
       text: ``tokenizer.decode(token_ids)`` when a tokenizer was given.
-      output_length: ``len(token_ids)`` (counts the stop token, REFERENCE.md section 2.3).
+      output_length: ``len(token_ids)`` (counts the stop token, docs/reference_behaviour.md section 2.3).
       stopped: generation ended on a stop id (not on ``max_new_tokens``).
       prompt_length: prompt tokens.
       timing: the wall times of the sample's batch.

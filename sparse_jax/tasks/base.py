@@ -1,7 +1,7 @@
 """The task interface: sample generation with exact token budgets, and scoring.
 
 A task builds ``num_samples`` prompts of a target length for one model's tokenizer and
-scores that model's predictions (REFERENCE.md section 5).
+scores that model's predictions (docs/reference_behaviour.md section 5).
 
 Generation. Sample ``i`` draws all its randomness from ``random.Random(random_seed + i)``;
 task-level randomness (vocabulary or item shuffles) comes from

@@ -1,4 +1,4 @@
-"""The story generator behind the story tasks (REFERENCE.md section 5.5).
+"""The story generator behind the story tasks (docs/reference_behaviour.md section 5.5).
 
 A narrative is a run of chapters; in each the protagonist visits a location, meets a
 character during an event, buys exactly one new item and, half of the time when there

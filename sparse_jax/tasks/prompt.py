@@ -1,4 +1,4 @@
-"""The shared prompt skeleton of the RULER, QA and story tasks (REFERENCE.md section 5.0).
+"""The shared prompt skeleton of the RULER, QA and story tasks (docs/reference_behaviour.md section 5.0).
 
 The skeleton has the slots task intro, question intro, question, context, repeated
 question, answer format and extra instructions. It states the question(s) before and

@@ -1,6 +1,6 @@
 """Long-document QA: ``qa_toefl``, ``qa_quality`` (multiple choice), ``qa_squad`` (open).
 
-REFERENCE.md section 5.4. Each sample asks one question about one document, hidden among
+docs/reference_behaviour.md section 5.4. Each sample asks one question about one document, hidden among
 other documents of the data set (and a cut-off prefix of one more) that fill the budget.
 
 Preprocessing (task level): every item is measured with a probe prompt holding only its

@@ -1,4 +1,4 @@
-"""RULER common words extraction (``ruler_cwe``; REFERENCE.md section 5.3).
+"""RULER common words extraction (``ruler_cwe``; docs/reference_behaviour.md section 5.3).
 
 A numbered word list holds ``num_common_words`` words ``common_word_frequency`` times each
 and as many other words ``rare_word_frequency`` times each as the budget allows; the model

@@ -1,4 +1,4 @@
-"""RULER multi-key needle in a haystack (``ruler_niah``; REFERENCE.md section 5.1).
+"""RULER multi-key needle in a haystack (``ruler_niah``; docs/reference_behaviour.md section 5.1).
 
 The context is a shuffled pile of "key -> value" sentences with random 35-character
 keys and values; ``num_queries`` of them are asked for, and the rest are distractors

@@ -1,4 +1,4 @@
-"""RULER variable tracking (``ruler_vt``; REFERENCE.md section 5.2).
+"""RULER variable tracking (``ruler_vt``; docs/reference_behaviour.md section 5.2).
 
 ``num_chains`` chains of ``num_hops`` assignments (``VAR B = VAR A``) start from distinct
 five-digit values and are scattered through repeated noise sentences; the model must

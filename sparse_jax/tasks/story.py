@@ -1,4 +1,4 @@
-"""Story tasks over a generated travel narrative (REFERENCE.md sections 5.6-5.8).
+"""Story tasks over a generated travel narrative (docs/reference_behaviour.md sections 5.6-5.8).
 
 * ``story_retrieval``: name the location, character or item of given chapters
   (metric ``accuracy``, the fraction of numbered answers that are right).

@@ -1,6 +1,6 @@
 """The story tasks' world: names, places, events, items and sentence templates.
 
-Sizes follow REFERENCE.md section 5.5 (49 characters, 64 locations, 20 events, 18 item
+Sizes follow docs/reference_behaviour.md section 5.5 (49 characters, 64 locations, 20 events, 18 item
 adjectives, 15 materials, 21 item types) because the sample RNG draws from them. Each
 template ends with a space and may use the fields ``{protagonist}``, ``{location}``,
 ``{event}``, ``{character}`` and ``{item}``; only the buying and selling templates name

@@ -1,4 +1,4 @@
-"""Ada-SnapKV: evict prompt tokens with budgets pooled across KV heads (REFERENCE.md 4.6).
+"""Ada-SnapKV: evict prompt tokens with budgets pooled across KV heads (docs/reference_behaviour.md 4.6).
 
 Importance is the max over the window and over the group's query heads
 (:mod:`.eviction`). The layer's total budget ``C * G`` is split adaptively: every KV

@@ -1,4 +1,4 @@
-"""Block-sparse prefill: top-k key blocks per query block from mean-pooled blocks (REFERENCE.md 4.2).
+"""Block-sparse prefill: top-k key blocks per query block from mean-pooled blocks (docs/reference_behaviour.md 4.2).
 
 Per query head, queries and keys are cut into blocks of ``chunk_size`` tokens and
 mean-pooled; the raw dot products of pooled queries and keys score every causal block
@@ -64,7 +64,7 @@ def pooled_block_scores(q: jax.Array, k: jax.Array, length: jax.Array, block_siz
 
 def force_blocks(s: jax.Array) -> jax.Array:
     """Block scores ``[nb, nb]`` with the sink column, diagonal and sub-diagonal set to
-    ``+inf`` and the blocks above the diagonal to ``-inf`` (REFERENCE.md 4.2 step 4)."""
+    ``+inf`` and the blocks above the diagonal to ``-inf`` (docs/reference_behaviour.md 4.2 step 4)."""
     nb = s.shape[0]
     m = jnp.arange(nb)[:, None]
     n = jnp.arange(nb)[None, :]

@@ -34,7 +34,7 @@ def check_positive(method: str, **values: int) -> None:
 
 
 def block_sparse_reported_sparsity(num_blocks: Any, top_chunks: Any, xp: ModuleType = np) -> Any:
-    """The reference's analytical block-level sparsity (REFERENCE.md section 4.2 step 7).
+    """The reference's analytical block-level sparsity (docs/reference_behaviour.md section 4.2 step 7).
 
     ``1 - (k (k + 1) / 2 + (n - k) k) / (n (n + 1) / 2)`` with ``n = ceil(L / B)`` blocks and
     ``k = top_chunks``. Exact block-level sparsity when ``k <= n``; for ``k > n`` the

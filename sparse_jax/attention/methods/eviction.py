@@ -1,4 +1,4 @@
-"""Token importance for KV eviction, shared by SnapKV and Ada-SnapKV (REFERENCE.md 4.5, 4.6).
+"""Token importance for KV eviction, shared by SnapKV and Ada-SnapKV (docs/reference_behaviour.md 4.5, 4.6).
 
 The last ``window`` queries of every query head (pre-scaled, bf16 scores) are
 soft-maxed over the keys of their KV head in fp32 and rounded to bf16. Each KV head

@@ -1,4 +1,4 @@
-"""FlexPrefill as the reference runs it: vertical-and-slash with coverage budgets (REFERENCE.md 4.4).
+"""FlexPrefill as the reference runs it: vertical-and-slash with coverage budgets (docs/reference_behaviour.md 4.4).
 
 Per query head, the last ``approximation_size`` queries (pre-scaled, bf16 scores) are
 soft-maxed in fp32 (no bf16 rounding). The mean probability per key column and per

@@ -1,4 +1,4 @@
-"""Quest: query-aware page selection at every decode step (REFERENCE.md section 4.7).
+"""Quest: query-aware page selection at every decode step (docs/reference_behaviour.md section 4.7).
 
 The full cache is kept. At each decode step every complete earlier page is scored by
 the upper bound of ``q . k`` over its keys, from the page's element-wise key min/max

@@ -1,4 +1,4 @@
-"""SnapKV: evict prompt tokens after a dense prefill, same budget per KV head (REFERENCE.md 4.5).
+"""SnapKV: evict prompt tokens after a dense prefill, same budget per KV head (docs/reference_behaviour.md 4.5).
 
 Each KV head keeps the ``token_capacity`` prompt tokens of highest pooled importance
 (the group's window probabilities averaged over its query heads and summed over the

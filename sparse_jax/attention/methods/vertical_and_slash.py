@@ -1,4 +1,4 @@
-"""Vertical-and-slash prefill: global key columns plus diagonals (REFERENCE.md section 4.3).
+"""Vertical-and-slash prefill: global key columns plus diagonals (docs/reference_behaviour.md section 4.3).
 
 Per query head, the last ``approximation_size`` queries are scored against all keys
 (bf16 scores, fp32 softmax, probabilities rounded to bf16). Column sums rank the

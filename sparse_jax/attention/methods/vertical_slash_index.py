@@ -1,4 +1,4 @@
-"""Selected verticals and slashes -> :class:`VerticalSlashIndex` (REFERENCE.md section 4.3).
+"""Selected verticals and slashes -> :class:`VerticalSlashIndex` (docs/reference_behaviour.md section 4.3).
 
 Shared by ``vertical_and_slash`` and ``flexprefill``. Queries are cut into row blocks
 of ``block_m`` tokens (row ``r`` ends at ``e_r = block_m (r + 1)``). For each row block,
