@@ -28,7 +28,7 @@ import numpy as np
 from experiments.benchmarks.engine_bench import model_config
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.generate import Engine, EngineConfig, _allocate_stacked, _stop_array
-from sparse_jax.engine.kv_cache import PagedKVCache
+from sparse_jax.attention.kv_cache import PagedKVCache
 from sparse_jax.models.config import ModelConfig
 from sparse_jax.models.transformer import Transformer
 
