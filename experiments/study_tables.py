@@ -1,0 +1,57 @@
+"""Markdown tables of a results folder's runs, grouped for the recorded GPU studies.
+
+    .venv/bin/python experiments/study_tables.py RESULTS_DIR
+
+Prints, per (model, length), one row per method and target: achieved prefill / decode / combined
+sparsity, accuracy over the samples and its 95% Wilson interval. Reads every ``run.json`` through
+:class:`sparse_jax.analysis.records.RunFile`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from sparse_jax.analysis.records import RunFile
+from sparse_jax.analysis.tables import markdown_table
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results_dir", type=Path)
+    args = parser.parse_args()
+    groups: dict[tuple, list] = {}
+    for path in sorted(args.results_dir.rglob("run.json")):
+        run = RunFile.read(path.parent)
+        groups.setdefault((run.model.name, run.max_input_tokens), []).append(run)
+    for (model, length), runs in sorted(groups.items()):
+        rows = []
+        for run in sorted(runs, key=lambda r: (r.method, str(r.target_sparsity_by_phase), r.target_sparsity or 0)):
+            s = run.summary
+            n = s.scored_samples or s.total_samples
+            lo, hi = wilson(s.score * n, n)
+            phases = run.target_sparsity_by_phase
+            target = (f"p{phases.get('prefill')}/d{phases.get('decode')}" if "+" in run.method
+                      else _fmt(run.target_sparsity))
+            rows.append({"method": run.method, "target": target, "prefill sp.": _fmt(s.prefill_sparsity),
+                         "decode sp.": _fmt(s.decode_sparsity), "combined sp.": _fmt(s.combined_sparsity),
+                         "accuracy": f"{s.score:.3f}", "95% CI (Wilson)": f"[{lo:.2f}, {hi:.2f}]", "n": str(n)})
+        print(f"\n### {model}, {length} tokens\n")
+        print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
