@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sparse_jax.analysis.records import RunFile
 from sparse_jax.analysis.tables import markdown_table
+from sparse_jax.attention.composed import COMPOSE_SEPARATOR
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -44,7 +45,7 @@ def main() -> None:
             n = s.scored_samples or s.total_samples
             lo, hi = wilson(s.score * n, n)
             phases = run.target_sparsity_by_phase
-            target = (f"p{phases.get('prefill')}/d{phases.get('decode')}" if "+" in run.method
+            target = (f"p{phases.get('prefill')}/d{phases.get('decode')}" if COMPOSE_SEPARATOR in run.method
                       else _fmt(run.target_sparsity))
             rows.append({"method": run.method, "target": target, "prefill sp.": _fmt(s.prefill_sparsity),
                          "decode sp.": _fmt(s.decode_sparsity), "combined sp.": _fmt(s.combined_sparsity),

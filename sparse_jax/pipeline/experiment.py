@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import gin
 
 from sparse_jax.analysis.records import FORMAT_VERSION
+from sparse_jax.attention.composed import COMPOSE_SEPARATOR
 from sparse_jax.models.config import ROPE_POLICIES
 from sparse_jax.pipeline.errors import ConfigError
 
@@ -143,7 +144,7 @@ class ExperimentConfig:
             # 0 and 0.0 are one setting and must give one results key; dense has no target.
             object.__setattr__(self, name, None if self.method == "dense" else float(value))
         if self.prefill_sparsity is not None or self.decode_sparsity is not None:
-            _check("+" in self.method, f"prefill_sparsity / decode_sparsity need a composed method "
+            _check(COMPOSE_SEPARATOR in self.method, f"prefill_sparsity / decode_sparsity need a composed method "
                    f"'PREFILL+DECODE' (docs/budgets.md), got method {self.method!r}; use sparsity instead")
         _check(isinstance(self.dense_layers, int) and not isinstance(self.dense_layers, bool)
                and self.dense_layers >= 0, f"dense_layers must be an int >= 0, got {self.dense_layers!r}")
