@@ -298,3 +298,19 @@ def test_gin_binds_each_part_on_its_own_class():
     assert method.describe()["dense_layers"] == 1
     assert phase_targets(method) == {"prefill": 0.5, "decode": None}
     assert cfg.label().endswith("vertical_and_slash+quest@p0.5@dense1")
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        (dict(method="quest", decode_sparsity=0.9), "need a composed method 'PREFILL\\+DECODE'.*use sparsity instead"),
+        (dict(method="quest", dense_layers=-1), "dense_layers must be an int >= 0"),
+        (dict(method="quest", rope_policy="yarn"), "rope_policy must be one of auto, declared, run_length"),
+    ],
+)
+def test_experiment_config_refuses_bad_phase_settings(fields, match):
+    from sparse_jax.pipeline.errors import ConfigError
+    from sparse_jax.pipeline.experiment import ExperimentConfig
+
+    with pytest.raises(ConfigError, match=match):
+        ExperimentConfig(**fields)
