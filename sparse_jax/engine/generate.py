@@ -98,7 +98,10 @@ class EngineConfig:
         ``traced_fields``, e.g. ``sparsity``) to the compiled programs as arguments, so
         one program serves every value; shapes they would decide take their dense
         bound. ``False`` bakes them in as constants (one program per value, shapes
-        sized for the value): for debugging.
+        sized for the value). ``None`` (the default): traced on an accelerator, baked in
+        on CPU, where the jnp references' work follows those static sizes (a block-sparse
+        prefill at 0.9 costs as much as at 0: 100 s instead of 40 s per 4K sample) and
+        compiling is the smaller cost (experiments/results/compile_time.md).
     """
 
     page_size: int = 16
@@ -110,7 +113,7 @@ class EngineConfig:
     prefill_backend: PrefillBackend = "auto"
     memory_limit_bytes: int | None = None
     cache_dtype: Any = None
-    traced_hyperparameters: bool = True
+    traced_hyperparameters: bool | None = None
 
     def __post_init__(self):
         for name in ("page_size", "bucket_granularity", "batch_size"):
@@ -276,7 +279,8 @@ class Engine:
         self.cache_dtype = jnp.dtype(config.cache_dtype or model.dtype)
         self.weight_bytes = pytree_bytes(self.params)
         self.prefill_backend = resolve_backend(config.prefill_backend, self.method, self.cache_dtype)
-        if config.traced_hyperparameters:
+        traced = config.traced_hyperparameters
+        if traced if traced is not None else jax.default_backend() != "cpu":
             self.static_method, self.method_values = self.method.split()
         else:
             self.static_method, self.method_values = self.method, {}
