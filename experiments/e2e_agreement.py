@@ -163,7 +163,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--answers", type=Path, default=RESULTS / "e2e_answers_smollm2.json",
                         help="the project's answers, read and extended per method")
     parser.add_argument("--md", type=Path, default=RESULTS / "e2e_agreement_smollm2.md")
-    parser.add_argument("--compare-only", action="store_true", help="compare the saved --answers; run nothing")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--compare-only", action="store_true", help="compare the saved --answers; run nothing")
+    mode.add_argument("--run-only", action="store_true",
+                      help="save the project's answers, compare nothing (--fixture needs only its samples)")
     return parser.parse_args(argv)
 
 
@@ -209,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                     None if method == "dense" else sparsity, args.batch_size)
             saved["methods"][method] = have
             atomic_write_text(args.answers, json.dumps(saved, indent=1) + "\n")
+        if args.run_only:
+            return
     missing = [m for m in methods if m not in saved["methods"]]
     if missing:
         fail(f"{args.answers} has no answers of {missing}; run without --compare-only first")
