@@ -4,6 +4,8 @@
 a layer's prefill, :func:`decode_diagnostics` after a decode step, with the layer's
 post-RoPE q/k, the method and (decode) a cache holding every token. Both return a
 :class:`LayerDiagnostics` the pipeline accumulates per (layer, head, step).
+:func:`capture_qk` returns those q/k of every layer for one token sequence (dense
+attention), the input of offline checks such as the reference-selection fixtures.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from pallas_kernels.block_sparse.index import BlockSparseIndex
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
@@ -30,7 +33,7 @@ from sparse_jax.diagnostics.coverage import (
     prefill_coverage,
     read_slots_from_pages,
 )
-
+from sparse_jax.models.transformer import Transformer, full_attention
 
 
 class LayerDiagnostics(NamedTuple):
@@ -118,4 +121,35 @@ def decode_diagnostics(method: AttentionMethod, q: jax.Array, cache: PagedKVCach
                                              scale=layer.scale, needles=needles))
 
 
-__all__ = ["LayerDiagnostics", "decode_diagnostics", "kept_slots", "prefill_diagnostics", "prefill_index"]
+class LayerQK(NamedTuple):
+    """Post-RoPE queries and keys of every layer for one sequence.
+
+    Attributes:
+      q: ``[layers, seq, heads, head_dim]``.
+      k: ``[layers, seq, kv_heads, head_dim]``.
+    """
+
+    q: jax.Array
+    k: jax.Array
+
+
+@nnx.jit
+def capture_qk(model: Transformer, tokens: jax.Array) -> LayerQK:
+    """Every layer's post-RoPE q/k of ``tokens [seq]`` (int32, positions ``0 .. seq - 1``) under dense causal
+    attention, in the model's compute dtype. Row ``t`` depends on tokens ``<= t`` only, so one pass over a prompt
+    followed by its generated tokens also gives each decode step's query and key."""
+    cfg = model.config
+    seq = tokens.shape[0]
+    states = LayerQK(jnp.zeros((cfg.num_layers, 1, seq, cfg.num_heads, cfg.head_dim), model.dtype),
+                     jnp.zeros((cfg.num_layers, 1, seq, cfg.num_kv_heads, cfg.head_dim), model.dtype))
+
+    def attend(layer: LayerSpec, q, k, v, state):
+        out, _ = full_attention(layer, q, k, v, None)
+        return out, LayerQK(q.astype(state.q.dtype), k.astype(state.k.dtype))
+
+    _, captured = model(tokens[None], jnp.arange(seq, dtype=jnp.int32)[None], attend=attend, layer_states=states,
+                        logits_at=jnp.zeros((1,), jnp.int32))
+    return LayerQK(captured.q[:, 0], captured.k[:, 0])
+
+
+__all__ = ["LayerDiagnostics", "LayerQK", "capture_qk", "decode_diagnostics", "kept_slots", "prefill_diagnostics", "prefill_index"]
