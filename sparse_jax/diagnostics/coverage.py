@@ -99,9 +99,10 @@ def prefill_coverage(
         needles = jnp.full((b, 1), -1, jnp.int32)
 
     def one(qh, kh, length, selection, needle):  # one (sequence, head)
-        def reduce(first, probs):  # [rows, T]
-            blocks = (first + jnp.arange(rows)) // row_block
-            keys = jax.vmap(lambda r: row_keys(selection, r))(blocks)  # [rows, T]
+        def reduce(first, probs):  # [rows, T]; rows and first are multiples of row_block
+            blocks = first // row_block + jnp.arange(rows // row_block)
+            keys = jax.vmap(lambda r: row_keys(selection, r))(blocks)  # [rows / row_block, T]
+            keys = jnp.repeat(keys, row_block, axis=0)  # [rows, T]
             query_pos = first + jnp.arange(rows)
             causal = keys & (jnp.arange(t)[None, :] <= query_pos[:, None]) & (query_pos[:, None] < length)
             hits = jnp.take_along_axis(causal, jnp.maximum(needle, 0)[None, :].repeat(rows, 0), axis=1)

@@ -20,7 +20,6 @@ never as a ``[T, T]`` matrix. The pass runs on one device, unsharded.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -30,39 +29,12 @@ from flax import nnx
 
 from sparse_jax.attention.composed import keep_all
 from sparse_jax.diagnostics.capture import decode_diagnostics, kept_slots, prefill_diagnostics
+from sparse_jax.diagnostics.results import SampleDiagnostics
 from sparse_jax.engine.generate import Engine
 from sparse_jax.engine.prefill_attention import prefill_attention
 
 NEEDLE_ROWS = 64
 """Last prompt rows (the question and the chat template's tail) counted in the prefill needle recall."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleDiagnostics:
-    """What one sample's method selection covered (L layers, H query heads, G KV heads,
-    S decode steps replayed, N needle tokens).
-
-    Attributes:
-      prefill_coverage: ``[L, H]`` float32 share of dense softmax mass on computed pairs,
-        mean over the prompt's query rows.
-      prefill_needle: ``[L, H]`` float32 share of (last-row query, needle token) pairs
-        computed; NaN without needles.
-      kept_needle: ``[L, G, N]`` bool, needle token kept in the cache after the prefill.
-      decode_coverage: ``[S, L, H]`` float32 share of the step query's dense mass on the
-        tokens it read.
-      decode_needle: ``[S, L, H, N]`` bool, needle token read at that step.
-      needle_positions: ``[N]`` int32 prompt positions of the needle tokens.
-    """
-
-    prefill_coverage: np.ndarray
-    prefill_needle: np.ndarray
-    kept_needle: np.ndarray
-    decode_coverage: np.ndarray
-    decode_needle: np.ndarray
-    needle_positions: np.ndarray
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 class DiagnosticsPass:
