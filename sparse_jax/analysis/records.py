@@ -301,6 +301,9 @@ class RunSummary:
       metric, metrics, score, variance: the task's metric name, every metric, the main
         metric's mean and its per-sample variance.
       scored_samples, total_samples: samples with a score / samples of the run.
+      diagnostics: what the method's selection missed on the diagnosed samples
+        (``ExperimentConfig.diagnostics``; :func:`sparse_jax.diagnostics.results.summarize`),
+        ``None`` when off.
     """
 
     prefill_sparsity: float
@@ -322,6 +325,7 @@ class RunSummary:
     variance: float | None = None
     scored_samples: int | None = None
     total_samples: int | None = None
+    diagnostics: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str) -> RunSummary:
@@ -334,6 +338,7 @@ class RunSummary:
         kwargs |= {k: _require(obj, k, (int, float), where, optional=True) for k in _SUMMARY_NUMBERS}
         kwargs |= {k: _require(obj, k, str, where, optional=True) for k in ("device", "metric")}
         kwargs["metrics"] = _require(obj, "metrics", dict, where, optional=True) or {}
+        kwargs["diagnostics"] = _require(obj, "diagnostics", dict, where, optional=True)
         return cls(**kwargs)
 
 

@@ -1,9 +1,12 @@
 """Per-layer diagnostics of one method on one layer's q/k: the capture hook's work.
 
-:func:`prefill_diagnostics` is what the engine calls (when ``diagnostics = True``) after
-a layer's prefill, :func:`decode_diagnostics` after a decode step, with the layer's
-post-RoPE q/k, the method and (decode) a cache holding every token. Both return a
-:class:`LayerDiagnostics` the pipeline accumulates per (layer, head, step).
+:func:`prefill_diagnostics` is what the diagnostics pass
+(:mod:`sparse_jax.diagnostics.sample_pass`) calls in a layer's prefill,
+:func:`decode_diagnostics` in a decode step, with the layer's post-RoPE q/k, the method
+and (decode) a cache holding every token. Both return a :class:`LayerDiagnostics` the
+pass stacks per (layer, head, step). Combinators are looked through
+(:func:`diagnosed_parts`): a composition is diagnosed by the part that runs each phase,
+and the dense leading layers of ``dense_layers`` count as dense.
 :func:`capture_qk` returns those q/k of every layer for one token sequence (dense
 attention), the input of offline checks such as the reference-selection fixtures.
 """
@@ -19,6 +22,7 @@ from flax import nnx
 from pallas_kernels.block_sparse.index import BlockSparseIndex
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from sparse_jax.attention.base import AttentionMethod, LayerSpec
+from sparse_jax.attention.composed import ComposedMethod, DenseLayers, prefill_source
 from sparse_jax.attention.kv_cache import PagedKVCache
 from sparse_jax.attention.methods.attention_mass import decode_probabilities
 from sparse_jax.attention.methods.block_sparse import BlockSparse, block_sparse_index
@@ -49,6 +53,20 @@ class LayerDiagnostics(NamedTuple):
     needle: jax.Array
 
 
+def diagnosed_parts(method: AttentionMethod) -> tuple[AttentionMethod, AttentionMethod, int]:
+    """``(prefill method, decode method, dense leading layers)`` of a method, through its combinators."""
+    dense_layers = 0
+    if isinstance(method, DenseLayers):
+        dense_layers, method = method.dense_layers, method.inner
+    decode = method.decode_part if isinstance(method, ComposedMethod) else method
+    return prefill_source(method), decode, dense_layers
+
+
+def _dense_layer(layer: LayerSpec, dense_layers: int) -> jax.Array | bool:
+    """Whether ``layer`` is one of the leading layers kept dense (``layer.index`` may be traced)."""
+    return dense_layers > 0 and layer.index < dense_layers
+
+
 def prefill_index(
     method: AttentionMethod, q: jax.Array, k: jax.Array, lengths: jax.Array, layer: LayerSpec
 ) -> BlockSparseIndex | VerticalSlashIndex | None:
@@ -76,13 +94,21 @@ def prefill_diagnostics(
     lengths: jax.Array,
     layer: LayerSpec,
     needles: jax.Array | None = None,
+    needle_rows: int | None = None,
 ) -> LayerDiagnostics:
-    """Prefill coverage and needle recall ``[B, H]`` (1 for dense prefills)."""
-    index = prefill_index(method, q, k, lengths, layer)
+    """Prefill coverage and needle recall ``[B, H]`` (1 for dense prefills).
+
+    ``needle_rows``: as :func:`coverage.prefill_coverage` (recall over the last rows only).
+    """
+    prefill, _, dense_layers = diagnosed_parts(method)
+    index = prefill_index(prefill, q, k, lengths, layer)
+    ones = jnp.ones(q.shape[:1] + q.shape[2:3], jnp.float32)
     if index is None:
-        ones = jnp.ones(q.shape[:1] + q.shape[2:3], jnp.float32)
         return LayerDiagnostics(ones, ones)
-    return LayerDiagnostics(*prefill_coverage(q, k, lengths, index, scale=layer.scale, needles=needles))
+    diag = LayerDiagnostics(*prefill_coverage(q, k, lengths, index, scale=layer.scale, needles=needles,
+                                              needle_rows=needle_rows))
+    dense = _dense_layer(layer, dense_layers)
+    return LayerDiagnostics(*(jnp.where(dense, ones, x) for x in diag))
 
 
 def decode_read_slots(method: AttentionMethod, q: jax.Array, cache: PagedKVCache, layer: LayerSpec,
@@ -90,9 +116,11 @@ def decode_read_slots(method: AttentionMethod, q: jax.Array, cache: PagedKVCache
     """``[B, R, slots]`` bool cache slots this decode step reads.
 
     Args:
-      kept: for KV-eviction methods, ``[B, G, slots]`` the slots the eviction kept
-        (prompt positions from :func:`coverage.kept_slots`; generated tokens are always
-        read), since ``cache`` here holds every token.
+      method: a single method (see :func:`diagnosed_parts` for combinators).
+      kept: for KV-eviction methods, ``[B, G, W]`` bool, since ``cache`` here holds every
+        token: False at the prompt slots the eviction dropped (from
+        :func:`coverage.kept_slots`), True at the other slots below ``W``; slots from
+        ``W`` on (generated tokens) are always read.
     """
     slots = cache.page_table.shape[2] * cache.page_size
     valid = jnp.arange(slots)[None, None, :] < cache.lengths[..., None]
@@ -116,7 +144,12 @@ def decode_read_slots(method: AttentionMethod, q: jax.Array, cache: PagedKVCache
 def decode_diagnostics(method: AttentionMethod, q: jax.Array, cache: PagedKVCache, layer: LayerSpec,
                        needles: jax.Array | None = None, kept: jax.Array | None = None) -> LayerDiagnostics:
     """Decode coverage ``[B, H]`` and needle reads ``[B, H, N]`` of one step (``cache`` holds every token)."""
-    read = decode_read_slots(method, q, cache, layer, kept)
+    _, decode, dense_layers = diagnosed_parts(method)
+    read = decode_read_slots(decode, q, cache, layer, kept)
+    if dense_layers:
+        valid = jnp.arange(read.shape[2])[None, None, :] < cache.lengths[..., None]
+        read = jnp.where(_dense_layer(layer, dense_layers), jnp.repeat(valid, read.shape[1] // valid.shape[1], 1),
+                         read)
     return LayerDiagnostics(*decode_coverage(q, cache.k_pages, cache.page_table, cache.lengths, read,
                                              scale=layer.scale, needles=needles))
 
@@ -152,4 +185,5 @@ def capture_qk(model: Transformer, tokens: jax.Array) -> LayerQK:
     return LayerQK(captured.q[:, 0], captured.k[:, 0])
 
 
-__all__ = ["LayerDiagnostics", "LayerQK", "capture_qk", "decode_diagnostics", "kept_slots", "prefill_diagnostics", "prefill_index"]
+__all__ = ["LayerDiagnostics", "LayerQK", "capture_qk", "decode_diagnostics", "diagnosed_parts", "kept_slots",
+           "prefill_diagnostics", "prefill_index"]
