@@ -105,6 +105,7 @@ class FlexPrefill(AttentionMethod):
     """
 
     name: ClassVar[str] = "flexprefill"
+    traced_fields: ClassVar[tuple[str, ...]] = ("sparsity",)
     alpha: float = 0.65
     approximation_size: int = 512
     min_budget: int = 512

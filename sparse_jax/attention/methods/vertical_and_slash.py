@@ -102,6 +102,7 @@ class VerticalAndSlash(AttentionMethod):
     """
 
     name: ClassVar[str] = "vertical_and_slash"
+    traced_fields: ClassVar[tuple[str, ...]] = ("sparsity",)
     vertical_size: int = 512
     slash_size: int = 512
     approximation_size: int = 256
@@ -127,7 +128,7 @@ class VerticalAndSlash(AttentionMethod):
         if self.sparsity is None:
             nv, ns = min(self.vertical_size, bucket), min(self.slash_size, bucket)
             return jnp.full(lengths.shape, nv), jnp.full(lengths.shape, ns), nv, ns
-        n_max = int(budgets.band_size(bucket, self.sparsity))
+        n_max = int(budgets.band_size(bucket, self.shape_value("sparsity", 0.0)))
         nv_max = min(max(n_max, FORCED_VERTICALS), bucket)
         ns_max = min(max(n_max, LOCAL_DIAGONALS), bucket)
         n = jnp.minimum(budgets.band_size(lengths, self.sparsity, jnp), n_max)
