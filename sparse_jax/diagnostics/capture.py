@@ -26,7 +26,7 @@ from sparse_jax.attention.composed import ComposedMethod, DenseLayers, prefill_s
 from sparse_jax.attention.kv_cache import PagedKVCache
 from sparse_jax.attention.methods.attention_mass import decode_probabilities
 from sparse_jax.attention.methods.block_sparse import BlockSparse, block_sparse_index
-from sparse_jax.attention.methods.flexprefill import FlexPrefill, flexprefill_index
+from sparse_jax.attention.methods.flexprefill import FlexPrefill
 from sparse_jax.attention.methods.oracles import OracleTokens
 from sparse_jax.attention.methods.quest import Quest
 from sparse_jax.attention.methods.snapkv import EvictionMethod
@@ -77,13 +77,8 @@ def prefill_index(
         top_chunks, k_max = method.top_chunks_for(lengths, q.shape[1])
         return block_sparse_index(q, k, lengths, top_chunks, block_size=method.chunk_size, max_chunks=k_max,
                                   scorer=method.block_scorer(layer))
-    if isinstance(method, VerticalAndSlash):
+    if isinstance(method, (VerticalAndSlash, FlexPrefill)):
         return method.index(q, k, lengths, layer)
-    if isinstance(method, FlexPrefill):
-        min_budgets, max_budget = method.min_budgets_for(lengths, q.shape[1])
-        return flexprefill_index(q, k, lengths, min_budgets, alpha=method.alpha,
-                                 approximation_size=method.approximation_size, max_budget=max_budget,
-                                 scale=layer.scale)
     return None
 
 
