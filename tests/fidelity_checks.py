@@ -96,11 +96,14 @@ class LayerCase(NamedTuple):
 # ---------------------------------------------------------------------------------------------- block-sparse
 
 
-def _reference_blocks(case: LayerCase, name: str, rows: int, blocks: int) -> np.ndarray:
-    """``[H, rows, blocks]`` bool: the per-layer fixtures store a packed mask, the two-layer fixture the ids."""
-    if f"{name}.mask" in case.reference:
-        return unpack(case.reference[f"{name}.mask"], blocks)
-    return index_mask(case.reference[f"{name}.ids"], blocks)
+def reference_mask(case: LayerCase, method: str, label: str, part: str, width: int) -> np.ndarray:
+    """The reference's selection ``<method>@<label>.<part>`` as bool ``[..., width]``: from the per-layer
+    fixtures' tiers (``<method>.<part>.tier >= min_tier``), else stored as indices (-1 padded) or packed bits."""
+    tiers = case.reference.get(f"{method}.{part}.tier")
+    if tiers is not None:
+        return tiers[..., :width] >= case.budgets[f"{method}@{label}"]["min_tier"]
+    stored = case.reference[f"{method}@{label}.{part}"]
+    return unpack(stored, width) if stored.dtype == np.uint8 else index_mask(stored, width)
 
 
 def block_sparse_agreement(case: LayerCase, label: str) -> Agreement:
@@ -115,7 +118,7 @@ def block_sparse_agreement(case: LayerCase, label: str) -> Agreement:
                                jnp.asarray([top]), block_size=BLOCK, max_chunks=min(top, blocks))
     ids, counts = np.asarray(index.block_ids[0]), np.asarray(index.counts[0])  # [H, nb, top], [H, nb]
     ours = index_mask(np.where(np.arange(ids.shape[-1]) < counts[..., None], ids, -1), blocks)
-    reference = _reference_blocks(case, name, blocks, blocks)
+    reference = reference_mask(case, "block_sparse", label, "ids", blocks)
     ties = unpack(case.reference[f"{name}.near_tie"], blocks)
     return agreement(ours, reference, ties)
 
@@ -158,8 +161,8 @@ def vertical_slash_agreement(case: LayerCase, label: str, method: str) -> Vertic
     ours_v = index_mask(np.where(v_valid, v, -1), length)
     ours_s = index_mask(np.where(s_valid, s, -1), length)
     ref = case.reference
-    ref_v = index_mask(ref[f"{name}.verticals"], length)
-    ref_s = index_mask(ref[f"{name}.slashes"], length)
+    ref_v = reference_mask(case, method, label, "verticals", length)
+    ref_s = reference_mask(case, method, label, "slashes", length)
     budget_heads = 0
     if method == "flexprefill":
         budget_heads = int(np.sum((ours_v.sum(-1) != ref[f"{name}.vertical_budgets"])
@@ -182,8 +185,7 @@ def eviction_agreement(case: LayerCase, label: str, method: str, layer: int) -> 
                                                  layer=LayerSpec(index=layer, scale=case.scale))
     indices, counts = np.asarray(kept.indices[0]), np.asarray(kept.counts[0])
     ours = index_mask(np.where(np.arange(indices.shape[-1]) < counts[:, None], indices, -1), length)
-    stored = case.reference[f"{name}.kept"]
-    reference = index_mask(stored, length) if method == "snapkv" else unpack(stored, length)
+    reference = reference_mask(case, method, label, "kept", length)
     return agreement(ours, reference, unpack(case.reference[f"{name}.near_tie"], length))
 
 
@@ -220,12 +222,14 @@ def quest_tables(case: LayerCase, label: str, share: bool, path: str) -> list[np
 
 
 def quest_agreement(case: LayerCase, label: str, share: bool, path: str = "jnp") -> Agreement:
-    name = f"quest_{'shared' if share else 'per_head'}@{label}"
-    want = case.reference[f"{name}.pages"]  # [steps, rows, b] -1 padded
-    ties = case.reference[f"{name}.near_tie"]  # [steps, rows, packed pages]
+    method = f"quest_{'shared' if share else 'per_head'}"
+    steps = case.q_decode.shape[0]
+    pages = (case.length + steps - 1) // PAGE  # the last step's current page
+    want = reference_mask(case, method, label, "pages", pages)  # [steps, rows, pages]
+    ties = case.reference[f"{method}@{label}.near_tie"]  # [steps, rows, packed pages]
     total = Agreement(0, 0, 0)
     for step, table in enumerate(quest_tables(case, label, share, path)):
-        current = (case.length + step) // PAGE
-        total = total.plus(agreement(index_mask(table, current), index_mask(want[step], current),
+        current = (case.length + step) // PAGE  # pages before it are the candidates of this step
+        total = total.plus(agreement(index_mask(table, current), want[step, :, :current],
                                      unpack(ties[step], current)))
     return total
