@@ -63,8 +63,8 @@ def test_prefill_coverage_does_not_depend_on_the_tile_size(monkeypatch):
     whole = prefill_diagnostics(method, q, k, lengths, layer, needles)  # one tile holds every row
     monkeypatch.setattr(attention_mass, "TILE_ELEMENTS", 8 * t)  # 8-row tiles
     tiled = prefill_diagnostics(method, q, k, lengths, layer, needles)
-    for a, b_ in zip(whole, tiled):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(tiled.coverage), np.asarray(whole.coverage), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(tiled.needle), np.asarray(whole.needle), rtol=1e-6)
     assert float(whole.coverage.min()) < 0.99  # sparse enough to miss mass
 
 
@@ -99,6 +99,8 @@ def test_dense_covers_everything_and_reads_every_needle(model):
     np.testing.assert_array_equal(d.prefill_needle, 1.0)
     assert d.kept_needle.all() and d.decode_needle.all()
     assert d.needle_positions.tolist() == NEEDLES
+    assert d.decode_needle_mass.shape == d.decode_needle.shape and (d.decode_needle_mass > 0).all()
+    assert (d.decode_needle_mass.sum(-1) <= 1 + 1e-5).all()
 
 
 @pytest.mark.parametrize("share_pages", [False, True])
@@ -141,18 +143,27 @@ def test_the_summary_names_the_layer_and_head_that_missed_the_needle(tmp_path):
         kept_needle=np.ones((layers, 2, needles), bool),
         decode_coverage=np.full((steps, layers, heads), 0.9, np.float32),
         decode_needle=np.ones((steps, layers, heads, needles), bool),
+        decode_needle_mass=np.full((steps, layers, heads, needles), 0.01, np.float32),
         needle_positions=np.array([3, 4], np.int32),
     )
-    sample.decode_needle[:, 2, 1] = False  # layer 2, head 1 never reads the needle
+    sample.decode_needle[:, 2, 1] = False  # layer 2, head 1 never reads the needle it attends to
+    sample.decode_needle_mass[:, 2, 1] = 0.25
+    sample.decode_needle[:, 0, 0] = False  # layer 0, head 0 neither, but gives it little mass
+    sample.decode_needle_mass[:, 1, 2] = 0.4  # layer 1, head 2 attends to it most, and reads it
     sample.decode_coverage[:, 1, 3] = 0.2  # layer 1, head 3 covers least
     for index in (0, 1):
         diagnostics_files.write_sample(tmp_path, index, sample)
     summary = diagnostics_files.summarize(diagnostics_files.stack(tmp_path, [0, 1]))
     assert summary["samples"] == 2 and summary["needle_tokens"] == 4
     decode = summary["decode"]
-    assert decode["worst"][0] == {"layer": 2, "head": 1, "coverage": 0.9, "needle_recall": 0.0}
+    assert decode["worst"][0] == {"layer": 2, "head": 1, "coverage": 0.9, "needle_recall": 0.0,
+                                  "needle_mass": 0.5, "missed_needle_mass": 0.5}
+    assert decode["worst"][1] == {"layer": 0, "head": 0, "coverage": 0.9, "needle_recall": 0.0,
+                                  "needle_mass": 0.02, "missed_needle_mass": 0.02}
     assert decode["min_coverage"] == {"layer": 1, "head": 3, "coverage": 0.2}
-    assert decode["needle_recall"] == pytest.approx(1 - 1 / (layers * heads))
+    assert decode["needle_recall"] == pytest.approx(1 - 2 / (layers * heads))
+    maps = diagnostics_files.layer_head_maps(diagnostics_files.read_stacked(tmp_path))
+    assert maps["decode_needle_mass"][1, 2] == pytest.approx(0.8) and maps["decode_missed_needle_mass"][1, 2] == 0
     assert summary["prefill"]["coverage"] == 1.0 and decode["needle_kept"] == 1.0
     assert len(decode["worst"]) == diagnostics_files.WORST
 
@@ -162,8 +173,9 @@ def test_the_summary_names_the_layer_and_head_that_missed_the_needle(tmp_path):
 
 @pytest.mark.parametrize("prompt_format", ["chat", "completion"])
 def test_needle_spans_map_to_the_number_tokens(prompt_format):
-    tokenizer = load_tokenizer("smollm2", prompt_format)
-    task = get_task("niah_single", num_samples=2, max_input_tokens=512, max_output_tokens=8, tokenizer=tokenizer)
+    tokenizer = load_tokenizer("smollm2", prompt_format)  # the samples are the chat format's (fill check)
+    task = get_task("niah_single", num_samples=2, max_input_tokens=512, max_output_tokens=8,
+                    tokenizer=load_tokenizer("smollm2", "chat"))
     for record in task.generate_samples(progress=False):
         positions = tokenizer.prompt_positions(record["input_text"], task.needle_spans(record))
         ids = tokenizer.encode_for_generation(record["input_text"])
