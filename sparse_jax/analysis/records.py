@@ -363,6 +363,9 @@ class RunFile:
       rope: the RoPE the model ran with (``ModelConfig.rope_description()`` of
         sparse_jax/models/config.py: where its scaling came from and its parameters);
         ``{}`` in records written before it was recorded.
+      prefill_target_reach: whether the prefill target is within reach at
+        ``max_input_tokens`` (``attention.composed.prefill_target_reach``); ``None`` when
+        the prefill meets any target by construction, runs densely or on a raw budget.
     """
 
     model: ModelConfig
@@ -377,6 +380,7 @@ class RunFile:
     status: str = "complete"
     rope: dict[str, Any] = dataclasses.field(default_factory=dict)
     target_sparsity_by_phase: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    prefill_target_reach: dict[str, Any] | None = None
 
     format_version: ClassVar[int] = FORMAT_VERSION
 
@@ -391,6 +395,7 @@ class RunFile:
             "method": {"name": self.method, "args": self.method_args},
             "target_sparsity": self.target_sparsity,
             "target_sparsity_by_phase": self.target_sparsity_by_phase,
+            "prefill_target_reach": self.prefill_target_reach,
             "summary": dataclasses.asdict(self.summary),
             "config": self.config,
             "status": self.status,
@@ -430,6 +435,7 @@ class RunFile:
             status=_require(obj, "status", str, where, optional=True) or "complete",
             rope=_require(obj, "rope", dict, where, optional=True) or {},
             target_sparsity_by_phase=_require(obj, "target_sparsity_by_phase", dict, where, optional=True) or {},
+            prefill_target_reach=_require(obj, "prefill_target_reach", dict, where, optional=True),
         )
 
     @classmethod

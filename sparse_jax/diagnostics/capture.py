@@ -7,6 +7,8 @@ and (decode) a cache holding every token. Both return a :class:`LayerDiagnostics
 pass stacks per (layer, head, step). Combinators are looked through
 (:func:`diagnosed_parts`): a composition is diagnosed by the part that runs each phase,
 and the dense leading layers of ``dense_layers`` count as dense.
+:func:`capture_qk` returns those q/k of every layer for one token sequence (dense
+attention), the input of offline checks such as the reference-selection fixtures.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from pallas_kernels.block_sparse.index import BlockSparseIndex
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
@@ -23,7 +26,7 @@ from sparse_jax.attention.composed import ComposedMethod, DenseLayers, prefill_s
 from sparse_jax.attention.kv_cache import PagedKVCache
 from sparse_jax.attention.methods.attention_mass import decode_probabilities
 from sparse_jax.attention.methods.block_sparse import BlockSparse, block_sparse_index
-from sparse_jax.attention.methods.flexprefill import FlexPrefill, flexprefill_index
+from sparse_jax.attention.methods.flexprefill import FlexPrefill
 from sparse_jax.attention.methods.oracles import OracleTokens
 from sparse_jax.attention.methods.quest import Quest
 from sparse_jax.attention.methods.snapkv import EvictionMethod
@@ -34,7 +37,7 @@ from sparse_jax.diagnostics.coverage import (
     prefill_coverage,
     read_slots_from_pages,
 )
-
+from sparse_jax.models.transformer import Transformer, full_attention
 
 
 class LayerDiagnostics(NamedTuple):
@@ -76,13 +79,8 @@ def prefill_index(
         top_chunks, k_max = method.top_chunks_for(lengths, q.shape[1])
         return block_sparse_index(q, k, lengths, top_chunks, block_size=method.chunk_size, max_chunks=k_max,
                                   scorer=method.block_scorer(layer))
-    if isinstance(method, VerticalAndSlash):
+    if isinstance(method, (VerticalAndSlash, FlexPrefill)):
         return method.index(q, k, lengths, layer)
-    if isinstance(method, FlexPrefill):
-        min_budgets, max_budget = method.min_budgets_for(lengths, q.shape[1])
-        return flexprefill_index(q, k, lengths, min_budgets, alpha=method.alpha,
-                                 approximation_size=method.approximation_size, max_budget=max_budget,
-                                 scale=layer.scale)
     return None
 
 
@@ -153,5 +151,36 @@ def decode_diagnostics(method: AttentionMethod, q: jax.Array, cache: PagedKVCach
                                              scale=layer.scale, needles=needles))
 
 
-__all__ = ["LayerDiagnostics", "decode_diagnostics", "diagnosed_parts", "kept_slots", "prefill_diagnostics",
-           "prefill_index"]
+class LayerQK(NamedTuple):
+    """Post-RoPE queries and keys of every layer for one sequence.
+
+    Attributes:
+      q: ``[layers, seq, heads, head_dim]``.
+      k: ``[layers, seq, kv_heads, head_dim]``.
+    """
+
+    q: jax.Array
+    k: jax.Array
+
+
+@nnx.jit
+def capture_qk(model: Transformer, tokens: jax.Array) -> LayerQK:
+    """Every layer's post-RoPE q/k of ``tokens [seq]`` (int32, positions ``0 .. seq - 1``) under dense causal
+    attention, in the model's compute dtype. Row ``t`` depends on tokens ``<= t`` only, so one pass over a prompt
+    followed by its generated tokens also gives each decode step's query and key."""
+    cfg = model.config
+    seq = tokens.shape[0]
+    states = LayerQK(jnp.zeros((cfg.num_layers, 1, seq, cfg.num_heads, cfg.head_dim), model.dtype),
+                     jnp.zeros((cfg.num_layers, 1, seq, cfg.num_kv_heads, cfg.head_dim), model.dtype))
+
+    def attend(layer: LayerSpec, q, k, v, state):
+        out, _ = full_attention(layer, q, k, v, None)
+        return out, LayerQK(q.astype(state.q.dtype), k.astype(state.k.dtype))
+
+    _, captured = model(tokens[None], jnp.arange(seq, dtype=jnp.int32)[None], attend=attend, layer_states=states,
+                        logits_at=jnp.zeros((1,), jnp.int32))
+    return LayerQK(captured.q[:, 0], captured.k[:, 0])
+
+
+__all__ = ["LayerDiagnostics", "LayerQK", "capture_qk", "decode_diagnostics", "diagnosed_parts", "kept_slots",
+           "prefill_diagnostics", "prefill_index"]

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from sparse_jax.analysis.records import FORMAT_VERSION, ModelConfig, RunFile, RunSummary
 from sparse_jax.atomic_files import atomic_write_json, atomic_write_text
 from sparse_jax.attention.accounting import generation_totals
-from sparse_jax.attention.composed import phase_targets
+from sparse_jax.attention.composed import describe_reach, phase_targets, prefill_target_reach
 from sparse_jax.models.loading import LoadedModel
 from sparse_jax.pipeline import jsonl_store
 from sparse_jax.pipeline.compile_time import compile_seconds, enable_compilation_cache
@@ -208,6 +208,9 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
     if not todo:
         return [done[r["index"]] for r in records]
     method = make_method(cfg)
+    reach = prefill_target_reach(method, cfg.max_input_tokens)
+    if reach is not None:
+        print(describe_reach(method.name, reach))
     bundle = _bundle(cfg)
     tokenizer = bundle.tokenizer
     engine_config = _engine_config(cfg)
@@ -380,6 +383,7 @@ def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequen
         method_args={k: v for k, v in method.describe().items() if k != "name"},
         target_sparsity=cfg.sparsity,
         target_sparsity_by_phase=phase_targets(method),
+        prefill_target_reach=prefill_target_reach(method, cfg.max_input_tokens),
         summary=_summary([by_index[r["index"]] for r in records], evaluation, task.metric, len(records),
                          diagnostics),
         config=cfg.as_record(),
