@@ -47,10 +47,12 @@ class LayerDiagnostics(NamedTuple):
       coverage: ``[B, H]`` fp32 share of dense softmax mass the selection covers.
       needle: ``[B, H]`` fp32 prefill needle recall, or ``[B, H, N]`` bool decode
         needle reads.
+      needle_mass: decode only, ``[B, H, N]`` fp32 dense softmax mass on each needle token.
     """
 
     coverage: jax.Array
     needle: jax.Array
+    needle_mass: jax.Array | None = None
 
 
 def diagnosed_parts(method: AttentionMethod) -> tuple[AttentionMethod, AttentionMethod, int]:
@@ -103,7 +105,7 @@ def prefill_diagnostics(
     diag = LayerDiagnostics(*prefill_coverage(q, k, lengths, index, scale=layer.scale, needles=needles,
                                               needle_rows=needle_rows))
     dense = _dense_layer(layer, dense_layers)
-    return LayerDiagnostics(*(jnp.where(dense, ones, x) for x in diag))
+    return diag._replace(coverage=jnp.where(dense, ones, diag.coverage), needle=jnp.where(dense, ones, diag.needle))
 
 
 def decode_read_slots(method: AttentionMethod, q: jax.Array, cache: PagedKVCache, layer: LayerSpec,
@@ -138,7 +140,7 @@ def decode_read_slots(method: AttentionMethod, q: jax.Array, cache: PagedKVCache
 
 def decode_diagnostics(method: AttentionMethod, q: jax.Array, cache: PagedKVCache, layer: LayerSpec,
                        needles: jax.Array | None = None, kept: jax.Array | None = None) -> LayerDiagnostics:
-    """Decode coverage ``[B, H]`` and needle reads ``[B, H, N]`` of one step (``cache`` holds every token)."""
+    """Decode coverage ``[B, H]``, needle reads and needle mass ``[B, H, N]`` of one step (``cache`` holds every token)."""
     _, decode, dense_layers = diagnosed_parts(method)
     read = decode_read_slots(decode, q, cache, layer, kept)
     if dense_layers:

@@ -143,7 +143,10 @@ def decode_coverage(
       needles: ``[B, N]`` token positions, ``-1`` unused.
 
     Returns:
-      ``coverage [B, H]`` fp32 and ``needle_read [B, H, N]`` bool (False for unused slots).
+      ``coverage [B, H]`` fp32, ``needle_read [B, H, N]`` bool (False for unused slots) and
+      ``needle_mass [B, H, N]`` fp32, the dense softmax mass on each needle token (0 for
+      unused slots): a head that gives the needle mass and does not read it is one that
+      lost it.
     """
     probs = decode_probabilities(q, k_pages, page_table, lengths, scale=scale)  # [B, G, g, slots]
     b, g, group, slots = probs.shape
@@ -151,10 +154,11 @@ def decode_coverage(
     read = jnp.repeat(read, (g * group) // read.shape[1], axis=1)
     coverage = jnp.where(read, probs, 0.0).sum(-1)
     if needles is None:
-        return coverage, jnp.zeros((b, g * group, 0), bool)
-    hit = jnp.take_along_axis(read, jnp.broadcast_to(jnp.maximum(needles, 0)[:, None, :], (b, g * group,
-                                                                                       needles.shape[1])), axis=2)
-    return coverage, hit & (needles >= 0)[:, None, :]
+        return coverage, jnp.zeros((b, g * group, 0), bool), jnp.zeros((b, g * group, 0), jnp.float32)
+    at = jnp.broadcast_to(jnp.maximum(needles, 0)[:, None, :], (b, g * group, needles.shape[1]))
+    live = (needles >= 0)[:, None, :]
+    hit = jnp.take_along_axis(read, at, axis=2) & live
+    return coverage, hit, jnp.where(live, jnp.take_along_axis(probs, at, axis=2), 0.0)
 
 
 def read_slots_from_pages(table: jax.Array, row_lengths: jax.Array, page_table: jax.Array, page_size: int,

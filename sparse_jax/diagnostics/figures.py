@@ -3,8 +3,10 @@
 * ``diagnostics_{method}_{target}_{run key}.png`` per run: layer x head heatmaps of
   prefill and decode coverage (share of dense softmax mass the selection kept) and of
   needle recall (share of needle tokens computed in the prefill's last rows / read at
-  each decode step), from :func:`sparse_jax.diagnostics.results.layer_head_maps`. A cell
-  far below 1 is a (layer, head) whose selection misses what dense attention reads.
+  each decode step) and of the dense attention mass on needle tokens a decode step did not
+  read, from :func:`sparse_jax.diagnostics.results.layer_head_maps`. A coverage or recall
+  cell far below 1, or a bright missed-mass cell, is a (layer, head) whose selection misses
+  what dense attention reads.
 * ``diagnostics_vs_sparsity.png``: per method, needle recall and coverage against the
   achieved sparsity; each run's point is its weaker phase (the lower of its prefill and
   decode means).
@@ -25,6 +27,7 @@ PANELS = (
     ("decode_coverage", "decode coverage"),
     ("prefill_needle_recall", "prefill needle recall (last rows)"),
     ("decode_needle_recall", "decode needle reads"),
+    ("decode_missed_needle_mass", "decode: dense mass on unread needle"),
 )
 
 
@@ -58,7 +61,7 @@ def draw_diagnostics(runs: Sequence[tuple[str, dict[str, Any]]], out_dir: Path) 
         fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 4.6), squeeze=False)
         for ax, (key, title) in zip(axes[0], PANELS):
             image = ax.imshow(np.ma.masked_invalid(maps[key]), aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0,
-                              interpolation="nearest")
+                              interpolation="nearest")  # every panel is a share in [0, 1]
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("query head")
             ax.set_ylabel("layer")
@@ -80,8 +83,8 @@ def _draw_vs_sparsity(measured, path: Path, plt) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     for ax, (kind, title) in zip(axes[0], (("needle_recall", "needle recall"), ("coverage", "coverage"))):
         for label in sorted({label for label, _, _ in measured}):
-            points = sorted((row["sparsity"], _weaker(maps, kind)) for lab, row, maps in measured if lab == label)
-            points = [(x, y) for x, y in points if y is not None and x is not None]
+            points = [(row["sparsity"], _weaker(maps, kind)) for lab, row, maps in measured if lab == label]
+            points = sorted((x, y) for x, y in points if y is not None and x is not None)
             if points:
                 ax.plot(*zip(*points), marker="o", label=label)
         ax.set_xlabel("achieved sparsity")

@@ -12,7 +12,8 @@ In the run folder (:mod:`sparse_jax.pipeline.runner`):
 :func:`layer_head_maps` averages the stacked file into ``[L, H]`` maps (what the report
 draws) and :func:`summarize` into the ``summary.diagnostics`` object of ``run.json``:
 per phase the mean coverage, the weakest (layer, head) and the needle recall, and the
-:data:`WORST` (layer, head) pairs of each phase.
+:data:`WORST` (layer, head) pairs of each phase (decode: those whose dense attention on
+the needle the selection missed most).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class SampleDiagnostics:
       decode_coverage: ``[S, L, H]`` float32 share of the step query's dense mass on the
         tokens it read.
       decode_needle: ``[S, L, H, N]`` bool, needle token read at that step.
+      decode_needle_mass: ``[S, L, H, N]`` float32 dense softmax mass of the step's query
+        on each needle token.
       needle_positions: ``[N]`` int32 prompt positions of the needle tokens.
     """
 
@@ -57,6 +60,7 @@ class SampleDiagnostics:
     kept_needle: np.ndarray
     decode_coverage: np.ndarray
     decode_needle: np.ndarray
+    decode_needle_mass: np.ndarray
     needle_positions: np.ndarray
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -103,6 +107,7 @@ def stack(run_dir: Path, indices: Sequence[int]) -> dict[str, np.ndarray]:
         "kept_needle": _pad([s.kept_needle for s in samples], (2,), False),
         "decode_coverage": _pad([s.decode_coverage for s in samples], (0,), np.nan),
         "decode_needle": _pad([s.decode_needle for s in samples], (0, 3), False),
+        "decode_needle_mass": _pad([s.decode_needle_mass for s in samples], (0, 3), 0.0),
         "needle_positions": _pad([s.needle_positions for s in samples], (0,), -1),
     }
     _write_npz(Path(run_dir) / STACKED_FILE, arrays)
@@ -120,7 +125,10 @@ def layer_head_maps(stacked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     * ``prefill_coverage``, ``decode_coverage``: mean over samples (and decode steps);
     * ``prefill_needle_recall``: mean over samples with needles;
     * ``needle_kept``: share of needle tokens the eviction kept (the query head's KV head);
-    * ``decode_needle_recall``: share of (step, needle token) pairs read, over samples.
+    * ``decode_needle_recall``: share of (step, needle token) pairs read, over samples;
+    * ``decode_needle_mass``: dense softmax mass on the needle tokens (summed over them),
+      mean over samples and steps: how much the head retrieves the needle;
+    * ``decode_missed_needle_mass``: the part of it on needle tokens the step did not read.
     """
     n, steps = stacked["decode_coverage"].shape[:2]
     heads = stacked["prefill_coverage"].shape[2]
@@ -130,8 +138,14 @@ def layer_head_maps(stacked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     pairs = live_step[:, :, None, None, None] & live_needle[:, None, None, None, :]
     kept = stacked["kept_needle"]  # [n, L, G, N]
     kept = np.repeat(kept, heads // kept.shape[2], axis=2)
+    mass = np.where(pairs, stacked["decode_needle_mass"], 0.0)  # [n, S, L, H, N]
+    steps_run = live_step.sum()
+    per_step = (lambda a: a.sum(axis=(0, 1, 4)) / steps_run) if steps_run and live_needle.any() else (
+        lambda a: np.full(a.shape[2:4], np.nan))
     with np.errstate(invalid="ignore", divide="ignore"):
         return {
+            "decode_needle_mass": per_step(mass),
+            "decode_missed_needle_mass": per_step(np.where(reads, 0.0, mass)),
             "prefill_coverage": stacked["prefill_coverage"].mean(axis=0),
             "decode_coverage": _nanmean(stacked["decode_coverage"], axis=(0, 1)),
             "prefill_needle_recall": _nanmean(stacked["prefill_needle"], axis=0),
@@ -157,31 +171,44 @@ def summarize(stacked: dict[str, np.ndarray]) -> dict[str, Any]:
     ``{"samples", "needle_tokens", "prefill": {...}, "decode": {...}}``; each phase holds
     ``coverage`` (mean), ``min_coverage`` (``{"layer", "head", "coverage"}``),
     ``needle_recall`` (mean; ``null`` without needles) and ``worst``: the :data:`WORST`
-    (layer, head) pairs with the lowest needle recall (lowest coverage without needles),
-    ties broken by coverage. ``decode`` also has ``needle_kept`` (eviction).
+    (layer, head) pairs that lost the most. Decode ranks by the dense attention mass on
+    needle tokens it did not read (``missed_needle_mass``: the heads that retrieve the
+    needle and lost it), prefill by needle recall; without needles both rank by coverage.
+    ``decode`` also has ``needle_kept`` (share of needle tokens KV eviction kept) and
+    ``missed_needle_mass`` (mean over layers and heads).
     """
     maps = layer_head_maps(stacked)
     out: dict[str, Any] = {
         "samples": int(stacked["indices"].shape[0]),
         "needle_tokens": int((stacked["needle_positions"] >= 0).sum()),
     }
+    missed = maps["decode_missed_needle_mass"]
     for phase in PHASES:
         coverage, recall = maps[f"{phase}_coverage"], maps[f"{phase}_needle_recall"]
         filled = np.where(np.isnan(coverage), np.inf, coverage)
         layer, head = np.unravel_index(np.argmin(filled), coverage.shape)
         has_recall = not np.isnan(recall).all()
-        primary = np.where(np.isnan(recall), np.inf, recall) if has_recall else filled
+        if phase == "decode" and not np.isnan(missed).all():
+            primary = -missed
+        else:
+            primary = np.where(np.isnan(recall), np.inf, recall) if has_recall else filled
         order = np.lexsort((filled.ravel(), primary.ravel()))[:WORST]
+        worst = []
+        for i in order:
+            cell = divmod(int(i), coverage.shape[1])
+            entry = {"layer": cell[0], "head": cell[1], "coverage": _number(coverage[cell]),
+                     "needle_recall": _number(recall[cell])}
+            if phase == "decode":
+                entry |= {"needle_mass": _number(maps["decode_needle_mass"][cell]),
+                          "missed_needle_mass": _number(missed[cell])}
+            worst.append(entry)
         out[phase] = {
-            "coverage": _number(np.nanmean(coverage)) if not np.isnan(coverage).all() else None,
+            "coverage": None if np.isnan(coverage).all() else _number(np.nanmean(coverage)),
             "min_coverage": {"layer": int(layer), "head": int(head), "coverage": _number(coverage[layer, head])},
             "needle_recall": _number(np.nanmean(recall)) if has_recall else None,
-            "worst": [
-                {"layer": int(i // coverage.shape[1]), "head": int(i % coverage.shape[1]),
-                 "coverage": _number(coverage.ravel()[i]), "needle_recall": _number(recall.ravel()[i])}
-                for i in order
-            ],
+            "worst": worst,
         }
     kept = maps["needle_kept"]
     out["decode"]["needle_kept"] = None if np.isnan(kept).all() else _number(np.nanmean(kept))
+    out["decode"]["missed_needle_mass"] = None if np.isnan(missed).all() else _number(np.nanmean(missed))
     return out

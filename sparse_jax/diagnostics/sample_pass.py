@@ -10,8 +10,8 @@ For one prompt (a batch of one, padded to the engine's bucket) the pass
    head whether eviction kept each needle token;
 2. feeds the run's own generated tokens back one decode step at a time (the token the
    run fed at that step, so the replay sees what the run saw): the method decodes from
-   its cache, and each step's dense-mass coverage of the tokens it read and whether it
-   read each needle token are measured against the full cache
+   its cache, and each step's dense-mass coverage of the tokens it read, whether it
+   read each needle token and the dense mass on it are measured against the full cache
    (:func:`capture.decode_diagnostics`).
 
 Dense scores are formed tile by tile (:mod:`sparse_jax.attention.methods.attention_mass`),
@@ -76,8 +76,9 @@ class DiagnosticsPass:
         num_layers, num_heads = coverage.shape[0], coverage.shape[2]
         count = len(needles)
         decode_coverage = np.stack([s[0][:, 0] for s in steps]) if steps else np.zeros((0, num_layers, num_heads))
-        decode_needle = (np.stack([s[1][:, 0, :, :count] for s in steps]) if steps
-                         else np.zeros((0, num_layers, num_heads, count), bool))
+        decode_needle, decode_needle_mass = (
+            (np.stack([s[i][:, 0, :, :count] for s in steps]) for i in (1, 2)) if steps
+            else (np.zeros((0, num_layers, num_heads, count), dtype) for dtype in (bool, np.float32)))
         prefill_needle = np.asarray(recall[:, 0], np.float32)
         return SampleDiagnostics(
             prefill_coverage=np.asarray(coverage[:, 0], np.float32),
@@ -85,6 +86,7 @@ class DiagnosticsPass:
             kept_needle=np.asarray(kept[:, 0, :, :count], bool),
             decode_coverage=decode_coverage.astype(np.float32),
             decode_needle=decode_needle.astype(bool),
+            decode_needle_mass=decode_needle_mass.astype(np.float32),
             needle_positions=np.asarray(needles, np.int32),
         )
 
@@ -135,7 +137,7 @@ class DiagnosticsPass:
         """One decode step fed ``token [1]`` at ``position [1]``.
 
         Returns:
-          ``(state, (coverage [L, 1, H], needle read [L, 1, H, N] bool))``.
+          ``(state, (coverage [L, 1, H], needle read [L, 1, H, N] bool, needle mass [L, 1, H, N]))``.
         """
         engine = self.engine
         model, method = nnx.merge(engine.graphdef, params), engine.method
@@ -148,11 +150,12 @@ class DiagnosticsPass:
             full = full.append(k[:, 0], v[:, 0])
             out, _ = method.decode(q[:, 0], cache, layer=layer)
             diag = decode_diagnostics(method, q[:, 0], full, layer, needles, kept=kept)
-            return out[:, None], (cache, full, kept, diag.coverage, diag.needle)
+            return out[:, None], (cache, full, kept, *diag)
 
         b, num_layers, heads = token.shape[0], mcfg.num_layers, mcfg.num_heads
-        states = (*state, jnp.zeros((num_layers, b, heads), jnp.float32),
-                  jnp.zeros((num_layers, b, heads, needles.shape[1]), bool))
-        _, (cache, full, kept, coverage, reads) = model(token[:, None], position[:, None], attend=attend,
-                                                        layer_states=states, logits_at=jnp.zeros((b,), jnp.int32))
-        return (cache, full, kept), (coverage, reads)
+        per_needle = (num_layers, b, heads, needles.shape[1])
+        states = (*state, jnp.zeros((num_layers, b, heads), jnp.float32), jnp.zeros(per_needle, bool),
+                  jnp.zeros(per_needle, jnp.float32))
+        _, (cache, full, kept, *step) = model(token[:, None], position[:, None], attend=attend, layer_states=states,
+                                              logits_at=jnp.zeros((b,), jnp.int32))
+        return (cache, full, kept), tuple(step)
