@@ -12,6 +12,8 @@ from experiments.benchmarks import compile_time, decode_kernels, engine_methods
         (engine_methods, ["--methods", "quest"], "--methods must name 'dense'"),
         (engine_methods, ["--methods", "dense,qeust"], "--methods must name 'dense'"),
         (compile_time, ["--batch", "0"], "--batch, --bucket and --new-tokens must be >= 1"),
+        (compile_time, ["--sweep", "quest", "--sparsities", "0.5,1.5"], "--sparsities must be comma-separated"),
+        (compile_time, ["--sweep", "qeust"], "--sweep 'qeust' is not a registered method"),
     ],
 )
 def test_bad_options_name_the_problem(module, argv, message, monkeypatch, capsys):

@@ -120,9 +120,9 @@ def test_every_cache_buffer_is_donated_to_prefill_and_decode(dense_engine, model
     # Each compiled program aliases the 7 arrays of the cache (stacked over layers) from input to output,
     # so the cache is updated in place, never copied (programs are reused from the tests above when they ran).
     dense_engine.generate_batch(random_prompts(LENGTHS), max_new_tokens=MAX_NEW, stop_ids=[])
-    kinds = {key[0] for key in dense_engine._compiled}
+    kinds = {key[0] for key in dense_engine.programs}
     assert kinds == {"prefill", "decode"}
-    for program in dense_engine._compiled.values():
+    for program in dense_engine.programs.values():
         hlo = program.as_text()
         assert hlo.count("may-alias") + hlo.count("must-alias") == 7
 

@@ -95,7 +95,8 @@ def select_pages(
       ``(table [B, R, b + 1], row_lengths [B, R])`` int32 with ``b = token_budget // S``:
       the chosen pool pages (best first, then the current page; later slots repeat it and
       are never read) and their valid tokens. If the cache table has no more than
-      ``b + 1`` pages, it is returned unchanged (dense read).
+      ``b + 1`` pages and no per-row budgets are given, it is returned unchanged (dense
+      read; see :func:`reads_table_as_is`).
     """
     plan = plan_rows(page_table, lengths, scores.shape[1], page_size=page_size, token_budget=token_budget,
                      budget_pages=budget_pages)
@@ -116,7 +117,7 @@ class RowPlan(NamedTuple):
       row_budget: earlier pages each row keeps.
       page_size: tokens per page ``S`` (static).
       max_pages: ``b = token_budget // S``, the widest row budget (static).
-      passthrough: the table has no more than ``b + 1`` pages and is read as is (static).
+      passthrough: every row reads its whole table, as is (static; :func:`reads_table_as_is`).
     """
 
     table: jax.Array
@@ -146,7 +147,17 @@ def plan_rows(
     max_pages = token_budget // page_size
     row_budget = jnp.full(n.shape, max_pages, jnp.int32) if budget_pages is None else budget_pages.astype(jnp.int32)
     current = current_page(n, page_size)
-    return RowPlan(table, n, current, row_budget, page_size, max_pages, page_table.shape[2] <= max_pages + 1)
+    passthrough = reads_table_as_is(page_table, page_size=page_size, token_budget=token_budget,
+                                    budget_pages=budget_pages)
+    return RowPlan(table, n, current, row_budget, page_size, max_pages, passthrough)
+
+
+def reads_table_as_is(page_table: jax.Array, *, page_size: int, token_budget: int,
+                      budget_pages: jax.Array | None) -> bool:
+    """Whether every row reads its whole table (static): the budget covers every earlier
+    page of the ``[B, G, P]`` table and no per-row budget can be smaller (a budget from a
+    traced sparsity may be, while ``token_budget`` is its dense bound)."""
+    return budget_pages is None and page_table.shape[2] <= token_budget // page_size + 1
 
 
 def current_page(n: jax.Array, page_size: int) -> jax.Array:
@@ -209,6 +220,7 @@ def quest_page_table(
     scores = page_upper_bounds(q, k_min, k_max, page_table, share_pages=share_pages)
     table, row_lengths = select_pages(scores, page_table, lengths, page_size=page_size, token_budget=token_budget,
                                       budget_pages=budget_pages)
-    if spare_columns and page_table.shape[2] > token_budget // page_size + 1:
+    if spare_columns and not reads_table_as_is(page_table, page_size=page_size, token_budget=token_budget,
+                                               budget_pages=budget_pages):
         table = jnp.pad(table, ((0, 0), (0, 0), (0, spare_columns)), mode="edge")
     return table, row_lengths

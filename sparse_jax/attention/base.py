@@ -21,11 +21,13 @@ overrides one hook and inherits the rest.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparse_jax.attention.kv_cache import DecodeStats, KeptTokens, PagedKVCache
 
@@ -92,6 +94,21 @@ def causal_pair_count(lengths: jax.Array, window: int | None = None) -> jax.Arra
     return head * (head + 1.0) / 2.0 + jnp.maximum(n - w, 0.0) * w
 
 
+class _Traced:
+    """The placeholder of a traced hyper-parameter in a split method (see :meth:`AttentionMethod.split`)."""
+
+    def __repr__(self) -> str:
+        return "TRACED"
+
+
+TRACED = _Traced()
+
+
+def is_number(value: Any) -> bool:
+    """A Python or NumPy int or float (not a bool, an array or :data:`TRACED`)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionMethod:
     """Base class: dense causal prefill, no eviction, dense decode.
@@ -111,6 +128,55 @@ class AttentionMethod:
     """Whether ``compress`` pools a budget across all KV heads of a layer (so a sharded
     run must give it every head at once, not one shard's)."""
     implementation: str | None = dataclasses.field(default=None, kw_only=True)
+    traced_fields: ClassVar[tuple[str, ...]] = ()
+    """Hyper-parameters that only change numbers, never array shapes: :meth:`split` takes
+    them out so that the engine passes them as traced arguments and one compiled program
+    serves every value (a sweep over sparsity compiles once). Code that needs such a
+    value for a shape asks :meth:`shape_value`."""
+
+    def split(self) -> tuple[AttentionMethod, dict[str, Any]]:
+        """``(static, values)``: this method with its set :attr:`traced_fields` replaced by
+        :data:`TRACED` (hashable, the program's key) and their values as float32 scalars.
+
+        Methods held in fields (composition parts, a dense-layers wrapper's inner method)
+        are split too; their values sit in a nested dict under the field's name.
+        :meth:`bind` of ``static`` with ``values`` (or with tracers of them) undoes it.
+        """
+        replaced: dict[str, Any] = {}
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, AttentionMethod):
+                part, part_values = value.split()
+                if part_values:
+                    replaced[field.name], values[field.name] = part, part_values
+            elif field.name in self.traced_fields and is_number(value):
+                replaced[field.name], values[field.name] = TRACED, np.float32(value)
+        return self.with_fields(replaced), values
+
+    def bind(self, values: dict[str, Any]) -> AttentionMethod:
+        """This (split) method with ``values`` (from :meth:`split`, maybe traced) put back."""
+        return self.with_fields({
+            name: getattr(self, name).bind(value) if isinstance(value, dict) else value
+            for name, value in values.items()
+        })
+
+    def with_fields(self, fields: dict[str, Any]) -> AttentionMethod:
+        """A copy with ``fields`` replaced, skipping ``__post_init__``'s checks (the values
+        were checked when this method was built; traced ones cannot be compared)."""
+        if not fields:
+            return self
+        method = copy.copy(self)
+        for name, value in fields.items():
+            object.__setattr__(method, name, value)
+        return method
+
+    def shape_value(self, name: str, bound: float) -> float:
+        """Field ``name`` where it decides an array shape: its value when it is a number,
+        else (traced, or :data:`TRACED`) ``bound``, the value whose shapes hold every other
+        (for a sparsity, 0: the dense bound; per-row counts then stay below it)."""
+        value = getattr(self, name)
+        return value if is_number(value) else bound
 
     def prefill(
         self, q: jax.Array, k: jax.Array, v: jax.Array, *, lengths: jax.Array, layer: LayerSpec
@@ -166,6 +232,13 @@ class AttentionMethod:
         return cache.dense_decode(
             q, scale=layer.scale, sliding_window=layer.sliding_window, implementation=self.implementation
         )
+
+    def max_prefill_sparsity(self, length: int) -> float | None:
+        """The largest prefill sparsity this method is sure to reach on a ``length``-token
+        prompt whatever its attention looks like; ``None`` when any target is met by
+        construction (docs/budgets.md, "Reaching the target")."""
+        del length
+        return None
 
     def check_page_size(self, page_size: int) -> None:
         """Raise ``ValueError`` if the method cannot run on a cache of ``page_size``-token

@@ -62,6 +62,11 @@ class ShardedMethod(AttentionMethod):
     def describe(self):
         return self.inner.describe()
 
+    def split(self) -> tuple[AttentionMethod, dict]:
+        """Not split: ``inner`` runs inside ``shard_map``, whose bodies take their values as
+        arguments, so its hyper-parameters stay constants of the program."""
+        return self, {}
+
     def _specs(self, batch: int, num_kv_heads: int) -> tuple[str | None, P, P]:
         """``(batch axis, [B, T, heads, d] spec, [B, heads] spec)`` for this batch."""
         shards = self.mesh.shape[MODEL]

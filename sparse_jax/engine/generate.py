@@ -14,6 +14,11 @@ Per batch of prompts (unequal lengths, right-padded to a length bucket):
    id or at ``max_new_tokens``; the loop ends when all have stopped. The caches are
    donated, so they are updated in place, never copied per step.
 
+Compiled programs are kept for the whole process (:mod:`sparse_jax.engine.programs`) and
+take the method's numeric hyper-parameters (its ``traced_fields``, e.g. ``sparsity``) as
+arguments, so a sweep over those values compiles each program once
+(``EngineConfig.traced_hyperparameters``).
+
 Sparsity statistics are real attended fractions per (sample, layer, query head):
 prefill = computed causal pairs / all causal pairs; decode = cached tokens read / tokens
 a full cache would hold, averaged over the steps the sample actually decoded. The raw
@@ -27,7 +32,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import flax.struct
@@ -44,6 +49,7 @@ from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.buckets import bucket_length, group_by_bucket
 from sparse_jax.engine.memory import MemoryPlan, plan_memory, pytree_bytes
 from sparse_jax.engine.prefill_attention import PrefillBackend, prefill_attention, resolve_backend
+from sparse_jax.engine.programs import PROGRAMS, argument_signature
 from sparse_jax.engine.sampling import SamplingParams, sample_tokens
 
 log = logging.getLogger(__name__)
@@ -88,6 +94,11 @@ class EngineConfig:
       memory_limit_bytes: usable device memory; ``None`` reads the device's memory
         statistics (host memory on CPU).
       cache_dtype: KV-cache dtype; ``None`` uses the model's compute dtype.
+      traced_hyperparameters: pass the method's numeric hyper-parameters (its
+        ``traced_fields``, e.g. ``sparsity``) to the compiled programs as arguments, so
+        one program serves every value; shapes they would decide take their dense
+        bound. ``False`` bakes them in as constants (one program per value, shapes
+        sized for the value): for debugging.
     """
 
     page_size: int = 16
@@ -99,6 +110,7 @@ class EngineConfig:
     prefill_backend: PrefillBackend = "auto"
     memory_limit_bytes: int | None = None
     cache_dtype: Any = None
+    traced_hyperparameters: bool = True
 
     def __post_init__(self):
         for name in ("page_size", "bucket_granularity", "batch_size"):
@@ -264,7 +276,13 @@ class Engine:
         self.cache_dtype = jnp.dtype(config.cache_dtype or model.dtype)
         self.weight_bytes = pytree_bytes(self.params)
         self.prefill_backend = resolve_backend(config.prefill_backend, self.method, self.cache_dtype)
-        self._compiled: dict[tuple, Any] = {}
+        if config.traced_hyperparameters:
+            self.static_method, self.method_values = self.method.split()
+        else:
+            self.static_method, self.method_values = self.method, {}
+        # What the programs read from this engine besides their arguments.
+        self._program_key = (self.graphdef, self.static_method, self.prefill_backend, config.sampling)
+        self.programs: dict[tuple, Any] = {}  # the programs this engine ran, by key (name first)
 
     # --- public API ----------------------------------------------------------------
 
@@ -336,7 +354,7 @@ class Engine:
             self.model_config,
             batch=batch,
             bucket=bucket,
-            pages_per_row=self._pages_per_row(bucket, max_new_tokens),
+            pages_per_row=self.pages_per_row(bucket, max_new_tokens),
             page_size=self.config.page_size,
             prefill_rows=min(self.config.prefill_rows or batch, batch),
             cache_dtype=self.cache_dtype,
@@ -377,16 +395,35 @@ class Engine:
 
     # --- one batch -----------------------------------------------------------------
 
-    def _pages_per_row(self, bucket: int, max_new_tokens: int) -> int:
-        # The prefill writes `bucket` slots; decoding appends at most max_new_tokens - 1
-        # tokens (the last generated token is never fed back) after the real prompt.
+    def bucket(self, longest: int) -> int:
+        """The padded prompt length of a batch whose longest prompt has ``longest`` tokens."""
+        cfg = self.config
+        return bucket_length(longest, granularity=cfg.bucket_granularity, page_size=cfg.page_size)
+
+    def pages_per_row(self, bucket: int, max_new_tokens: int) -> int:
+        """Cache pages of one row: the prefill writes ``bucket`` slots; decoding appends at most
+        ``max_new_tokens - 1`` tokens (the last generated token is never fed back)."""
         return pages_for(bucket + max_new_tokens - 1, self.config.page_size)
 
+    def allocate_caches(self, batch: int, bucket: int, max_new_tokens: int) -> PagedKVCache:
+        """Every layer's empty cache for one batch, stacked: leaves ``[L, ...]``."""
+        mcfg = self.model_config
+        allocate = functools.partial(
+            PagedKVCache.allocate,
+            batch=batch,
+            num_kv_heads=mcfg.num_kv_heads,
+            head_dim=mcfg.head_dim,
+            pages_per_row=self.pages_per_row(bucket, max_new_tokens),
+            page_size=self.config.page_size,
+            dtype=self.cache_dtype,
+        )
+        return _allocate_stacked(allocate, mcfg.num_layers, self.method, batch)
+
     def _run_batch(self, prompts, max_new_tokens, stop_ids, tokenizer, rng) -> list[GenerationResult]:
-        cfg, mcfg = self.config, self.model_config
+        cfg = self.config
         b = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
-        bucket = bucket_length(int(lengths.max()), granularity=cfg.bucket_granularity, page_size=cfg.page_size)
+        bucket = self.bucket(int(lengths.max()))
         rows = min(cfg.prefill_rows or b, b)
         plan = self.memory_plan(b, bucket, max_new_tokens)
         log.info("batch of %d (bucket %d): %s", b, bucket, plan.describe())
@@ -395,17 +432,8 @@ class Engine:
         tokens = np.zeros((b, bucket), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
-        pages_per_row = self._pages_per_row(bucket, max_new_tokens)
-        allocate = functools.partial(
-            PagedKVCache.allocate,
-            batch=b,
-            num_kv_heads=mcfg.num_kv_heads,
-            head_dim=mcfg.head_dim,
-            pages_per_row=pages_per_row,
-            page_size=cfg.page_size,
-            dtype=self.cache_dtype,
-        )
-        caches = _allocate_stacked(allocate, mcfg.num_layers, self.method, b)  # leaves [L, ...]
+        pages_per_row = self.pages_per_row(bucket, max_new_tokens)
+        caches = self.allocate_caches(b, bucket, max_new_tokens)  # leaves [L, ...]
         prefill_key, decode_key = jax.random.split(rng)
 
         compile_s = prefill_s = 0.0
@@ -419,8 +447,9 @@ class Engine:
                 jnp.asarray(lengths[start:stop]),
                 jnp.int32(start),
                 jax.random.fold_in(prefill_key, start),
+                self.method_values,
             )
-            fn, seconds = self._compile(("prefill", stop - start, bucket, pages_per_row, b), self._prefill_fn, args)
+            fn, seconds = self._compile(("prefill",), self._prefill_fn, args)
             compile_s += seconds
             t0 = time.perf_counter()
             caches, first, density, rep, counts = jax.block_until_ready(fn(*args))
@@ -443,11 +472,10 @@ class Engine:
                 jnp.asarray(lengths),
                 _stop_array(stop_ids),
                 decode_key,
+                self.method_values,
             )
             fn, seconds = self._compile(
-                ("decode", b, bucket, pages_per_row, max_new_tokens, args[4].shape[0]),
-                lambda *a: self._decode_fn(*a, max_new_tokens=max_new_tokens),
-                args,
+                ("decode", max_new_tokens), lambda *a: self._decode_fn(*a, max_new_tokens=max_new_tokens), args
             )
             compile_s += seconds
             t0 = time.perf_counter()
@@ -488,22 +516,26 @@ class Engine:
             )
         return results
 
-    def _compile(self, key: tuple, fn, args) -> tuple[Any, float]:
-        """The compiled program for ``key`` (caches donated) and the seconds spent compiling it."""
-        if key in self._compiled:
-            return self._compiled[key], 0.0
-        t0 = time.perf_counter()
-        compiled = jax.jit(fn, donate_argnums=(1,)).lower(*args).compile()
-        self._compiled[key] = compiled
-        return compiled, time.perf_counter() - t0
+    def _compile(self, kind: tuple[Hashable, ...], fn, args) -> tuple[Any, float]:
+        """The compiled program of ``fn`` for ``args`` (caches donated) and the seconds
+        spent compiling it: 0 when this process compiled it before (:data:`PROGRAMS`),
+        for this engine or another one with the same model, split method and settings.
+
+        ``kind``: the program's name, then any static value ``fn`` closes over.
+        """
+        key = (*kind, self._program_key, argument_signature(args))
+        program, seconds = PROGRAMS.get(key, lambda: jax.jit(fn, donate_argnums=(1,)).lower(*args).compile())
+        self.programs[key] = program
+        return program, seconds
 
     # --- traced programs -------------------------------------------------------------
 
-    def _prefill_fn(self, params, caches, tokens, lengths, row_start, key):
+    def _prefill_fn(self, params, caches, tokens, lengths, row_start, key, method_values):
         """Prefill rows ``row_start ..`` of the caches.
 
         Args:
           tokens: ``[b, T]`` int32 right-padded prompts; lengths: ``[b]`` int32.
+          method_values: the method's traced hyper-parameters (``AttentionMethod.split``).
 
         Returns:
           ``(caches, first_tokens [b], prefill_density [b, L, H], reported_sparsity [b, L],
@@ -511,7 +543,7 @@ class Engine:
         """
         model = nnx.merge(self.graphdef, params)
         b, t = tokens.shape
-        method, backend = self.method, self.prefill_backend
+        method, backend = self.static_method.bind(method_values), self.prefill_backend
         write, _ = _cache_updates(method)
         num_layers, num_heads = self.model_config.num_layers, self.model_config.num_heads
 
@@ -538,19 +570,20 @@ class Engine:
         first = sample_tokens(logits, key, self.config.sampling)
         return caches, first, jnp.swapaxes(density, 0, 1), jnp.swapaxes(reported, 0, 1), counts
 
-    def _decode_fn(self, params, caches, first, prompt_lengths, stop_ids, key, *, max_new_tokens):
+    def _decode_fn(self, params, caches, first, prompt_lengths, stop_ids, key, method_values, *, max_new_tokens):
         """The decode loop.
 
         Args:
           first: ``[B]`` int32 tokens chosen from the prefill logits.
           prompt_lengths: ``[B]`` int32.
           stop_ids: ``[S]`` int32.
+          method_values: the method's traced hyper-parameters (``AttentionMethod.split``).
 
         Returns:
           The final :class:`DecodeState`: ``tokens[b, :n_out[b]]`` are sample ``b``'s outputs.
         """
         model = nnx.merge(self.graphdef, params)
-        method, sampling = self.method, self.config.sampling
+        method, sampling = self.static_method.bind(method_values), self.config.sampling
         b = first.shape[0]
         num_layers, num_heads = self.model_config.num_layers, self.model_config.num_heads
         _, append = _cache_updates(method)

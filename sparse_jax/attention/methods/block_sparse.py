@@ -140,6 +140,7 @@ class BlockSparse(AttentionMethod):
     """
 
     name: ClassVar[str] = "block_sparse"
+    traced_fields: ClassVar[tuple[str, ...]] = ("sparsity",)
     chunk_size: int = 16
     top_chunks: int = 64
     sparsity: float | None = None
@@ -164,7 +165,8 @@ class BlockSparse(AttentionMethod):
         if self.sparsity is None:
             k_max = min(self.top_chunks, nb_bucket)
             return jnp.full(lengths.shape, k_max, jnp.int32), k_max
-        k_max = int(np.max(budgets.block_sparse_top_chunks(np.arange(1, nb_bucket + 1), self.sparsity)))
+        shape_sparsity = self.shape_value("sparsity", 0.0)
+        k_max = int(np.max(budgets.block_sparse_top_chunks(np.arange(1, nb_bucket + 1), shape_sparsity)))
         nb = -(-lengths // self.chunk_size)
         return jnp.minimum(budgets.block_sparse_top_chunks(nb, self.sparsity, jnp), k_max), k_max
 

@@ -62,6 +62,7 @@ def block_sparse_top_chunks(num_blocks: Any, sparsity: float, xp: ModuleType = n
       int32 ``k`` with the shape of ``num_blocks``.
     """
     n = xp.asarray(num_blocks, dtype=xp.float32)
+    sparsity = xp.float32(sparsity)  # float32 whether given as a number or traced: same budgets
     target = (1.0 - sparsity) * n * (n + 1.0) / 2.0
     b = 2.0 * n + 1.0
     k_real = (b - xp.sqrt(xp.maximum(b * b - 8.0 * target, 0.0))) / 2.0

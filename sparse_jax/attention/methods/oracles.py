@@ -92,7 +92,7 @@ class OracleQuest(Quest):
         scale: float,
         page_size: int,
         token_budget: int,
-        budget_pages: jax.Array,
+        budget_pages: jax.Array | None,
     ) -> tuple[jax.Array, jax.Array]:
         scores = true_page_mass(q, cache, scale=scale, share_pages=self.share_pages)
         return select_pages(scores, cache.page_table, cache.lengths, page_size=page_size,
@@ -123,11 +123,12 @@ class OracleTokens(EvictionMethod):
 
         ``token_capacity``, or with ``sparsity`` the ``1 - s`` share of ``n`` rounded up
         to ``budget_multiple`` and at least the forced tokens. ``xp = numpy`` gives the
-        static bound for a row capacity.
+        static bound for a row capacity (a traced sparsity bounded by its dense value).
         """
         if self.sparsity is None:
             return xp.minimum(n, self.token_capacity)
-        per_row = budgets.token_budget(n, self.sparsity, self.budget_multiple, xp)
+        sparsity = self.shape_value("sparsity", 0.0) if xp is np else self.sparsity
+        per_row = budgets.token_budget(n, sparsity, self.budget_multiple, xp)
         return xp.minimum(xp.maximum(per_row, self.local_window + self.prefix_tokens), n)
 
     def decode(self, q: jax.Array, cache: PagedKVCache, *, layer: LayerSpec) -> tuple[jax.Array, DecodeStats]:

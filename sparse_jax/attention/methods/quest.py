@@ -54,6 +54,7 @@ class Quest(AttentionMethod):
     """
 
     name: ClassVar[str] = "quest"
+    traced_fields: ClassVar[tuple[str, ...]] = ("sparsity",)
     token_budget: int = 1024
     page_size: int | None = None
     share_pages: bool = True
@@ -134,11 +135,12 @@ class Quest(AttentionMethod):
             max_pages = self.token_budget // page_size
         else:
             capacity = cache.page_table.shape[2] * page_size
-            max_pages = int(budgets.token_budget(capacity, self.sparsity, page_size)) // page_size
+            shape_sparsity = self.shape_value("sparsity", 0.0)
+            max_pages = int(budgets.token_budget(capacity, shape_sparsity, page_size)) // page_size
         max_pages = max(max_pages, 1)
         table, row_lengths = self.choose_pages(
             q, cache, scale=layer.scale, page_size=page_size, token_budget=max_pages * page_size,
-            budget_pages=self.budget_tokens(n, page_size) // page_size,
+            budget_pages=None if self.sparsity is None else self.budget_tokens(n, page_size) // page_size,
         )
         return table, row_lengths, max_pages
 
@@ -150,7 +152,7 @@ class Quest(AttentionMethod):
         scale: float,
         page_size: int,
         token_budget: int,
-        budget_pages: jax.Array,
+        budget_pages: jax.Array | None,
     ) -> tuple[jax.Array, jax.Array]:
         """The decode table ``[B, R, b + 1 + spare]`` and read lengths ``[B, R]`` of this step.
 

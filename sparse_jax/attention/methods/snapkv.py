@@ -48,6 +48,7 @@ class EvictionMethod(AttentionMethod):
     """
 
     reduction: ClassVar[Reduction]
+    traced_fields: ClassVar[tuple[str, ...]] = ("sparsity",)
     token_capacity: int = 1024
     approximation_window: int = 256
     kernel_size: int = 21
@@ -77,7 +78,8 @@ class EvictionMethod(AttentionMethod):
         if self.sparsity is None:
             return jnp.full(lengths.shape, self.token_capacity, jnp.int32), self.token_capacity
         forced = self.local_window + self.prefix_tokens
-        c_max = max(int(budgets.token_budget(bucket, self.sparsity, self.budget_multiple)), forced)
+        shape_sparsity = self.shape_value("sparsity", 0.0)
+        c_max = max(int(budgets.token_budget(bucket, shape_sparsity, self.budget_multiple)), forced)
         c = jnp.minimum(budgets.token_budget(lengths, self.sparsity, self.budget_multiple, jnp), c_max)
         return jnp.maximum(c, forced), c_max
 

@@ -30,6 +30,7 @@ from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from pallas_kernels.vertical_slash import vertical_slash_attention
 from sparse_jax.attention.base import PrefillStats, causal_pair_count
 from sparse_jax.attention.methods.scoring import NEG_INF, POS_INF, compact_ordered, map_query_heads, top_k_valid
+from sparse_jax.attention.methods.tile_budget import fitted_counts
 
 TILE = 64  # The reference's row-block and range-block size.
 FORCED_VERTICALS = 4  # Key tokens 0..3 are always kept.
@@ -69,10 +70,11 @@ def index_from_scores(
     *,
     nv_max: int,
     ns_max: int,
+    target_sparsity: float | None = None,
 ) -> VerticalSlashIndex:
     """:func:`select_from_scores`, then the index of those verticals and slashes."""
     selection = select_from_scores(score_fn, q, k, lengths, vertical_budgets, slash_budgets, nv_max=nv_max,
-                                   ns_max=ns_max)
+                                   ns_max=ns_max, target_sparsity=target_sparsity)
     return build_index(*selection, num_row_blocks=-(-q.shape[1] // TILE), block_m=TILE, block_n=TILE)
 
 
@@ -86,6 +88,7 @@ def select_from_scores(
     *,
     nv_max: int,
     ns_max: int,
+    target_sparsity: float | None = None,
 ) -> Selection:
     """Per query head: scores -> forced top-``nv`` verticals and top-``ns`` slashes.
 
@@ -98,6 +101,9 @@ def select_from_scores(
       q: ``[B, T, H, d]``; k: ``[B, T, G, d]``; lengths: ``[B]``.
       vertical_budgets, slash_budgets: ``[B]`` int32 base budgets handed to ``score_fn``.
       nv_max, ns_max: static upper bounds of the budgets ``score_fn`` returns (``<= T``).
+      target_sparsity: when given, each head's budgets are raised to the counts whose
+        computed pairs keep this sparsity (:func:`.tile_budget.fitted_counts`), then
+        clipped to the static bounds.
 
     Returns:
       :class:`Selection` with ``nv_max`` vertical and ``ns_max`` slash slots.
@@ -113,6 +119,10 @@ def select_from_scores(
     real = pos < lengths[:, None, None]
     v_score = jnp.where(real, jnp.where(pos < FORCED_VERTICALS, POS_INF, v_score), NEG_INF)
     s_score = jnp.where(real, jnp.where(pos < LOCAL_DIAGONALS, POS_INF, s_score), NEG_INF)
+    if target_sparsity is not None:
+        fitted = fitted_counts(v_score, s_score, lengths, target_sparsity, tile=TILE)  # [B, H]
+        nv = jnp.minimum(jnp.maximum(nv, fitted), nv_max)
+        ns = jnp.minimum(jnp.maximum(ns, fitted), ns_max)
     return Selection(*top_k_valid(v_score, nv_max, nv), *top_k_valid(s_score, ns_max, ns))  # [B, H, n] each
 
 
@@ -240,6 +250,17 @@ def _gap_columns(verticals, vertical_valid, starts, block_counts, last_end, bloc
         return vertical_valid & ~covered & (verticals < end)
 
     return jax.vmap(columns_of_row)(starts, block_counts, last_end)
+
+
+def forced_pattern_sparsity(length: int) -> float:
+    """Sparsity of the always-kept pattern (key tokens ``0..3``, diagonals ``0..63``) of a
+    ``length``-token prompt: the most a vertical-slash method can skip there."""
+    verticals = jnp.arange(FORCED_VERTICALS, dtype=jnp.int32)[None, None]  # [1, 1, nv]
+    offsets = jnp.arange(LOCAL_DIAGONALS, dtype=jnp.int32)[None, None]
+    index = build_index(verticals, verticals < length, offsets, offsets < length,
+                        num_row_blocks=-(-length // TILE))
+    attended, _ = index_stats(index, jnp.asarray([length]))
+    return float(1.0 - attended[0, 0] / causal_pair_count(jnp.asarray([length]))[0])
 
 
 def index_stats(index: VerticalSlashIndex, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,125 @@
+"""Numeric hyper-parameters as traced program arguments: same outputs, one compile per sweep."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_jax.attention.base import TRACED
+from sparse_jax.attention.registry import get_method
+from sparse_jax.engine.generate import Engine, EngineConfig
+from sparse_jax.engine.programs import PROGRAMS, ProgramCache
+from tests.test_budgets import SNAP
+from tests.test_engine_generate import random_prompts, tiny_model
+
+PROMPTS = random_prompts((70, 33), seed=5)
+# Vertical-and-slash patterns keep at least 64 diagonals: longer prompts so that they skip pairs.
+LONG_PROMPTS = random_prompts((300, 180), seed=5)
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def _generate(model, method, *, traced=True, prompts=PROMPTS):
+    engine = Engine(model, method, EngineConfig(batch_size=2, traced_hyperparameters=traced))
+    return engine.generate_batch(prompts, max_new_tokens=MAX_NEW, stop_ids=[])
+
+
+def test_split_takes_the_numbers_out_and_bind_puts_them_back():
+    method = get_method("block_sparse", chunk_size=8, sparsity=0.5)
+    static, values = method.split()
+    assert static.sparsity is TRACED and static.chunk_size == 8
+    assert values == {"sparsity": np.float32(0.5)} and values["sparsity"].dtype == np.float32
+    assert static.bind(values) == method
+    assert get_method("block_sparse", chunk_size=8, sparsity=0.9).split()[0] == static  # one program key
+    assert get_method("block_sparse", chunk_size=8, top_chunks=3).split()[1] == {}  # a raw budget stays static
+
+
+def test_composed_parts_are_split_under_their_field_names():
+    method = get_method("block_sparse+quest", prefill=dict(chunk_size=8), decode=dict(token_budget=16),
+                        prefill_sparsity=0.5, decode_sparsity=0.7, dense_layers=1)
+    static, values = method.split()
+    assert values == {"inner": {"prefill_part": {"sparsity": np.float32(0.5)},
+                                "decode_part": {"sparsity": np.float32(0.7)}}}
+    assert static.inner.prefill_part.sparsity is TRACED and static.inner.decode_part.sparsity is TRACED
+    assert static.bind(values) == method
+    assert hash(static) == hash(get_method("block_sparse+quest", prefill=dict(chunk_size=8),
+                                           decode=dict(token_budget=16), prefill_sparsity=0.25,
+                                           decode_sparsity=0.9, dense_layers=1).split()[0])
+
+
+def test_shape_value_is_the_dense_bound_once_traced():
+    method = get_method("quest", sparsity=0.75)
+    assert method.shape_value("sparsity", 0.0) == 0.75
+    static, values = method.split()
+    assert static.shape_value("sparsity", 0.0) == 0.0
+    assert static.bind({"sparsity": jnp.float32(0.75)}).shape_value("sparsity", 0.0) == 0.0
+
+
+def test_program_cache_drops_the_least_recently_used():
+    cache = ProgramCache(size=2)
+    compiled = []
+
+    def compile_as(name):
+        return lambda: compiled.append(name) or name
+
+    for key in ("a", "b", "a", "c", "b"):
+        cache.get(key, compile_as(key))
+    # "a" was used after "b", so "c" pushed "b" out and "b" compiled again (pushing "a" out).
+    assert compiled == ["a", "b", "c", "b"] and (cache.hits, cache.misses) == (1, 4) and len(cache) == 2
+
+
+def _assert_same_generation(got, want):
+    for a, b in zip(got, want, strict=True):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_array_equal(a.sparsity.prefill_density, b.sparsity.prefill_density)
+        np.testing.assert_array_equal(a.sparsity.decode_density, b.sparsity.decode_density)
+        np.testing.assert_array_equal(a.sparsity.prefill_counts.attended, b.sparsity.prefill_counts.attended)
+        np.testing.assert_array_equal(a.sparsity.decode_counts.attended, b.sparsity.decode_counts.attended)
+        assert a.sparsity.reported_sparsity == b.sparsity.reported_sparsity
+
+
+VS = dict(approximation_size=32)
+CASES = {
+    "block_sparse": ("block_sparse", dict(chunk_size=8, sparsity=0.6)),
+    "quest": ("quest", dict(sparsity=0.6)),
+    "vertical_and_slash": ("vertical_and_slash", VS | dict(sparsity=0.9)),
+    "flexprefill": ("flexprefill", dict(alpha=0.05, approximation_size=32, min_budget=64, sparsity=0.9)),
+    "snapkv": ("snapkv", SNAP | dict(sparsity=0.6)),
+    "ada_snapkv": ("ada_snapkv", SNAP | dict(sparsity=0.6)),
+    "oracle_block_sparse": ("oracle_block_sparse", dict(chunk_size=8, sparsity=0.6)),
+    "oracle_vertical_and_slash": ("oracle_vertical_and_slash", VS | dict(sparsity=0.9)),
+    "oracle_quest": ("oracle_quest", dict(sparsity=0.6)),
+    "oracle_tokens": ("oracle_tokens", SNAP | dict(sparsity=0.6)),
+    "block_sparse+snapkv": ("block_sparse+snapkv", dict(prefill=dict(chunk_size=8), decode=SNAP,
+                                                         prefill_sparsity=0.5, decode_sparsity=0.7, dense_layers=1)),
+}
+FAST = {"block_sparse", "quest"}
+
+
+@pytest.mark.parametrize(
+    "case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES], ids=list(CASES)
+)
+def test_traced_and_static_hyperparameters_give_the_same_generation(model, case):
+    name, kwargs = CASES[case]
+    method = get_method(name, **kwargs)
+    assert method.split()[1], "the case has no traced value: it would test nothing"
+    prompts = LONG_PROMPTS if "vertical_and_slash" in name or name == "flexprefill" else PROMPTS
+    traced = _generate(model, method, prompts=prompts)
+    _assert_same_generation(traced, _generate(model, method, traced=False, prompts=prompts))
+    # The target is applied: the long prompt skips a real share of its prefill or decode attention.
+    long = traced[0].sparsity
+    assert max(long.prefill_sparsity, long.decode_sparsity) > 0.1
+
+
+def test_second_sparsity_of_a_sweep_reuses_the_compiled_programs(model):
+    first = _generate(model, get_method("block_sparse", chunk_size=8, sparsity=0.3))
+    misses = PROGRAMS.misses
+    second = _generate(model, get_method("block_sparse", chunk_size=8, sparsity=0.8))
+    assert PROGRAMS.misses == misses and second[0].timing.compile_seconds == 0.0
+    assert second[0].sparsity.prefill_sparsity > first[0].sparsity.prefill_sparsity + 0.1
+    # Baked-in values compile a program per value.
+    _generate(model, get_method("block_sparse", chunk_size=8, sparsity=0.55), traced=False)
+    assert PROGRAMS.misses == misses + 2  # prefill and decode
