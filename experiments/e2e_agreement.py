@@ -188,7 +188,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     samples = len(fixture["samples"]) if args.samples is None else args.samples
     if not 1 <= samples <= len(fixture["samples"]):
         fail(f"--samples {samples}: the fixture has {len(fixture['samples'])} samples")
-    saved = json.loads(args.answers.read_text()) if args.answers.exists() else {"meta": {}, "methods": {}}
+    saved = (json.loads(args.answers.read_text()) if args.answers.exists()
+             else {"sparsity": fixture["sparsity"], "meta": {}, "methods": {}})
+    if saved.get("sparsity") != fixture["sparsity"]:
+        fail(f"{args.answers} holds answers at sparsity {saved.get('sparsity')}, the fixture is at "
+             f"{fixture['sparsity']}; pass --answers for this sparsity")
     from sparse_jax.pipeline.resources import load_bundle, load_tokenizer
 
     if args.compare_only:
