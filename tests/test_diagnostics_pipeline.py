@@ -286,5 +286,8 @@ def test_smollm2_quest_run_at_1k_localises_what_it_missed(tmp_path):
     assert 0.5 < decode["coverage"] < 1.0 and decode["needle_recall"] < 1.0
     worst = decode["worst"][0]
     maps = diagnostics_files.layer_head_maps(diagnostics_files.read_stacked(run_dir))
-    assert maps["decode_needle_recall"][worst["layer"], worst["head"]] == worst["needle_recall"]
-    assert worst["needle_recall"] == pytest.approx(np.nanmin(maps["decode_needle_recall"]), abs=1e-6)
+    cell = worst["layer"], worst["head"]
+    assert worst["needle_recall"] == pytest.approx(maps["decode_needle_recall"][cell], abs=1e-6)
+    # The head that lost the most dense attention on the needle heads the list, and it lost some.
+    assert worst["missed_needle_mass"] == pytest.approx(np.nanmax(maps["decode_missed_needle_mass"]), abs=1e-6)
+    assert worst["missed_needle_mass"] > 0 and worst["needle_recall"] < 1.0
