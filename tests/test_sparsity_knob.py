@@ -118,3 +118,18 @@ def test_run_json_keeps_the_reach_entry():
                   prefill_target_reach=reach)
     assert RunFile.from_json(run.to_json(), "run.json") == run
     assert run.to_json()["prefill_target_reach"]["target_reachable"] is False
+
+
+def test_a_run_says_up_front_that_its_target_is_out_of_reach(tmp_path):
+    """At 512 tokens the 64 always-kept diagonals alone hold about half of the pairs."""
+    from sparse_jax.analysis.records import RunFile
+    from tests.test_pipeline_common import config_of, run_cli, write_gin
+
+    method = "ExperimentConfig.method = 'vertical_and_slash'\nExperimentConfig.sparsity = 0.9\n"
+    gin_file = write_gin(tmp_path / "vs.gin", tmp_path / "results", method)
+    result = run_cli("run", f"--gin_file={gin_file}")
+    assert result.code == 0, result.err
+    line = "vertical_and_slash: prefill target 0.9 is NOT within reach at 512 tokens"
+    assert sum(line in x for x in result.out.splitlines()) == 1, result.out
+    reach = RunFile.read(config_of(gin_file).run_dir()).prefill_target_reach
+    assert reach["target_reachable"] is False and reach["max_reachable_sparsity"] < 0.85 - REACH_TOLERANCE

@@ -64,28 +64,33 @@ def estimate_fn(method: AttentionMethod, inputs, layer: LayerSpec):
     return lambda q, k, v, lengths: prefill_index(part, q, k, lengths, layer)
 
 
-def kernel_names(method: AttentionMethod, q, k, lengths, layer: LayerSpec) -> dict[str, str]:
-    """The prefill path and decode kernel ``method`` runs here (``implementation=None`` resolved)."""
+def kernel_names(method: AttentionMethod, q, estimate) -> dict[str, str]:
+    """The prefill path and decode kernel ``method`` runs here (``implementation=None`` resolved);
+    ``estimate``: what :func:`estimate_fn` returned for these inputs (an index tells the kernel family)."""
     part = prefill_source(method)
     prefill = resolve_backend("auto", method, q.dtype)
     if prefill == "method":
-        index = jax.jit(lambda q, k: prefill_index(part, q, k, lengths, layer))(q, k)
         families = {block_sparse.BlockSparseIndex: block_sparse, vertical_slash.VerticalSlashIndex: vertical_slash}
-        family = families.get(type(index))
-        prefill = part.implementation or (family.default_implementation(q, index, False) if family else "xla")
+        family = families.get(type(estimate))
+        prefill = part.implementation or (family.default_implementation(q, estimate, False) if family else "xla")
     decode = method.implementation or common.platform_default(
         {"gpu": common.TRITON, "tpu": common.MOSAIC_TPU}, interpret=False)
     return {"prefill_kernel": prefill, "decode_kernel": decode}
 
 
-def layer_costs(method: AttentionMethod, inputs, layer: LayerSpec, repeats: int = 3) -> dict[str, float | None]:
-    """Milliseconds of one layer: the estimation alone and the whole prefill attention call."""
+def layer_costs(method: AttentionMethod, inputs, layer: LayerSpec, repeats: int = 3) -> dict[str, float | str | None]:
+    """Milliseconds of one layer (the estimation alone and the whole prefill attention call)
+    and the kernels that ran (:func:`kernel_names`)."""
     backend = resolve_backend("auto", method, inputs[0].dtype)
     attention = jax.jit(lambda q, k, v, lengths: prefill_attention(method, q, k, v, lengths=lengths, layer=layer,
                                                                    backend=backend))
     estimate = estimate_fn(method, inputs, layer)
-    estimate_ms = None if estimate is None else 1e3 * median_seconds(jax.jit(estimate), *inputs, repeats=repeats)
-    return {"estimate_ms_per_layer": estimate_ms,
+    estimate_ms, estimated = None, None
+    if estimate is not None:
+        estimate = jax.jit(estimate)
+        estimated = estimate(*inputs)
+        estimate_ms = 1e3 * median_seconds(estimate, *inputs, repeats=repeats)
+    return {**kernel_names(method, inputs[0], estimated), "estimate_ms_per_layer": estimate_ms,
             "attention_ms_per_layer": 1e3 * median_seconds(attention, *inputs, repeats=repeats)}
 
 
@@ -161,7 +166,6 @@ def main() -> None:
             decode_ms_per_step=1e3 * timing.seconds_per_step if timing.seconds_per_step else None,
             first_call_s=first,
             tokens_equal_dense=float(same),
-            **kernel_names(method, *inputs[:2], inputs[3], layer),
             **costs,
             prefill_s_at_model_layers=timing.prefill_seconds * model_layers / args.layers,
             estimate_s_at_model_layers=None if costs["estimate_ms_per_layer"] is None

@@ -10,8 +10,8 @@
 #
 #   e2e_128k_a, e2e_128k_b  engine_methods.py, 8B shapes (hidden 4096, 32/8 heads), 128K, batch 1, 8 of 32
 #                 layers (per-layer figures scaled to 32), each against its own dense row: (a) block_sparse 0.9
-#                 with 16- and 128-token blocks, quest 0.9; (b) vertical_and_slash, flexprefill, snapkv at 0.9,
-#                 block_sparse 0.5; estimation cost per layer and the kernels that ran
+#                 with 16- and 128-token blocks, quest 0.9; (b) vertical_and_slash, snapkv at 0.9, block_sparse
+#                 0.5, flexprefill 0.9; estimation cost per layer and the kernels that ran
 #   decode_kernels  decode_kernels.py at 128K, batch 8 and 1: dense paged decode (the launch sweep, and the
 #                 best launch per batch as a table entry), XLA over a contiguous cache, Quest 4096 of 128K
 #   engine_bench  engine_bench.py --config 8b --batches 8,1 (32K): engine decode step vs its byte floor
@@ -74,8 +74,10 @@ fi
 "$py" -c "import jax; print(jax.devices())" > "$OUT/devices.txt" 2>&1
 step e2e_128k_a 150 "$py" $bench/engine_methods.py "${e2e[@]}" --sparsity 0.9 --methods dense,block_sparse,quest \
   --method-sparsity block_sparse=0.9:chunk_size=128 --out "$OUT/e2e_128k_a"
-step e2e_128k_b 150 "$py" $bench/engine_methods.py "${e2e[@]}" --sparsity 0.9 \
-  --methods dense,vertical_and_slash,flexprefill,snapkv --method-sparsity block_sparse=0.5 --out "$OUT/e2e_128k_b"
+# FlexPrefill last: with budgets up to the prompt length its index holds O(L^2 / 64) entries per head (tens of GB
+# at 128K), and a failure must not lose the rows before it.
+step e2e_128k_b 150 "$py" $bench/engine_methods.py "${e2e[@]}" --sparsity 0.9 --methods dense,vertical_and_slash,snapkv \
+  --method-sparsity block_sparse=0.5 --method-sparsity flexprefill=0.9 --out "$OUT/e2e_128k_b"
 step decode_kernels 90 "$py" $bench/decode_kernels.py "${kernels[@]}" --out "$OUT/decode_kernels"
 step engine_bench 80 "$py" $bench/engine_bench.py "${engine[@]}" --out "$OUT/engine_bench"
 step decode_32k_b8 50 "$py" $bench/engine_methods.py "${decode[@]}" --batch 8 --methods dense,quest,snapkv \
