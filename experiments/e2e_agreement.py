@@ -19,7 +19,8 @@ Usage (from the repository root)::
 
 The project's answers are saved per method in `--answers` (default
 `experiments/results/e2e_answers_smollm2.json`), so an interrupted run resumes and a GPU run's file can be
-compared here; the table goes to stdout and to `--md`.
+compared here; the table goes to stdout (and to `--md`). `experiments/device/e2e_smollm2.sh` runs both
+sides on one GPU host.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--answers", type=Path, default=RESULTS / "e2e_answers_smollm2.json",
                         help="the project's answers, read and extended per method")
-    parser.add_argument("--md", type=Path, default=RESULTS / "e2e_agreement_smollm2.md")
+    parser.add_argument("--md", type=Path, help="also write the table here")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--compare-only", action="store_true", help="compare the saved --answers; run nothing")
     mode.add_argument("--run-only", action="store_true",
@@ -187,7 +188,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     samples = len(fixture["samples"]) if args.samples is None else args.samples
     if not 1 <= samples <= len(fixture["samples"]):
         fail(f"--samples {samples}: the fixture has {len(fixture['samples'])} samples")
-    saved = json.loads(args.answers.read_text()) if args.answers.exists() else {"meta": {}, "methods": {}}
+    saved = (json.loads(args.answers.read_text()) if args.answers.exists()
+             else {"sparsity": fixture["sparsity"], "meta": {}, "methods": {}})
+    if saved.get("sparsity") != fixture["sparsity"]:
+        fail(f"{args.answers} holds answers at sparsity {saved.get('sparsity')}, the fixture is at "
+             f"{fixture['sparsity']}; pass --answers for this sparsity")
     from sparse_jax.pipeline.resources import load_bundle, load_tokenizer
 
     if args.compare_only:
@@ -221,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    workload.task.tokenizer.decode, samples)
     text = markdown(rows, fixture)
     print(text)
-    atomic_write_text(args.md, f"Command: `{saved['meta'].get('command')}` on {saved['meta'].get('device')}\n\n"
-                      + text)
+    if args.md:
+        atomic_write_text(args.md, text)
     low = [m for m, r in rows.items() if r["agreement"] < MIN_AGREEMENT]
     if low:
         print(f"agreement below {MIN_AGREEMENT} for {low}", file=sys.stderr)

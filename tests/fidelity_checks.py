@@ -13,6 +13,7 @@ is a near-tie.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -96,11 +97,23 @@ class LayerCase(NamedTuple):
 # ---------------------------------------------------------------------------------------------- block-sparse
 
 
-def _reference_blocks(case: LayerCase, name: str, rows: int, blocks: int) -> np.ndarray:
-    """``[H, rows, blocks]`` bool: the per-layer fixtures store a packed mask, the two-layer fixture the ids."""
-    if f"{name}.mask" in case.reference:
-        return unpack(case.reference[f"{name}.mask"], blocks)
-    return index_mask(case.reference[f"{name}.ids"], blocks)
+def reference_mask(case: LayerCase, method: str, label: str, part: str, width: int) -> np.ndarray:
+    """The reference's selection ``<method>@<label>.<part>`` as bool ``[..., width]``: from the per-layer
+    fixtures' tiers (``<method>.<part>.tier >= min_tier``), else stored as indices (-1 padded) or packed bits."""
+    tiers = case.reference.get(f"{method}.{part}.tier")
+    if tiers is not None:
+        return tiers[..., :width] >= case.budgets[f"{method}@{label}"]["min_tier"]
+    stored = case.reference[f"{method}@{label}.{part}"]
+    return unpack(stored, width) if stored.dtype == np.uint8 else index_mask(stored, width)
+
+
+# The selections below are jitted once per configuration (shapes and budgets) and reused for every layer.
+
+
+@functools.cache
+def _block_index(top: int, max_chunks: int):
+    return jax.jit(lambda q, k, lengths: block_sparse_index(q, k, lengths, jnp.asarray([top]), block_size=BLOCK,
+                                                            max_chunks=max_chunks))
 
 
 def block_sparse_agreement(case: LayerCase, label: str) -> Agreement:
@@ -111,11 +124,10 @@ def block_sparse_agreement(case: LayerCase, label: str) -> Agreement:
         method = get_method("block_sparse", sparsity=float(label))
         assert int(method.top_chunks_for(jnp.asarray([length]), length)[0][0]) == top
     blocks = -(-length // BLOCK)
-    index = block_sparse_index(case.q_blocks[None], case.k[None, :length], jnp.asarray([length]),
-                               jnp.asarray([top]), block_size=BLOCK, max_chunks=min(top, blocks))
+    index = _block_index(top, min(top, blocks))(case.q_blocks[None], case.k[None, :length], jnp.asarray([length]))
     ids, counts = np.asarray(index.block_ids[0]), np.asarray(index.counts[0])  # [H, nb, top], [H, nb]
     ours = index_mask(np.where(np.arange(ids.shape[-1]) < counts[..., None], ids, -1), blocks)
-    reference = _reference_blocks(case, name, blocks, blocks)
+    reference = reference_mask(case, "block_sparse", label, "ids", blocks)
     ties = unpack(case.reference[f"{name}.near_tie"], blocks)
     return agreement(ours, reference, ties)
 
@@ -133,6 +145,17 @@ class VerticalSlashAgreement(NamedTuple):
                                       self.budget_heads + other.budget_heads)
 
 
+@functools.cache
+def _vertical_slash_selector(method: str, length: int, scale: float, base_v: int, base_s: int, nv_max: int,
+                             ns_max: int):
+    if method == "vertical_and_slash":
+        scores = vertical_and_slash_scores(VS_WINDOW, length, scale)
+    else:
+        scores = flexprefill_scores(FLEX_WINDOW, length, scale, alpha=FLEX_ALPHA, max_budget=length)
+    return jax.jit(lambda q, k, lengths: select_from_scores(scores, q, k, lengths, jnp.asarray([base_v]),
+                                                            jnp.asarray([base_s]), nv_max=nv_max, ns_max=ns_max))
+
+
 def vertical_slash_agreement(case: LayerCase, label: str, method: str) -> VerticalSlashAgreement:
     name = f"{method}@{label}"
     budgets = case.budgets[name]
@@ -144,22 +167,19 @@ def vertical_slash_agreement(case: LayerCase, label: str, method: str) -> Vertic
         if label != "default":
             got = get_method(method, sparsity=float(label)).budgets_for(lengths, length)
             assert (int(got[0][0]), int(got[1][0])) == (nv, ns)
-        scores = vertical_and_slash_scores(VS_WINDOW, length, case.scale)
-        selection = select_from_scores(scores, q, k, lengths, jnp.asarray([nv]), jnp.asarray([ns]), nv_max=nv,
-                                       ns_max=ns)
+        selector = _vertical_slash_selector(method, length, case.scale, nv, ns, nv, ns)
     else:
         min_budget = budgets["min_budget"]
         if label != "default":
             assert int(get_method(method, sparsity=float(label)).min_budgets_for(lengths, length)[0][0]) == min_budget
-        scores = flexprefill_scores(FLEX_WINDOW, length, case.scale, alpha=FLEX_ALPHA, max_budget=length)
-        selection = select_from_scores(scores, q, k, lengths, jnp.asarray([min_budget]), jnp.asarray([min_budget]),
-                                       nv_max=length, ns_max=length)
+        selector = _vertical_slash_selector(method, length, case.scale, min_budget, min_budget, length, length)
+    selection = selector(q, k, lengths)
     v, v_valid, s, s_valid = (np.asarray(a[0]) for a in selection)
     ours_v = index_mask(np.where(v_valid, v, -1), length)
     ours_s = index_mask(np.where(s_valid, s, -1), length)
     ref = case.reference
-    ref_v = index_mask(ref[f"{name}.verticals"], length)
-    ref_s = index_mask(ref[f"{name}.slashes"], length)
+    ref_v = reference_mask(case, method, label, "verticals", length)
+    ref_s = reference_mask(case, method, label, "slashes", length)
     budget_heads = 0
     if method == "flexprefill":
         budget_heads = int(np.sum((ours_v.sum(-1) != ref[f"{name}.vertical_budgets"])
@@ -172,18 +192,24 @@ def vertical_slash_agreement(case: LayerCase, label: str, method: str) -> Vertic
 # ---------------------------------------------------------------------------------------- SnapKV, Ada-SnapKV
 
 
-def eviction_agreement(case: LayerCase, label: str, method: str, layer: int) -> Agreement:
+@functools.cache
+def _compressor(method: str, budget: tuple[str, float], scale: float):
+    """The method's prompt compression (``budget``: one keyword argument of the method, as a pair)."""
+    compress = get_method(method, **dict([budget])).compress
+    return jax.jit(lambda q, k, lengths: compress(q, k, jnp.zeros_like(k), lengths=lengths,
+                                                  layer=LayerSpec(index=0, scale=scale)))
+
+
+def eviction_agreement(case: LayerCase, label: str, method: str) -> Agreement:
     name = f"{method}@{label}"
     length = case.length
     capacity = case.budgets[name]["token_capacity"]
     q, k = case.q[None], case.k[None, :length]
-    kwargs = dict(token_capacity=capacity) if label == "default" else dict(sparsity=float(label))
-    kept = get_method(method, **kwargs).compress(q, k, jnp.zeros_like(k), lengths=jnp.asarray([length]),
-                                                 layer=LayerSpec(index=layer, scale=case.scale))
+    budget = ("token_capacity", capacity) if label == "default" else ("sparsity", float(label))
+    kept = _compressor(method, budget, case.scale)(q, k, jnp.asarray([length]))
     indices, counts = np.asarray(kept.indices[0]), np.asarray(kept.counts[0])
     ours = index_mask(np.where(np.arange(indices.shape[-1]) < counts[:, None], indices, -1), length)
-    stored = case.reference[f"{name}.kept"]
-    reference = index_mask(stored, length) if method == "snapkv" else unpack(stored, length)
+    reference = reference_mask(case, method, label, "kept", length)
     return agreement(ours, reference, unpack(case.reference[f"{name}.near_tie"], length))
 
 
@@ -220,12 +246,14 @@ def quest_tables(case: LayerCase, label: str, share: bool, path: str) -> list[np
 
 
 def quest_agreement(case: LayerCase, label: str, share: bool, path: str = "jnp") -> Agreement:
-    name = f"quest_{'shared' if share else 'per_head'}@{label}"
-    want = case.reference[f"{name}.pages"]  # [steps, rows, b] -1 padded
-    ties = case.reference[f"{name}.near_tie"]  # [steps, rows, packed pages]
+    method = f"quest_{'shared' if share else 'per_head'}"
+    steps = case.q_decode.shape[0]
+    pages = (case.length + steps - 1) // PAGE  # the last step's current page
+    want = reference_mask(case, method, label, "pages", pages)  # [steps, rows, pages]
+    ties = case.reference[f"{method}@{label}.near_tie"]  # [steps, rows, packed pages]
     total = Agreement(0, 0, 0)
     for step, table in enumerate(quest_tables(case, label, share, path)):
-        current = (case.length + step) // PAGE
-        total = total.plus(agreement(index_mask(table, current), index_mask(want[step], current),
+        current = (case.length + step) // PAGE  # pages before it are the candidates of this step
+        total = total.plus(agreement(index_mask(table, current), want[step, :, :current],
                                      unpack(ties[step], current)))
     return total

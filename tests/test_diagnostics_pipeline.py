@@ -25,7 +25,7 @@ from sparse_jax.pipeline.experiment import ExperimentConfig
 from sparse_jax.pipeline.resources import load_tokenizer
 from sparse_jax.tasks.registry import get_task
 from tests.test_engine_generate import random_prompts, tiny_model
-from tests.test_pipeline_common import REPO, config_of, read_jsonl, run_cli, shared_dense_run, write_gin
+from tests.test_pipeline_common import REPO, config_of, copy_results, read_jsonl, run_cli, shared_dense_run, write_gin
 
 # --- dense scores tile by tile -------------------------------------------------------------
 
@@ -239,7 +239,10 @@ def test_bad_diagnostics_settings_exit_2_with_one_line(tmp_path):
 def diagnosed(tmp_path_factory):
     """The shared tiny dense run (no diagnostics) and the same run with diagnostics on one sample."""
     shared = shared_dense_run(tmp_path_factory)
-    gin_file = write_gin(shared.results.parent / "diag.gin", shared.results,
+    private = tmp_path_factory.mktemp("diagnosed")
+    copy_results(shared, private)  # a private copy: the shared run stays untouched for other test files
+    results = private / "results"
+    gin_file = write_gin(results.parent / "diag.gin", results,
                          "ExperimentConfig.diagnostics = True\nExperimentConfig.diagnostics_samples = 1\n")
     result = run_cli("run", f"--gin_file={gin_file}")
     assert result.code == 0, result.err
@@ -289,8 +292,8 @@ def test_a_rerun_reuses_the_sample_files(diagnosed, monkeypatch):
 
 
 def test_report_draws_the_heatmaps_and_the_recall_plot(diagnosed, tmp_path):
-    shared, cfg, _ = diagnosed
-    result = run_cli("report", str(shared.results), "--out", str(tmp_path))
+    _, cfg, _ = diagnosed
+    result = run_cli("report", str(cfg.results_dir), "--out", str(tmp_path))
     assert result.code == 0, result.err
     heatmaps = sorted(p.name for p in tmp_path.glob("diagnostics_dense_*.png"))
     assert heatmaps == [f"diagnostics_dense_dense_{cfg.run_key()}.png"]  # the run without diagnostics has none

@@ -82,3 +82,13 @@ def test_answers_agree_on_at_least_90_percent_of_20_prompts_every_method(fixture
     rows = _agreement(fixture, METHODS, samples=len(fixture["samples"]))
     low = {m: (r["agreement"], r["disagreements"]) for m, r in rows.items() if r["agreement"] < e2e_agreement.MIN_AGREEMENT}
     assert not low, low
+
+
+@pytest.mark.parametrize("argv, needle", [(["--samples", "50"], "the fixture has 20 samples"),
+                                          (["--methods", "dense", "sparse_dense"], "not in the fixture")])
+def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as stop:
+        e2e_agreement.main(["--compare-only", *argv])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1

@@ -6,11 +6,17 @@ on ``ShapeDtypeStruct`` arguments), so an 8B-shape model compiles on a small CPU
 without its weights ever being allocated. Wall seconds and process CPU seconds (less
 sensitive to a busy host) are reported per program.
 
+``--sweep METHOD --sparsities 0.25,0.5,0.9`` compiles one engine per sparsity through
+the engine's own program cache (:mod:`sparse_jax.engine.programs`), as the runs of a sweep
+do: with traced hyper-parameters (the default) only the first sparsity compiles;
+``--static-hyperparameters`` bakes each value in (``EngineConfig.traced_hyperparameters=False``).
+
 Models: ``smollm2`` (the embedded SmolLM2-135M GGUF's architecture, fp32, the demo's
 shapes) or ``8b`` (Llama-3.1-8B shapes, bf16, as ``engine_bench.py --config 8b``).
 
 Usage: ``PYTHONPATH=. python3 experiments/benchmarks/compile_time.py --model smollm2
---methods dense,quest --out experiments/results``. Results: experiments/results/compile_time.md.
+--methods dense,quest --out experiments/results``, or ``... --sweep block_sparse --sparsities
+0.25,0.5,0.9``. Results: experiments/results/compile_time.md.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks.engine_bench import model_config
-from sparse_jax.attention.registry import get_method
+from sparse_jax.atomic_files import atomic_write_json
+from sparse_jax.attention.registry import available_methods, get_method
 from sparse_jax.engine.generate import Engine, EngineConfig, _stop_array
+from sparse_jax.engine.programs import PROGRAMS
 from sparse_jax.models.config import ModelConfig
 from sparse_jax.models.transformer import Transformer
 
@@ -67,11 +75,13 @@ def engine_programs(engine: Engine, *, batch: int, bucket: int, new_tokens: int)
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     prefill_rows = min(engine.config.prefill_rows or batch, batch)
     tokens = jax.ShapeDtypeStruct((prefill_rows, bucket), jnp.int32)
-    prefill_args = (params, caches, tokens, jax.ShapeDtypeStruct((prefill_rows,), jnp.int32), np.int32(0), key)
-    decode_args = (params, caches, rows, rows, jax.ShapeDtypeStruct(_stop_array([0]).shape, jnp.int32), key)
+    values = engine.method_values
+    prefill_args = (params, caches, tokens, jax.ShapeDtypeStruct((prefill_rows,), jnp.int32), np.int32(0), key,
+                    values)
+    decode_args = (params, caches, rows, rows, jax.ShapeDtypeStruct(_stop_array([0]).shape, jnp.int32), key, values)
     return {
-        "prefill": (engine._prefill_fn, prefill_args),
-        "decode": (lambda *a: engine._decode_fn(*a, max_new_tokens=new_tokens), decode_args),
+        ("prefill",): (engine._prefill_fn, prefill_args),
+        ("decode", new_tokens): (lambda *a: engine._decode_fn(*a, max_new_tokens=new_tokens), decode_args),
     }
 
 
@@ -79,7 +89,26 @@ def compile_method(config: ModelConfig, dtype, method: str, *, batch: int, bucke
     """Compile seconds of one method's prefill and decode programs (shapes only)."""
     engine = Engine(Transformer.abstract(config, dtype=dtype), get_method(method), EngineConfig(batch_size=batch))
     programs = engine_programs(engine, batch=batch, bucket=bucket, new_tokens=new_tokens)
-    return {name: _timed_compile(fn, args) for name, (fn, args) in programs.items()}
+    return {kind[0]: _timed_compile(fn, args) for kind, (fn, args) in programs.items()}
+
+
+def compile_sweep(config: ModelConfig, dtype, method: str, sparsities: list[float], *, traced: bool, batch: int,
+                  bucket: int, new_tokens: int) -> list[dict]:
+    """Per sparsity, in order: the seconds the engine spent getting its two programs (0 when
+    the process's program cache had them) and the cache's hit and miss counts after it."""
+    model = Transformer.abstract(config, dtype=dtype)
+    rows = []
+    for sparsity in sparsities:
+        engine_config = EngineConfig(batch_size=batch, traced_hyperparameters=traced)
+        engine = Engine(model, get_method(method, sparsity=sparsity), engine_config)
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        programs = engine_programs(engine, batch=batch, bucket=bucket, new_tokens=new_tokens)
+        compile_s = {kind[0]: round(engine._compile(kind, fn, args)[1], 2) for kind, (fn, args) in programs.items()}
+        rows.append({"sparsity": sparsity, **compile_s, "wall_s": round(time.perf_counter() - wall, 2),
+                     "cpu_s": round(_cpu_seconds() - cpu, 2), "cache_hits": PROGRAMS.hits,
+                     "cache_misses": PROGRAMS.misses})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main():
@@ -90,14 +119,33 @@ def main():
     parser.add_argument("--bucket", type=int, default=4096, help="prompt bucket (the demo: 4096)")
     parser.add_argument("--new-tokens", type=int, default=24, help="decode loop length (the demo: 24)")
     parser.add_argument("--out", type=Path, default=None, help="folder for compile_time_<model>.json")
+    parser.add_argument("--sweep", metavar="METHOD", default=None,
+                        help="compile METHOD's engine once per --sparsities value, as a sweep's runs do")
+    parser.add_argument("--sparsities", default="0.25,0.5,0.9", help="comma-separated targets of --sweep")
+    parser.add_argument("--static-hyperparameters", action="store_true",
+                        help="with --sweep: bake each sparsity into its programs (traced_hyperparameters=False)")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     if not methods or min(args.batch, args.bucket, args.new_tokens) < 1:
         parser.error("--methods must name at least one method; --batch, --bucket and --new-tokens must be >= 1")
+    try:
+        sparsities = [float(s) for s in args.sparsities.split(",") if s]
+    except ValueError:
+        parser.error(f"--sparsities must be comma-separated numbers in [0, 1), got {args.sparsities!r}")
+    if args.sweep is not None and (not sparsities or not all(0.0 <= s < 1.0 for s in sparsities)):
+        parser.error(f"--sparsities must be comma-separated numbers in [0, 1), got {args.sparsities!r}")
+    if args.sweep is not None and args.sweep not in available_methods():
+        parser.error(f"--sweep {args.sweep!r} is not a registered method; use one of {', '.join(available_methods())}")
 
     config = architecture(args.model)
     report = {"model": args.model, "layers": config.num_layers, "device": str(jax.devices()[0]), **vars(args)}
     report["out"] = None
+    if args.sweep is not None:
+        report["sweep_compiles"] = compile_sweep(
+            config, DTYPES[args.model], args.sweep, sparsities, traced=not args.static_hyperparameters,
+            batch=args.batch, bucket=args.bucket, new_tokens=args.new_tokens,
+        )
+        methods = []
     for method in methods:
         report[method] = compile_method(
             config, DTYPES[args.model], method, batch=args.batch, bucket=args.bucket, new_tokens=args.new_tokens
@@ -105,7 +153,8 @@ def main():
         print(method, json.dumps(report[method]), flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"compile_time_{args.model}.json").write_text(json.dumps(report, indent=2) + "\n")
+        name = f"compile_time_{args.model}" + (f"_sweep_{args.sweep}" if args.sweep else "")
+        atomic_write_json(args.out / f"{name}.json", report)
 
 
 if __name__ == "__main__":

@@ -63,9 +63,10 @@ class ProgramCache:
 
 def argument_signature(args: Any) -> tuple:
     """What a compiled program fixes about its arguments ``args`` (any pytree): the tree
-    structure and each leaf's shape, dtype and placement."""
+    structure and each leaf's shape, dtype and placement (leaves are arrays, NumPy scalars
+    or ``jax.ShapeDtypeStruct``)."""
     leaves, tree = jax.tree.flatten(args)
-    return tree, tuple((jax.numpy.shape(x), jax.numpy.result_type(x), getattr(x, "sharding", None)) for x in leaves)
+    return tree, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
 
 
 PROGRAMS = ProgramCache()

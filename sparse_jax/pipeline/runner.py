@@ -475,8 +475,11 @@ def run_sweep(
     if todo:
         from sparse_jax.pipeline.report import print_summary, run_row
 
+        from sparse_jax.engine.programs import PROGRAMS
+
         compiled = sum(s.summary.compile_seconds or 0.0 for s in summaries)
-        print(f"sweep done: {len(todo)} runs in {time.time() - start:.0f} s ({compiled:.0f} s of it compiling)")
+        print(f"sweep done: {len(todo)} runs in {time.time() - start:.0f} s ({compiled:.0f} s of it compiling; "
+              f"engine programs: {PROGRAMS.misses} compiled, {PROGRAMS.hits} reused)")
         print_summary([run_row(s, c.run_dir()) for s, c in zip(summaries, todo)])
     return 0
 
