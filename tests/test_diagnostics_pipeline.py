@@ -146,6 +146,24 @@ def test_combinators_are_diagnosed_by_the_part_that_runs_each_phase(model):
     assert first_dense.decode_needle[:, 0].all() and first_dense.decode_coverage[:, 1].min() < 0.999
 
 
+SLOW_TRACED = ("snapkv", "ada_snapkv", "vertical_and_slash", "flexprefill", "oracle_quest", "oracle_tokens",
+               "oracle_block_sparse", "oracle_vertical_and_slash")
+
+
+@pytest.mark.parametrize("name", ["quest", "block_sparse", *(pytest.param(n, marks=pytest.mark.slow)
+                                                             for n in SLOW_TRACED)])
+def test_traced_hyperparameters_give_the_same_diagnostics(model, name):
+    """The pass runs the engine's split method (one program for every sparsity of a method)."""
+    (prompt,) = random_prompts([300], seed=5)
+    fed = random_prompts([MAX_NEW], seed=6)[0]
+    method = get_method(name, sparsity=0.5)
+    traced, plain = (DiagnosticsPass(Engine(model, method, EngineConfig(page_size=16, traced_hyperparameters=t)),
+                                     MAX_NEW).run(prompt, fed, [10, 200]) for t in (True, False))
+    for key, value in traced.arrays().items():
+        np.testing.assert_allclose(value, plain.arrays()[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert min(traced.prefill_coverage.min(), traced.decode_coverage.min()) < 0.99  # the method is sparse
+
+
 def test_the_summary_names_the_layer_and_head_that_missed_the_needle(tmp_path):
     layers, heads, steps, needles = 3, 4, 2, 2
     sample = diagnostics_files.SampleDiagnostics(
