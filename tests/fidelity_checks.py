@@ -13,6 +13,7 @@ is a near-tie.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -106,6 +107,15 @@ def reference_mask(case: LayerCase, method: str, label: str, part: str, width: i
     return unpack(stored, width) if stored.dtype == np.uint8 else index_mask(stored, width)
 
 
+# The selections below are jitted once per configuration (shapes and budgets) and reused for every layer.
+
+
+@functools.cache
+def _block_index(top: int, max_chunks: int):
+    return jax.jit(lambda q, k, lengths: block_sparse_index(q, k, lengths, jnp.asarray([top]), block_size=BLOCK,
+                                                            max_chunks=max_chunks))
+
+
 def block_sparse_agreement(case: LayerCase, label: str) -> Agreement:
     name = f"block_sparse@{label}"
     top = case.budgets[name]["top_chunks"]
@@ -114,8 +124,7 @@ def block_sparse_agreement(case: LayerCase, label: str) -> Agreement:
         method = get_method("block_sparse", sparsity=float(label))
         assert int(method.top_chunks_for(jnp.asarray([length]), length)[0][0]) == top
     blocks = -(-length // BLOCK)
-    index = block_sparse_index(case.q_blocks[None], case.k[None, :length], jnp.asarray([length]),
-                               jnp.asarray([top]), block_size=BLOCK, max_chunks=min(top, blocks))
+    index = _block_index(top, min(top, blocks))(case.q_blocks[None], case.k[None, :length], jnp.asarray([length]))
     ids, counts = np.asarray(index.block_ids[0]), np.asarray(index.counts[0])  # [H, nb, top], [H, nb]
     ours = index_mask(np.where(np.arange(ids.shape[-1]) < counts[..., None], ids, -1), blocks)
     reference = reference_mask(case, "block_sparse", label, "ids", blocks)
@@ -136,6 +145,17 @@ class VerticalSlashAgreement(NamedTuple):
                                       self.budget_heads + other.budget_heads)
 
 
+@functools.cache
+def _vertical_slash_selector(method: str, length: int, scale: float, base_v: int, base_s: int, nv_max: int,
+                             ns_max: int):
+    if method == "vertical_and_slash":
+        scores = vertical_and_slash_scores(VS_WINDOW, length, scale)
+    else:
+        scores = flexprefill_scores(FLEX_WINDOW, length, scale, alpha=FLEX_ALPHA, max_budget=length)
+    return jax.jit(lambda q, k, lengths: select_from_scores(scores, q, k, lengths, jnp.asarray([base_v]),
+                                                            jnp.asarray([base_s]), nv_max=nv_max, ns_max=ns_max))
+
+
 def vertical_slash_agreement(case: LayerCase, label: str, method: str) -> VerticalSlashAgreement:
     name = f"{method}@{label}"
     budgets = case.budgets[name]
@@ -147,16 +167,13 @@ def vertical_slash_agreement(case: LayerCase, label: str, method: str) -> Vertic
         if label != "default":
             got = get_method(method, sparsity=float(label)).budgets_for(lengths, length)
             assert (int(got[0][0]), int(got[1][0])) == (nv, ns)
-        scores = vertical_and_slash_scores(VS_WINDOW, length, case.scale)
-        selection = select_from_scores(scores, q, k, lengths, jnp.asarray([nv]), jnp.asarray([ns]), nv_max=nv,
-                                       ns_max=ns)
+        selector = _vertical_slash_selector(method, length, case.scale, nv, ns, nv, ns)
     else:
         min_budget = budgets["min_budget"]
         if label != "default":
             assert int(get_method(method, sparsity=float(label)).min_budgets_for(lengths, length)[0][0]) == min_budget
-        scores = flexprefill_scores(FLEX_WINDOW, length, case.scale, alpha=FLEX_ALPHA, max_budget=length)
-        selection = select_from_scores(scores, q, k, lengths, jnp.asarray([min_budget]), jnp.asarray([min_budget]),
-                                       nv_max=length, ns_max=length)
+        selector = _vertical_slash_selector(method, length, case.scale, min_budget, min_budget, length, length)
+    selection = selector(q, k, lengths)
     v, v_valid, s, s_valid = (np.asarray(a[0]) for a in selection)
     ours_v = index_mask(np.where(v_valid, v, -1), length)
     ours_s = index_mask(np.where(s_valid, s, -1), length)
@@ -175,14 +192,21 @@ def vertical_slash_agreement(case: LayerCase, label: str, method: str) -> Vertic
 # ---------------------------------------------------------------------------------------- SnapKV, Ada-SnapKV
 
 
-def eviction_agreement(case: LayerCase, label: str, method: str, layer: int) -> Agreement:
+@functools.cache
+def _compressor(method: str, budget: tuple[str, float], scale: float):
+    """The method's prompt compression (``budget``: one keyword argument of the method, as a pair)."""
+    compress = get_method(method, **dict([budget])).compress
+    return jax.jit(lambda q, k, lengths: compress(q, k, jnp.zeros_like(k), lengths=lengths,
+                                                  layer=LayerSpec(index=0, scale=scale)))
+
+
+def eviction_agreement(case: LayerCase, label: str, method: str) -> Agreement:
     name = f"{method}@{label}"
     length = case.length
     capacity = case.budgets[name]["token_capacity"]
     q, k = case.q[None], case.k[None, :length]
-    kwargs = dict(token_capacity=capacity) if label == "default" else dict(sparsity=float(label))
-    kept = get_method(method, **kwargs).compress(q, k, jnp.zeros_like(k), lengths=jnp.asarray([length]),
-                                                 layer=LayerSpec(index=layer, scale=case.scale))
+    budget = ("token_capacity", capacity) if label == "default" else ("sparsity", float(label))
+    kept = _compressor(method, budget, case.scale)(q, k, jnp.asarray([length]))
     indices, counts = np.asarray(kept.indices[0]), np.asarray(kept.counts[0])
     ours = index_mask(np.where(np.arange(indices.shape[-1]) < counts[:, None], indices, -1), length)
     reference = reference_mask(case, method, label, "kept", length)

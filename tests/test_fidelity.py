@@ -135,7 +135,7 @@ def test_fidelity_vertical_slash(layer, label, method):
 @pytest.mark.parametrize("label", BUDGET_LABELS)
 @pytest.mark.parametrize("layer", LAYERS)
 def test_fidelity_eviction(layer, label, method):
-    _check((method, layer, label), tuple(eviction_agreement(layer_case(layer), label, method, layer)))
+    _check((method, layer, label), tuple(eviction_agreement(layer_case(layer), label, method)))
 
 
 @pytest.mark.parametrize("path", ["jnp", pytest.param("kernel", marks=pytest.mark.slow)])
@@ -157,7 +157,7 @@ def measure_all() -> dict[tuple, tuple]:
                 v, s, heads = vertical_slash_agreement(layer_case(layer), label, method)
                 measured[(method, layer, label)] = (tuple(v), tuple(s), heads)
             for method in ("snapkv", "ada_snapkv"):
-                measured[(method, layer, label)] = tuple(eviction_agreement(layer_case(layer), label, method, layer))
+                measured[(method, layer, label)] = tuple(eviction_agreement(layer_case(layer), label, method))
             for share in (True, False):
                 key = ("quest_shared" if share else "quest_per_head", layer, label)
                 measured[key] = tuple(quest_agreement(layer_case(layer), label, share, "jnp"))

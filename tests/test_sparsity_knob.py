@@ -105,3 +105,31 @@ def test_a_composition_reports_its_prefill_part():
 def test_vertical_and_slash_at_32k_lands_within_tolerance(sparsity):
     achieved = achieved_sparsity(get_method("vertical_and_slash", sparsity=sparsity), *random_heads(32768))
     assert abs(achieved - sparsity) <= REACH_TOLERANCE, achieved
+
+
+def test_run_json_keeps_the_reach_entry():
+    from sparse_jax.analysis.records import ModelConfig, RunFile, RunSummary
+
+    reach = prefill_target_reach(get_method("vertical_and_slash", sparsity=0.9), 1024)
+    run = RunFile(model=ModelConfig("tiny", 2, 64, 128, 100, 2, 1, 32, 1000), task="niah_single", max_input_tokens=1024,
+                  method="vertical_and_slash", method_args={}, target_sparsity=0.9,
+                  summary=RunSummary(prefill_sparsity=0.8, decode_sparsity=0.0, mean_prompt_tokens=1000.0,
+                                     mean_output_tokens=4.0),
+                  prefill_target_reach=reach)
+    assert RunFile.from_json(run.to_json(), "run.json") == run
+    assert run.to_json()["prefill_target_reach"]["target_reachable"] is False
+
+
+def test_a_run_says_up_front_that_its_target_is_out_of_reach(tmp_path):
+    """At 512 tokens the 64 always-kept diagonals alone hold about half of the pairs."""
+    from sparse_jax.analysis.records import RunFile
+    from tests.test_pipeline_common import config_of, run_cli, write_gin
+
+    method = "ExperimentConfig.method = 'vertical_and_slash'\nExperimentConfig.sparsity = 0.9\n"
+    gin_file = write_gin(tmp_path / "vs.gin", tmp_path / "results", method)
+    result = run_cli("run", f"--gin_file={gin_file}")
+    assert result.code == 0, result.err
+    line = "vertical_and_slash: prefill target 0.9 is NOT within reach at 512 tokens"
+    assert sum(line in x for x in result.out.splitlines()) == 1, result.out
+    reach = RunFile.read(config_of(gin_file).run_dir()).prefill_target_reach
+    assert reach["target_reachable"] is False and reach["max_reachable_sparsity"] < 0.85 - REACH_TOLERANCE

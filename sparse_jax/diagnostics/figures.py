@@ -58,14 +58,18 @@ def draw_diagnostics(runs: Sequence[tuple[str, dict[str, Any]]], out_dir: Path) 
     written = []
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     for label, row, maps in measured:
-        fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 4.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(PANELS), figsize=(3.6 * len(PANELS), 4.6), squeeze=False,
+                                 layout="constrained")
         for ax, (key, title) in zip(axes[0], PANELS):
-            image = ax.imshow(np.ma.masked_invalid(maps[key]), aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0,
-                              interpolation="nearest")  # every panel is a share in [0, 1]
+            values = maps[key]
+            # Shares in [0, 1]; the missed needle mass is small where it matters, so it gets its own scale.
+            top = 1.0 if "missed" not in key else max(float(np.nanmax(values, initial=0.0)), 1e-3)
+            image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=cmap, vmin=0.0, vmax=top,
+                              interpolation="nearest")
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("query head")
             ax.set_ylabel("layer")
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+            fig.colorbar(image, ax=ax, shrink=0.8)
         target = row["target_sparsity"]
         fig.suptitle(f"{label} @ {'dense' if target is None else target} - {row['task']} {row['length']} tokens "
                      f"(achieved sparsity {row['sparsity']:.2f})")

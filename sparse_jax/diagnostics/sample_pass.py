@@ -66,12 +66,13 @@ class DiagnosticsPass:
         needle_ids = np.full((1, max(1, len(needles))), -1, np.int32)  # one unused slot when there are none
         needle_ids[0, : len(needles)] = needles
         caches = tuple(self.engine.allocate_caches(1, bucket, self.max_new_tokens) for _ in range(2))
+        values = self.engine.method_values
         state, (coverage, recall, kept) = self._prefill(self.engine.params, caches, jnp.asarray(tokens),
-                                                        jnp.asarray([n], jnp.int32), jnp.asarray(needle_ids))
+                                                        jnp.asarray([n], jnp.int32), jnp.asarray(needle_ids), values)
         steps = []
         for t, token in enumerate(list(generated)[:-1]):
             state, step = self._step(self.engine.params, state, jnp.asarray([token], jnp.int32),
-                                     jnp.asarray([n + t], jnp.int32), jnp.asarray(needle_ids))
+                                     jnp.asarray([n + t], jnp.int32), jnp.asarray(needle_ids), values)
             steps.append(jax.device_get(step))
         num_layers, num_heads = coverage.shape[0], coverage.shape[2]
         count = len(needles)
@@ -92,12 +93,14 @@ class DiagnosticsPass:
 
     # --- traced programs -------------------------------------------------------------
 
-    def _prefill_fn(self, params, caches, tokens, lengths, needles):
+    def _prefill_fn(self, params, caches, tokens, lengths, needles, method_values):
         """Prefill with diagnostics.
 
         Args:
           caches: ``(method cache, full cache)``, stacked ``[L, ...]``.
           tokens: ``[1, T]`` int32; lengths: ``[1]``; needles: ``[1, N]`` int32 (``-1`` unused).
+          method_values: the method's traced hyper-parameters (``AttentionMethod.split``), so
+            one program serves every sparsity of a method (as the engine's do).
 
         Returns:
           ``((method cache, full cache, read-allowed [L, 1, G, T] bool: False at evicted
@@ -105,7 +108,7 @@ class DiagnosticsPass:
           needle recall [L, 1, H], needle kept [L, 1, G, N] bool))``.
         """
         engine = self.engine
-        model, method = nnx.merge(engine.graphdef, params), engine.method
+        model, method = nnx.merge(engine.graphdef, params), engine.static_method.bind(method_values)
         b, t = tokens.shape
         mcfg = engine.model_config
 
@@ -133,14 +136,14 @@ class DiagnosticsPass:
                                           axis=3)
         return (cache, full, kept), (coverage, recall, needle_kept & (needles >= 0)[None, :, None, :])
 
-    def _step_fn(self, params, state, token, position, needles):
+    def _step_fn(self, params, state, token, position, needles, method_values):
         """One decode step fed ``token [1]`` at ``position [1]``.
 
         Returns:
           ``(state, (coverage [L, 1, H], needle read [L, 1, H, N] bool, needle mass [L, 1, H, N]))``.
         """
         engine = self.engine
-        model, method = nnx.merge(engine.graphdef, params), engine.method
+        model, method = nnx.merge(engine.graphdef, params), engine.static_method.bind(method_values)
         mcfg = engine.model_config
 
         def attend(layer, q, k, v, st):

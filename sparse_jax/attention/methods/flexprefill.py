@@ -66,7 +66,7 @@ def flexprefill_index(
       max_budget: static bound of both budgets (``<= T``); larger budgets are clipped.
       scale: softmax scale.
       target_sparsity: when given, each head's budgets are at least the counts fitted
-        to this sparsity (:func:`.tile_budget.fitted_counts`).
+        to this sparsity (:func:`.vertical_slash_index.fit_to_target`).
 
     Returns:
       :class:`VerticalSlashIndex` ``[B, H, ceil(T / 64), ...]``.

@@ -11,9 +11,11 @@ spread out.
 Here the counts are fitted per head from its own ranking: the top ``n`` slashes cover
 the offsets ``u`` whose window holds one of them (a sliding minimum of slash ranks), each
 offset weighing the causal pairs it has over all row blocks; the top ``n`` verticals
-add ``L - key`` pairs each (columns a window already covers are counted twice, so the
-estimate errs towards computing less). The fitted ``n`` is the largest whose estimate
-stays within the ``1 - s`` share of the ``L (L + 1) / 2`` causal pairs.
+add ``L - key`` pairs each (columns a window already covers are counted twice). The fitted ``n`` is
+the largest whose estimate, at most every causal pair, stays within the ``1 - s``
+share of the ``L (L + 1) / 2`` causal pairs; with ``s = 0`` that is every vertical and
+slash. :func:`.vertical_slash_index.fit_to_target` corrects the estimate with one exact
+count.
 
 Shapes: scores ``[B, H, T]`` (``T`` the bucket length), lengths ``[B]``.
 """
@@ -60,8 +62,8 @@ def _ranks(scores: jax.Array) -> jax.Array:
     return jnp.where(scores > NEG_INF, ranks, n)
 
 
-def _one_head(vertical_scores, slash_scores, length, pair_budget, tile):
-    """Fitted count of one head: ``[T]``, ``[T]`` scores, scalar length and pair budget."""
+def _one_head(vertical_scores, slash_scores, length, tile):
+    """Estimated computed pairs of the top ``n = 0..T`` of one head: ``[T]`` scores -> ``[T + 1]``."""
     t = slash_scores.shape[0]
     slash_rank = _ranks(slash_scores)
     # Offset u = 1..T is computed once a slash among u - tile .. u - 1 is kept: its rank is the window minimum.
@@ -73,29 +75,36 @@ def _one_head(vertical_scores, slash_scores, length, pair_budget, tile):
     order = jnp.argsort(-vertical_scores, stable=True)
     column = jnp.where(vertical_scores[order] > NEG_INF, jnp.maximum(length - order, 0), 0).astype(jnp.float32)
     vertical_pairs = jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(column)])  # [T + 1]
-    fits = slash_pairs + vertical_pairs <= pair_budget
-    return jnp.maximum(jnp.sum(fits) - 1, 0).astype(jnp.int32)  # the estimate grows with n
+    # Columns inside the windows are counted twice; no head computes more than every pair.
+    return jnp.minimum(slash_pairs + vertical_pairs, jnp.maximum(slash_pairs[-1], 1.0))
 
 
-def fitted_counts(
-    vertical_scores: jax.Array, slash_scores: jax.Array, lengths: jax.Array, sparsity: float, *, tile: int
-) -> jax.Array:
-    """Largest ``n`` per head whose top ``n`` verticals and slashes keep the target.
+def pair_estimates(vertical_scores: jax.Array, slash_scores: jax.Array, lengths: jax.Array, *, tile: int) -> jax.Array:
+    """Estimated computed pairs of every head for each count ``n`` of verticals and slashes.
 
     Args:
       vertical_scores, slash_scores: ``[B, H, T]`` ranking scores after forcing (forced
         entries ``+inf``, keys and offsets outside the prompt ``-inf``).
       lengths: ``[B]`` real prompt lengths.
-      sparsity: target ``s`` in ``[0, 1)``.
       tile: the index's row-block and key-window size.
 
     Returns:
-      ``[B, H]`` int32 counts (callers raise them to the forced minima and clip them to
-      their static maxima).
+      ``[B, H, T + 1]`` float32, non-decreasing in ``n``.
     """
-    pair_budget = (1.0 - sparsity) * lengths.astype(jnp.float32) * (lengths + 1).astype(jnp.float32) / 2.0  # [B]
 
-    def one_sequence(v, s, length, budget):
-        return jax.lax.map(lambda vs: _one_head(vs[0], vs[1], length, budget, tile), (v, s))
+    def one_sequence(v, s, length):
+        return jax.lax.map(lambda vs: _one_head(vs[0], vs[1], length, tile), (v, s))
 
-    return jax.vmap(one_sequence)(vertical_scores, slash_scores, lengths, pair_budget)
+    return jax.vmap(one_sequence)(vertical_scores, slash_scores, lengths)
+
+
+def pair_budget(lengths: jax.Array, sparsity: float) -> jax.Array:
+    """``[B]`` pairs a prompt may compute at target ``s``: ``(1 - s) L (L + 1) / 2``."""
+    length = lengths.astype(jnp.float32)
+    return (1.0 - sparsity) * length * (length + 1.0) / 2.0
+
+
+def largest_within(estimates: jax.Array, budget: jax.Array) -> jax.Array:
+    """``[B, H]`` int32: the largest ``n`` whose estimate ``[B, H, T + 1]`` stays within ``budget [B, H]``."""
+    fits = estimates <= budget[..., None] * (1.0 + 1e-6)
+    return jnp.maximum(fits.sum(axis=-1) - 1, 0).astype(jnp.int32)

@@ -153,7 +153,7 @@ class VerticalAndSlash(AttentionMethod):
         """The pattern of every query head (shapes as in :meth:`prefill`).
 
         With ``sparsity`` each head keeps the most verticals and slashes whose computed
-        pairs stay within the target (:func:`.tile_budget.fitted_counts`), at most the
+        pairs stay within the target (:func:`.vertical_slash_index.fit_to_target`), at most the
         band budgets of :meth:`budgets_for`.
         """
         nv, ns, nv_max, ns_max = self.budgets_for(lengths, q.shape[1])
