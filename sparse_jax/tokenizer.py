@@ -277,6 +277,33 @@ class Tokenizer:
         bos = self._hf.bos_token_id
         return [bos, *ids] if self._prompt_format == "completion" and bos is not None else ids
 
+    def prompt_positions(self, text: str, spans: Sequence[tuple[int, int]]) -> list[int]:
+        """Positions in `encode_for_generation(text)` of the tokens overlapping character `spans` of `text`.
+
+        Args:
+          text: the task text (before the chat template or answer prefix).
+          spans: `(start, end)` character ranges of `text`, end exclusive.
+
+        Returns:
+          Sorted token positions; empty without spans.
+        """
+        if not spans:
+            return []
+        rendered = self.render_prompt(text)
+        offset = rendered.find(text)
+        if offset < 0:
+            raise ValueError(f"tokenizer {self._name!r}: the prompt format rewrites the task text, so its "
+                             "character spans cannot be mapped to tokens")
+        encoding = self._backend.encode(rendered, add_special_tokens=False)
+        shift = len(self.encode_for_generation(text)) - len(encoding.ids)  # the BOS of the completion format
+        hits = {
+            shift + i
+            for i, (start, end) in enumerate(encoding.offsets)
+            for lo, hi in spans
+            if start < offset + hi and end > offset + lo and end > start
+        }
+        return sorted(hits)
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` with special tokens skipped."""
         return self._hf.decode(list(ids), skip_special_tokens=True)

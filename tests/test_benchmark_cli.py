@@ -11,6 +11,8 @@ from experiments.benchmarks import compile_time, decode_kernels, engine_methods
         (decode_kernels, ["--steps", "0"], "--steps must be at least 1"),
         (engine_methods, ["--methods", "quest"], "--methods must name 'dense'"),
         (engine_methods, ["--methods", "dense,qeust"], "--methods must name 'dense'"),
+        (engine_methods, ["--method-sparsity", "block_sparse=0.9:chunk_size=big"], "--method-sparsity takes NAME=S"),
+        (engine_methods, ["--method-sparsity", "dense=0.5"], "--method-sparsity names a sparse method"),
         (compile_time, ["--batch", "0"], "--batch, --bucket and --new-tokens must be >= 1"),
         (compile_time, ["--sweep", "quest", "--sparsities", "0.5,1.5"], "--sparsities must be comma-separated"),
         (compile_time, ["--sweep", "qeust"], "--sweep 'qeust' is not a registered method"),

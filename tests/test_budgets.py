@@ -16,8 +16,6 @@ from pallas_kernels.vertical_slash.reference import index_to_mask as vertical_sl
 from sparse_jax.attention.accounting import PhaseCounts
 from sparse_jax.attention.base import LayerSpec, causal_pair_count
 from sparse_jax.attention.methods.block_sparse import block_sparse_index
-from sparse_jax.attention.methods.flexprefill import flexprefill_index
-from sparse_jax.attention.methods.vertical_and_slash import vertical_and_slash_index
 from sparse_jax.attention.registry import get_method
 from sparse_jax.attention.kv_cache import PagedKVCache, pages_for
 
@@ -124,28 +122,17 @@ def test_block_sparse_counts_the_causal_pairs_of_its_tiles_sink_and_diagonals_in
 VS_T, VS_LENGTHS = 384, np.array([384, 300])  # 64 local diagonals make shorter prompts dense
 
 
-def vertical_and_slash_index_of(method, q, k, lengths):
-    nv, ns, nv_max, ns_max = method.budgets_for(lengths, q.shape[1])
-    return vertical_and_slash_index(q, k, lengths, nv, ns, approximation_size=method.approximation_size,
-                                    max_verticals=nv_max, max_slashes=ns_max, scale=SCALE)
-
-
-def flexprefill_index_of(method, q, k, lengths):
-    min_budgets, max_budget = method.min_budgets_for(lengths, q.shape[1])
-    return flexprefill_index(q, k, lengths, min_budgets, alpha=method.alpha,
-                             approximation_size=method.approximation_size, max_budget=max_budget, scale=SCALE)
-
-
-@pytest.mark.parametrize("name, kwargs, build_index", [
-    ("vertical_and_slash", dict(sparsity=0.8, approximation_size=32), vertical_and_slash_index_of),
-    ("flexprefill", dict(sparsity=0.8, alpha=0.3, approximation_size=32), flexprefill_index_of),
+@pytest.mark.parametrize("name, kwargs", [
+    ("vertical_and_slash", dict(sparsity=0.8, approximation_size=32)),
+    ("flexprefill", dict(sparsity=0.8, alpha=0.3, approximation_size=32)),
 ])
-def test_vertical_slash_methods_count_the_union_of_columns_and_diagonals_once(name, kwargs, build_index):
+def test_vertical_slash_methods_count_the_union_of_columns_and_diagonals_once(name, kwargs):
     method = get_method(name, **kwargs)
     q, k, v = layer_inputs(2, VS_T)
     prefill, decode, _ = one_layer_generation(method, q, k, v, lengths=VS_LENGTHS)
     assert (prefill.attended < 0.9 * prefill.dense).sum() >= 4, "the case is too dense to test anything"
-    mask = np.asarray(vertical_slash_mask(build_index(method, q, k, jnp.asarray(VS_LENGTHS)), VS_T))
+    index = method.index(q, k, jnp.asarray(VS_LENGTHS), LayerSpec(index=0, scale=SCALE))
+    mask = np.asarray(vertical_slash_mask(index, VS_T))
     np.testing.assert_array_equal(prefill.attended, causal_mask_pairs(mask, VS_LENGTHS))
     rows, cols = np.tril_indices(VS_T)
     assert mask[:, :, rows[cols < 4], cols[cols < 4]].all(), "sink columns 0..3 are not all kept"

@@ -15,7 +15,7 @@ from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.generate import Engine, EngineConfig
 from tests.test_budgets import (
     B, G, H, LENGTHS, SCALE, SNAP, STEPS, T, VS_LENGTHS, VS_T, causal_mask_pairs, empty_cache, layer_inputs,
-    one_layer_generation, quest_reads, vertical_and_slash_index_of,
+    one_layer_generation, quest_reads,
 )
 from tests.test_engine_generate import random_prompts, tiny_model
 from tests.test_pipeline_common import REPO
@@ -236,7 +236,7 @@ def test_combined_sparsity_of_vertical_and_slash_plus_snapkv_equals_a_count_from
     method = get_method("vertical_and_slash+snapkv", prefill=dict(approximation_size=32), prefill_sparsity=0.8,
                         decode=SNAP)
     prefill, decode, kept = one_layer_generation(method, q, k, v, lengths=VS_LENGTHS)
-    index = vertical_and_slash_index_of(method.prefill_part, q, k, jnp.asarray(VS_LENGTHS))
+    index = method.prefill_part.index(q, k, jnp.asarray(VS_LENGTHS), LayerSpec(index=0, scale=SCALE))
     prefill_pairs = causal_mask_pairs(vertical_slash_mask(index, VS_T), VS_LENGTHS).sum()
     kept_per_head = np.repeat(np.asarray(kept.counts), H // G, axis=1)  # [B, H]
     decode_reads = sum((kept_per_head + s).sum() for s in range(1, STEPS + 1))

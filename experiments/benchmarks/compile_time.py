@@ -34,9 +34,8 @@ import numpy as np
 from experiments.benchmarks.engine_bench import model_config
 from sparse_jax.atomic_files import atomic_write_json
 from sparse_jax.attention.registry import available_methods, get_method
-from sparse_jax.engine.generate import Engine, EngineConfig, _allocate_stacked, _stop_array
+from sparse_jax.engine.generate import Engine, EngineConfig, _stop_array
 from sparse_jax.engine.programs import PROGRAMS
-from sparse_jax.attention.kv_cache import PagedKVCache
 from sparse_jax.models.config import ModelConfig
 from sparse_jax.models.transformer import Transformer
 
@@ -69,19 +68,9 @@ def engine_programs(engine: Engine, *, batch: int, bucket: int, new_tokens: int)
 
     Compile with ``jax.jit(fn, donate_argnums=(1,)).lower(*args).compile()`` (the engine's own call).
     """
-    config = engine.model_config
     shape = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
     params = jax.tree.map(shape, engine.params)
-    pages_per_row = engine._pages_per_row(bucket, new_tokens)
-    allocate = lambda: PagedKVCache.allocate(  # noqa: E731
-        batch=batch,
-        num_kv_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
-        pages_per_row=pages_per_row,
-        page_size=engine.config.page_size,
-        dtype=engine.cache_dtype,
-    )
-    caches = jax.eval_shape(lambda: _allocate_stacked(allocate, config.num_layers, engine.method, batch))
+    caches = jax.eval_shape(lambda: engine.allocate_caches(batch, bucket, new_tokens))
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     prefill_rows = min(engine.config.prefill_rows or batch, batch)

@@ -20,6 +20,7 @@ import json
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from experiments.benchmarks import device_timeline
 from pallas_kernels.paged_decode import DecodeConfig, default_config, gpu_triton, quest, quest_select, reference
+from sparse_jax.atomic_files import atomic_write_json
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -287,6 +289,16 @@ def dense_baselines(c, base, batch: int, ctx: int, tokens: int, record) -> None:
     record(f"dense XLA contiguous b{batch}", time_steps(xla_contiguous_fn, c["qs"], kc, kc[::-1]), tokens)
 
 
+def launch_entry_line(best: DecodeConfig, batch: int, context: int) -> str:
+    """The sweep's best dense launch as a ``paged_decode.configs.LAUNCH`` entry and as a
+    ``$PALLAS_KERNELS_LAUNCH`` override that replays it through the engine."""
+    fields = dict(pages_per_block=best.pages_per_block, num_warps=best.num_warps, num_stages=best.num_stages)
+    entry = ", ".join(f"{k}={v}" for k, v in fields.items())
+    override = json.dumps({"paged_decode": fields})
+    return (f"best launch b{batch} {context} tokens on {jax.devices()[0].device_kind!r}: DecodeLaunch({entry})  "
+            f"PALLAS_KERNELS_LAUNCH='{override}'")
+
+
 def check(out, want, name):
     err = float(jnp.linalg.norm((out - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
     status = "ok" if err < 2e-2 else "FAIL"
@@ -338,6 +350,8 @@ def main():
             if dense.device and step.device:
                 extra["device_speedup_vs_dense"] = dense.device / step.device
         rows.append(dict(name=name, us=seconds * 1e6, tb_s=bw, steps_per_call=REPEATS, **extra))
+        if args.out:  # after every row, so that a run stopped at a deadline keeps what it measured
+            atomic_write_json(Path(args.out) / f"decode_kernels_steps{REPEATS}.json", rows)
         bw_txt = f"{bw:6.2f} TB/s" if bw else ""
         tqdm.write(f"{name:58s} {seconds * 1e6:10.1f} us  {bw_txt}")
         if step:
@@ -370,6 +384,7 @@ def main():
         if not args.quest_only:
             dense_baselines(c, base, batch, ctx, tokens, record)
         best_cfg, dense = best  # the Quest rows compare with this dense step
+        tqdm.write(launch_entry_line(best_cfg, batch, ctx))
         # Quest, 4096-token budget, selection included.
         budget = args.budget
         qargs = base + (c["k_min"], c["k_max"])
@@ -423,9 +438,6 @@ def main():
             extra += f" ({r['device_speedup_vs_dense']:.2f}x)"
         bw = f"{r['tb_s']:.2f} TB/s" if r["tb_s"] else ""
         print(f"{r['name']:58s} {r['us']:10.1f} us {bw:>11s}{extra}")
-    if args.out:
-        with open(f"{args.out}/decode_kernels_steps{REPEATS}.json", "w") as f:
-            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,14 @@ compiled programs. Prints, per method: prefill and decode time, achieved sparsit
 how many generated tokens equal dense's (random weights: a sanity check that outputs stay
 close, not an accuracy measure).
 
+Per method it also times one layer's prefill attention outside the engine, on random
+``q, k, v`` of the run's shape: the estimation alone (the index a prefill method builds,
+or an eviction method's choice of kept tokens) and the whole attention call, so that the
+estimate's share is reported separately; and it names the kernels that ran (the prefill
+path and the decode kernel that ``implementation=None`` resolves to on this device).
+``--model-layers`` scales the per-layer figures to a deeper model than the one run
+(e.g. 8 of Llama-3.1-8B's 32 layers to fit a time budget).
+
 Usage (GPU): ``PYTHONPATH=. python3 experiments/benchmarks/engine_methods.py --out $OUT``;
 CPU smoke run: ``--prompt-len 256 --batch 2 --layers 2 --hidden 256``.
 """
@@ -22,12 +30,68 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks.engine_bench import random_model
+from experiments.benchmarks.engine_bench import median_seconds, random_model
+from pallas_kernels import block_sparse, common, vertical_slash
+from sparse_jax.atomic_files import atomic_write_json
+from sparse_jax.attention.base import AttentionMethod, LayerSpec
+from sparse_jax.attention.composed import prefill_source
 from sparse_jax.attention.registry import get_method
+from sparse_jax.diagnostics.capture import prefill_index
 from sparse_jax.engine.generate import Engine, EngineConfig
+from sparse_jax.engine.prefill_attention import prefill_attention, resolve_backend
 from sparse_jax.models.config import ModelConfig, RopeScaling
 
 METHODS = ("dense", "block_sparse", "vertical_and_slash", "flexprefill", "snapkv", "ada_snapkv", "quest")
+
+
+def layer_inputs(config: ModelConfig, batch: int, length: int):
+    """Random bf16 ``q [B, L, H, d]``, ``k, v [B, L, G, d]`` and ``lengths [B]`` of one layer."""
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    shapes = [(batch, length, config.num_heads, config.head_dim)] + 2 * [(batch, length, config.num_kv_heads,
+                                                                          config.head_dim)]
+    q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key, shape in zip(keys, shapes))
+    return q, k, v, jnp.full((batch,), length, jnp.int32)
+
+
+def estimate_fn(method: AttentionMethod, inputs, layer: LayerSpec):
+    """The method's estimation of one layer as a function of ``(q, k, v, lengths)``, or ``None``."""
+    part = prefill_source(method)
+    if type(part).compress is not AttentionMethod.compress:
+        return lambda q, k, v, lengths: part.compress(q, k, v, lengths=lengths, layer=layer)
+    q, k, _, lengths = inputs
+    if jax.eval_shape(lambda q, k: prefill_index(part, q, k, lengths, layer), q, k) is None:
+        return None
+    return lambda q, k, v, lengths: prefill_index(part, q, k, lengths, layer)
+
+
+def kernel_names(method: AttentionMethod, q, estimate) -> dict[str, str]:
+    """The prefill path and decode kernel ``method`` runs here (``implementation=None`` resolved);
+    ``estimate``: what :func:`estimate_fn` returned for these inputs (an index tells the kernel family)."""
+    part = prefill_source(method)
+    prefill = resolve_backend("auto", method, q.dtype)
+    if prefill == "method":
+        families = {block_sparse.BlockSparseIndex: block_sparse, vertical_slash.VerticalSlashIndex: vertical_slash}
+        family = families.get(type(estimate))
+        prefill = part.implementation or (family.default_implementation(q, estimate, False) if family else "xla")
+    decode = method.implementation or common.platform_default(
+        {"gpu": common.TRITON, "tpu": common.MOSAIC_TPU}, interpret=False)
+    return {"prefill_kernel": prefill, "decode_kernel": decode}
+
+
+def layer_costs(method: AttentionMethod, inputs, layer: LayerSpec, repeats: int = 3) -> dict[str, float | str | None]:
+    """Milliseconds of one layer (the estimation alone and the whole prefill attention call)
+    and the kernels that ran (:func:`kernel_names`)."""
+    backend = resolve_backend("auto", method, inputs[0].dtype)
+    attention = jax.jit(lambda q, k, v, lengths: prefill_attention(method, q, k, v, lengths=lengths, layer=layer,
+                                                                   backend=backend))
+    estimate = estimate_fn(method, inputs, layer)
+    estimate_ms, estimated = None, None
+    if estimate is not None:
+        estimate = jax.jit(estimate)
+        estimated = estimate(*inputs)
+        estimate_ms = 1e3 * median_seconds(estimate, *inputs, repeats=repeats)
+    return {**kernel_names(method, inputs[0], estimated), "estimate_ms_per_layer": estimate_ms,
+            "attention_ms_per_layer": 1e3 * median_seconds(attention, *inputs, repeats=repeats)}
 
 
 def main() -> None:
@@ -39,12 +103,32 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--model-layers", type=int, default=None,
+                        help="scale per-layer figures to this many layers (default: --layers)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--method-sparsity", action="append", default=[], metavar="NAME=S[:FIELD=INT...]",
+                        help="one more row: a sparse method at its own target and fields, e.g. block_sparse=0.5 "
+                             "or block_sparse=0.9:chunk_size=128 (repeatable)")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or "dense" not in methods:
         parser.error(f"--methods must name 'dense' (the reference row) and only {METHODS}; got {args.methods!r}")
+    runs = [(name, {} if name == "dense" else {"sparsity": args.sparsity}) for name in methods]
+    for extra in args.method_sparsity:
+        name, _, rest = extra.partition("=")
+        target, *fields = rest.split(":")
+        try:
+            kwargs = {"sparsity": float(target)} | {f: int(v) for f, _, v in (x.partition("=") for x in fields)}
+        except ValueError:
+            parser.error(f"--method-sparsity takes NAME=S[:FIELD=INT...] such as block_sparse=0.9:chunk_size=128; "
+                         f"got {extra!r}")
+        if name not in METHODS or name == "dense":
+            parser.error(f"--method-sparsity names a sparse method of {METHODS[1:]}; got {extra!r}")
+        runs.append((name, kwargs))
+    model_layers = args.model_layers or args.layers
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
 
     config = ModelConfig(
         family="llama", rms_norm_eps=1e-5, rope=RopeScaling(theta=500_000.0), vocab_size=32_000,
@@ -57,33 +141,40 @@ def main() -> None:
     print(f"device {jax.devices()[0].device_kind}, {args.batch} x {args.prompt_len} tokens, "
           f"{args.layers} layers, hidden {args.hidden}", flush=True)
     rows, dense_tokens = [], None
-    for name in methods:
-        method = get_method(name) if name == "dense" else get_method(name, sparsity=args.sparsity)
+    inputs = layer_inputs(config, args.batch, args.prompt_len)
+    layer = LayerSpec(index=0, scale=config.head_dim**-0.5, page_size=EngineConfig().page_size)
+    for name, kwargs in runs:
+        method = get_method(name, **kwargs)
+        costs = layer_costs(method, inputs, layer)
         engine = Engine(model, method, EngineConfig(batch_size=args.batch))
-        kwargs = dict(max_new_tokens=args.new_tokens, stop_ids=[0])
+        generate = dict(max_new_tokens=args.new_tokens, stop_ids=[0])
         t0 = time.perf_counter()
-        engine.generate_batch(prompts, **kwargs)  # compiles
+        engine.generate_batch(prompts, **generate)  # compiles
         first = time.perf_counter() - t0
-        results = engine.generate_batch(prompts, **kwargs)
+        results = engine.generate_batch(prompts, **generate)
         timing = results[0].timing
         tokens = [r.token_ids for r in results]
         dense_tokens = tokens if name == "dense" else dense_tokens
         same = np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(tokens, dense_tokens)])
         row = dict(
             method=name,
-            target_sparsity=None if name == "dense" else args.sparsity,
+            target_sparsity=kwargs.get("sparsity"),
+            method_args={k: v for k, v in kwargs.items() if k != "sparsity"},
             prefill_sparsity=float(np.mean([r.sparsity.prefill_sparsity for r in results])),
             decode_sparsity=float(np.mean([r.sparsity.decode_sparsity for r in results])),
             prefill_s=timing.prefill_seconds,
             decode_ms_per_step=1e3 * timing.seconds_per_step if timing.seconds_per_step else None,
             first_call_s=first,
             tokens_equal_dense=float(same),
+            **costs,
+            prefill_s_at_model_layers=timing.prefill_seconds * model_layers / args.layers,
+            estimate_s_at_model_layers=None if costs["estimate_ms_per_layer"] is None
+            else costs["estimate_ms_per_layer"] * model_layers / 1e3,
         )
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "engine_methods.json").write_text(json.dumps(rows, indent=2))
+        if args.out:  # after every row, so that a run stopped at a deadline keeps what it measured
+            atomic_write_json(args.out / "engine_methods.json", rows)
 
 
 if __name__ == "__main__":

@@ -301,6 +301,9 @@ class RunSummary:
       metric, metrics, score, variance: the task's metric name, every metric, the main
         metric's mean and its per-sample variance.
       scored_samples, total_samples: samples with a score / samples of the run.
+      diagnostics: what the method's selection missed on the diagnosed samples
+        (``ExperimentConfig.diagnostics``; :func:`sparse_jax.diagnostics.results.summarize`),
+        ``None`` when off.
     """
 
     prefill_sparsity: float
@@ -322,6 +325,7 @@ class RunSummary:
     variance: float | None = None
     scored_samples: int | None = None
     total_samples: int | None = None
+    diagnostics: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str) -> RunSummary:
@@ -334,6 +338,7 @@ class RunSummary:
         kwargs |= {k: _require(obj, k, (int, float), where, optional=True) for k in _SUMMARY_NUMBERS}
         kwargs |= {k: _require(obj, k, str, where, optional=True) for k in ("device", "metric")}
         kwargs["metrics"] = _require(obj, "metrics", dict, where, optional=True) or {}
+        kwargs["diagnostics"] = _require(obj, "diagnostics", dict, where, optional=True)
         return cls(**kwargs)
 
 
@@ -358,6 +363,9 @@ class RunFile:
       rope: the RoPE the model ran with (``ModelConfig.rope_description()`` of
         sparse_jax/models/config.py: where its scaling came from and its parameters);
         ``{}`` in records written before it was recorded.
+      prefill_target_reach: whether the prefill target is within reach at
+        ``max_input_tokens`` (``attention.composed.prefill_target_reach``); ``None`` when
+        the prefill meets any target by construction, runs densely or on a raw budget.
     """
 
     model: ModelConfig
@@ -372,6 +380,7 @@ class RunFile:
     status: str = "complete"
     rope: dict[str, Any] = dataclasses.field(default_factory=dict)
     target_sparsity_by_phase: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    prefill_target_reach: dict[str, Any] | None = None
 
     format_version: ClassVar[int] = FORMAT_VERSION
 
@@ -386,6 +395,7 @@ class RunFile:
             "method": {"name": self.method, "args": self.method_args},
             "target_sparsity": self.target_sparsity,
             "target_sparsity_by_phase": self.target_sparsity_by_phase,
+            "prefill_target_reach": self.prefill_target_reach,
             "summary": dataclasses.asdict(self.summary),
             "config": self.config,
             "status": self.status,
@@ -425,6 +435,7 @@ class RunFile:
             status=_require(obj, "status", str, where, optional=True) or "complete",
             rope=_require(obj, "rope", dict, where, optional=True) or {},
             target_sparsity_by_phase=_require(obj, "target_sparsity_by_phase", dict, where, optional=True) or {},
+            prefill_target_reach=_require(obj, "prefill_target_reach", dict, where, optional=True),
         )
 
     @classmethod

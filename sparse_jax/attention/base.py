@@ -233,6 +233,13 @@ class AttentionMethod:
             q, scale=layer.scale, sliding_window=layer.sliding_window, implementation=self.implementation
         )
 
+    def max_prefill_sparsity(self, length: int) -> float | None:
+        """The largest prefill sparsity this method is sure to reach on a ``length``-token
+        prompt whatever its attention looks like; ``None`` when any target is met by
+        construction (docs/budgets.md, "Reaching the target")."""
+        del length
+        return None
+
     def check_page_size(self, page_size: int) -> None:
         """Raise ``ValueError`` if the method cannot run on a cache of ``page_size``-token
         pages (the engine's ``EngineConfig.page_size``); called before anything runs."""

@@ -236,3 +236,38 @@ def phase_targets(method: AttentionMethod) -> dict[str, float | None]:
             "decode": method if phase in (Phase.DECODE, Phase.BOTH) else None,
         }
     return {name: getattr(part, "sparsity", None) for name, part in parts.items()}
+
+
+REACH_TOLERANCE = 0.05  # how far below its target a prefill method may land (docs/budgets.md)
+
+
+def prefill_target_reach(method: AttentionMethod, length: int) -> dict[str, Any] | None:
+    """Whether the prefill target of ``method`` is within reach on ``length``-token prompts.
+
+    Returns:
+      ``{"prompt_tokens", "target_sparsity", "max_reachable_sparsity", "target_reachable"}``
+      (``run.json``'s ``prefill_target_reach``), or ``None`` when the prefill runs densely,
+      on a raw budget, or meets any target by construction
+      (:meth:`AttentionMethod.max_prefill_sparsity`).
+    """
+    target = phase_targets(method)["prefill"]
+    if target is None:
+        return None
+    part = method.inner if isinstance(method, DenseLayers) else method
+    part = part.prefill_part if isinstance(part, ComposedMethod) else part
+    reach = part.max_prefill_sparsity(length)
+    if reach is None:
+        return None
+    return {
+        "prompt_tokens": length,
+        "target_sparsity": target,
+        "max_reachable_sparsity": round(reach, 4),
+        "target_reachable": target <= reach + REACH_TOLERANCE,
+    }
+
+
+def describe_reach(method_name: str, reach: dict[str, Any]) -> str:
+    """One line for the run log."""
+    verdict = "within reach" if reach["target_reachable"] else "NOT within reach"
+    return (f"{method_name}: prefill target {reach['target_sparsity']} is {verdict} at {reach['prompt_tokens']} "
+            f"tokens (largest sure sparsity {reach['max_reachable_sparsity']:.3f}; docs/budgets.md)")

@@ -77,8 +77,14 @@ def prefill_coverage(
     *,
     scale: float,
     needles: jax.Array | None = None,
+    needle_rows: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Dense mass covered by a prefill index, and needle recall.
+
+    Args:
+      needle_rows: count only the last ``needle_rows`` real query rows of each prompt
+        (the question and the answer's start) in the needle recall; ``None`` counts
+        every row at or after a needle.
 
     Returns:
       ``coverage [B, H]`` fp32 (mean over real query rows of the covered share) and
@@ -93,13 +99,16 @@ def prefill_coverage(
         needles = jnp.full((b, 1), -1, jnp.int32)
 
     def one(qh, kh, length, selection, needle):  # one (sequence, head)
-        def reduce(first, probs):  # [rows, T]
-            blocks = (first + jnp.arange(rows)) // row_block
-            keys = jax.vmap(lambda r: row_keys(selection, r))(blocks)  # [rows, T]
+        def reduce(first, probs):  # [rows, T]; rows and first are multiples of row_block
+            blocks = first // row_block + jnp.arange(rows // row_block)
+            keys = jax.vmap(lambda r: row_keys(selection, r))(blocks)  # [rows / row_block, T]
+            keys = jnp.repeat(keys, row_block, axis=0)  # [rows, T]
             query_pos = first + jnp.arange(rows)
             causal = keys & (jnp.arange(t)[None, :] <= query_pos[:, None]) & (query_pos[:, None] < length)
             hits = jnp.take_along_axis(causal, jnp.maximum(needle, 0)[None, :].repeat(rows, 0), axis=1)
             due = (needle[None, :] >= 0) & (needle[None, :] <= query_pos[:, None]) & (query_pos[:, None] < length)
+            if needle_rows is not None:
+                due &= query_pos[:, None] >= length - needle_rows
             return jnp.stack([jnp.where(causal, probs, 0.0).sum(), (hits & due).sum(), due.sum()])
 
         sums = map_probability_tiles(qh, kh, length, reduce, scale=scale, rows=rows).sum(0)
@@ -134,7 +143,10 @@ def decode_coverage(
       needles: ``[B, N]`` token positions, ``-1`` unused.
 
     Returns:
-      ``coverage [B, H]`` fp32 and ``needle_read [B, H, N]`` bool (False for unused slots).
+      ``coverage [B, H]`` fp32, ``needle_read [B, H, N]`` bool (False for unused slots) and
+      ``needle_mass [B, H, N]`` fp32, the dense softmax mass on each needle token (0 for
+      unused slots): a head that gives the needle mass and does not read it is one that
+      lost it.
     """
     probs = decode_probabilities(q, k_pages, page_table, lengths, scale=scale)  # [B, G, g, slots]
     b, g, group, slots = probs.shape
@@ -142,10 +154,11 @@ def decode_coverage(
     read = jnp.repeat(read, (g * group) // read.shape[1], axis=1)
     coverage = jnp.where(read, probs, 0.0).sum(-1)
     if needles is None:
-        return coverage, jnp.zeros((b, g * group, 0), bool)
-    hit = jnp.take_along_axis(read, jnp.broadcast_to(jnp.maximum(needles, 0)[:, None, :], (b, g * group,
-                                                                                       needles.shape[1])), axis=2)
-    return coverage, hit & (needles >= 0)[:, None, :]
+        return coverage, jnp.zeros((b, g * group, 0), bool), jnp.zeros((b, g * group, 0), jnp.float32)
+    at = jnp.broadcast_to(jnp.maximum(needles, 0)[:, None, :], (b, g * group, needles.shape[1]))
+    live = (needles >= 0)[:, None, :]
+    hit = jnp.take_along_axis(read, at, axis=2) & live
+    return coverage, hit, jnp.where(live, jnp.take_along_axis(probs, at, axis=2), 0.0)
 
 
 def read_slots_from_pages(table: jax.Array, row_lengths: jax.Array, page_table: jax.Array, page_size: int,

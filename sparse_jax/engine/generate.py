@@ -358,7 +358,7 @@ class Engine:
             self.model_config,
             batch=batch,
             bucket=bucket,
-            pages_per_row=self._pages_per_row(bucket, max_new_tokens),
+            pages_per_row=self.pages_per_row(bucket, max_new_tokens),
             page_size=self.config.page_size,
             prefill_rows=min(self.config.prefill_rows or batch, batch),
             cache_dtype=self.cache_dtype,
@@ -399,16 +399,35 @@ class Engine:
 
     # --- one batch -----------------------------------------------------------------
 
-    def _pages_per_row(self, bucket: int, max_new_tokens: int) -> int:
-        # The prefill writes `bucket` slots; decoding appends at most max_new_tokens - 1
-        # tokens (the last generated token is never fed back) after the real prompt.
+    def bucket(self, longest: int) -> int:
+        """The padded prompt length of a batch whose longest prompt has ``longest`` tokens."""
+        cfg = self.config
+        return bucket_length(longest, granularity=cfg.bucket_granularity, page_size=cfg.page_size)
+
+    def pages_per_row(self, bucket: int, max_new_tokens: int) -> int:
+        """Cache pages of one row: the prefill writes ``bucket`` slots; decoding appends at most
+        ``max_new_tokens - 1`` tokens (the last generated token is never fed back)."""
         return pages_for(bucket + max_new_tokens - 1, self.config.page_size)
 
+    def allocate_caches(self, batch: int, bucket: int, max_new_tokens: int) -> PagedKVCache:
+        """Every layer's empty cache for one batch, stacked: leaves ``[L, ...]``."""
+        mcfg = self.model_config
+        allocate = functools.partial(
+            PagedKVCache.allocate,
+            batch=batch,
+            num_kv_heads=mcfg.num_kv_heads,
+            head_dim=mcfg.head_dim,
+            pages_per_row=self.pages_per_row(bucket, max_new_tokens),
+            page_size=self.config.page_size,
+            dtype=self.cache_dtype,
+        )
+        return _allocate_stacked(allocate, mcfg.num_layers, self.method, batch)
+
     def _run_batch(self, prompts, max_new_tokens, stop_ids, tokenizer, rng) -> list[GenerationResult]:
-        cfg, mcfg = self.config, self.model_config
+        cfg = self.config
         b = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
-        bucket = bucket_length(int(lengths.max()), granularity=cfg.bucket_granularity, page_size=cfg.page_size)
+        bucket = self.bucket(int(lengths.max()))
         rows = min(cfg.prefill_rows or b, b)
         plan = self.memory_plan(b, bucket, max_new_tokens)
         log.info("batch of %d (bucket %d): %s", b, bucket, plan.describe())
@@ -417,17 +436,8 @@ class Engine:
         tokens = np.zeros((b, bucket), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
-        pages_per_row = self._pages_per_row(bucket, max_new_tokens)
-        allocate = functools.partial(
-            PagedKVCache.allocate,
-            batch=b,
-            num_kv_heads=mcfg.num_kv_heads,
-            head_dim=mcfg.head_dim,
-            pages_per_row=pages_per_row,
-            page_size=cfg.page_size,
-            dtype=self.cache_dtype,
-        )
-        caches = _allocate_stacked(allocate, mcfg.num_layers, self.method, b)  # leaves [L, ...]
+        pages_per_row = self.pages_per_row(bucket, max_new_tokens)
+        caches = self.allocate_caches(b, bucket, max_new_tokens)  # leaves [L, ...]
         prefill_key, decode_key = jax.random.split(rng)
 
         compile_s = prefill_s = 0.0

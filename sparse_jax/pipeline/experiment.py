@@ -79,6 +79,12 @@ class ExperimentConfig:
         ``"auto"`` (a scaling declared in the checkpoint's config wins; otherwise the
         run-length YaRN rule of docs/reference_behaviour.md section 2.1), ``"declared"`` or
         ``"run_length"``. In the key only when not ``"auto"``, so older keys stay valid.
+      diagnostics: also record, for the first ``diagnostics_samples`` samples, what the
+        method's selection missed: dense-attention coverage per layer and head, and the
+        needle's tokens computed / kept / read (:mod:`sparse_jax.diagnostics`). Written
+        beside the results and summarised in ``run.json``; predictions are unchanged.
+        In the key (with ``diagnostics_samples``) only when on.
+      diagnostics_samples: samples the diagnostics replay (at most ``samples``).
     """
 
     model: str = "smollm2"
@@ -102,6 +108,8 @@ class ExperimentConfig:
     engine_args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     allow_extrapolation: bool = False
     rope_policy: str = "auto"
+    diagnostics: bool = False
+    diagnostics_samples: int = 8
 
     def __post_init__(self):
         _check(
@@ -155,6 +163,13 @@ class ExperimentConfig:
                f"rope_policy must be one of {', '.join(ROPE_POLICIES)}, got {self.rope_policy!r}")
         _check(isinstance(self.allow_extrapolation, bool),
                f"allow_extrapolation must be True or False, got {self.allow_extrapolation!r}")
+        _check(isinstance(self.diagnostics, bool), f"diagnostics must be True or False, got {self.diagnostics!r}")
+        _check(isinstance(self.diagnostics_samples, int) and not isinstance(self.diagnostics_samples, bool)
+               and self.diagnostics_samples >= 1,
+               f"diagnostics_samples must be an int >= 1, got {self.diagnostics_samples!r}")
+        _check(not self.diagnostics or self.mesh == "1x1",
+               f"diagnostics run on one device: set ExperimentConfig.mesh = '1x1' (got {self.mesh!r}) or "
+               "diagnostics = False")
 
     def method_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``get_method``: the raw args plus the target sparsity."""
@@ -184,6 +199,8 @@ class ExperimentConfig:
                               ("dense_layers", 0)):
             if fields[name] == default:  # fields added later: older runs keep their keys
                 del fields[name]
+        if not self.diagnostics:
+            del fields["diagnostics"], fields["diagnostics_samples"]
         fields["format_version"] = FORMAT_VERSION
         return fields
 

@@ -4,7 +4,9 @@ Reads every ``run.json`` under a results folder (:class:`sparse_jax.analysis.rec
 written by the runner), writes ``runs.csv`` and ``runs.md`` with one row per run, and two
 PNG plots: score vs achieved sparsity per task (one line per method, 95% confidence
 intervals from the per-sample variance) and score vs attention cost (fraction of dense
-attention work actually done). Given the sweep file, the sweep's runs that have no
+attention work actually done). Runs that recorded diagnostics also get their layer x
+head heatmaps and ``diagnostics_vs_sparsity.png`` (:mod:`sparse_jax.diagnostics.figures`).
+Given the sweep file, the sweep's runs that have no
 complete results in the results folder (wherever the sweep file's own ``results_dir``
 points) are listed as missing or partial.
 
@@ -27,6 +29,7 @@ from typing import Any, Sequence
 from sparse_jax.analysis.records import RUN_FILE, RunFile
 from sparse_jax.analysis.tables import markdown_table
 from sparse_jax.atomic_files import atomic_write_text
+from sparse_jax.diagnostics.figures import draw_diagnostics
 from sparse_jax.pipeline.experiment import KEY_EXCLUDED_FIELDS
 
 COLUMNS = (
@@ -243,4 +246,5 @@ def write_report(results_dir: Path, *, out_dir: Path | None = None, sweep_file: 
     _plot_score_vs(rows, names, "sparsity", "achieved sparsity", out_dir / "score_vs_sparsity.png", "Score vs sparsity")
     _plot_score_vs(_with_cost(rows), names, "attention_cost", "attention cost (fraction of dense)",
                    out_dir / "score_vs_cost.png", "Score vs attention cost")
+    draw_diagnostics([(_legend(r, names), r) for r in rows if r["status"] == "complete"], out_dir)
     return out_dir

@@ -9,7 +9,8 @@ Folders (see :class:`~sparse_jax.pipeline.experiment.ExperimentConfig`):
   redo the run), ``experiment.json`` (the settings in the results key),
   ``predictions.jsonl`` (one record per finished sample, appended and fsynced), and
   after evaluation ``scores.jsonl`` and ``run.json``
-  (:class:`sparse_jax.analysis.records.RunFile`).
+  (:class:`sparse_jax.analysis.records.RunFile`); with ``diagnostics = True`` also
+  ``diagnostics/sample_*.npz`` and ``diagnostics.npz`` (:mod:`sparse_jax.diagnostics.results`).
 * ``{results_dir}/_jax_cache/``: the persistent compilation cache
   (:mod:`sparse_jax.pipeline.compile_time`; ``$JAX_COMPILATION_CACHE_DIR`` wins).
 
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from sparse_jax.analysis.records import FORMAT_VERSION, ModelConfig, RunFile, RunSummary
 from sparse_jax.atomic_files import atomic_write_json, atomic_write_text
 from sparse_jax.attention.accounting import generation_totals
-from sparse_jax.attention.composed import phase_targets
+from sparse_jax.attention.composed import describe_reach, phase_targets, prefill_target_reach
 from sparse_jax.models.loading import LoadedModel
 from sparse_jax.pipeline import jsonl_store
 from sparse_jax.pipeline.compile_time import compile_seconds, enable_compilation_cache
@@ -207,6 +208,9 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
     if not todo:
         return [done[r["index"]] for r in records]
     method = make_method(cfg)
+    reach = prefill_target_reach(method, cfg.max_input_tokens)
+    if reach is not None:
+        print(describe_reach(method.name, reach))
     bundle = _bundle(cfg)
     tokenizer = bundle.tokenizer
     engine_config = _engine_config(cfg)
@@ -253,6 +257,32 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
     return [done[r["index"]] for r in records]
 
 
+def diagnose(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], predictions: Sequence[dict], *,
+             progress: bool = True) -> dict[str, np.ndarray]:
+    """Replay the first ``diagnostics_samples`` samples with diagnostics (missing ones only);
+    stack them into ``diagnostics.npz`` and return its arrays (:mod:`sparse_jax.diagnostics`)."""
+    from sparse_jax.diagnostics import results as diagnostics_files
+    from sparse_jax.diagnostics.sample_pass import DiagnosticsPass
+    from sparse_jax.engine.generate import Engine
+
+    run_dir = cfg.run_dir()
+    chosen = list(records[: min(cfg.samples, cfg.diagnostics_samples)])
+    todo = [r for r in chosen if not diagnostics_files.sample_path(run_dir, r["index"]).exists()]
+    if todo:
+        bundle = _bundle(cfg)
+        tokenizer = bundle.tokenizer
+        task = _make_task(cfg, tokenizer)
+        replay = DiagnosticsPass(Engine(bundle.loaded.model, make_method(cfg), _engine_config(cfg)),
+                                 cfg.max_output_tokens)
+        by_index = {p["index"]: p for p in predictions}
+        for record in tqdm(todo, desc=f"diagnostics {cfg.label()}", disable=not progress):
+            text = record["input_text"]
+            needles = tokenizer.prompt_positions(text, task.needle_spans(record))
+            sample = replay.run(tokenizer.encode_for_generation(text), by_index[record["index"]]["token_ids"], needles)
+            diagnostics_files.write_sample(run_dir, record["index"], sample)
+    return diagnostics_files.stack(run_dir, [r["index"] for r in chosen])
+
+
 def _weighted(values: Sequence[float | None], weights: Sequence[float]) -> float | None:
     pairs = [(v, w) for v, w in zip(values, weights) if v is not None]
     if not pairs:
@@ -289,7 +319,8 @@ def _model_summary(cfg: ExperimentConfig, loaded: LoadedModel) -> ModelConfig:
     )
 
 
-def _summary(preds: Sequence[dict], evaluation, metric: str, total_samples: int) -> RunSummary:
+def _summary(preds: Sequence[dict], evaluation, metric: str, total_samples: int,
+             diagnostics: dict[str, Any] | None = None) -> RunSummary:
     """The run's numbers from its prediction records and the task's evaluation."""
     pairs = [p["prefill_pairs"] for p in preds]
     decode_weights = [p["decode_steps"] * (p["prompt_tokens"] + p["decode_steps"] / 2) for p in preds]
@@ -316,6 +347,7 @@ def _summary(preds: Sequence[dict], evaluation, metric: str, total_samples: int)
         variance=evaluation.metrics[f"{metric}_variance"],
         scored_samples=sum(s.score is not None for s in evaluation.scores),
         total_samples=total_samples,
+        diagnostics=diagnostics,
     )
 
 
@@ -334,6 +366,13 @@ def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequen
     jsonl_store.write_records(run_dir / "scores.jsonl", [{"index": s.index, "score": s.score} for s in evaluation.scores])
     method = make_method(cfg)
     loaded = _bundle(cfg).loaded
+    diagnostics = None
+    if cfg.diagnostics:
+        from sparse_jax.diagnostics.results import STACKED_FILE, read_stacked, summarize
+
+        if not (run_dir / STACKED_FILE).exists():
+            raise StageError(f"{run_dir}: no {STACKED_FILE} (diagnostics = True); run the predict stage first")
+        diagnostics = summarize(read_stacked(run_dir))
     run = RunFile(
         model=_model_summary(cfg, loaded),
         rope=loaded.config.rope_description(),
@@ -344,7 +383,9 @@ def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequen
         method_args={k: v for k, v in method.describe().items() if k != "name"},
         target_sparsity=cfg.sparsity,
         target_sparsity_by_phase=phase_targets(method),
-        summary=_summary([by_index[r["index"]] for r in records], evaluation, task.metric, len(records)),
+        prefill_target_reach=prefill_target_reach(method, cfg.max_input_tokens),
+        summary=_summary([by_index[r["index"]] for r in records], evaluation, task.metric, len(records),
+                         diagnostics),
         config=cfg.as_record(),
     )
     run.write(run_dir)
@@ -379,6 +420,8 @@ def run_experiment(
         predictions = None
         if "predict" in stages:
             predictions = predict(cfg, records, progress=progress)
+            if cfg.diagnostics:
+                diagnose(cfg, records, predictions, progress=progress)
         if "evaluate" not in stages:
             return None
         if predictions is None:

@@ -260,6 +260,16 @@ class Task(abc.ABC):
     def score(self, record: dict[str, Any]) -> float | None:
         """Score of one record (a sample record plus ``pred``); ``None`` = left out."""
 
+    def needle_spans(self, record: dict[str, Any]) -> list[tuple[int, int]]:
+        """Character spans ``(start, end)`` of ``record["input_text"]`` that hold what a
+        retrieval task's answer copies (the needle's value); none for other tasks.
+
+        The diagnostics (:mod:`sparse_jax.diagnostics.sample_pass`) map them to prompt
+        tokens and report whether each layer and head computed, kept and read them.
+        """
+        del record
+        return []
+
     def extra_metrics(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         """Task-specific metrics added to the mean and variance (default: none)."""
         del records

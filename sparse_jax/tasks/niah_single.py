@@ -114,6 +114,15 @@ class NiahSingle(Task):
             extras={"depth": depth, "needle_position": position, "num_filler_sentences": num_sentences},
         )
 
+    def needle_spans(self, record: dict[str, Any]) -> list[tuple[int, int]]:
+        """The hidden number's digits inside the needle sentence."""
+        sentence = NEEDLE.format(number=record["gold_answer"])
+        start = record["input_text"].find(sentence)
+        if start < 0:
+            return []
+        digits = start + sentence.index(record["gold_answer"])
+        return [(digits, digits + len(record["gold_answer"]))]
+
     def score(self, record: dict[str, Any]) -> float:
         match = _DIGITS.search(record["pred"])
         return float(match is not None and match.group() == record["gold_answer"])

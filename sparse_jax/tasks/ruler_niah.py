@@ -142,6 +142,17 @@ class RulerNiah(Task):
             extras={"answers": [[key, value] for key, value in needles]},
         )
 
+    def needle_spans(self, record: dict[str, Any]) -> list[tuple[int, int]]:
+        """The value of every queried key's needle sentence."""
+        spans = []
+        for key, value in record["answers"]:
+            sentence = _NEEDLE.format(key=key, value=value)
+            start = record["input_text"].find(sentence)
+            if start >= 0:
+                at = start + sentence.rindex(value)
+                spans.append((at, at + len(value)))
+        return spans
+
     def score(self, record: dict[str, Any]) -> float:
         found: dict[int, tuple[str, str]] = {}
         for number, key, value in _ANSWER_LINE.findall(answer_or_text(record["pred"])):

@@ -32,7 +32,14 @@ from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from sparse_jax.attention.base import AttentionMethod, LayerSpec, PrefillStats
 from sparse_jax.attention.methods import budgets
 from sparse_jax.attention.methods.scoring import coverage_count, window_diagonal_sums, window_probabilities
-from sparse_jax.attention.methods.vertical_slash_index import LOCAL_DIAGONALS, ScoreFn, attend, index_from_scores
+from sparse_jax.attention.methods.vertical_slash_index import (
+    LOCAL_DIAGONALS,
+    ScoreFn,
+    attend,
+    forced_pattern_sparsity,
+    index_from_scores,
+    index_stats,
+)
 from sparse_jax.attention.registry import register
 
 
@@ -46,6 +53,7 @@ def flexprefill_index(
     approximation_size: int,
     max_budget: int,
     scale: float,
+    target_sparsity: float | None = None,
 ) -> VerticalSlashIndex:
     """The coverage-budgeted vertical-slash pattern of every query head.
 
@@ -57,12 +65,15 @@ def flexprefill_index(
       approximation_size: estimation window ``A``.
       max_budget: static bound of both budgets (``<= T``); larger budgets are clipped.
       scale: softmax scale.
+      target_sparsity: when given, each head's budgets are at least the counts fitted
+        to this sparsity (:func:`.vertical_slash_index.fit_to_target`).
 
     Returns:
       :class:`VerticalSlashIndex` ``[B, H, ceil(T / 64), ...]``.
     """
     scores = flexprefill_scores(approximation_size, q.shape[1], scale, alpha=alpha, max_budget=max_budget)
-    return index_from_scores(scores, q, k, lengths, min_budgets, min_budgets, nv_max=max_budget, ns_max=max_budget)
+    return index_from_scores(scores, q, k, lengths, min_budgets, min_budgets, nv_max=max_budget, ns_max=max_budget,
+                             target_sparsity=target_sparsity)
 
 
 def flexprefill_scores(approximation_size: int, bucket: int, scale: float, *, alpha: float, max_budget: int) -> ScoreFn:
@@ -98,10 +109,10 @@ class FlexPrefill(AttentionMethod):
       approximation_size: queries of the estimation window ``A``.
       min_budget: least number of verticals and of slashes per head.
       max_budget: static cap of the per-head budgets (``None``: the bucket length).
-      sparsity: if set, replaces ``min_budget`` per prompt length ``L`` by
-        ``max(ceil((1 - sqrt(s)) L), 64)`` (the vertical-and-slash mapping); ``alpha`` still adds
-        budget where attention is diffuse, so the achieved sparsity is at most the
-        target; ``s = 0`` is dense.
+      sparsity: if set, replaces ``min_budget`` per head by the vertical-and-slash
+        count fitted to ``s`` (:mod:`.tile_budget`); ``alpha`` still adds budget where
+        attention is diffuse, so the achieved sparsity is at most about the target
+        (docs/budgets.md, "Reaching the target"); ``s = 0`` is dense.
     """
 
     name: ClassVar[str] = "flexprefill"
@@ -126,26 +137,41 @@ class FlexPrefill(AttentionMethod):
         budgets.check_sparsity(self.sparsity, self.name)
 
     def min_budgets_for(self, lengths: jax.Array, bucket: int) -> tuple[jax.Array, int]:
-        """Per-row ``min_budget [B]`` and the static budget bound for bucket length ``bucket``."""
+        """Per-row ``min_budget [B]`` and the static budget bound for bucket length ``bucket``.
+
+        With ``sparsity`` this is the reference's band mapping; :meth:`index` replaces it
+        by each head's fitted count.
+        """
         max_budget = min(self.max_budget or bucket, bucket)
         if self.sparsity is None:
             return jnp.full(lengths.shape, self.min_budget, jnp.int32), max_budget
         return jnp.maximum(budgets.band_size(lengths, self.sparsity, jnp), LOCAL_DIAGONALS), max_budget
+
+    def index(self, q: jax.Array, k: jax.Array, lengths: jax.Array, layer: LayerSpec) -> VerticalSlashIndex:
+        """The pattern of every query head (shapes as in :meth:`prefill`)."""
+        min_budgets, max_budget = self.min_budgets_for(lengths, q.shape[1])
+        if self.sparsity is not None:
+            min_budgets = jnp.full_like(min_budgets, LOCAL_DIAGONALS)
+        return flexprefill_index(q, k, lengths, min_budgets, alpha=self.alpha,
+                                 approximation_size=self.approximation_size, max_budget=max_budget,
+                                 scale=layer.scale, target_sparsity=self.sparsity)
+
+    def max_prefill_sparsity(self, length: int) -> float | None:
+        """What the coverage threshold leaves on evenly spread attention (its largest
+        budgets; zero queries and keys), at most the always-kept pattern's figure."""
+        if self.sparsity is None:
+            return None
+        flat = jnp.zeros((1, length, 1, 8), jnp.float32)  # [B, T, H, d]: every score equal
+        lengths = jnp.asarray([length])
+        index = jax.jit(self.index, static_argnums=3)(flat, flat, lengths, LayerSpec(index=0, scale=1.0))
+        attended, _ = index_stats(index, lengths)
+        even = float(1.0 - attended[0, 0] / (length * (length + 1) / 2))
+        return min(even, forced_pattern_sparsity(length))
 
     def prefill(
         self, q: jax.Array, k: jax.Array, v: jax.Array, *, lengths: jax.Array, layer: LayerSpec
     ) -> tuple[jax.Array, PrefillStats]:
         if layer.sliding_window is not None:
             return super().prefill(q, k, v, lengths=lengths, layer=layer)
-        min_budgets, max_budget = self.min_budgets_for(lengths, q.shape[1])
-        index = flexprefill_index(
-            q,
-            k,
-            lengths,
-            min_budgets,
-            alpha=self.alpha,
-            approximation_size=self.approximation_size,
-            max_budget=max_budget,
-            scale=layer.scale,
-        )
-        return attend(q, k, v, index, lengths=lengths, scale=layer.scale, implementation=self.implementation)
+        return attend(q, k, v, self.index(q, k, lengths, layer), lengths=lengths, scale=layer.scale,
+                      implementation=self.implementation)

@@ -34,6 +34,7 @@ from sparse_jax.attention.methods.vertical_slash_index import (
     LOCAL_DIAGONALS,
     ScoreFn,
     attend,
+    forced_pattern_sparsity,
     index_from_scores,
 )
 from sparse_jax.attention.registry import register
@@ -94,11 +95,13 @@ class VerticalAndSlash(AttentionMethod):
       vertical_size: key columns kept per head ``nv`` (>= 4).
       slash_size: diagonals kept per head ``ns`` (>= 64).
       approximation_size: queries of the estimation window ``A``.
-      sparsity: if set, replaces both sizes per prompt length ``L`` by
-        ``n = ceil((1 - sqrt(s)) L)`` (the number of nearest diagonals covering a
-        ``1 - s`` share of causal pairs; at least 4 verticals and 64 slashes). The
-        verticals and the 64-wide ranges add pairs on top, so the achieved sparsity
-        (from ``attended_pairs``) is at most the target; ``s = 0`` is dense.
+      sparsity: if set, replaces both sizes per head by the largest count whose
+        verticals and slashes, as the kernel computes them (64-wide key windows),
+        keep a ``1 - s`` share of the causal pairs (:mod:`.tile_budget`; at least 4
+        verticals and 64 slashes, at most ``ceil((1 - sqrt(s)) L)``, the band of
+        nearest diagonals covering that share). The achieved sparsity (from
+        ``attended_pairs``) lands near ``s`` (docs/budgets.md, "Reaching the
+        target"); ``s = 0`` is dense.
     """
 
     name: ClassVar[str] = "vertical_and_slash"
@@ -124,7 +127,11 @@ class VerticalAndSlash(AttentionMethod):
         budgets.check_sparsity(self.sparsity, self.name)
 
     def budgets_for(self, lengths: jax.Array, bucket: int) -> tuple[jax.Array, jax.Array, int, int]:
-        """Per-row ``(vertical_sizes [B], slash_sizes [B])`` and their static maxima."""
+        """Per-row ``(vertical_sizes [B], slash_sizes [B])`` and their static maxima.
+
+        With ``sparsity`` these are the band budgets ``budgets.band_size`` (the reference's
+        mapping); :meth:`index` fits each head's counts below them (:mod:`.tile_budget`).
+        """
         if self.sparsity is None:
             nv, ns = min(self.vertical_size, bucket), min(self.slash_size, bucket)
             return jnp.full(lengths.shape, nv), jnp.full(lengths.shape, ns), nv, ns
@@ -143,10 +150,21 @@ class VerticalAndSlash(AttentionMethod):
                       implementation=self.implementation)
 
     def index(self, q: jax.Array, k: jax.Array, lengths: jax.Array, layer: LayerSpec) -> VerticalSlashIndex:
-        """The pattern of every query head (shapes as in :meth:`prefill`)."""
+        """The pattern of every query head (shapes as in :meth:`prefill`).
+
+        With ``sparsity`` each head keeps the most verticals and slashes whose computed
+        pairs stay within the target (:func:`.vertical_slash_index.fit_to_target`), at most the
+        band budgets of :meth:`budgets_for`.
+        """
         nv, ns, nv_max, ns_max = self.budgets_for(lengths, q.shape[1])
+        if self.sparsity is not None:
+            nv, ns = jnp.full_like(nv, FORCED_VERTICALS), jnp.full_like(ns, LOCAL_DIAGONALS)
         return index_from_scores(self.score_fn(q.shape[1], layer.scale), q, k, lengths, nv, ns, nv_max=nv_max,
-                                 ns_max=ns_max)
+                                 ns_max=ns_max, target_sparsity=self.sparsity)
+
+    def max_prefill_sparsity(self, length: int) -> float | None:
+        """The fitted counts reach any target down to the always-kept pattern's pairs."""
+        return forced_pattern_sparsity(length) if self.sparsity is not None else None
 
     def score_fn(self, bucket: int, scale: float) -> ScoreFn:
         """How one head's keys and diagonals are ranked (see :func:`vertical_and_slash_scores`)."""

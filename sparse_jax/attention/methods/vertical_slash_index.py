@@ -30,6 +30,7 @@ from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from pallas_kernels.vertical_slash import vertical_slash_attention
 from sparse_jax.attention.base import PrefillStats, causal_pair_count
 from sparse_jax.attention.methods.scoring import NEG_INF, POS_INF, compact_ordered, map_query_heads, top_k_valid
+from sparse_jax.attention.methods.tile_budget import largest_within, pair_budget, pair_estimates
 
 TILE = 64  # The reference's row-block and range-block size.
 FORCED_VERTICALS = 4  # Key tokens 0..3 are always kept.
@@ -69,11 +70,75 @@ def index_from_scores(
     *,
     nv_max: int,
     ns_max: int,
+    target_sparsity: float | None = None,
 ) -> VerticalSlashIndex:
-    """:func:`select_from_scores`, then the index of those verticals and slashes."""
-    selection = select_from_scores(score_fn, q, k, lengths, vertical_budgets, slash_budgets, nv_max=nv_max,
-                                   ns_max=ns_max)
-    return build_index(*selection, num_row_blocks=-(-q.shape[1] // TILE), block_m=TILE, block_n=TILE)
+    """:func:`select_from_scores`, then the index of those verticals and slashes.
+
+    With ``target_sparsity``, each head's budgets are raised to the counts whose computed
+    pairs keep that sparsity (:func:`fit_to_target`), within the static bounds.
+    """
+    scored = score_heads(score_fn, q, k, lengths, vertical_budgets, slash_budgets)
+    num_row_blocks = -(-q.shape[1] // TILE)
+
+    def index_of(nv, ns):
+        selection = Selection(*top_k_valid(scored.vertical_scores, nv_max, nv),
+                              *top_k_valid(scored.slash_scores, ns_max, ns))
+        return build_index(*selection, num_row_blocks=num_row_blocks, block_m=TILE, block_n=TILE)
+
+    if target_sparsity is None:
+        return index_of(scored.vertical_budgets, scored.slash_budgets)
+    return fit_to_target(scored, index_of, lengths, target_sparsity, nv_max=nv_max, ns_max=ns_max)
+
+
+class ScoredHeads(NamedTuple):
+    """Forced ranking scores and budgets of every query head (``[B, H, T]`` and ``[B, H]``).
+
+    Attributes:
+      vertical_scores, slash_scores: key tokens ``0..3`` and offsets ``0..63`` at ``+inf``,
+        keys and offsets at or past ``L`` at ``-inf``.
+      vertical_budgets, slash_budgets: each head's budgets as its ``score_fn`` returned them.
+    """
+
+    vertical_scores: jax.Array
+    slash_scores: jax.Array
+    vertical_budgets: jax.Array
+    slash_budgets: jax.Array
+
+
+def fit_to_target(
+    scored: ScoredHeads,
+    index_of: Callable[[jax.Array, jax.Array], VerticalSlashIndex],
+    lengths: jax.Array,
+    sparsity: float,
+    *,
+    nv_max: int,
+    ns_max: int,
+) -> VerticalSlashIndex:
+    """The index whose computed pairs land near target ``sparsity`` (docs/budgets.md, "Reaching the target").
+
+    The counts come from :func:`.tile_budget.pair_estimates`. The range walk computes more
+    than the windows' union where kept diagonals lie closer than a tile (it extends a range
+    by whole tiles), so a first index is built, its pairs counted exactly, and the counts
+    refitted to the budget scaled by how far the estimate fell short.
+
+    Args:
+      scored: :func:`score_heads`' output.
+      index_of: ``(vertical counts [B, H], slash counts [B, H]) -> index``.
+      lengths: ``[B]`` real prompt lengths.
+      sparsity: target in ``[0, 1)``.
+      nv_max, ns_max: static bounds of the counts.
+    """
+    estimates = pair_estimates(scored.vertical_scores, scored.slash_scores, lengths, tile=TILE)  # [B, H, T + 1]
+    budget = jnp.broadcast_to(pair_budget(lengths, sparsity)[:, None], estimates.shape[:2])  # [B, H]
+
+    def counts(n):
+        return (jnp.minimum(jnp.maximum(scored.vertical_budgets, n), nv_max),
+                jnp.minimum(jnp.maximum(scored.slash_budgets, n), ns_max))
+
+    first = largest_within(estimates, budget)
+    computed, _ = index_stats(index_of(*counts(first)), lengths)
+    estimated = jnp.take_along_axis(estimates, first[..., None], axis=-1)[..., 0]
+    return index_of(*counts(largest_within(estimates, budget * estimated / jnp.maximum(computed, 1.0))))
 
 
 def select_from_scores(
@@ -102,6 +167,23 @@ def select_from_scores(
     Returns:
       :class:`Selection` with ``nv_max`` vertical and ``ns_max`` slash slots.
     """
+    scored = score_heads(score_fn, q, k, lengths, vertical_budgets, slash_budgets)
+    return Selection(*top_k_valid(scored.vertical_scores, nv_max, scored.vertical_budgets),
+                     *top_k_valid(scored.slash_scores, ns_max, scored.slash_budgets))  # [B, H, n] each
+
+
+def score_heads(
+    score_fn: ScoreFn,
+    q: jax.Array,
+    k: jax.Array,
+    lengths: jax.Array,
+    vertical_budgets: jax.Array,
+    slash_budgets: jax.Array,
+) -> ScoredHeads:
+    """Every query head's scores (one head at a time) with the forced entries applied.
+
+    Arguments as :func:`select_from_scores`.
+    """
     t = q.shape[1]
 
     def one_head(qh, kh):
@@ -113,7 +195,7 @@ def select_from_scores(
     real = pos < lengths[:, None, None]
     v_score = jnp.where(real, jnp.where(pos < FORCED_VERTICALS, POS_INF, v_score), NEG_INF)
     s_score = jnp.where(real, jnp.where(pos < LOCAL_DIAGONALS, POS_INF, s_score), NEG_INF)
-    return Selection(*top_k_valid(v_score, nv_max, nv), *top_k_valid(s_score, ns_max, ns))  # [B, H, n] each
+    return ScoredHeads(v_score, s_score, nv, ns)
 
 
 def attend(
@@ -240,6 +322,17 @@ def _gap_columns(verticals, vertical_valid, starts, block_counts, last_end, bloc
         return vertical_valid & ~covered & (verticals < end)
 
     return jax.vmap(columns_of_row)(starts, block_counts, last_end)
+
+
+def forced_pattern_sparsity(length: int) -> float:
+    """Sparsity of the always-kept pattern (key tokens ``0..3``, diagonals ``0..63``) of a
+    ``length``-token prompt: the most a vertical-slash method can skip there."""
+    verticals = jnp.arange(FORCED_VERTICALS, dtype=jnp.int32)[None, None]  # [1, 1, nv]
+    offsets = jnp.arange(LOCAL_DIAGONALS, dtype=jnp.int32)[None, None]
+    index = build_index(verticals, verticals < length, offsets, offsets < length,
+                        num_row_blocks=-(-length // TILE))
+    attended, _ = index_stats(index, jnp.asarray([length]))
+    return float(1.0 - attended[0, 0] / causal_pair_count(jnp.asarray([length]))[0])
 
 
 def index_stats(index: VerticalSlashIndex, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:

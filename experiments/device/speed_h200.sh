@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Issue 18's speed figures on one H200 in one run, under a hard deadline; everything goes to $OUT.
+#
+#   OUT=/some/folder experiments/device/speed_h200.sh          # on the GPU host, from the repository root
+#   OUT=/tmp/smoke SMOKE=1 experiments/device/speed_h200.sh    # CPU check with tiny shapes (minutes)
+#
+# Steps, in order of importance, each under its own time limit (cut to what is left of the deadline,
+# $DEADLINE_S seconds from the start, default 510); a step that runs out is stopped and the next one
+# starts, and what it had written stays:
+#
+#   e2e_128k_a, e2e_128k_b  engine_methods.py, 8B shapes (hidden 4096, 32/8 heads), 128K, batch 1, 8 of 32
+#                 layers (per-layer figures scaled to 32), each against its own dense row: (a) block_sparse 0.9
+#                 with 16- and 128-token blocks, quest 0.9; (b) vertical_and_slash, snapkv at 0.9, block_sparse
+#                 0.5, flexprefill 0.9; estimation cost per layer and the kernels that ran
+#   decode_kernels  decode_kernels.py at 128K, batch 8 and 1: dense paged decode (the launch sweep, and the
+#                 best launch per batch as a table entry), XLA over a contiguous cache, Quest 4096 of 128K
+#   engine_bench  engine_bench.py --config 8b --batches 8,1 (32K): engine decode step vs its byte floor
+#   decode_32k_b8, decode_32k_b1  engine_methods.py at 32K: dense, quest, snapkv decode steps
+#
+# STEPS="e2e_128k_b engine_bench" runs only the steps named (to split the work over several runs).
+# $OUT gets one folder and one log per step, and steps.tsv (step, exit status, seconds; 124 = stopped at
+# its limit). Wheels in .whl/ (gin, gguf, ...) are installed to /tmp/site first when present.
+set -uo pipefail
+: "${OUT:?set OUT to the folder for the results}"
+mkdir -p "$OUT"
+start=$(date +%s)
+deadline=$((start + ${DEADLINE_S:-510}))
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
+  "$py" -m pip install -q --no-deps --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1 || echo "pip failed, see pip.log"
+fi
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+printf 'step\trc\tseconds\n' > "$OUT/steps.tsv"
+
+# step NAME LIMIT_S COMMAND...: run COMMAND with its output in $OUT/NAME.log, for at most LIMIT_S seconds
+# and never past the deadline; the step writes its files to $OUT/NAME.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+    return
+  fi
+  local left=$((deadline - $(date +%s) - 5))
+  if ((left < 20)); then
+    printf '%s\tskipped\t0\n' "$name" >> "$OUT/steps.tsv"
+    echo "== $name skipped: deadline"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  mkdir -p "$OUT/$name"
+  echo "== $name (limit ${limit}s)"
+  local t0=$(date +%s)
+  timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t0))" >> "$OUT/steps.tsv"
+  grep -v "it/s\]$" "$OUT/$name.log" | tail -n 12
+}
+
+bench=experiments/benchmarks
+if [ -n "${SMOKE:-}" ]; then
+  export JAX_PLATFORMS=cpu
+  e2e=(--prompt-len 256 --batch 1 --layers 2 --hidden 256 --new-tokens 3 --model-layers 4)
+  decode=(--prompt-len 512 --layers 2 --hidden 256 --new-tokens 3 --model-layers 4)
+  kernels=(--context 2048 --steps 1 --budget 512 --interpret)
+  engine=(--config small --batches 2,1 --new-tokens 3 --repeats 1)
+else
+  e2e=(--prompt-len 131072 --batch 1 --layers 8 --hidden 4096 --new-tokens 9 --model-layers 32)
+  decode=(--prompt-len 32768 --layers 8 --hidden 4096 --new-tokens 17 --model-layers 32)
+  kernels=(--context 131072)
+  engine=(--config 8b --batches 8,1)
+fi
+
+"$py" -c "import jax; print(jax.devices())" > "$OUT/devices.txt" 2>&1
+step e2e_128k_a 150 "$py" $bench/engine_methods.py "${e2e[@]}" --sparsity 0.9 --methods dense,block_sparse,quest \
+  --method-sparsity block_sparse=0.9:chunk_size=128 --out "$OUT/e2e_128k_a"
+# FlexPrefill last: with budgets up to the prompt length its index holds O(L^2 / 64) entries per head (tens of GB
+# at 128K), and a failure must not lose the rows before it.
+step e2e_128k_b 150 "$py" $bench/engine_methods.py "${e2e[@]}" --sparsity 0.9 --methods dense,vertical_and_slash,snapkv \
+  --method-sparsity block_sparse=0.5 --method-sparsity flexprefill=0.9 --out "$OUT/e2e_128k_b"
+step decode_kernels 90 "$py" $bench/decode_kernels.py "${kernels[@]}" --out "$OUT/decode_kernels"
+step engine_bench 80 "$py" $bench/engine_bench.py "${engine[@]}" --out "$OUT/engine_bench"
+step decode_32k_b8 50 "$py" $bench/engine_methods.py "${decode[@]}" --batch 8 --methods dense,quest,snapkv \
+  --out "$OUT/decode_32k_b8"
+step decode_32k_b1 40 "$py" $bench/engine_methods.py "${decode[@]}" --batch 1 --methods dense,quest,snapkv \
+  --out "$OUT/decode_32k_b1"
+echo "== done in $(($(date +%s) - start)) s"
+cat "$OUT/steps.tsv"
