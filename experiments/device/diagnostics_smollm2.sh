@@ -25,5 +25,11 @@ left=$((seconds - ($(date +%s) - start)))
 "$py" experiments/study_tables.py experiments/runs > "$out/tables.md" 2>&1
 # Every run's records and the report's figures; the per-layer arrays (MBs per run) only for quest at 0.5.
 tar czf "$out/runs.tgz" --exclude=_jax_cache --exclude='*.npz' -C experiments runs
-find experiments/runs -path '*quest*' -name diagnostics.npz | grep 's0.5' | tar czf "$out/quest_diagnostics.tgz" -T -
+"$py" - <<'PY' | tar czf "$out/quest_diagnostics.tgz" -T -
+import json, pathlib
+for run in sorted(pathlib.Path("experiments/runs").rglob("run.json")):  # run folders are named by hash
+    record = json.loads(run.read_text())
+    if record["method"]["name"] in ("quest", "oracle_quest") and record.get("target_sparsity") == 0.5:
+        print(run.parent / "diagnostics.npz")
+PY
 ls -la "$out"
