@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -211,6 +212,33 @@ def test_layer_states_are_threaded():
     assert seen[0][1] == (1, 5, 4, 16) and seen[0][2] == (1, 5, 2, 16)
     with pytest.raises(ValueError, match="leading axis of 3 layers; got shape"):
         loaded.model(tokens, positions, attend=attend, layer_states=jnp.arange(2))
+
+
+def test_layer_state_write_back_is_a_plain_update():
+    """The layer loop writes layer ``i``'s new state into the stack without re-reading the old slice.
+
+    ``.at[i].set`` guards against an out-of-range ``i`` with a select between the new and the
+    old slice, which reads the whole layer state once more per layer and step (a decode step
+    reads every layer's KV cache one extra time for it); the loop index is always in range.
+    """
+    model = model_for("tiny_llama", 0).model
+    stacked = jax.ShapeDtypeStruct((model.config.num_layers, 64, 256), jnp.float32)
+
+    def attend(spec, q, k, v, state):
+        return full_attention(spec, q, k, v, None)[0], state.at[0, 0].set(k.sum())  # a one-token append
+
+    graphdef, params = nnx.split(model)
+
+    def step(params, states):
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        return nnx.merge(graphdef, params)(tokens, tokens, attend=attend, layer_states=states)[1]
+
+    hlo = jax.jit(step, donate_argnums=(1,)).lower(params, stacked).compile().as_text()
+    stack_type = f"f32[{','.join(map(str, stacked.shape))}]"
+    write_back = re.compile(re.escape(stack_type) + r"\S* dynamic-update-slice\(")
+    write_backs = [c for c in re.split(r"\n(?=\S)", hlo) if write_back.search(c)]  # computations
+    assert write_backs, "no dynamic-update-slice of the stacked state in the optimized HLO"
+    assert not any(" select(" in c for c in write_backs)
 
 
 def test_stop_ids():

@@ -16,6 +16,8 @@
 #                 best launch per batch as a table entry), XLA over a contiguous cache, Quest 4096 of 128K
 #   engine_bench  engine_bench.py --config 8b --batches 8,1 (32K): engine decode step vs its byte floor
 #   decode_32k_b8, decode_32k_b1  engine_methods.py at 32K: dense, quest, snapkv decode steps
+#   decode_hlo    decode_hlo.py: the copies in the compiled 8B decode loop, batch 8, 32K (compile only)
+#   engine_bench_dsf  engine_bench as above with XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true
 #
 # STEPS="e2e_128k_b engine_bench" runs only the steps named (to split the work over several runs).
 # $OUT gets one folder and one log per step, and steps.tsv (step, exit status, seconds; 124 = stopped at
@@ -64,11 +66,13 @@ if [ -n "${SMOKE:-}" ]; then
   decode=(--prompt-len 512 --layers 2 --hidden 256 --new-tokens 3 --model-layers 4)
   kernels=(--context 2048 --steps 1 --budget 512 --interpret)
   engine=(--config small --batches 2,1 --new-tokens 3 --repeats 1)
+  hlo=(--model smollm2 --batch 1 --bucket 256)
 else
   e2e=(--prompt-len 131072 --batch 1 --layers 8 --hidden 4096 --new-tokens 9 --model-layers 32)
   decode=(--prompt-len 32768 --layers 8 --hidden 4096 --new-tokens 17 --model-layers 32)
   kernels=(--context 131072)
   engine=(--config 8b --batches 8,1)
+  hlo=(--model 8b --batch 8 --bucket 32768)
 fi
 
 "$py" -c "import jax; print(jax.devices())" > "$OUT/devices.txt" 2>&1
@@ -84,5 +88,11 @@ step decode_32k_b8 50 "$py" $bench/engine_methods.py "${decode[@]}" --batch 8 --
   --out "$OUT/decode_32k_b8"
 step decode_32k_b1 40 "$py" $bench/engine_methods.py "${decode[@]}" --batch 1 --methods dense,quest,snapkv \
   --out "$OUT/decode_32k_b1"
+# The decode-step slowdown (experiments/results/engine_benchmark.md, "Decode step on the H200, 2026-12-03"): the
+# big-buffer copies in the GPU's optimized decode loop (compile only), then engine_bench with XLA's dynamic-slice
+# fusion (cuBLAS reading each layer's weights in the stack instead of a copy).
+step decode_hlo 60 "$py" $bench/decode_hlo.py "${hlo[@]}" --hlo "$OUT/decode_hlo/decode.hlo"
+step engine_bench_dsf 80 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" \
+  "$py" $bench/engine_bench.py "${engine[@]}" --out "$OUT/engine_bench_dsf"
 echo "== done in $(($(date +%s) - start)) s"
 cat "$OUT/steps.tsv"

@@ -172,8 +172,11 @@ class Transformer(nnx.Module):
         """All layers over ``x [B, T, hidden]``: a loop over repeating groups, then the leftover layers.
 
         Layer ``i`` of the loop reads its parameters and state at a traced index of the
-        stacks (what ``lax.scan`` does with its inputs) and writes its new state back in
-        place, so the states are never copied whole.
+        stacks (what ``lax.scan`` does with its inputs) and writes its new state back into
+        the stack in place, so the stacks are never copied whole. XLA materialises each
+        layer's slices, though (a copy of the layer's weights and state per layer and call,
+        plus the write-back of the whole layer state): see "Decode step on the H200,
+        2026-12-03" in experiments/results/engine_benchmark.md.
         """
         cfg = self.config
         graphdef, stacked = nnx.split(self.layers)
@@ -186,7 +189,9 @@ class Transformer(nnx.Module):
             state = jax.tree.map(lambda a: a[i], states)
             spec = cfg.layer_spec(kind)._replace(index=i)
             x, new_state = layer(x, *tables[cfg.rope_for(kind)], spec=spec, attend=attend, state=state)
-            return x, jax.tree.map(lambda a, new: a.at[i].set(new), states, new_state)
+            # i is always in range: a plain dynamic-update-slice, without the select that
+            # `.at[i].set` adds for out-of-range indices (it re-reads the old slice)
+            return x, jax.tree.map(lambda a, new: jax.lax.dynamic_update_index_in_dim(a, new, i, 0), states, new_state)
 
         def run_group(g, carry):
             x, states = carry
