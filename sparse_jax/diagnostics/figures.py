@@ -86,11 +86,13 @@ def draw_diagnostics(runs: Sequence[tuple[str, dict[str, Any]]], out_dir: Path) 
 def _draw_vs_sparsity(measured, path: Path, plt) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     for ax, (kind, title) in zip(axes[0], (("needle_recall", "needle recall"), ("coverage", "coverage"))):
-        for label in sorted({label for label, _, _ in measured}):
+        palette = plt.get_cmap("tab20")  # 20 distinct colours; oracles dashed beside their method
+        for i, label in enumerate(sorted({label for label, _, _ in measured})):
             points = [(row["sparsity"], _weaker(maps, kind)) for lab, row, maps in measured if lab == label]
             points = sorted((x, y) for x, y in points if y is not None and x is not None)
             if points:
-                ax.plot(*zip(*points), marker="o", label=label)
+                ax.plot(*zip(*points), marker="o", label=label, color=palette(i % palette.N),
+                        linestyle="--" if label.startswith("oracle_") else "-")
         ax.set_xlabel("achieved sparsity")
         ax.set_ylabel(f"{title} (weaker phase)")
         ax.set_ylim(-0.05, 1.05)
