@@ -273,9 +273,13 @@ class Tokenizer:
     def encode_for_generation(self, text: str) -> list[int]:
         """Token ids of the prompt for `text`: chat-templated (docs/reference_behaviour.md §2.2) or, in the `completion` format,
         BOS (when the tokenizer has one) + the text + the answer prefix."""
-        ids = self.text_to_tokens(self.render_prompt(text))
+        return [*self._bos_prefix(), *self.text_to_tokens(self.render_prompt(text))]
+
+    def _bos_prefix(self) -> list[int]:
+        """What a generation prompt starts with before its text: BOS in the `completion` format (when the
+        tokenizer has one), nothing for chat templates (they hold their own)."""
         bos = self._hf.bos_token_id
-        return [bos, *ids] if self._prompt_format == "completion" and bos is not None else ids
+        return [bos] if self._prompt_format == "completion" and bos is not None else []
 
     def prompt_positions(self, text: str, spans: Sequence[tuple[int, int]]) -> list[int]:
         """Positions in `encode_for_generation(text)` of the tokens overlapping character `spans` of `text`.
@@ -295,7 +299,7 @@ class Tokenizer:
             raise ValueError(f"tokenizer {self._name!r}: the prompt format rewrites the task text, so its "
                              "character spans cannot be mapped to tokens")
         encoding = self._backend.encode(rendered, add_special_tokens=False)
-        shift = len(self.encode_for_generation(text)) - len(encoding.ids)  # the BOS of the completion format
+        shift = len(self._bos_prefix())
         hits = {
             shift + i
             for i, (start, end) in enumerate(encoding.offsets)

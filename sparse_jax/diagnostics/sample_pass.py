@@ -73,7 +73,8 @@ class DiagnosticsPass:
         for t, token in enumerate(list(generated)[:-1]):
             state, step = self._step(self.engine.params, state, jnp.asarray([token], jnp.int32),
                                      jnp.asarray([n + t], jnp.int32), jnp.asarray(needle_ids), values)
-            steps.append(jax.device_get(step))
+            steps.append(step)
+        steps = jax.device_get(steps)  # one transfer after the loop, not a host round-trip per step
         num_layers, num_heads = coverage.shape[0], coverage.shape[2]
         count = len(needles)
         decode_coverage = np.stack([s[0][:, 0] for s in steps]) if steps else np.zeros((0, num_layers, num_heads))

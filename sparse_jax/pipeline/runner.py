@@ -473,9 +473,8 @@ def run_sweep(
             summaries.append(run_experiment(c, progress=False))
             bar.update(1)
     if todo:
-        from sparse_jax.pipeline.report import print_summary, run_row
-
         from sparse_jax.engine.programs import PROGRAMS
+        from sparse_jax.pipeline.report import print_summary, run_row
 
         compiled = sum(s.summary.compile_seconds or 0.0 for s in summaries)
         print(f"sweep done: {len(todo)} runs in {time.time() - start:.0f} s ({compiled:.0f} s of it compiling; "
