@@ -214,6 +214,14 @@ def test_needle_spans_map_to_the_number_tokens(prompt_format):
                     tokenizer=tokenizer).needle_spans({"input_text": "x"}) == []
 
 
+def test_needle_spans_of_a_rewritten_prompt_are_refused(monkeypatch):
+    tokenizer = load_tokenizer("smollm2", "chat")
+    monkeypatch.setattr(tokenizer, "render_prompt", lambda text: text.upper())  # a format that changes the text
+    with pytest.raises(ValueError, match="rewrites the task text"):
+        tokenizer.prompt_positions("the number is 12", [(14, 16)])
+    assert tokenizer.prompt_positions("the number is 12", []) == []  # no spans: nothing to map
+
+
 # --- the pipeline ----------------------------------------------------------------------------
 
 
