@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from sparse_jax.analysis.tables import markdown_table
 from sparse_jax.attention.base import AttentionMethod
-from sparse_jax.attention.kv_cache import PagedKVCache, pages_for
+from sparse_jax.attention.kv_cache import StackedPagedKVCache, pages_for
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.buckets import bucket_length
 from sparse_jax.engine.generate import Engine, EngineConfig, GenerationResult
@@ -166,7 +166,8 @@ def probe_logits(
         tokens[i, : len(p)] = p
     cfg = model.config
     graphdef, params = nnx.split(model)
-    empty = PagedKVCache.allocate(
+    caches = StackedPagedKVCache.allocate(
+        num_layers=cfg.num_layers,
         batch=len(prompts),
         num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim,
@@ -174,7 +175,6 @@ def probe_logits(
         page_size=page_size,
         dtype=jnp.dtype(config.cache_dtype or model.dtype),
     )
-    caches = jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_layers, *a.shape)), empty)  # stacked [L, ...]
 
     @jax.jit
     def run(params, caches, tokens, lengths, fed):

@@ -1,6 +1,7 @@
 """End-to-end checks of the generation engine on tiny random-weight models (CPU)."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,10 @@ import pytest
 from sparse_jax.attention.base import AttentionMethod
 from sparse_jax.attention.kv_cache import KeptTokens
 from sparse_jax.attention.registry import get_method
+from sparse_jax.engine import generate as generate_module
 from sparse_jax.engine.generate import Engine, EngineConfig, generate
 from sparse_jax.engine.memory import InsufficientMemoryError
+from sparse_jax.engine.programs import decode_compiler_options
 from sparse_jax.engine.reference import reference_greedy
 from sparse_jax.engine.sampling import SamplingParams
 from sparse_jax.models.config import ModelConfig, RopeScaling
@@ -125,6 +128,33 @@ def test_every_cache_buffer_is_donated_to_prefill_and_decode(dense_engine, model
     for program in dense_engine.programs.values():
         hlo = program.as_text()
         assert hlo.count("may-alias") + hlo.count("must-alias") == 7
+
+
+def test_decode_loop_never_copies_a_layers_cache_out_of_the_pools(dense_engine):
+    # All layers share the page pools (StackedPagedKVCache): a layer's cache is the pools themselves, its
+    # append a scatter into them and its attention a read of its own pages. No instruction of the optimized
+    # decode program (loop bodies included) takes a slice of a pool or writes one back.
+    dense_engine.generate_batch(random_prompts(LENGTHS), max_new_tokens=MAX_NEW, stop_ids=[])
+    (decode,) = [p for key, p in dense_engine.programs.items() if key[0] == "decode"]
+    hlo = decode.as_text()
+    caches = dense_engine.allocate_caches(len(LENGTHS), dense_engine.bucket(max(LENGTHS)), MAX_NEW)
+    for pool in (caches.k_pages, caches.k_min):
+        pool_type = f"[{','.join(map(str, pool.shape))}]"
+        assert re.search(re.escape(pool_type) + r"\S* scatter\(", hlo)  # appended to in place...
+        assert not re.search(r"\[1," + re.escape(pool_type[1:]) + r"\S* dynamic-slice\(", hlo)  # ...never sliced
+        assert not re.search(re.escape(pool_type) + r"\S* dynamic-update-slice\(", hlo)
+
+
+def test_decode_program_gets_the_platforms_compiler_options(model, monkeypatch):
+    assert decode_compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}  # cuBLAS reads stacked weights
+    assert decode_compiler_options("cpu") == {} and decode_compiler_options("tpu") == {}
+    options = {"xla_gpu_enable_triton_gemm": False}  # a DebugOptions field every backend accepts
+    monkeypatch.setattr(generate_module, "decode_compiler_options", lambda platform: options)
+    engine = Engine(model, "dense", EngineConfig(batch_size=4))
+    engine.generate_batch(random_prompts(LENGTHS), max_new_tokens=MAX_NEW, stop_ids=[])
+    keys = {key[0]: key for key in engine.programs}
+    assert keys["decode"][3] == tuple(options.items())  # key: name, max_new_tokens, engine, options, arguments
+    assert keys["prefill"][2] == ()  # the prefill program keeps XLA's defaults
 
 
 def test_prefill_micro_batches_give_the_same_tokens(model, free_running):

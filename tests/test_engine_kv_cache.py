@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.paged_decode.reference import gather_rows
-from sparse_jax.attention.kv_cache import KeptTokens, PagedKVCache
+from sparse_jax.attention.kv_cache import KeptTokens, PagedKVCache, StackedPagedKVCache
 
 B, G, D, S, P = 3, 2, 4, 4, 5  # rows, KV heads, head dim, page size, pages per row
 
@@ -100,3 +100,37 @@ def test_prompt_longer_than_the_rows_is_refused():
     k = jnp.zeros((1, 24, G, D))
     with pytest.raises(ValueError, match="needs 6 pages per row but the cache has 5"):
         empty().write_prompt(k, k, jnp.array([24], jnp.int32))
+
+
+def test_stacked_layers_own_disjoint_pages_and_rows_are_contiguous():
+    layers = 3
+    stack = StackedPagedKVCache.allocate(num_layers=layers, batch=B, num_kv_heads=G, head_dim=D, pages_per_row=P,
+                                         page_size=S, dtype=jnp.float32)
+    table = np.asarray(stack.page_table)  # [L, B, G, P]
+    assert stack.k_pages.shape == (G, B * layers * P, S, D) and stack.num_layers == layers
+    pages = np.sort(table[:, :, 0].reshape(-1))  # every (layer, row) owns its pages, together the whole pool
+    np.testing.assert_array_equal(pages, np.arange(B * layers * P))
+    for b in range(B):  # a row's pages of all layers are one run: a split of the pool by page keeps rows whole
+        np.testing.assert_array_equal(np.sort(table[:, b, 0].reshape(-1)), b * layers * P + np.arange(layers * P))
+    np.testing.assert_array_equal(table[..., 0, :], table[..., 1, :])  # the same pages in every head's pool
+
+
+def test_a_layer_of_the_stack_writes_only_its_own_pages():
+    stack = StackedPagedKVCache.allocate(num_layers=2, batch=B, num_kv_heads=G, head_dim=D, pages_per_row=P,
+                                         page_size=S, dtype=jnp.float32)
+    k, v = jax.random.normal(jax.random.PRNGKey(3), (2, B, 6, G, D))
+    lengths = jnp.array([6, 2, 5], jnp.int32)
+    layer1 = write(stack.layer(1), k, v, lengths)
+    layer1 = append(layer1, k[:, 0], v[:, 0])
+    stack = stack.with_layer(1, layer1)
+    untouched, written = stack.layer(0), stack.layer(1)
+    assert int(untouched.lengths.sum()) == 0 and np.all(np.isinf(np.asarray(untouched.k_min)[:, untouched.page_table]))
+    np.testing.assert_array_equal(written.lengths, np.broadcast_to((lengths + 1)[:, None], (B, G)))
+    np.testing.assert_array_equal(written.seq_lengths, lengths + 1)
+    k_rows, _ = rows(written)  # what layer 1 reads through its table: the prompt, then the appended token
+    for b, n in enumerate(np.asarray(lengths)):
+        np.testing.assert_array_equal(np.asarray(k_rows)[b, :, :n], np.swapaxes(np.asarray(k[b, :n]), 0, 1))
+        np.testing.assert_array_equal(np.asarray(k_rows)[b, :, n], np.asarray(k[b, 0]))
+    check_summaries(written)
+    flat = np.asarray(stack.k_pages)[:, np.asarray(untouched.page_table)[:, 0].reshape(-1)]
+    assert not flat.any()  # layer 0's pages are still empty

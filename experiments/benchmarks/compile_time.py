@@ -35,7 +35,7 @@ from experiments.benchmarks.engine_bench import model_config
 from sparse_jax.atomic_files import atomic_write_json
 from sparse_jax.attention.registry import available_methods, get_method
 from sparse_jax.engine.generate import Engine, EngineConfig, _stop_array
-from sparse_jax.engine.programs import PROGRAMS
+from sparse_jax.engine.programs import PROGRAMS, compile_program, decode_compiler_options
 from sparse_jax.models.config import ModelConfig
 from sparse_jax.models.transformer import Transformer
 
@@ -57,16 +57,16 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _timed_compile(fn, args) -> dict:
+def _timed_compile(fn, args, options) -> dict:
     wall, cpu = time.perf_counter(), _cpu_seconds()
-    jax.jit(fn, donate_argnums=(1,)).lower(*args).compile()
+    compile_program(fn, args, options)
     return {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(_cpu_seconds() - cpu, 2)}
 
 
 def engine_programs(engine: Engine, *, batch: int, bucket: int, new_tokens: int) -> dict[str, tuple]:
-    """``{"prefill": (fn, args), "decode": (fn, args)}``: the engine's programs on shape-only arguments.
-
-    Compile with ``jax.jit(fn, donate_argnums=(1,)).lower(*args).compile()`` (the engine's own call).
+    """``{("prefill",): (fn, args, options), ("decode", new_tokens): (...)}``: the engine's programs
+    on shape-only arguments, with their XLA options; compile with
+    :func:`sparse_jax.engine.programs.compile_program` (the engine's own call).
     """
     shape = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
     params = jax.tree.map(shape, engine.params)
@@ -80,8 +80,9 @@ def engine_programs(engine: Engine, *, batch: int, bucket: int, new_tokens: int)
                     values)
     decode_args = (params, caches, rows, rows, jax.ShapeDtypeStruct(_stop_array([0]).shape, jnp.int32), key, values)
     return {
-        ("prefill",): (engine._prefill_fn, prefill_args),
-        ("decode", new_tokens): (lambda *a: engine._decode_fn(*a, max_new_tokens=new_tokens), decode_args),
+        ("prefill",): (engine._prefill_fn, prefill_args, {}),
+        ("decode", new_tokens): (lambda *a: engine._decode_fn(*a, max_new_tokens=new_tokens), decode_args,
+                                 decode_compiler_options(jax.default_backend())),
     }
 
 
@@ -89,7 +90,7 @@ def compile_method(config: ModelConfig, dtype, method: str, *, batch: int, bucke
     """Compile seconds of one method's prefill and decode programs (shapes only)."""
     engine = Engine(Transformer.abstract(config, dtype=dtype), get_method(method), EngineConfig(batch_size=batch))
     programs = engine_programs(engine, batch=batch, bucket=bucket, new_tokens=new_tokens)
-    return {kind[0]: _timed_compile(fn, args) for kind, (fn, args) in programs.items()}
+    return {kind[0]: _timed_compile(*program) for kind, program in programs.items()}
 
 
 def compile_sweep(config: ModelConfig, dtype, method: str, sparsities: list[float], *, traced: bool, batch: int,
@@ -103,7 +104,7 @@ def compile_sweep(config: ModelConfig, dtype, method: str, sparsities: list[floa
         engine = Engine(model, get_method(method, sparsity=sparsity), engine_config)
         wall, cpu = time.perf_counter(), _cpu_seconds()
         programs = engine_programs(engine, batch=batch, bucket=bucket, new_tokens=new_tokens)
-        compile_s = {kind[0]: round(engine._compile(kind, fn, args)[1], 2) for kind, (fn, args) in programs.items()}
+        compile_s = {kind[0]: round(engine._compile(kind, *program)[1], 2) for kind, program in programs.items()}
         rows.append({"sparsity": sparsity, **compile_s, "wall_s": round(time.perf_counter() - wall, 2),
                      "cpu_s": round(_cpu_seconds() - cpu, 2), "cache_hits": PROGRAMS.hits,
                      "cache_misses": PROGRAMS.misses})

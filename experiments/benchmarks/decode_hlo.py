@@ -27,6 +27,7 @@ import jax
 from experiments.benchmarks.compile_time import DTYPES, architecture, engine_programs
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.generate import Engine, EngineConfig
+from sparse_jax.engine.programs import compile_program
 from sparse_jax.models.transformer import Transformer
 
 WATCHED_OPS = ("dynamic-slice", "dynamic-update-slice", "scatter", "copy")
@@ -62,8 +63,8 @@ def main():
     engine = Engine(Transformer.abstract(config, dtype=DTYPES[args.model]), get_method(args.method),
                     EngineConfig(batch_size=args.batch))
     programs = engine_programs(engine, batch=args.batch, bucket=args.bucket, new_tokens=args.new_tokens)
-    fn, fn_args = programs[("decode", args.new_tokens)]
-    compiled = jax.jit(fn, donate_argnums=(1,)).lower(*fn_args).compile()
+    fn, fn_args, options = programs[("decode", args.new_tokens)]
+    compiled = compile_program(fn, fn_args, options)
     text = compiled.as_text()
     if args.hlo is not None:
         args.hlo.write_text(text)

@@ -31,6 +31,7 @@ import numpy as np
 from experiments.benchmarks.compile_time import engine_programs
 from sparse_jax.embedded import embedded_model_path
 from sparse_jax.engine.generate import Engine, EngineConfig
+from sparse_jax.engine.programs import compile_program
 from sparse_jax.models.loading import load_model
 
 GIB = 2**30
@@ -64,8 +65,8 @@ def measure(bucket: int, batch: int, new_tokens: int, compile_only: bool) -> dic
         },
         "compiled": {},
     }
-    for name, (fn, args) in engine_programs(engine, batch=batch, bucket=bucket, new_tokens=new_tokens).items():
-        stats = jax.jit(fn, donate_argnums=(1,)).lower(*args).compile().memory_analysis()
+    for name, program in engine_programs(engine, batch=batch, bucket=bucket, new_tokens=new_tokens).items():
+        stats = compile_program(*program).memory_analysis()
         report["compiled"][name] = {
             "arguments_gib": stats.argument_size_in_bytes / GIB,
             "outputs_gib": stats.output_size_in_bytes / GIB,

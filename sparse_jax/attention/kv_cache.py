@@ -20,6 +20,11 @@ The engine allocates each row a contiguous run of ``P`` pages (row ``b`` of ever
 head owns pages ``b * P .. b * P + P - 1`` of that head's pool), but every read and
 write goes through ``page_table``, so methods and kernels may rely only on the table.
 
+All layers' caches (:class:`StackedPagedKVCache`) share one pool per KV head, each layer
+reaching its own pages through its own page table: the layer loop then hands a layer the
+pools themselves (no copy of a layer's slice), its kernels read that layer's pages in
+place and its appends scatter into the pool in place.
+
 This module sits below the attention methods (:mod:`sparse_jax.attention.base` imports
 it, the engine allocates it): it holds the cache, the tokens an eviction keeps
 (:class:`KeptTokens`) and what a decode read (:class:`DecodeStats`).
@@ -27,6 +32,7 @@ it, the engine allocates it): it holds the cache, the tokens an eviction keeps
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.struct
@@ -97,20 +103,11 @@ class PagedKVCache:
 
         Summaries start at ``+inf`` / ``-inf`` (empty pages), lengths at 0.
         """
-        pool = batch * pages_per_row
-        shape = (num_kv_heads, pool, page_size, head_dim)
-        row_pages = jnp.arange(batch, dtype=jnp.int32)[:, None] * pages_per_row + jnp.arange(
-            pages_per_row, dtype=jnp.int32
+        stack = StackedPagedKVCache.allocate(
+            num_layers=1, batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim, pages_per_row=pages_per_row,
+            page_size=page_size, dtype=dtype,
         )
-        return cls(
-            k_pages=jnp.zeros(shape, dtype),
-            v_pages=jnp.zeros(shape, dtype),
-            k_min=jnp.full((num_kv_heads, pool, head_dim), jnp.inf, dtype),
-            k_max=jnp.full((num_kv_heads, pool, head_dim), -jnp.inf, dtype),
-            page_table=jnp.broadcast_to(row_pages[:, None, :], (batch, num_kv_heads, pages_per_row)),
-            lengths=jnp.zeros((batch, num_kv_heads), jnp.int32),
-            seq_lengths=jnp.zeros((batch,), jnp.int32),
-        )
+        return stack.layer(0)
 
     @property
     def batch(self) -> int:
@@ -239,3 +236,80 @@ class PagedKVCache:
         if sliding_window is not None:
             cached = jnp.minimum(cached, sliding_window)
         return out, DecodeStats(tokens_read=read, tokens_cached=cached)
+
+
+@flax.struct.dataclass
+class StackedPagedKVCache:
+    """Every layer's paged KV cache: the page pools shared by all layers, the rest stacked.
+
+    Shapes (L layers, B sequences; the rest as in the module docstring, with ``N = B * L * P``):
+
+    * ``k_pages``, ``v_pages``: ``[G, N, S, d]``; ``k_min``, ``k_max``: ``[G, N, d]``
+    * ``page_table``: ``[L, B, G, P]`` int32; ``lengths``: ``[L, B, G]``; ``seq_lengths``: ``[L, B]``
+
+    Row ``b`` of layer ``l`` owns pages ``(b * L + l) * P .. (b * L + l) * P + P - 1`` of each
+    KV head's pool: a row's pages of every layer are contiguous, so a split of the pools by
+    page over devices gives each device whole rows (the distributed layout relies on it).
+    :meth:`layer` is layer ``l``'s :class:`PagedKVCache`, whose pools are the shared ones.
+    """
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    k_min: jax.Array
+    k_max: jax.Array
+    page_table: jax.Array
+    lengths: jax.Array
+    seq_lengths: jax.Array
+
+    @classmethod
+    def allocate(
+        cls,
+        *,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        pages_per_row: int,
+        page_size: int,
+        dtype: jnp.dtype,
+    ) -> StackedPagedKVCache:
+        """Empty caches of ``num_layers`` layers, each row owning ``pages_per_row`` pages per layer
+        (summaries ``+inf`` / ``-inf``, lengths 0)."""
+        pool = batch * num_layers * pages_per_row
+        shape = (num_kv_heads, pool, page_size, head_dim)
+        first_page = (jnp.arange(batch, dtype=jnp.int32)[None, :] * num_layers
+                      + jnp.arange(num_layers, dtype=jnp.int32)[:, None]) * pages_per_row  # [L, B]
+        row_pages = first_page[..., None] + jnp.arange(pages_per_row, dtype=jnp.int32)  # [L, B, P]
+        return cls(
+            k_pages=jnp.zeros(shape, dtype),
+            v_pages=jnp.zeros(shape, dtype),
+            k_min=jnp.full((num_kv_heads, pool, head_dim), jnp.inf, dtype),
+            k_max=jnp.full((num_kv_heads, pool, head_dim), -jnp.inf, dtype),
+            page_table=jnp.broadcast_to(row_pages[:, :, None, :], (num_layers, batch, num_kv_heads, pages_per_row)),
+            lengths=jnp.zeros((num_layers, batch, num_kv_heads), jnp.int32),
+            seq_lengths=jnp.zeros((num_layers, batch), jnp.int32),
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self.page_table.shape[0]
+
+    def layer(self, index: jax.Array | int) -> PagedKVCache:
+        """Layer ``index``'s cache (``index`` may be traced): the shared pools and its own table and lengths."""
+        at = functools.partial(jax.lax.dynamic_index_in_dim, index=index, axis=0, keepdims=False)
+        return PagedKVCache(
+            k_pages=self.k_pages, v_pages=self.v_pages, k_min=self.k_min, k_max=self.k_max,
+            page_table=at(self.page_table), lengths=at(self.lengths), seq_lengths=at(self.seq_lengths),
+        )
+
+    def with_layer(self, index: jax.Array | int, cache: PagedKVCache) -> StackedPagedKVCache:
+        """These caches with layer ``index``'s replaced by ``cache`` (one :meth:`layer` returned, updated)."""
+
+        def put(stack: jax.Array, new: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_update_index_in_dim(stack, new.astype(stack.dtype), index, 0)
+
+        return StackedPagedKVCache(
+            k_pages=cache.k_pages, v_pages=cache.v_pages, k_min=cache.k_min, k_max=cache.k_max,
+            page_table=put(self.page_table, cache.page_table), lengths=put(self.lengths, cache.lengths),
+            seq_lengths=put(self.seq_lengths, cache.seq_lengths),
+        )

@@ -44,12 +44,12 @@ from tqdm.auto import tqdm
 
 from sparse_jax.attention.accounting import PhaseCounts, combined_sparsity
 from sparse_jax.attention.base import AttentionMethod
-from sparse_jax.attention.kv_cache import PagedKVCache, pages_for
+from sparse_jax.attention.kv_cache import PagedKVCache, StackedPagedKVCache, pages_for
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.buckets import bucket_length, group_by_bucket
 from sparse_jax.engine.memory import MemoryPlan, plan_memory, pytree_bytes
 from sparse_jax.engine.prefill_attention import PrefillBackend, prefill_attention, resolve_backend
-from sparse_jax.engine.programs import PROGRAMS, argument_signature
+from sparse_jax.engine.programs import PROGRAMS, argument_signature, compile_program, decode_compiler_options
 from sparse_jax.engine.sampling import SamplingParams, sample_tokens
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class DecodeState:
       tokens: ``[B, max_new_tokens]`` int32 tokens chosen so far (column 0 from the prefill).
       done: ``[B]`` bool, the sequence has produced a stop id.
       n_out: ``[B]`` int32 tokens each sequence has produced.
-      caches: one :class:`PagedKVCache` per layer.
+      caches: every layer's cache (:class:`StackedPagedKVCache`).
       decode_sum: ``[B, L, H]`` float32 read densities summed over the sequence's steps.
       decode_count: ``[B]`` int32 decode steps each sequence took part in.
       decode_counts: :class:`PhaseCounts` of ``[B, L, H]`` float32 tokens read and tokens
@@ -149,13 +149,13 @@ class DecodeState:
     tokens: jax.Array
     done: jax.Array
     n_out: jax.Array
-    caches: list[PagedKVCache]
+    caches: StackedPagedKVCache
     decode_sum: jax.Array
     decode_count: jax.Array
     decode_counts: PhaseCounts
 
     @classmethod
-    def start(cls, caches: list[PagedKVCache], first: jax.Array, stop_ids: jax.Array, *, max_new_tokens: int,
+    def start(cls, caches: StackedPagedKVCache, first: jax.Array, stop_ids: jax.Array, *, max_new_tokens: int,
               num_layers: int, num_heads: int) -> DecodeState:
         """The state before the first decode step: ``first [B]`` chosen by the prefill."""
         b = first.shape[0]
@@ -409,11 +409,12 @@ class Engine:
         ``max_new_tokens - 1`` tokens (the last generated token is never fed back)."""
         return pages_for(bucket + max_new_tokens - 1, self.config.page_size)
 
-    def allocate_caches(self, batch: int, bucket: int, max_new_tokens: int) -> PagedKVCache:
-        """Every layer's empty cache for one batch, stacked: leaves ``[L, ...]``."""
+    def allocate_caches(self, batch: int, bucket: int, max_new_tokens: int) -> StackedPagedKVCache:
+        """Every layer's empty cache for one batch (pools shared by the layers, tables ``[L, ...]``)."""
         mcfg = self.model_config
         allocate = functools.partial(
-            PagedKVCache.allocate,
+            StackedPagedKVCache.allocate,
+            num_layers=mcfg.num_layers,
             batch=batch,
             num_kv_heads=mcfg.num_kv_heads,
             head_dim=mcfg.head_dim,
@@ -421,7 +422,7 @@ class Engine:
             page_size=self.config.page_size,
             dtype=self.cache_dtype,
         )
-        return _allocate_stacked(allocate, mcfg.num_layers, self.method, batch)
+        return _allocate_stacked(allocate, self.method, batch)
 
     def _run_batch(self, prompts, max_new_tokens, stop_ids, tokenizer, rng) -> list[GenerationResult]:
         cfg = self.config
@@ -437,7 +438,7 @@ class Engine:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
         pages_per_row = self.pages_per_row(bucket, max_new_tokens)
-        caches = self.allocate_caches(b, bucket, max_new_tokens)  # leaves [L, ...]
+        caches = self.allocate_caches(b, bucket, max_new_tokens)
         prefill_key, decode_key = jax.random.split(rng)
 
         compile_s = prefill_s = 0.0
@@ -479,7 +480,8 @@ class Engine:
                 self.method_values,
             )
             fn, seconds = self._compile(
-                ("decode", max_new_tokens), lambda *a: self._decode_fn(*a, max_new_tokens=max_new_tokens), args
+                ("decode", max_new_tokens), lambda *a: self._decode_fn(*a, max_new_tokens=max_new_tokens), args,
+                decode_compiler_options(jax.default_backend()),
             )
             compile_s += seconds
             t0 = time.perf_counter()
@@ -520,15 +522,17 @@ class Engine:
             )
         return results
 
-    def _compile(self, kind: tuple[Hashable, ...], fn, args) -> tuple[Any, float]:
+    def _compile(self, kind: tuple[Hashable, ...], fn, args, options: dict[str, bool] | None = None) -> tuple[Any, float]:
         """The compiled program of ``fn`` for ``args`` (caches donated) and the seconds
         spent compiling it: 0 when this process compiled it before (:data:`PROGRAMS`),
         for this engine or another one with the same model, split method and settings.
 
         ``kind``: the program's name, then any static value ``fn`` closes over.
+        ``options``: XLA compiler options of this program.
         """
-        key = (*kind, self._program_key, argument_signature(args))
-        program, seconds = PROGRAMS.get(key, lambda: jax.jit(fn, donate_argnums=(1,)).lower(*args).compile())
+        options = options or {}
+        key = (*kind, self._program_key, tuple(sorted(options.items())), argument_signature(args))
+        program, seconds = PROGRAMS.get(key, lambda: compile_program(fn, args, options))
         self.programs[key] = program
         return program, seconds
 
@@ -633,22 +637,25 @@ class Engine:
         return jax.lax.while_loop(cond, body, init)
 
 
-def _allocate_stacked(allocate, num_layers: int, method: AttentionMethod, batch: int) -> PagedKVCache:
-    """Every layer's empty cache in one :class:`PagedKVCache` whose arrays have a leading ``[L]`` axis.
+def _allocate_stacked(allocate, method: AttentionMethod, batch: int) -> StackedPagedKVCache:
+    """Every layer's empty cache, from ``allocate()`` (a :class:`StackedPagedKVCache`).
 
-    A :class:`CacheLayout` method gets its per-layer layout, replicated over the layer axis.
+    A :class:`CacheLayout` method gets its per-layer layout: the shared pools as one layer's,
+    the stacked tables and lengths replicated over the layer axis.
     """
-
-    def stacked():
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_layers, *a.shape)), allocate())
-
     shardings = None
     if isinstance(method, CacheLayout):  # allocated straight into the method's (mesh) layout
-        shardings = jax.tree.map(
-            lambda s: jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec)),
-            method.cache_shardings(batch),
+        layer = method.cache_shardings(batch)
+
+        def stacked(s: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+            return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec))
+
+        shardings = StackedPagedKVCache(
+            k_pages=layer.k_pages, v_pages=layer.v_pages, k_min=layer.k_min, k_max=layer.k_max,
+            page_table=stacked(layer.page_table), lengths=stacked(layer.lengths),
+            seq_lengths=stacked(layer.seq_lengths),
         )
-    return jax.jit(stacked, out_shardings=shardings)()
+    return jax.jit(allocate, out_shardings=shardings)()
 
 
 def _cache_updates(method: AttentionMethod):

@@ -9,7 +9,8 @@ The decoder layers are one module whose parameters carry a leading ``[num_layers
 axis, and the forward pass loops over them with ``lax.fori_loop`` (see
 :func:`layer_period`), so the compiled program holds one copy of a layer (a repeating
 group of layers for Gemma 3's local/global pattern) whatever the depth. Per-layer
-states (KV caches) are stacked the same way.
+states are stacked the same way, or slice themselves (:class:`LayerStack`: KV caches whose
+page pools all layers share, so that no layer's cache is copied out of a stack).
 
 Parameters are addressed by flat dotted names (``layers.self_attn.q_proj.kernel``, of
 shape ``[num_layers, in, out]``), which is the form the Orbax cache stores;
@@ -21,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,22 @@ from sparse_jax.models.rope import rope_cos_sin, rope_frequencies
 # attend(layer, q [B,T,H,d], k [B,T,G,d], v [B,T,G,d], state) -> (out [B,T,H,d], new_state);
 # new_state has the structure, shapes and dtypes of state (it is written back into the stack).
 AttendFn = Callable[[LayerSpec, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+@runtime_checkable
+class LayerStack(Protocol):
+    """A per-layer state that hands out and takes back one layer's state itself.
+
+    The layer loop gives ``attend`` ``stack.layer(i)`` and keeps ``stack.with_layer(i, new)``;
+    other leaves of the layer states are sliced along their leading ``[num_layers]`` axis.
+    """
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def layer(self, index: jax.Array | int) -> Any: ...
+
+    def with_layer(self, index: jax.Array | int, state: Any) -> LayerStack: ...
 
 
 def full_attention(layer: LayerSpec, q: jax.Array, k: jax.Array, v: jax.Array, state: Any) -> tuple[jax.Array, Any]:
@@ -133,9 +150,10 @@ class Transformer(nnx.Module):
           positions: ``[B, T]`` int32 absolute positions (RoPE).
           attend: the attention core, called once per layer (traced once per layer of the
             repeating group; ``LayerSpec.index`` is then a traced int32 scalar).
-          layer_states: a pytree whose leaves have a leading ``[num_layers]`` axis; ``attend``
-            receives layer ``i``'s slice and returns its new value (same structure, shapes
-            and dtypes). ``None`` gives ``None`` to all layers.
+          layer_states: a pytree whose leaves have a leading ``[num_layers]`` axis or are
+            :class:`LayerStack` objects; ``attend`` receives layer ``i``'s slice (``stack.layer(i)``)
+            and returns its new value (same structure, shapes and dtypes). ``None`` gives
+            ``None`` to all layers.
           logits_at: ``[B]`` int32 indices into ``T``; when given only those rows get logits.
 
         Returns:
@@ -147,11 +165,11 @@ class Transformer(nnx.Module):
             raise ValueError(
                 f"tokens and positions must both be [batch, seq]; got {tokens.shape} and {positions.shape}"
             )
-        for leaf in jax.tree.leaves(layer_states):
-            if leaf.shape[:1] != (cfg.num_layers,):
-                raise ValueError(
-                    f"layer_states leaves need a leading axis of {cfg.num_layers} layers; got shape {leaf.shape}"
-                )
+        for leaf in jax.tree.leaves(layer_states, is_leaf=_is_layer_stack):
+            stack = _is_layer_stack(leaf)
+            if (leaf.num_layers if stack else leaf.shape[:1]) != (cfg.num_layers if stack else (cfg.num_layers,)):
+                found = f"{type(leaf).__name__} of {leaf.num_layers} layers" if stack else f"shape {leaf.shape}"
+                raise ValueError(f"layer_states leaves need a leading axis of {cfg.num_layers} layers; got {found}")
 
         x = self.embed_tokens(tokens)
         if cfg.scale_embeddings:
@@ -173,10 +191,11 @@ class Transformer(nnx.Module):
 
         Layer ``i`` of the loop reads its parameters and state at a traced index of the
         stacks (what ``lax.scan`` does with its inputs) and writes its new state back into
-        the stack in place, so the stacks are never copied whole. XLA materialises each
-        layer's slices, though (a copy of the layer's weights and state per layer and call,
-        plus the write-back of the whole layer state): see "Decode step on the H200,
-        2026-12-03" in experiments/results/engine_benchmark.md.
+        the stack in place, so the stacks are never copied whole. XLA materialises a
+        sliced leaf, though (a copy per layer and call): big states should be
+        :class:`LayerStack` objects that share their buffers between layers (the engine's KV
+        caches); see "Decode step on the H200, 2026-12-03" in
+        experiments/results/engine_benchmark.md.
         """
         cfg = self.config
         graphdef, stacked = nnx.split(self.layers)
@@ -186,12 +205,10 @@ class Transformer(nnx.Module):
         def run_layer(i, kind: int, x, states):
             """Layer ``i`` (maybe traced), whose attention and RoPE are those of static layer ``kind``."""
             layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
-            state = jax.tree.map(lambda a: a[i], states)
+            state = _layer_slice(states, i)
             spec = cfg.layer_spec(kind)._replace(index=i)
             x, new_state = layer(x, *tables[cfg.rope_for(kind)], spec=spec, attend=attend, state=state)
-            # i is always in range: a plain dynamic-update-slice, without the select that
-            # `.at[i].set` adds for out-of-range indices (it re-reads the old slice)
-            return x, jax.tree.map(lambda a, new: jax.lax.dynamic_update_index_in_dim(a, new, i, 0), states, new_state)
+            return x, _with_layer_slice(states, i, new_state)
 
         def run_group(g, carry):
             x, states = carry
@@ -344,6 +361,32 @@ class _StackedHFTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+def _is_layer_stack(x: Any) -> bool:
+    return isinstance(x, LayerStack)
+
+
+def _layer_slice(states: Any, i: jax.Array | int) -> Any:
+    """Layer ``i``'s part of every leaf of ``states`` (see :class:`LayerStack`)."""
+    return jax.tree.map(
+        lambda s: s.layer(i) if _is_layer_stack(s) else jax.lax.dynamic_index_in_dim(s, i, 0, keepdims=False),
+        states,
+        is_leaf=_is_layer_stack,
+    )
+
+
+def _with_layer_slice(states: Any, i: jax.Array | int, new: Any) -> Any:
+    """``states`` with layer ``i``'s part replaced by ``new`` (the structure :func:`_layer_slice` gave)."""
+
+    def put(stack, value):
+        if _is_layer_stack(stack):
+            return stack.with_layer(i, value)
+        # i is always in range: a plain dynamic-update-slice, without the select that
+        # `.at[i].set` adds for out-of-range indices (it re-reads the old slice)
+        return jax.lax.dynamic_update_index_in_dim(stack, value, i, 0)
+
+    return jax.tree.map(put, states, new, is_leaf=_is_layer_stack)
 
 
 def layer_period(config: ModelConfig) -> int:
