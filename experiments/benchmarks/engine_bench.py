@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.benchmarks import device_timeline
 from sparse_jax.attention.base import AttentionMethod
 from sparse_jax.attention.dense import dense_causal_attention
 from sparse_jax.engine.generate import Engine, EngineConfig
@@ -140,6 +141,23 @@ def time_engine(engine: Engine, prompts, args):
     return timings, compile_s, tokens
 
 
+def decode_timeline(engine: Engine, prompts, new_tokens: int) -> device_timeline.Timeline:
+    """The GPU kernels of the decode program of one ``generate_batch`` call.
+
+    The call is traced whole; its decode program's kernels are those after the longest
+    pause between two kernels (the host's work between the prefill and the decode
+    program: fetching the prefill's results, looking up the decode program). The decode
+    loop's steps run back to back on the device, with pauses of microseconds.
+    """
+    timeline = device_timeline.trace_call(
+        lambda: engine.generate_batch(prompts, max_new_tokens=new_tokens, stop_ids=[]), calls=1
+    )
+    events = timeline.events
+    ends = np.maximum.accumulate([e.end_ns for e in events])  # the GPU is busy until ends[i] after event i
+    gaps = np.array([e.start_ns for e in events[1:]]) - ends[:-1]
+    return device_timeline.Timeline(events[1 + int(np.argmax(gaps)):])
+
+
 def run(args) -> dict:
     dtype = jnp.bfloat16
     config = model_config(args.config)
@@ -170,6 +188,9 @@ def run(args) -> dict:
         rng = np.random.default_rng(batch)  # the same prompts for every variant of a batch size
         prompts = [rng.integers(0, config.vocab_size, args.prompt_len).tolist() for _ in range(batch)]
         timings, compile_s, tokens = time_engine(engine, prompts, args)
+        if args.timeline:
+            step_kernels = decode_timeline(engine, prompts, args.new_tokens)
+            print(step_kernels.format(args.new_tokens - 1, top=25), flush=True)
         prefill_s = statistics.median(t.prefill_seconds for t in timings)
         step_s = statistics.median(t.seconds_per_step for t in timings)
         context = args.prompt_len + args.new_tokens / 2  # mean cache length over the steps
@@ -216,6 +237,8 @@ def main():
     parser.add_argument("--prefill-rows", type=int, default=1, help="rows per prefill call")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="folder for engine_bench.json")
+    parser.add_argument("--timeline", action="store_true",
+                        help="GPU: trace one more call and print the decode step's kernels")
     args = parser.parse_args()
     if args.prompt_len is None:
         args.prompt_len = 32768 if args.config == "8b" else 512

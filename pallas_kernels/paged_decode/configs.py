@@ -57,11 +57,14 @@ class DecodeLaunch:
     num_stages: int = DecodeConfig.num_stages
 
 
-# Measured: the fastest at 128K on an H100 (experiments/results/decode_kernels_h100.md).
-_H100_LAUNCH = DecodeLaunch()
+# Measured at 128K, the fastest of each device's launch sweep (`decode_kernels.py`):
+# H100 experiments/results/decode_kernels_h100.md; H200 experiments/results/speed_h200.md
+# (batch 8: 2.76 TB/s against 2.50 with the H100 entry, in two runs on two days; batch 1:
+# 2.13 against 2.19, the best there being 4 pages per block at 2.42; batch 8 reads 8x the
+# bytes, so its choice saves ~1.5 ms of an 8B decode step where batch 1's costs ~0.2 ms).
 LAUNCH: dict[str, DecodeLaunch] = {
-    H100: _H100_LAUNCH,
-    H200: _H100_LAUNCH,  # Awaits its own measurement (it also has 132 SMs); the H100 entry until then.
+    H100: DecodeLaunch(),
+    H200: DecodeLaunch(pages_per_block=2, num_warps=4, num_stages=4),
 }
 FAMILY = "paged_decode"
 
