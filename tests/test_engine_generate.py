@@ -146,9 +146,10 @@ def test_decode_loop_never_copies_a_layers_cache_out_of_the_pools(dense_engine):
 
 
 def test_decode_program_gets_the_platforms_compiler_options(model, monkeypatch):
-    assert decode_compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}  # cuBLAS reads stacked weights
+    gpu = decode_compiler_options("gpu")  # cuBLAS reads each layer's weights in the stack; no q/k/v concatenation
+    assert gpu == {"xla_gpu_enable_triton_gemm": False, "xla_disable_hlo_passes": "dot-merger"}
     assert decode_compiler_options("cpu") == {} and decode_compiler_options("tpu") == {}
-    options = {"xla_gpu_enable_triton_gemm": False}  # a DebugOptions field every backend accepts
+    options = gpu  # DebugOptions fields: every backend accepts them
     monkeypatch.setattr(generate_module, "decode_compiler_options", lambda platform: options)
     engine = Engine(model, "dense", EngineConfig(batch_size=4))
     engine.generate_batch(random_prompts(LENGTHS), max_new_tokens=MAX_NEW, stop_ids=[])

@@ -522,7 +522,9 @@ class Engine:
             )
         return results
 
-    def _compile(self, kind: tuple[Hashable, ...], fn, args, options: dict[str, bool] | None = None) -> tuple[Any, float]:
+    def _compile(
+        self, kind: tuple[Hashable, ...], fn, args, options: dict[str, bool | str] | None = None
+    ) -> tuple[Any, float]:
         """The compiled program of ``fn`` for ``args`` (caches donated) and the seconds
         spent compiling it: 0 when this process compiled it before (:data:`PROGRAMS`),
         for this engine or another one with the same model, split method and settings.

@@ -69,24 +69,27 @@ def argument_signature(args: Any) -> tuple:
     return tree, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
 
 
-def compile_program(fn: Callable, args: Any, options: dict[str, bool] | None = None) -> jax.stages.Compiled:
+def compile_program(fn: Callable, args: Any, options: dict[str, bool | str] | None = None) -> jax.stages.Compiled:
     """``fn`` compiled for ``args`` as the engine compiles its programs: argument 1 (the KV
     caches) donated, ``options`` as XLA compiler options (:func:`decode_compiler_options`)."""
     return jax.jit(fn, donate_argnums=(1,)).lower(*args).compile(compiler_options=options or None)
 
 
-def decode_compiler_options(platform: str) -> dict[str, bool]:
+def decode_compiler_options(platform: str) -> dict[str, bool | str]:
     """XLA options of the decode program on ``platform`` (``jax.default_backend()``).
 
-    GPU: GEMMs through cuBLAS rather than XLA's Triton GEMM fusions. The decode loop runs
-    the layers as a loop over stacked weights ``[L, ...]``; XLA's dynamic-slice fusion lets
-    a cuBLAS GEMM read layer ``i``'s weights inside the stack, whereas a Triton GEMM gets a
-    copy of them, made again for every layer of every step. On one H200, 8B shapes at 32K:
-    26.2 -> 20.4 ms per step at batch 8 and 18.3 -> 10.8 ms at batch 1
-    (experiments/results/engine_benchmark.md, "Decode step on the H200, 2026-12-03").
-    Prefill GEMMs have thousands of rows per layer call and keep XLA's choice.
+    GPU: the decode loop runs the layers as a loop over stacked weights ``[L, ...]``, and
+    every GEMM must read layer ``i``'s weights inside the stack, not a copy made for every
+    layer of every step. So: GEMMs through cuBLAS rather than XLA's Triton GEMM fusions
+    (XLA's dynamic-slice fusion hands cuBLAS the weights' address in the stack; a Triton
+    GEMM gets a copy), and no dot merger (it concatenates the q/k/v weights, a copy). On
+    one H200, 8B shapes at 32K: 26.2 -> 19.7 ms per step at batch 8 and 18.3 -> 10.7 ms at
+    batch 1 (experiments/results/engine_benchmark.md, "Decode step on the H200,
+    2026-12-03"). Prefill GEMMs have thousands of rows per layer call and keep XLA's choice.
     """
-    return {"xla_gpu_enable_triton_gemm": False} if platform == "gpu" else {}
+    if platform != "gpu":
+        return {}
+    return {"xla_gpu_enable_triton_gemm": False, "xla_disable_hlo_passes": "dot-merger"}
 
 
 PROGRAMS = ProgramCache()
