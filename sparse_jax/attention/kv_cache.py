@@ -77,8 +77,8 @@ def pages_for(tokens: int, page_size: int) -> int:
 
 
 @flax.struct.dataclass
-class PagedKVCache:
-    """One layer's paged KV cache (layout in the module docstring); the page size is its own."""
+class _PagedArrays:
+    """The arrays of a paged cache; their shapes are those of the subclass (one layer, or all)."""
 
     k_pages: jax.Array
     v_pages: jax.Array
@@ -88,26 +88,19 @@ class PagedKVCache:
     lengths: jax.Array
     seq_lengths: jax.Array
 
+
+@flax.struct.dataclass
+class PagedKVCache(_PagedArrays):
+    """One layer's paged KV cache (layout in the module docstring); the page size is its own."""
+
     @classmethod
-    def allocate(
-        cls,
-        *,
-        batch: int,
-        num_kv_heads: int,
-        head_dim: int,
-        pages_per_row: int,
-        page_size: int,
-        dtype: jnp.dtype,
-    ) -> PagedKVCache:
-        """An empty cache whose rows own contiguous runs of ``pages_per_row`` pages.
+    def allocate(cls, **sizes) -> PagedKVCache:
+        """An empty cache whose rows own contiguous runs of ``pages_per_row`` pages (keyword
+        arguments of :meth:`StackedPagedKVCache.allocate` but ``num_layers``).
 
         Summaries start at ``+inf`` / ``-inf`` (empty pages), lengths at 0.
         """
-        stack = StackedPagedKVCache.allocate(
-            num_layers=1, batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim, pages_per_row=pages_per_row,
-            page_size=page_size, dtype=dtype,
-        )
-        return stack.layer(0)
+        return StackedPagedKVCache.allocate(num_layers=1, **sizes).layer(0)
 
     @property
     def batch(self) -> int:
@@ -239,7 +232,7 @@ class PagedKVCache:
 
 
 @flax.struct.dataclass
-class StackedPagedKVCache:
+class StackedPagedKVCache(_PagedArrays):
     """Every layer's paged KV cache: the page pools shared by all layers, the rest stacked.
 
     Shapes (L layers, B sequences; the rest as in the module docstring, with ``N = B * L * P``):
@@ -252,14 +245,6 @@ class StackedPagedKVCache:
     page over devices gives each device whole rows (the distributed layout relies on it).
     :meth:`layer` is layer ``l``'s :class:`PagedKVCache`, whose pools are the shared ones.
     """
-
-    k_pages: jax.Array
-    v_pages: jax.Array
-    k_min: jax.Array
-    k_max: jax.Array
-    page_table: jax.Array
-    lengths: jax.Array
-    seq_lengths: jax.Array
 
     @classmethod
     def allocate(
