@@ -18,6 +18,8 @@
 #   decode_32k_b8, decode_32k_b1  engine_methods.py at 32K: dense, quest, snapkv decode steps
 #   decode_hlo    decode_hlo.py: the copies in the compiled 8B decode loop, batch 8, 32K (compile only)
 #   engine_bench_dsf  engine_bench as above with XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true
+#   engine_timeline  engine_bench at batch 1 and 8 (one timed run) plus the decode step's kernels per step
+#   engine_cmdbuf   engine_bench at batch 1 with the decode loop's body as a CUDA graph (XLA command buffers)
 #
 # STEPS="e2e_128k_b engine_bench" runs only the steps named (to split the work over several runs).
 # $OUT gets one folder and one log per step, and steps.tsv (step, exit status, seconds; 124 = stopped at
@@ -94,5 +96,11 @@ step decode_32k_b1 40 "$py" $bench/engine_methods.py "${decode[@]}" --batch 1 --
 step decode_hlo 60 "$py" $bench/decode_hlo.py "${hlo[@]}" --hlo "$OUT/decode_hlo/decode.hlo"
 step engine_bench_dsf 80 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" \
   "$py" $bench/engine_bench.py "${engine[@]}" --out "$OUT/engine_bench_dsf"
+timeline=("${engine[@]}")
+timeline[3]=1,8  # --batches
+step engine_timeline 120 "$py" $bench/engine_bench.py "${timeline[@]}" --repeats 1 --new-tokens 33 --timeline \
+  --out "$OUT/engine_timeline"
+step engine_cmdbuf 60 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL,DYNAMIC_SLICE_FUSION" \
+  "$py" $bench/engine_bench.py "${engine[@]:0:2}" --batches 1 --repeats 1 --new-tokens 33 --out "$OUT/engine_cmdbuf"
 echo "== done in $(($(date +%s) - start)) s"
 cat "$OUT/steps.tsv"
