@@ -83,7 +83,7 @@ step e2e_128k_a 150 "$py" $bench/engine_methods.py "${e2e[@]}" --sparsity 0.9 --
 # FlexPrefill last: with budgets up to the prompt length its index holds O(L^2 / 64) entries per head (tens of GB
 # at 128K), and a failure must not lose the rows before it.
 step e2e_128k_b 150 "$py" $bench/engine_methods.py "${e2e[@]}" --sparsity 0.9 --methods dense,vertical_and_slash,snapkv \
-  --method-sparsity block_sparse=0.5 --method-sparsity flexprefill=0.9 --out "$OUT/e2e_128k_b"
+  --method-sparsity block_sparse=0.5:chunk_size=128 --method-sparsity flexprefill=0.9 --out "$OUT/e2e_128k_b"
 step decode_kernels 90 "$py" $bench/decode_kernels.py "${kernels[@]}" --out "$OUT/decode_kernels"
 step engine_bench 80 "$py" $bench/engine_bench.py "${engine[@]}" --out "$OUT/engine_bench"
 step decode_32k_b8 50 "$py" $bench/engine_methods.py "${decode[@]}" --batch 8 --methods dense,quest,snapkv \
