@@ -40,6 +40,20 @@ def test_grid_is_expanded_and_dense_ignores_sparsity(tmp_path):
     assert len({r.run_key() for r in runs}) == 3 and all(r.samples == 2 for r in runs)
 
 
+def _shapes(runs) -> set[tuple[int, int, int, int]]:
+    return {(r.max_input_tokens, r.samples, r.batch_size, r.max_output_tokens) for r in runs}
+
+
+def test_demo_4k_is_the_demo_grid_at_4k_tokens():
+    demo, demo_4k = (expand(REPO / "configs" / "sweeps" / name) for name in ("demo.gin", "demo_4k.gin"))
+    assert [r.label().split("/")[-1] for r in demo] == [r.label().split("/")[-1] for r in demo_4k]
+    # One prompt bucket, batch and output length per sweep, so cells differ only in method and sparsity;
+    # the demo runs each cell's samples as one batch and has more of them than the 4K sweep's 3.
+    (length, samples, batch, new_tokens), = _shapes(demo)
+    assert _shapes(demo_4k) == {(4096, 3, 3, new_tokens)} and length < 4096
+    assert samples == batch and samples > 3
+
+
 @pytest.mark.parametrize("count", [1, 2, 3, 5])
 def test_shards_are_disjoint_and_cover_the_grid(count):
     runs = expand(REPO / "configs" / "sweeps" / "demo.gin")
