@@ -1,12 +1,16 @@
 """Numeric hyper-parameters as traced program arguments: same outputs, one compile per sweep."""
 
+import types
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sparse_jax.attention.base import TRACED
 from sparse_jax.attention.registry import get_method
+from sparse_jax.engine import generate as generate_module
 from sparse_jax.engine.generate import Engine, EngineConfig
+from sparse_jax.engine.memory import MemoryPlan
 from sparse_jax.engine.programs import PROGRAMS, ProgramCache
 from tests.test_budgets import SNAP
 from tests.test_engine_generate import random_prompts, tiny_model
@@ -123,3 +127,27 @@ def test_second_sparsity_of_a_sweep_reuses_the_compiled_programs(model):
     # Baked-in values compile a program per value.
     _generate(model, get_method("block_sparse", chunk_size=8, sparsity=0.55), traced=False)
     assert PROGRAMS.misses == misses + 2  # prefill and decode
+
+
+def test_a_traced_prefill_too_big_for_memory_runs_with_the_values_baked_in(model, monkeypatch):
+    # Traced, vertical-and-slash sizes its index to the dense bound: at 128K on 8B shapes 200+ GiB (the
+    # H200 ran out of memory). When XLA's memory analysis says the traced program does not fit, the engine
+    # runs the program with the method's values baked in, which gives the same generation.
+    method = get_method("vertical_and_slash", **VS, sparsity=0.9)
+    asked = []
+    monkeypatch.setattr(generate_module, "_temporaries_fit", lambda program, plan: asked.append(program) and False)
+    engine = Engine(model, method, EngineConfig(batch_size=2, traced_hyperparameters=True))
+    got = engine.generate_batch(LONG_PROMPTS, max_new_tokens=MAX_NEW, stop_ids=[])
+    assert len(asked) == 1  # the traced program was checked, the baked one runs
+    assert ("prefill", method) in {key[:2] for key in engine.programs}  # the program with the values in
+    _assert_same_generation(got, _generate(model, method, traced=False, prompts=LONG_PROMPTS))
+
+
+@pytest.mark.parametrize("temporaries, fits", [(9, True), (10, True), (11, False), (None, True)])
+def test_temporaries_fit_beside_the_cache(temporaries, fits):
+    class Program:
+        def memory_analysis(self):
+            return None if temporaries is None else types.SimpleNamespace(temp_size_in_bytes=temporaries)
+
+    plan = MemoryPlan(cache_bytes=20, activation_bytes=5, weight_bytes=7, limit_bytes=37, in_use_bytes=7, source="t")
+    assert generate_module._temporaries_fit(Program(), plan) is fits  # free 30, of which the cache takes 20

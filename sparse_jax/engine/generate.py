@@ -454,7 +454,7 @@ class Engine:
                 jax.random.fold_in(prefill_key, start),
                 self.method_values,
             )
-            fn, seconds = self._compile(("prefill",), self._prefill_fn, args)
+            fn, seconds, args = self._prefill_program(args, plan)
             compile_s += seconds
             t0 = time.perf_counter()
             caches, first, density, rep, counts = jax.block_until_ready(fn(*args))
@@ -538,14 +538,36 @@ class Engine:
         self.programs[key] = program
         return program, seconds
 
+    def _prefill_program(self, args: tuple, plan: MemoryPlan) -> tuple[Any, float, tuple]:
+        """``(program, compile seconds, args)`` of one prefill call.
+
+        With traced hyper-parameters a method's shapes take their dense bound
+        (:meth:`AttentionMethod.shape_value`), which at long prompts can need far more
+        working memory than the method's own value (vertical-and-slash at 128K on 8B
+        shapes: 200+ GiB for a 0.9 target, 5 GiB baked in). When the traced program's
+        temporaries do not fit beside the cache, the program with the method's values
+        baked in runs instead (its own compile, logged once per program).
+        """
+        fn, seconds = self._compile(("prefill",), self._prefill_fn, args)
+        if not self.method_values or _temporaries_fit(fn, plan):
+            return fn, seconds, args
+        baked_args = (*args[:-1], {})
+        baked, more = self._compile(("prefill", self.method), functools.partial(self._prefill_fn, method=self.method),
+                                    baked_args)
+        if more:
+            log.info("%s: the traced prefill program needs more memory than is free (%s); using one with the "
+                     "method's values baked in", self.method, plan.describe())
+        return baked, seconds + more, baked_args
+
     # --- traced programs -------------------------------------------------------------
 
-    def _prefill_fn(self, params, caches, tokens, lengths, row_start, key, method_values):
+    def _prefill_fn(self, params, caches, tokens, lengths, row_start, key, method_values, *, method=None):
         """Prefill rows ``row_start ..`` of the caches.
 
         Args:
           tokens: ``[b, T]`` int32 right-padded prompts; lengths: ``[b]`` int32.
           method_values: the method's traced hyper-parameters (``AttentionMethod.split``).
+          method: the whole method, its values baked in (``method_values`` then empty).
 
         Returns:
           ``(caches, first_tokens [b], prefill_density [b, L, H], reported_sparsity [b, L],
@@ -553,7 +575,8 @@ class Engine:
         """
         model = nnx.merge(self.graphdef, params)
         b, t = tokens.shape
-        method, backend = self.static_method.bind(method_values), self.prefill_backend
+        method = self.static_method.bind(method_values) if method is None else method
+        backend = self.prefill_backend
         write, _ = _cache_updates(method)
         num_layers, num_heads = self.model_config.num_layers, self.model_config.num_heads
 
@@ -658,6 +681,15 @@ def _allocate_stacked(allocate, method: AttentionMethod, batch: int) -> StackedP
             seq_lengths=stacked(layer.seq_lengths),
         )
     return jax.jit(allocate, out_shardings=shardings)()
+
+
+def _temporaries_fit(program, plan: MemoryPlan) -> bool:
+    """Whether ``program``'s temporaries (XLA's memory analysis) fit in the memory the plan
+    leaves free beside the KV cache; ``True`` when the backend does not say."""
+    stats = program.memory_analysis()
+    if stats is None:
+        return True
+    return stats.temp_size_in_bytes <= plan.free_bytes - plan.cache_bytes
 
 
 def _cache_updates(method: AttentionMethod):
