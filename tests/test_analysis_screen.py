@@ -72,12 +72,13 @@ def test_chance_scores_of_the_tasks():
     assert task_class("ruler_cwe").chance_score(cwe) == pytest.approx(expected_random_iou(100, 10, 10))
 
 
-def _dense_run(root, task, length, scores, config=None, metric="accuracy"):
+def _dense_run(root, task, length, scores, config=None, metric="accuracy", chance=None):
     run_dir = root / task / f"L{length}" / MODEL.name / "dense" / "k"
     save_run(RunRecord(MODEL, task, length, "dense", {}, None, 0.0, 0.0, dict(enumerate(scores)), 0.9 * length, 8.0),
              run_dir)
     obj = json.loads((run_dir / "run.json").read_text())
     obj["summary"]["metric"] = metric
+    obj["summary"]["chance"] = chance
     obj["config"] = config or {}
     obj["task_key"] = f"max_input_tokens@{length}"
     (run_dir / "run.json").write_text(json.dumps(obj))
@@ -112,6 +113,8 @@ def screen_folder(tmp_path):
     _data(tmp_path, "story_multihop", 4096, [_story(2, "x") | {"index": i} for i in range(n)], mh4)
     # story_retrieval with no samples on disk: its chance needs the prompts -> no data.
     _dense_run(tmp_path, "story_retrieval", 1024, np.ones(n), {"task": "story_retrieval"})
+    # ... unless the run recorded its chance (the runner does): 0.5 of fractional scores, chance 0.45 -> fail.
+    _dense_run(tmp_path, "story_retrieval", 4096, np.full(n, 0.5), {"task": "story_retrieval"}, chance=0.45)
     return tmp_path
 
 
@@ -123,6 +126,8 @@ def test_screen_rows_verdicts(screen_folder):
     assert rows[("story_multihop", 2048)]["chance"] == pytest.approx(1 / 3)
     assert rows[("story_multihop", 4096)]["verdict"] == FAIL and rows[("story_multihop", 4096)]["chance"] == 1.0
     assert rows[("story_retrieval", 1024)]["verdict"] == NO_DATA
+    assert rows[("story_retrieval", 4096)]["chance"] == 0.45 and rows[("story_retrieval", 4096)]["verdict"] == FAIL
+    assert rows[("story_retrieval", 4096)]["interval"] == "bootstrap"
     assert rows[("ruler_vt", 1024)]["interval"] == "wilson" and rows[("ruler_vt", 1024)]["samples"] == 100
 
 

@@ -10,10 +10,11 @@ Per sample, the expected score of a guess that knows the prompt's format but doe
 the answer (:meth:`sparse_jax.tasks.base.Task.chance_score`: 0 for copied random values such as
 needles, ``1 / num_chains`` for variable tracking, a random pick among the chapters or words the
 prompt holds for the story tasks and common words, 1/4 for multiple choice). A cell's chance is
-the mean over its samples, read from the samples the pipeline generated
+the mean over its scored samples: the run's own ``summary.chance`` (the runner records it), else,
+for runs written before it did, computed from the samples the pipeline generated
 (``{results_dir}/_data/{task}/{model}/{key}/data.jsonl``, matched to the run by the settings in
-its ``data.json``). Without those samples a task whose chance depends on the prompt cannot be
-screened (verdict ``no data``).
+its ``data.json``). Without either, a task whose chance depends on the prompt cannot be screened
+(verdict ``no data``).
 
 Verdict
 -------
@@ -148,7 +149,9 @@ def screen_rows(results_dir: str | pathlib.Path, config: ScreenConfig = ScreenCo
         scored = sorted(i for i, s in record.scores.items() if s is not None)
         values = [record.scores[i] for i in scored]
         low, high, kind = score_interval(values, config)
-        chance = cell_chance(record.task, find_samples(root, run), scored)
+        chance = run.summary.chance
+        if chance is None:
+            chance = cell_chance(record.task, find_samples(root, run), scored)
         threshold = None if chance is None else chance + config.margin
         verdict = NO_DATA if threshold is None else PASS if low > threshold else FAIL
         rows.append({"model": record.model.name, "task": record.task, "max_input_tokens": record.max_input_tokens,
