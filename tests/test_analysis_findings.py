@@ -7,6 +7,7 @@ import pytest
 
 from sparse_jax.analysis import main_analyze
 from sparse_jax.analysis.findings import (
+    cost_matched_comparisons,
     crossovers,
     paired_comparisons,
     restrict_to_cells,
@@ -157,6 +158,27 @@ def test_cross_family_pareto_puts_both_models_in_one_group():
     joint = [p for p in pareto_points(records, group_by_family=False) if p["task"] == "a"]
     assert {p["family"] for p in joint} == {"(all)"} and {p["model"] for p in joint} == {SMALL.name, LARGE.name}
     assert sum(p["on_frontier"] for p in joint) >= 1
+
+
+def test_cost_matched_comparison_of_a_larger_model():
+    twin = ModelConfig("Twin-270M", 4, 64, 256, 1000, 4, 2, 16, 270 * 10**6)  # SMALL's shapes: same FLOPs
+    deep = ModelConfig("Deep-1B", 40, 64, 256, 1000, 4, 2, 16, 10**9)  # 10x the layers: never as cheap
+    small_dense = np.arange(N) < 50
+
+    def cell(model, right):
+        scores = np.arange(N) < right
+        return [_run(model, "a", 4096, "dense", 0.0, scores), _run(model, "a", 4096, "quest", 0.9, scores)]
+
+    def verdicts(records):
+        return {(r["larger"], r["method"]): r["verdict"] for r in cost_matched_comparisons(records)}
+
+    better = verdicts([_run(SMALL, "a", 4096, "dense", 0.0, small_dense), *cell(twin, 80), *cell(deep, 100)])
+    assert better == {("Twin-270M", "dense"): "holds", ("Twin-270M", "quest"): "holds",
+                      ("Deep-1B", None): "cannot be decided"}
+    worse = verdicts([_run(SMALL, "a", 4096, "dense", 0.0, small_dense), *cell(twin, 20)])
+    assert set(worse.values()) == {"does not hold"}
+    equal = verdicts([_run(SMALL, "a", 4096, "dense", 0.0, small_dense), *cell(twin, 52)])
+    assert set(equal.values()) == {"not resolved"}
 
 
 def test_main_analyze_findings_section_and_screen(tmp_path):

@@ -1,8 +1,10 @@
 """The decisive tests of the paper's claims (b), (c), (d) and the study's figures.
 
-Claim (a) (a larger sparse model beats a smaller dense one at equal cost) is read off the
-isoFLOPS frontier across models (:func:`cross_model_pareto`); the verdicts and what decides
-them are in experiments/results/findings.md. Every test pairs runs on the same samples (same
+Claim (a) (a larger sparse model beats a smaller dense one at equal cost): the isoFLOPS
+frontier across models (:func:`cross_model_pareto`) and, per (task, length), every run of the
+larger model that costs no more FLOPs than the smaller model's dense run against that run
+(:func:`cost_matched_comparisons`). The verdicts and what decides them are in
+experiments/results/findings.md. Every test pairs runs on the same samples (same
 model, task, length and sample index; :func:`sparse_jax.analysis.preservation.paired_scores`).
 
 (b) Method comparisons: :func:`paired_comparisons` gives, per (model, task, length, level), the
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from sparse_jax.analysis.cost import CostOptions
+from sparse_jax.analysis.cost import CostOptions, run_cost
 from sparse_jax.analysis.pareto import pareto_points, plot_pareto
 from sparse_jax.analysis.preservation import PreservationConfig, level_tests, max_preserving, paired_scores
 from sparse_jax.analysis.records import RunRecord
@@ -196,6 +198,54 @@ def task_spread(records: Sequence[RunRecord], preservation: PreservationConfig,
     return out
 
 
+def cost_matched_comparisons(records: Sequence[RunRecord], options: CostOptions = CostOptions()) -> list[dict[str, Any]]:
+    """Claim (a): per (task, length) and larger model, its runs that cost at most the smallest model's dense run.
+
+    Each such run's mean score minus the smaller dense one's, with an unpaired percentile-bootstrap
+    interval (the models' samples differ: each tokenizer gets its own prompts) at confidence
+    ``1 - 0.05 / k`` for ``k`` cost-matched runs (Bonferroni: the best of ``k`` is not picked for free).
+    ``verdict`` per row's cell: ``holds`` when some cost-matched run's interval is above 0, ``does not
+    hold`` when every one is below 0, ``not resolved`` otherwise, and ``cannot be decided`` when no run
+    of the larger model is as cheap as the smaller dense one.
+    """
+    cells: dict[tuple[str, int], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if not math.isnan(r.mean_score):
+            cells[(r.task, r.max_input_tokens)][r.model.name].append(r)
+    rng = np.random.default_rng(0)
+    out = []
+    for (task, length), by_model in sorted(cells.items()):
+        models = sorted(by_model, key=lambda m: by_model[m][0].model.num_parameters)
+        small = next((r for r in by_model[models[0]] if r.is_dense), None)
+        if small is None:
+            continue
+        budget = run_cost(small, options).total_flops
+        small_scores = np.array([s for s in small.scores.values() if s is not None])
+        for model in models[1:]:
+            matched = sorted((r for r in by_model[model] if run_cost(r, options).total_flops <= budget),
+                             key=lambda r: (r.method, r.level))
+            base = {"task": task, "max_input_tokens": length, "smaller_dense": models[0], "larger": model,
+                    "smaller_dense_flops": budget, "smaller_dense_score": small.mean_score, "method": None,
+                    "level": None, "flops_ratio": None, "score": None, "diff": None, "ci_low": None, "ci_high": None}
+            if not matched:
+                out.append(base | {"verdict": "cannot be decided"})
+                continue
+            tail = 0.05 / len(matched) / 2
+            rows = []
+            for r in matched:
+                scores = np.array([s for s in r.scores.values() if s is not None])
+                boot = (scores[rng.integers(0, scores.size, (NUM_BOOTSTRAP, scores.size))].mean(axis=1)
+                        - small_scores[rng.integers(0, small_scores.size, (NUM_BOOTSTRAP, small_scores.size))].mean(axis=1))
+                rows.append(base | {"method": r.method, "level": r.level,
+                                    "flops_ratio": run_cost(r, options).total_flops / budget, "score": r.mean_score,
+                                    "diff": r.mean_score - small.mean_score, "ci_low": float(np.quantile(boot, tail)),
+                                    "ci_high": float(np.quantile(boot, 1 - tail))})
+            verdict = ("holds" if any(r["ci_low"] > 0 for r in rows)
+                       else "does not hold" if all(r["ci_high"] < 0 for r in rows) else "not resolved")
+            out += [r | {"verdict": verdict} for r in rows]
+    return out
+
+
 def cross_model_pareto(records: Sequence[RunRecord], options: CostOptions = CostOptions()) -> list[dict[str, Any]]:
     """isoFLOPS points of every model together per (task, length) (claim (a)); see :mod:`.pareto`."""
     return pareto_points(records, options, group_by_family=False)
@@ -311,6 +361,7 @@ def findings_tables(records: Sequence[RunRecord], preservation: PreservationConf
     decode_rows = [row for b in EVICTION_METHODS if {QUERY_AWARE_METHOD, b} <= methods
                    for row in paired_comparisons(records, QUERY_AWARE_METHOD, b)]
     return {
+        "findings_a_cost_matched": cost_matched_comparisons(records),
         "findings_max_tolerated": max_rows,
         "findings_b_prefill_pairs": prefill_rows,
         "findings_b_prefill_crossovers": crossovers(prefill_rows),

@@ -142,6 +142,10 @@ def _scaling(records: list[RunRecord], law: ScalingLaw, num_bootstrap: int, out:
 
 
 _FINDINGS_TEXT = {
+    "findings_a_cost_matched": "### (a) A larger sparse model against a smaller dense one at equal FLOPs\n\n"
+    "Per task and length: every run of the larger model costing at most the smaller model's dense run, its "
+    "score minus that run's with an unpaired bootstrap interval (Bonferroni over the cost-matched runs); "
+    "the isoFLOPS frontier of both models is `findings_a_isoflops.csv` and the figures below.\n",
     "findings_b_prefill_crossovers": "### (b) Prefill methods: does the better method depend on the task?\n\n"
     "Per pair of prefill methods, length and level: tasks where each is better (paired bootstrap 95 % interval "
     "of the score difference excludes 0); `crossover` = both lists non-empty. Per-task differences: "
@@ -157,8 +161,8 @@ _FINDINGS_TEXT = {
     "(`p_heterogeneity`, `i2`); `holds` when the mean is within the preservation margin and Q rejects "
     "homogeneity; `cannot be decided` with fewer than 3 tasks.\n",
 }
-_FINDINGS_SHOWN = ("findings_b_prefill_crossovers", "findings_b_decode_pairs", "findings_c_tolerance_vs_length",
-                   "findings_d_task_spread")
+_FINDINGS_SHOWN = ("findings_a_cost_matched", "findings_b_prefill_crossovers", "findings_b_decode_pairs",
+                   "findings_c_tolerance_vs_length", "findings_d_task_spread")
 
 
 def _findings(records: list[RunRecord], config: PreservationConfig, options: CostOptions, out: pathlib.Path) -> str:
