@@ -7,8 +7,10 @@ import pytest
 
 from sparse_jax.analysis import main_analyze
 from sparse_jax.analysis.findings import (
+    claim_verdicts,
     cost_matched_comparisons,
     crossovers,
+    findings_tables,
     paired_comparisons,
     restrict_to_cells,
     task_spread,
@@ -179,6 +181,38 @@ def test_cost_matched_comparison_of_a_larger_model():
     assert set(worse.values()) == {"does not hold"}
     equal = verdicts([_run(SMALL, "a", 4096, "dense", 0.0, small_dense), *cell(twin, 52)])
     assert set(equal.values()) == {"not resolved"}
+
+
+def _verdicts(records):
+    return {row["claim"][:3] + (" decode" if "decode" in row["claim"] else ""): row["verdict"]
+            for row in claim_verdicts(findings_tables(records, BOOTSTRAP))}
+
+
+def test_claim_verdicts_follow_the_rows():
+    growing = {1024: 0.5, 2048: 0.7, 4096: 0.8, 8192: 0.9}
+    assert _verdicts(_tolerance_records(lambda task, n: growing[n]))["(c)"] == "holds"
+    assert _verdicts(_tolerance_records(lambda task, n: 0.8))["(c)"] == "does not hold"
+    crossing = _verdicts(_prefill_records({"a": "block_sparse", "b": "vertical_and_slash"}))
+    assert crossing["(b)"] == "holds" and crossing["(d)"] == "cannot be decided"  # 2 tasks: no spread test
+    assert _verdicts(_prefill_records({"a": "both", "b": "both"}))["(b)"] == "does not hold"
+    one_task = [r for r in _prefill_records({"a": "block_sparse", "b": "vertical_and_slash"}) if r.task == "a"]
+    assert _verdicts(one_task)["(b)"] == "cannot be decided"
+    assert _verdicts(_spread_records({"a": 0.2, "b": -0.2, "c": 0.0, "d": 0.0}))["(d)"] == "holds"
+
+    def decode(quest_tolerance, eviction_tolerance):
+        rng = np.random.default_rng(5)
+        records = []
+        for task in ("a", "b", "c"):
+            dense = rng.random(N) < 0.9
+            records += [_run(SMALL, task, 4096, "dense", 0.0, dense),
+                        *_sweep(SMALL, task, 4096, "quest", dense, quest_tolerance, rng),
+                        *_sweep(SMALL, task, 4096, "snapkv", dense, eviction_tolerance, rng),
+                        *_sweep(SMALL, task, 4096, "ada_snapkv", dense, eviction_tolerance, rng)]
+        return _verdicts(records)["(b) decode"]
+
+    assert decode(0.95, 0.5) == "holds"
+    assert decode(0.5, 0.95) == "does not hold"
+    assert decode(0.95, 0.95) == "not resolved"
 
 
 def test_main_analyze_findings_section_and_screen(tmp_path):

@@ -25,6 +25,14 @@ model, task, length and sample index; :func:`sparse_jax.analysis.preservation.pa
     that a task with identical differences does not take all the weight), with ``I^2``. The
     claim holds at a level when the mean drop is within the preservation margin (lower bound
     above ``-margin``) while Q rejects homogeneity (p < 0.05).
+
+One verdict per claim and model (:func:`claim_verdicts`), from the rows above: (a) the majority of
+the (task, length) cells with a cost-matched run (at least 2); (b) prefill: some pair of methods
+crosses over at a level >= 0.8 at more than half of the lengths (``does not hold``: at none);
+(b) decode: the pooled Quest - SnapKV and Quest - Ada-SnapKV intervals are above 0 at most levels
+>= 0.8 for both (``does not hold``: below 0 at most levels for either); (c) and (d) the majority
+of the methods' (resp. method x length x level cells') verdicts. Anything else is ``not
+resolved``; no decidable row gives ``cannot be decided``.
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ EVICTION_METHODS = ("snapkv", "ada_snapkv")
 QUERY_AWARE_METHOD = "quest"
 CONFIDENCE = 0.95
 NUM_BOOTSTRAP = 2000
+HIGH_LEVEL = 0.8
+"""Levels from here up are where the claims about methods are judged (the paper's high-compression regime)."""
+HOLDS, DOES_NOT_HOLD, NOT_RESOLVED, UNDECIDABLE = "holds", "does not hold", "not resolved", "cannot be decided"
 
 
 def restrict_to_cells(records: Sequence[RunRecord], cells: set[Cell]) -> list[RunRecord]:
@@ -146,8 +157,8 @@ def tolerance_vs_length(max_rows: Sequence[dict[str, Any]], seed: int = 0) -> li
         boot = np.array([b for b in boot if not math.isnan(b)])
         tail = (1 - CONFIDENCE) / 2
         low, high = (float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))) if boot.size else (math.nan,) * 2
-        verdict = ("cannot be decided" if math.isnan(slope) or math.isnan(low)
-                   else "holds" if low > 0 else "does not hold" if high <= 0 else "not resolved")
+        verdict = (UNDECIDABLE if math.isnan(slope) or math.isnan(low)
+                   else HOLDS if low > 0 else DOES_NOT_HOLD if high <= 0 else NOT_RESOLVED)
         out.append({"model": model, "method": method, "tasks": len(clusters),
                     "lengths": int(np.unique(points[:, 0]).size), "slope_per_doubling": slope,
                     "ci_low": low, "ci_high": high, "verdict": verdict})
@@ -187,8 +198,7 @@ def task_spread(records: Sequence[RunRecord], preservation: PreservationConfig,
         else:
             q = p_het = i2 = math.nan
         tolerated = low > -preservation.margin
-        verdict = ("cannot be decided" if len(diffs) < 3
-                   else "holds" if tolerated and p_het < 0.05 else "does not hold")
+        verdict = UNDECIDABLE if len(diffs) < 3 else HOLDS if tolerated and p_het < 0.05 else DOES_NOT_HOLD
         out.append({"model": model, "method": method, "max_input_tokens": length, "level": level,
                     "tasks": len(diffs), "mean_drop": mean, "ci_low": low, "ci_high": high,
                     "min_task_drop": float(task_means.min()), "max_task_drop": float(task_means.max()),
@@ -228,7 +238,7 @@ def cost_matched_comparisons(records: Sequence[RunRecord], options: CostOptions 
                     "smaller_dense_flops": budget, "smaller_dense_score": small.mean_score, "method": None,
                     "level": None, "flops_ratio": None, "score": None, "diff": None, "ci_low": None, "ci_high": None}
             if not matched:
-                out.append(base | {"verdict": "cannot be decided"})
+                out.append(base | {"verdict": UNDECIDABLE})
                 continue
             tail = 0.05 / len(matched) / 2
             rows = []
@@ -240,8 +250,8 @@ def cost_matched_comparisons(records: Sequence[RunRecord], options: CostOptions 
                                     "flops_ratio": run_cost(r, options).total_flops / budget, "score": r.mean_score,
                                     "diff": r.mean_score - small.mean_score, "ci_low": float(np.quantile(boot, tail)),
                                     "ci_high": float(np.quantile(boot, 1 - tail))})
-            verdict = ("holds" if any(r["ci_low"] > 0 for r in rows)
-                       else "does not hold" if all(r["ci_high"] < 0 for r in rows) else "not resolved")
+            verdict = (HOLDS if any(r["ci_low"] > 0 for r in rows)
+                       else DOES_NOT_HOLD if all(r["ci_high"] < 0 for r in rows) else NOT_RESOLVED)
             out += [r | {"verdict": verdict} for r in rows]
     return out
 
@@ -347,6 +357,70 @@ def plot_cross_model_pareto(points: Sequence[dict[str, Any]], out: pathlib.Path)
 
 def models_and_lengths(records: Iterable[RunRecord]) -> list[tuple[str, int]]:
     return sorted({(r.model.name, r.max_input_tokens) for r in records})
+
+
+def _majority(verdicts: Sequence[str], minimum: int = 1) -> str:
+    """``holds`` / ``does not hold`` when more than half of the decided ``verdicts`` say so, else
+    ``not resolved``; ``cannot be decided`` with fewer than ``minimum`` verdicts that are not."""
+    decided = [v for v in verdicts if v != UNDECIDABLE]
+    if len(decided) < minimum:
+        return UNDECIDABLE
+    for verdict in (HOLDS, DOES_NOT_HOLD):
+        if 2 * decided.count(verdict) > len(decided):
+            return verdict
+    return NOT_RESOLVED
+
+
+def claim_verdicts(tables: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One verdict per claim and model from :func:`findings_tables` (rules: module docstring of this file and
+    experiments/results/findings.md)."""
+    rows = []
+    cells: dict[tuple, str] = {}
+    for r in tables["findings_a_cost_matched"]:
+        cells[(r["larger"], r["task"], r["max_input_tokens"])] = r["verdict"]
+    for larger in sorted({k[0] for k in cells}):
+        verdicts = [v for k, v in cells.items() if k[0] == larger]
+        rows.append({"claim": "(a) larger sparse beats smaller dense at equal FLOPs", "model": larger,
+                     "verdict": _majority(verdicts, minimum=2), "evidence": f"{len(verdicts)} task x length cells: "
+                     + ", ".join(f"{verdicts.count(v)} {v}" for v in sorted(set(verdicts)))})
+    crossing: dict[tuple, dict[int, bool]] = defaultdict(dict)
+    for r in tables["findings_b_prefill_crossovers"]:
+        if r["level"] >= HIGH_LEVEL and r["tasks"] >= 2:  # one task cannot show a crossover
+            per_length = crossing[(r["model"], r["comparison"])]
+            per_length[r["max_input_tokens"]] = per_length.get(r["max_input_tokens"], False) or r["crossover"]
+    for model in sorted({r["model"] for r in tables["findings_b_prefill_crossovers"]} - {m for m, _ in crossing}):
+        rows.append({"claim": "(b) prefill: the best method depends on the task", "model": model,
+                     "verdict": UNDECIDABLE, "evidence": "fewer than 2 tasks at every length"})
+    for model in sorted({m for m, _ in crossing}):
+        pairs = {c: lengths for (m, c), lengths in crossing.items() if m == model}
+        best = max(pairs, key=lambda c: sum(pairs[c].values()))
+        share = sum(pairs[best].values()) / len(pairs[best])
+        rows.append({"claim": "(b) prefill: the best method depends on the task", "model": model,
+                     "verdict": HOLDS if share > 0.5 else DOES_NOT_HOLD if share == 0 else NOT_RESOLVED,
+                     "evidence": f"{best}: a crossover at {sum(pairs[best].values())} of {len(pairs[best])} lengths"})
+    pooled: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in tables["findings_b_decode_pairs"]:
+        if r["task"] == "(all)" and r["level"] >= HIGH_LEVEL:
+            pooled[(r["model"], r["comparison"])].append(r)
+    for model in sorted({m for m, _ in pooled}):
+        per_method = {c: [HOLDS if r["ci_low"] > 0 else DOES_NOT_HOLD if r["ci_high"] < 0 else NOT_RESOLVED
+                          for r in rs] for (m, c), rs in pooled.items() if m == model}
+        summary = {c: _majority(v) for c, v in per_method.items()}
+        verdict = (HOLDS if set(summary.values()) == {HOLDS} else
+                   DOES_NOT_HOLD if DOES_NOT_HOLD in summary.values() else NOT_RESOLVED)
+        rows.append({"claim": "(b) decode: Quest tolerates more sparsity than eviction", "model": model,
+                     "verdict": verdict, "evidence": "; ".join(f"{c}: {v}" for c, v in sorted(summary.items()))})
+    for model in sorted({r["model"] for r in tables["findings_c_tolerance_vs_length"]}):
+        verdicts = [r["verdict"] for r in tables["findings_c_tolerance_vs_length"] if r["model"] == model]
+        rows.append({"claim": "(c) longer sequences tolerate more sparsity", "model": model,
+                     "verdict": _majority(verdicts), "evidence": f"{len(verdicts)} methods: "
+                     + ", ".join(f"{verdicts.count(v)} {v}" for v in sorted(set(verdicts)))})
+    for model in sorted({r["model"] for r in tables["findings_d_task_spread"]}):
+        verdicts = [r["verdict"] for r in tables["findings_d_task_spread"] if r["model"] == model]
+        rows.append({"claim": "(d) high compression tolerated on average, varying by task", "model": model,
+                     "verdict": _majority(verdicts), "evidence": f"{len(verdicts)} method x length x level cells: "
+                     + ", ".join(f"{verdicts.count(v)} {v}" for v in sorted(set(verdicts)))})
+    return rows
 
 
 def findings_tables(records: Sequence[RunRecord], preservation: PreservationConfig) -> dict[str, list[dict[str, Any]]]:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from sparse_jax.analysis.cost import HARDWARE, CostOptions, compare_with_benchmarks, cost_row
 from sparse_jax.analysis.findings import (
+    claim_verdicts,
     cross_model_pareto,
     findings_tables,
     models_and_lengths,
@@ -169,6 +170,9 @@ def _findings(records: list[RunRecord], config: PreservationConfig, options: Cos
     text = ["## The paper's claims\n", "Tests and verdict rules: `sparse_jax/analysis/findings.py`; "
             "design: experiments/results/findings.md.\n"]
     tables = findings_tables(records, config)
+    text += ["### Verdicts\n", "One per claim and model; the rules are in `sparse_jax/analysis/findings.py`. "
+             "With `--screen`, only the cells where dense passed the chance screen are tested.\n",
+             write_table(claim_verdicts(tables), out / "findings_verdicts", ["claim", "model", "verdict", "evidence"])]
     for name, rows in tables.items():
         shown = write_table(rows, out / name)
         if name in _FINDINGS_SHOWN:
