@@ -86,7 +86,8 @@ def _cmd_screen(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"results folder {results} does not exist; run the screen sweep first")
     if args.margin < 0:
         raise ConfigError(f"--margin must be >= 0 (score units above chance), got {args.margin}")
-    path, table = write_screen(results, Path(args.out) if args.out else results / "screen", ScreenConfig(margin=args.margin))
+    out = Path(args.out) if args.out else results / "screen"
+    path, table = write_screen(results, out, ScreenConfig(margin=args.margin))
     print(table)
     print(f"screen: {path}")
     return 0

@@ -1,4 +1,4 @@
-"""The decisive tests of the paper's claims (b), (c), (d) and the study's figures.
+"""The decisive tests of the paper's claims (a)-(d), one verdict per claim and model, and the study's figures.
 
 Claim (a) (a larger sparse model beats a smaller dense one at equal cost): the isoFLOPS
 frontier across models (:func:`cross_model_pareto`) and, per (task, length), every run of the
@@ -50,7 +50,7 @@ from sparse_jax.analysis.cost import CostOptions, run_cost
 from sparse_jax.analysis.pareto import pareto_points, plot_pareto
 from sparse_jax.analysis.preservation import PreservationConfig, level_tests, max_preserving, paired_scores
 from sparse_jax.analysis.records import RunRecord
-from sparse_jax.analysis.screen import Cell, ScreenConfig, bootstrap_interval, score_interval
+from sparse_jax.analysis.screen import Cell, ScreenConfig, bootstrap_interval, resampled_means, score_interval
 
 PREFILL_METHODS = ("block_sparse", "vertical_and_slash", "flexprefill")
 EVICTION_METHODS = ("snapkv", "ada_snapkv")
@@ -78,7 +78,7 @@ def _stratified_mean_interval(diffs: Sequence[np.ndarray], seed: int = 0) -> tup
     """Task-balanced mean of per-task differences ``[n_t]`` and its bootstrap interval (resampling within tasks)."""
     rng = np.random.default_rng(seed)
     point = float(np.mean([d.mean() for d in diffs]))
-    boot = np.mean([d[rng.integers(0, d.size, size=(NUM_BOOTSTRAP, d.size))].mean(axis=1) for d in diffs], axis=0)
+    boot = np.mean([resampled_means(d, NUM_BOOTSTRAP, rng) for d in diffs], axis=0)
     tail = (1 - CONFIDENCE) / 2
     return point, float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))
 
@@ -156,7 +156,8 @@ def tolerance_vs_length(max_rows: Sequence[dict[str, Any]], seed: int = 0) -> li
             boot = [_slope(*points[rng.integers(0, len(points), len(points))].T) for _ in range(NUM_BOOTSTRAP)]
         boot = np.array([b for b in boot if not math.isnan(b)])
         tail = (1 - CONFIDENCE) / 2
-        low, high = (float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))) if boot.size else (math.nan,) * 2
+        low, high = ((float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))) if boot.size
+                     else (math.nan, math.nan))
         verdict = (UNDECIDABLE if math.isnan(slope) or math.isnan(low)
                    else HOLDS if low > 0 else DOES_NOT_HOLD if high <= 0 else NOT_RESOLVED)
         out.append({"model": model, "method": method, "tasks": len(clusters),
@@ -208,7 +209,8 @@ def task_spread(records: Sequence[RunRecord], preservation: PreservationConfig,
     return out
 
 
-def cost_matched_comparisons(records: Sequence[RunRecord], options: CostOptions = CostOptions()) -> list[dict[str, Any]]:
+def cost_matched_comparisons(records: Sequence[RunRecord],
+                             options: CostOptions = CostOptions()) -> list[dict[str, Any]]:
     """Claim (a): per (task, length) and larger model, its runs that cost at most the smallest model's dense run.
 
     Each such run's mean score minus the smaller dense one's, with an unpaired percentile-bootstrap
@@ -244,8 +246,7 @@ def cost_matched_comparisons(records: Sequence[RunRecord], options: CostOptions 
             rows = []
             for r in matched:
                 scores = np.array([s for s in r.scores.values() if s is not None])
-                boot = (scores[rng.integers(0, scores.size, (NUM_BOOTSTRAP, scores.size))].mean(axis=1)
-                        - small_scores[rng.integers(0, small_scores.size, (NUM_BOOTSTRAP, small_scores.size))].mean(axis=1))
+                boot = resampled_means(scores, NUM_BOOTSTRAP, rng) - resampled_means(small_scores, NUM_BOOTSTRAP, rng)
                 rows.append(base | {"method": r.method, "level": r.level,
                                     "flops_ratio": run_cost(r, options).total_flops / budget, "score": r.mean_score,
                                     "diff": r.mean_score - small.mean_score, "ci_low": float(np.quantile(boot, tail)),

@@ -9,7 +9,7 @@ Outputs under ``out_dir``:
 * ``cost_validation`` / ``cost_validation_summary`` -- roofline prediction vs measured time (runs with times);
 * ``pareto`` + ``plots/pareto_*.png`` -- score vs FLOPs with the Pareto frontier per family, task, length;
 * ``scaling_fits`` -- scaling-law parameters per method with bootstrap intervals and held-out error;
-* ``findings_*`` + ``plots/findings_*.png`` -- the tests of the paper's claims (b)-(d), score vs
+* ``findings_*`` + ``plots/findings_*.png`` -- the tests of the paper's claims (a)-(d) and their verdicts, score vs
   sparsity per task and method, max tolerated sparsity vs length, isoFLOPS across models
   (:mod:`sparse_jax.analysis.findings`); with a chance screen (``screen.json``) every analysis
   sees only the cells that passed it;

@@ -95,14 +95,18 @@ def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple
     return max(centre - half, 0.0), min(centre + half, 1.0)
 
 
+def resampled_means(values: np.ndarray, num_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
+    """``[num_bootstrap]`` means of ``values [n]`` resampled with replacement."""
+    return values[rng.integers(0, values.size, size=(num_bootstrap, values.size))].mean(axis=1)
+
+
 def bootstrap_interval(values: np.ndarray, confidence: float = 0.95, num_bootstrap: int = 2000,
                        seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values [n]`` (``(nan, nan)`` when empty)."""
     values = np.asarray(values, np.float64)
     if values.size == 0:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(num_bootstrap, values.size))].mean(axis=1)
+    means = resampled_means(values, num_bootstrap, np.random.default_rng(seed))
     tail = (1 - confidence) / 2
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
