@@ -5,7 +5,8 @@ Subcommands:
   run       one experiment from gin files: prepare, predict, evaluate
   sweep     a grid of experiments from a sweep gin file
   report    tables and plots of a results folder
-  analyze   statistics, cost model, Pareto frontier and scaling fits of a results folder
+  analyze   statistics, cost model, Pareto frontier, scaling fits and the paper's claims of a results folder
+  screen    which (model, task, length) cells dense attention scores clearly above chance on
   demo      the README's main job: the demo sweep on the embedded model, then its report
 """
 
@@ -68,8 +69,27 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     results = Path(args.results_dir)
     if not results.is_dir():
         raise FileNotFoundError(f"results folder {results} does not exist; run `sparse-jax run` or `sweep` first")
-    report = main_analyze(results, Path(args.out) if args.out else results / "analysis")
+    if args.screen is not None and not Path(args.screen).is_file():
+        raise FileNotFoundError(f"screen file {args.screen} does not exist; write it with `sparse-jax screen`")
+    report = main_analyze(results, Path(args.out) if args.out else results / "analysis", screen_file=args.screen)
     print(f"analysis: {report}")
+    return 0
+
+
+def _cmd_screen(args: argparse.Namespace) -> int:
+    from sparse_jax.analysis.screen import ScreenConfig, write_screen
+
+    from sparse_jax.pipeline.errors import ConfigError
+
+    results = Path(args.results_dir)
+    if not results.is_dir():
+        raise FileNotFoundError(f"results folder {results} does not exist; run the screen sweep first")
+    if args.margin < 0:
+        raise ConfigError(f"--margin must be >= 0 (score units above chance), got {args.margin}")
+    out = Path(args.out) if args.out else results / "screen"
+    path, table = write_screen(results, out, ScreenConfig(margin=args.margin))
+    print(table)
+    print(f"screen: {path}")
     return 0
 
 
@@ -119,7 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="accuracy-preservation tests, cost model, Pareto and scaling fits")
     p.add_argument("results_dir")
     p.add_argument("--out", default=None)
+    p.add_argument("--screen", default=None, help="screen.json of `sparse-jax screen`: analyse only the cells that passed")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("screen", help="dense score vs chance per model, task and length (the findings study's first step)")
+    p.add_argument("results_dir")
+    p.add_argument("--out", default=None, help="output folder (default RESULTS_DIR/screen)")
+    p.add_argument("--margin", type=float, default=0.10, help="how far above chance the lower bound must be")
+    p.set_defaults(func=_cmd_screen)
 
     p = sub.add_parser("demo", help="the README main job on the embedded SmolLM2")
     p.add_argument("--gin_param", action="append", default=[])

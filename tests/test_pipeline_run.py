@@ -45,6 +45,7 @@ def test_run_writes_every_result_file_and_prints_a_summary(shared):
     assert run["status"] == "complete" and run["format_version"] == 1
     assert run["summary"]["total_samples"] == 2 and run["summary"]["metric"] == "accuracy"
     assert run["summary"]["compile_seconds"] > 0 and all(p["compile_seconds"] >= 0 for p in preds)
+    assert run["summary"]["chance"] == 0.0  # niah_single: a copied random number (Task.chance_score)
     assert RunFile.read(run_dir).config == cfg.as_record()  # the typed record reads what the runner wrote
     assert Path(jax.config.jax_compilation_cache_dir).is_dir()  # the persistent compilation cache is on
     (record,) = load_records(shared.results)  # the analysis package reads it

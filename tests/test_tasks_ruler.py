@@ -240,3 +240,17 @@ def test_niah_single_rejects_bad_arguments(kwargs, message):
 def test_long_samples_with_smollm2_fill_the_window(name, args):
     task = _task(name, "smollm2", length=32768, samples=1, **args)
     assert_in_window(task, task.generate_samples(progress=False))
+
+
+def test_cwe_and_vt_chance_scores_from_generated_samples():
+    from sparse_jax.tasks.answers import expected_random_iou
+    from sparse_jax.tasks.registry import task_class
+
+    for record in _task("ruler_cwe", "smollm2", 4096).generate_samples(progress=False):
+        context = record["input_text"].split("<context>\n")[1].split("\n</context>")[0]
+        listed = re.findall(r"^\d+\. (\S+)$", context, re.M)
+        distinct = len(set(listed))
+        assert len(listed) == record["num_total_words"] and distinct > 50
+        assert task_class("ruler_cwe").chance_score(record) == pytest.approx(expected_random_iou(distinct, 10, 10))
+    (record,) = _task("ruler_vt", "smollm2", 2048, samples=1, num_chains=5).generate_samples(progress=False)
+    assert task_class("ruler_vt").chance_score(record) == 0.2

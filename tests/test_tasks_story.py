@@ -220,3 +220,15 @@ def test_too_short_for_the_chapters_needed(name, minimum):
 def test_long_samples_with_smollm2_fill_the_window(name):
     task = _task(name, length=32768, samples=1)
     assert_in_window(task, task.generate_samples(progress=False))
+
+
+@pytest.mark.parametrize("name", STORY_TASKS)
+def test_chance_score_counts_the_chapters_of_the_prompt(name):
+    from sparse_jax.tasks.answers import expected_random_iou
+    from sparse_jax.tasks.registry import task_class
+
+    for record in _task(name).generate_samples(progress=False):
+        chapters = sum(block.startswith("Chapter ") for block in _context(record).split("\n\n"))
+        expected = {"story_retrieval": 1 / chapters, "story_multihop": 1 / (chapters - 1),
+                    "story_filtering": expected_random_iou(chapters, 3, 3)}[name]
+        assert chapters > 10 and task_class(name).chance_score(record) == pytest.approx(expected)

@@ -21,6 +21,7 @@ from sparse_jax.analysis.cost import CostOptions, run_cost
 from sparse_jax.analysis.records import RunRecord, group_over_shared_tasks
 
 MEAN_TASK = "(mean)"
+ALL_FAMILIES = "(all)"
 
 
 def pareto_mask(flops: Sequence[float], scores: Sequence[float]) -> np.ndarray:
@@ -58,20 +59,23 @@ def _mean_over_tasks(records: Sequence[RunRecord], options: CostOptions) -> list
     return out
 
 
-def pareto_points(records: Sequence[RunRecord], options: CostOptions = CostOptions()) -> list[dict[str, Any]]:
+def pareto_points(records: Sequence[RunRecord], options: CostOptions = CostOptions(),
+                  group_by_family: bool = True) -> list[dict[str, Any]]:
     """One row per run (plus the ``(mean)`` task rows) with ``on_frontier`` for its group.
 
-    Runs with no scored sample are left out.
+    With ``group_by_family=False`` every model shares one group per (task, length), so the
+    frontier runs across families (the rows' ``family`` is then ``"(all)"``). Runs with no
+    scored sample are left out.
     """
     groups: dict[tuple[str, int], list[RunRecord]] = defaultdict(list)
     for rec in records:
         if not np.isnan(rec.mean_score):
-            groups[(rec.model.family, rec.max_input_tokens)].append(rec)
+            groups[(rec.model.family if group_by_family else ALL_FAMILIES, rec.max_input_tokens)].append(rec)
     rows = []
     for key in sorted(groups):
         by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for p in [_point(r, options) for r in groups[key]] + _mean_over_tasks(groups[key], options):
-            by_task[p["task"]].append(p)
+            by_task[p["task"]].append(p | {"family": key[0]})
         for task in sorted(by_task):
             pts = sorted(by_task[task], key=lambda p: (p["total_flops"], -p["score"]))
             mask = pareto_mask([p["total_flops"] for p in pts], [p["score"] for p in pts])

@@ -279,7 +279,7 @@ def _parse_scores(path: pathlib.Path) -> dict[int, float | None]:
 
 _SUMMARY_NUMBERS = ("combined_sparsity", "prefill_seconds", "decode_seconds", "compile_seconds", "reported_sparsity", "max_output_tokens",
                     "prefill_tokens_per_s", "decode_tokens_per_s", "score", "variance", "scored_samples",
-                    "total_samples")
+                    "total_samples", "chance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,6 +304,8 @@ class RunSummary:
       diagnostics: what the method's selection missed on the diagnosed samples
         (``ExperimentConfig.diagnostics``; :func:`sparse_jax.diagnostics.results.summarize`),
         ``None`` when off.
+      chance: the task's chance score (``Task.chance_score``) averaged over the scored
+        samples, what the chance screen compares dense scores with; ``None`` in older records.
     """
 
     prefill_sparsity: float
@@ -326,6 +328,7 @@ class RunSummary:
     scored_samples: int | None = None
     total_samples: int | None = None
     diagnostics: dict[str, Any] | None = None
+    chance: float | None = None
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str) -> RunSummary:

@@ -9,6 +9,10 @@ Outputs under ``out_dir``:
 * ``cost_validation`` / ``cost_validation_summary`` -- roofline prediction vs measured time (runs with times);
 * ``pareto`` + ``plots/pareto_*.png`` -- score vs FLOPs with the Pareto frontier per family, task, length;
 * ``scaling_fits`` -- scaling-law parameters per method with bootstrap intervals and held-out error;
+* ``findings_*`` + ``plots/findings_*.png`` -- the tests of the paper's claims (a)-(d) and their verdicts, score vs
+  sparsity per task and method, max tolerated sparsity vs length, isoFLOPS across models
+  (:mod:`sparse_jax.analysis.findings`); with a chance screen (``screen.json``) every analysis
+  sees only the cells that passed it;
 * ``report.md`` -- all of the above with the statement of the methods.
 """
 
@@ -22,6 +26,16 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sparse_jax.analysis.cost import HARDWARE, CostOptions, compare_with_benchmarks, cost_row
+from sparse_jax.analysis.findings import (
+    claim_verdicts,
+    cross_model_pareto,
+    findings_tables,
+    models_and_lengths,
+    plot_cross_model_pareto,
+    plot_score_vs_sparsity,
+    plot_tolerance_vs_length,
+    restrict_to_cells,
+)
 from sparse_jax.analysis.pareto import pareto_points, plot_pareto
 from sparse_jax.analysis.preservation import (
     PreservationConfig,
@@ -30,8 +44,9 @@ from sparse_jax.analysis.preservation import (
     max_preserving_across_tasks,
     sweeps_without_baseline,
 )
-from sparse_jax.analysis.records import RunRecord, load_records
+from sparse_jax.analysis.records import RunFileError, RunRecord, load_records
 from sparse_jax.analysis.scaling import ScalingLaw, fit_rows, fit_scaling_law, scaling_points
+from sparse_jax.analysis.screen import passing_cells
 from sparse_jax.analysis.tables import markdown_table, write_table
 
 _COST_COLUMNS = [
@@ -127,6 +142,61 @@ def _scaling(records: list[RunRecord], law: ScalingLaw, num_bootstrap: int, out:
     return "\n".join(text)
 
 
+_FINDINGS_TEXT = {
+    "findings_a_cost_matched": "### (a) A larger sparse model against a smaller dense one at equal FLOPs\n\n"
+    "Per task and length: every run of the larger model costing at most the smaller model's dense run, its "
+    "score minus that run's with an unpaired bootstrap interval (Bonferroni over the cost-matched runs); "
+    "the isoFLOPS frontier of both models is `findings_a_isoflops.csv` and the figures below.\n",
+    "findings_b_prefill_crossovers": "### (b) Prefill methods: does the better method depend on the task?\n\n"
+    "Per pair of prefill methods, length and level: tasks where each is better (paired bootstrap 95 % interval "
+    "of the score difference excludes 0); `crossover` = both lists non-empty. Per-task differences: "
+    "`findings_b_prefill_pairs.csv`.\n",
+    "findings_b_decode_pairs": "### (b) Decode: Quest against eviction\n\nPaired score difference quest - "
+    "snapkv / ada_snapkv on the same samples with its 95 % bootstrap interval; `(all)` rows average over the "
+    "model's tasks and lengths (task-balanced, resampling within tasks).\n",
+    "findings_c_tolerance_vs_length": "### (c) Max tolerated sparsity vs length\n\nLeast-squares slope of the "
+    "highest preserving level (0 when none) on log2(length), per model and method, 95 % interval from a "
+    "bootstrap over tasks; `holds` when the interval is above 0. Per cell: `findings_max_tolerated.csv`.\n",
+    "findings_d_task_spread": "### (d) High compression: mean drop and spread across tasks\n\nTask-balanced "
+    "mean drop (sparse - dense) at levels >= 0.9 with its 95 % interval; Cochran's Q of the per-task drops "
+    "(`p_heterogeneity`, `i2`); `holds` when the mean is within the preservation margin and Q rejects "
+    "homogeneity; `cannot be decided` with fewer than 3 tasks.\n",
+}
+_FINDINGS_SHOWN = ("findings_a_cost_matched", "findings_b_prefill_crossovers", "findings_b_decode_pairs",
+                   "findings_c_tolerance_vs_length", "findings_d_task_spread")
+
+
+def _findings(records: list[RunRecord], config: PreservationConfig, options: CostOptions, out: pathlib.Path) -> str:
+    text = ["## The paper's claims\n", "Tests and verdict rules: `sparse_jax/analysis/findings.py`; "
+            "design: experiments/results/findings.md.\n"]
+    tables = findings_tables(records, config)
+    text += ["### Verdicts\n", "One per claim and model; the rules are in `sparse_jax/analysis/findings.py`. "
+             "With `--screen`, only the cells where dense passed the chance screen are tested.\n",
+             write_table(claim_verdicts(tables), out / "findings_verdicts", ["claim", "model", "verdict", "evidence"])]
+    for name, rows in tables.items():
+        shown = write_table(rows, out / name)
+        if name in _FINDINGS_SHOWN:
+            text += [_FINDINGS_TEXT[name], shown]
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    text.append("### Figures\n")
+    for model, length in tqdm(models_and_lengths(records), desc="score vs sparsity plots", leave=False):
+        name = f"plots/findings_score_vs_sparsity_{_slug(model, length)}.png"
+        plot_score_vs_sparsity(records, model, length, out / name)
+        text.append(f"![{model} {length}]({name})\n")
+    for model in sorted({r.model.name for r in records}):
+        name = f"plots/findings_tolerance_vs_length_{_slug(model)}.png"
+        plot_tolerance_vs_length(tables["findings_max_tolerated"], tables["findings_c_tolerance_vs_length"], model,
+                                 out / name)
+        text.append(f"![{model} tolerance vs length]({name})\n")
+    points = cross_model_pareto(records, options)
+    write_table(points, out / "findings_a_isoflops", ["task", "max_input_tokens", "model", "parameters", "method",
+                                                       "level", "total_flops", "score", "on_frontier"])
+    for name in plot_cross_model_pareto(points, plots):
+        text.append(f"![{name}](plots/{name})\n")
+    return "\n".join(text)
+
+
 def main_analyze(
     results_dir: str | pathlib.Path,
     out_dir: str | pathlib.Path,
@@ -136,6 +206,7 @@ def main_analyze(
     cost_options: CostOptions = CostOptions(),
     law: ScalingLaw = ScalingLaw(),
     num_bootstrap: int = 200,
+    screen_file: str | pathlib.Path | None = None,
 ) -> pathlib.Path:
     """Analyse every run under ``results_dir`` (format: :mod:`sparse_jax.analysis.records`).
 
@@ -147,6 +218,8 @@ def main_analyze(
       cost_options: data types and tiling of the byte counts.
       law: scaling-law form.
       num_bootstrap: bootstrap resamples of the scaling fits.
+      screen_file: a chance screen's ``screen.json`` (:mod:`sparse_jax.analysis.screen`): analyse
+        only the (model, task, length) cells that passed it.
 
     Returns:
       Path of ``report.md``.
@@ -156,13 +229,22 @@ def main_analyze(
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = load_records(results_dir)
+    kept = ""
+    if screen_file is not None:
+        cells = passing_cells(screen_file)
+        kept = f" {len(records)} runs found; kept the {len(cells)} cells that passed the screen `{screen_file}`."
+        records = restrict_to_cells(records, cells)
+        if not records:
+            raise RunFileError(f"no run under {results_dir} is in a cell that passed the screen {screen_file}; "
+                               "run the study sweep or check that the screen covers its models and tasks.")
     stages = [
         ("preservation", lambda: _preservation(records, preservation, out)),
         ("costs", lambda: _costs(records, hardware, cost_options, out)),
         ("pareto", lambda: _pareto(records, cost_options, out)),
         ("scaling", lambda: _scaling(records, law, num_bootstrap, out)),
+        ("findings", lambda: _findings(records, preservation, cost_options, out)),
     ]
-    sections = [f"# Sparse attention analysis\n\n{len(records)} runs from `{results_dir}`.\n"]
+    sections = [f"# Sparse attention analysis\n\n{len(records)} runs from `{results_dir}`.{kept}\n"]
     for _, stage in tqdm(stages, desc="analysis"):
         sections.append(stage())
     report = out / "report.md"

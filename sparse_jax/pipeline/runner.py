@@ -320,8 +320,9 @@ def _model_summary(cfg: ExperimentConfig, loaded: LoadedModel) -> ModelConfig:
 
 
 def _summary(preds: Sequence[dict], evaluation, metric: str, total_samples: int,
-             diagnostics: dict[str, Any] | None = None) -> RunSummary:
-    """The run's numbers from its prediction records and the task's evaluation."""
+             diagnostics: dict[str, Any] | None = None, chance: float | None = None) -> RunSummary:
+    """The run's numbers from its prediction records and the task's evaluation (``chance``: the task's
+    chance score averaged over the scored samples)."""
     pairs = [p["prefill_pairs"] for p in preds]
     decode_weights = [p["decode_steps"] * (p["prompt_tokens"] + p["decode_steps"] / 2) for p in preds]
     prefill_s = sum(p["prefill_seconds"] for p in preds)
@@ -348,7 +349,14 @@ def _summary(preds: Sequence[dict], evaluation, metric: str, total_samples: int,
         scored_samples=sum(s.score is not None for s in evaluation.scores),
         total_samples=total_samples,
         diagnostics=diagnostics,
+        chance=chance,
     )
+
+
+def _chance(task, records: Sequence[dict], evaluation) -> float | None:
+    """Mean of ``task.chance_score`` over the scored ``records`` (``evaluation.scores`` is in their order)."""
+    chances = [task.chance_score(r) for r, s in zip(records, evaluation.scores) if s.score is not None]
+    return float(np.mean(chances)) if chances else None
 
 
 def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequence[dict]) -> RunFile:
@@ -385,7 +393,7 @@ def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequen
         target_sparsity_by_phase=phase_targets(method),
         prefill_target_reach=prefill_target_reach(method, cfg.max_input_tokens),
         summary=_summary([by_index[r["index"]] for r in records], evaluation, task.metric, len(records),
-                         diagnostics),
+                         diagnostics, _chance(task, merged, evaluation)),
         config=cfg.as_record(),
     )
     run.write(run_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Set
 
@@ -32,6 +33,18 @@ def collapse_whitespace(text: str) -> str:
 def normalize_phrase(text: str) -> str:
     """Lowercase, collapsed whitespace, one leading article ("the", "a", "an") removed."""
     return _LEADING_ARTICLE.sub("", collapse_whitespace(text.lower()), count=1)
+
+
+def expected_random_iou(population: int, gold: int, guessed: int) -> float:
+    """Expected IoU of ``guessed`` items drawn uniformly without replacement from ``population``
+    items with ``gold`` of them right (the overlap is hypergeometric)."""
+    if not 0 < gold <= population or not 0 < guessed <= population:
+        raise ValueError(f"need 0 < gold, guessed <= population, got {gold}, {guessed}, {population}.")
+    total = math.comb(population, guessed)
+    return sum(
+        math.comb(gold, j) * math.comb(population - gold, guessed - j) / total * j / (gold + guessed - j)
+        for j in range(max(0, guessed - (population - gold)), min(gold, guessed) + 1)
+    )
 
 
 def iou(predicted: Set, gold: Set, empty_score: float) -> float:

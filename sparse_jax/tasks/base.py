@@ -270,6 +270,20 @@ class Task(abc.ABC):
         del record
         return []
 
+    @classmethod
+    def chance_score(cls, record: dict[str, Any]) -> float:
+        """Expected score of a guess that knows the prompt's format but does not read for the answer.
+
+        The level that the findings screen (``sparse_jax.analysis.screen``) asks dense attention to
+        clear. Default 0: the answer is a random value that must be copied exactly (a needle's
+        digits or key), so a guess is right with negligible probability.
+
+        Args:
+          record: one sample record (``input_text``, ``gold_answer`` and the task's extras).
+        """
+        del record
+        return 0.0
+
     def extra_metrics(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         """Task-specific metrics added to the mean and variance (default: none)."""
         del records

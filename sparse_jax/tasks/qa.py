@@ -39,7 +39,7 @@ import tqdm
 from sparse_jax.tasks.answers import answer_block
 from sparse_jax.tasks.base import TEMPLATE_RESERVE, Sample, Task, largest_fitting
 from sparse_jax.tasks.prompt import render_prompt
-from sparse_jax.tasks.qa_data import QADataset, QAItem, default_data_dir, load_qa_dataset
+from sparse_jax.tasks.qa_data import OPTION_LETTERS, QADataset, QAItem, default_data_dir, load_qa_dataset
 from sparse_jax.tasks.registry import register
 
 TASK_INTRO = (
@@ -134,6 +134,12 @@ class QATask(Task):
         self._dataset: QADataset | None = None
         self._pool: list[tuple[int, int]] = []
         self._candidates: list[_Candidate] = []
+
+    @classmethod
+    def chance_score(cls, record: dict[str, Any]) -> float:
+        """Multiple choice: one option letter of four at random (a gold with several letters makes
+        the guess's real chance lower, so this bound is conservative); SQuAD: 0 (open answer)."""
+        return 1.0 / len(OPTION_LETTERS) if cls.metric == "accuracy" else 0.0
 
     @property
     def _is_mcq(self) -> bool:

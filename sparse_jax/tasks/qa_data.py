@@ -28,7 +28,7 @@ DATA_DIR_ENV = "SPARSE_JAX_DATA_DIR"
 """Environment variable naming the default data folder (else ``./data``)."""
 
 DATASETS = ("squad", "quality", "toeflqa")
-_OPTION_LETTERS = "ABCD"
+OPTION_LETTERS = "ABCD"
 
 
 class QAItem(NamedTuple):
@@ -181,6 +181,6 @@ def _quality_rows_from_hub() -> list[tuple[str, str, str]]:
     split = datasets.load_dataset("tasksource/QuALITY", split="validation")
     rows = []
     for row in split:
-        options = "\n".join(f"{letter}. {option}" for letter, option in zip(_OPTION_LETTERS, row["options"]))
-        rows.append((row["article"], f"{row['question']}\n{options}", _OPTION_LETTERS[row["gold_label"] - 1]))
+        options = "\n".join(f"{letter}. {option}" for letter, option in zip(OPTION_LETTERS, row["options"]))
+        rows.append((row["article"], f"{row['question']}\n{options}", OPTION_LETTERS[row["gold_label"] - 1]))
     return rows

@@ -44,3 +44,12 @@ def get_task(name: str, **kwargs: Any) -> Task:
         argument (the task's valid arguments are listed).
     """
     return _TASKS.build(name, **kwargs)
+
+
+def task_class(name: str) -> type[Task]:
+    """The class registered as ``name`` (its class-level facts, e.g. ``chance_score``, need no tokenizer).
+
+    Raises:
+      ValueError: unknown task name (the closest names are suggested).
+    """
+    return _TASKS.lookup(name)

@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sparse_jax.tasks.answers import answer_block, iou
+from sparse_jax.tasks.answers import answer_block, expected_random_iou, iou
 from sparse_jax.tasks.base import Sample, Task, largest_fitting
 from sparse_jax.tasks.prompt import render_prompt
 from sparse_jax.tasks.registry import register
@@ -154,6 +154,14 @@ class RulerCommonWords(Task):
                 "rare_frequency": self.rare_word_frequency,
             },
         )
+
+    @classmethod
+    def chance_score(cls, record: dict[str, Any]) -> float:
+        """Listing as many distinct words of the list as there are common words, picked at random."""
+        common = len(record["common_words"])
+        rare_entries = record["num_total_words"] - common * record["common_frequency"]
+        distinct = common + rare_entries // record["rare_frequency"]
+        return expected_random_iou(distinct, common, common)
 
     def score(self, record: dict[str, Any]) -> float:
         block = answer_block(record["pred"])

@@ -109,5 +109,11 @@ class RulerVariableTracking(Task):
             },
         )
 
+    @classmethod
+    def chance_score(cls, record: dict[str, Any]) -> float:
+        """Naming the variables of a chain picked at random: chains share no name, so IoU 1 with
+        probability ``1 / num_chains``, else 0."""
+        return 1.0 / record["num_chains"]
+
     def score(self, record: dict[str, Any]) -> float:
         return iou(_normalized_names(record["pred"]), _normalized_names(record["gold_answer"]), empty_score=1.0)

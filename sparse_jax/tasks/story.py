@@ -25,7 +25,7 @@ import re
 from typing import Any, ClassVar
 
 from sparse_jax.tasks import story_world as world
-from sparse_jax.tasks.answers import answer_block, answer_or_text, iou, normalize_phrase
+from sparse_jax.tasks.answers import answer_block, answer_or_text, expected_random_iou, iou, normalize_phrase
 from sparse_jax.tasks.base import Sample, Task
 from sparse_jax.tasks.narrative import Chapter, generate_chapters
 from sparse_jax.tasks.prompt import render_prompt
@@ -46,6 +46,14 @@ _LIST_SEPARATOR = re.compile(r"[,\s]+")
 def _context(chapters: list[Chapter], dropped: dict[int, set[int]] | None = None) -> str:
     dropped = dropped or {}
     return "\n\n".join(chapter.text(dropped.get(chapter.number, set())) for chapter in chapters)
+
+
+_CHAPTER_HEADING = re.compile(r"^Chapter (\d+):$", re.MULTILINE)
+
+
+def _num_chapters(prompt: str) -> int:
+    """Chapters of the diary in a sample's prompt (their headings)."""
+    return len(set(_CHAPTER_HEADING.findall(prompt)))
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
@@ -140,6 +148,12 @@ class StoryRetrieval(StoryTask):
             extras={},
         )
 
+    @classmethod
+    def chance_score(cls, record: dict[str, Any]) -> float:
+        """Answering each question with the town, person or item of a chapter picked at random
+        (values repeated across chapters are counted as distinct)."""
+        return 1.0 / _num_chapters(record["input_text"])
+
     def score(self, record: dict[str, Any]) -> float | None:
         gold = _numbered_answers(record["gold_answer"])
         if not gold:
@@ -182,6 +196,11 @@ class StoryMultihop(StoryTask):
     def _parsed(prediction: str) -> str:
         block = answer_block(prediction)
         return "" if block is None else normalize_phrase(block)
+
+    @classmethod
+    def chance_score(cls, record: dict[str, Any]) -> float:
+        """Naming the purchase of one of the other chapters, picked at random."""
+        return 1.0 / max(_num_chapters(record["input_text"]) - 1, 1)
 
     def score(self, record: dict[str, Any]) -> float | None:
         gold = normalize_phrase(record["gold_answer"])
@@ -256,6 +275,12 @@ class StoryFiltering(StoryTask):
             gold_answer=", ".join(map(str, chosen)),
             extras={},
         )
+
+    @classmethod
+    def chance_score(cls, record: dict[str, Any]) -> float:
+        """Listing as many chapters as the question says lack a purchase, picked at random."""
+        gold = len(_number_list(record["gold_answer"]))
+        return expected_random_iou(_num_chapters(record["input_text"]), gold, gold)
 
     def score(self, record: dict[str, Any]) -> float | None:
         gold = record["gold_answer"]
