@@ -13,20 +13,12 @@ attention mass on the needle. Reads every ``run.json`` through
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
+from sparse_jax.analysis.intervals import wilson_interval
 from sparse_jax.analysis.records import RunFile
 from sparse_jax.analysis.tables import markdown_table
 from sparse_jax.attention.composed import COMPOSE_SEPARATOR
-
-
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _fmt(x: float | None) -> str:
@@ -66,7 +58,7 @@ def main() -> None:
         for run in sorted(runs, key=lambda r: (r.method, str(r.target_sparsity_by_phase), r.target_sparsity or 0)):
             s = run.summary
             n = s.scored_samples or s.total_samples
-            lo, hi = wilson(s.score * n, n)
+            lo, hi = wilson_interval(s.score * n, n)
             phases = run.target_sparsity_by_phase
             target = (f"p{phases.get('prefill')}/d{phases.get('decode')}" if COMPOSE_SEPARATOR in run.method
                       else _fmt(run.target_sparsity))

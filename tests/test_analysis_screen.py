@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sparse_jax.analysis.records import ModelConfig, RunRecord, save_run
+from sparse_jax.analysis.intervals import wilson_interval
 from sparse_jax.analysis.screen import (
     FAIL,
     NO_DATA,
@@ -15,7 +16,6 @@ from sparse_jax.analysis.screen import (
     passing_cells,
     score_interval,
     screen_rows,
-    wilson_interval,
     write_screen,
 )
 from sparse_jax.cli import main

@@ -50,7 +50,8 @@ from sparse_jax.analysis.cost import CostOptions, run_cost
 from sparse_jax.analysis.pareto import pareto_points, plot_pareto
 from sparse_jax.analysis.preservation import PreservationConfig, level_tests, max_preserving, paired_scores
 from sparse_jax.analysis.records import RunRecord
-from sparse_jax.analysis.screen import Cell, ScreenConfig, bootstrap_interval, resampled_means, score_interval
+from sparse_jax.analysis.intervals import bootstrap_interval, resampled_means
+from sparse_jax.analysis.screen import Cell, ScreenConfig, score_interval
 
 PREFILL_METHODS = ("block_sparse", "vertical_and_slash", "flexprefill")
 EVICTION_METHODS = ("snapkv", "ada_snapkv")

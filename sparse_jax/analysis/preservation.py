@@ -46,6 +46,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from scipy import stats
 
+from sparse_jax.analysis.intervals import resampled_means
 from sparse_jax.analysis.records import RunRecord
 
 TestName = Literal["paired_t", "bootstrap"]
@@ -125,7 +126,7 @@ def noninferiority_test(sparse: np.ndarray, dense: np.ndarray, config: Preservat
             p_value = float(stats.t.sf((mean + config.margin) / se, n - 1))
     else:
         rng = np.random.default_rng(config.seed)
-        means = diff[rng.integers(0, n, size=(config.num_bootstrap, n))].mean(axis=1)
+        means = resampled_means(diff, config.num_bootstrap, rng)
         lower = float(np.quantile(means, config.alpha))
         p_value = float((np.sum(means <= -config.margin) + 1) / (config.num_bootstrap + 1))
     return PairedTest(n, mean, lower, p_value, lower > -config.margin)

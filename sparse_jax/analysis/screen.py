@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
+from sparse_jax.analysis.intervals import bootstrap_interval, wilson_interval
 from sparse_jax.analysis.records import RunFile, load_records
 from sparse_jax.analysis.tables import write_table
 from sparse_jax.atomic_files import atomic_write_json
@@ -82,33 +81,6 @@ class ScreenConfig:
         return (f"A cell passes when the lower bound of the dense score's {self.confidence:.0%} interval (Wilson "
                 f"for 0/1 scores, else percentile bootstrap of the mean, {self.num_bootstrap} resamples) exceeds "
                 f"chance + {self.margin}.")
-
-
-def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``successes / n`` (``(0, 1)`` when ``n == 0``)."""
-    if n == 0:
-        return 0.0, 1.0
-    z = float(stats.norm.ppf(0.5 + confidence / 2))
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(centre - half, 0.0), min(centre + half, 1.0)
-
-
-def resampled_means(values: np.ndarray, num_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
-    """``[num_bootstrap]`` means of ``values [n]`` resampled with replacement."""
-    return values[rng.integers(0, values.size, size=(num_bootstrap, values.size))].mean(axis=1)
-
-
-def bootstrap_interval(values: np.ndarray, confidence: float = 0.95, num_bootstrap: int = 2000,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values [n]`` (``(nan, nan)`` when empty)."""
-    values = np.asarray(values, np.float64)
-    if values.size == 0:
-        return math.nan, math.nan
-    means = resampled_means(values, num_bootstrap, np.random.default_rng(seed))
-    tail = (1 - confidence) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
 def score_interval(values: Sequence[float], config: ScreenConfig) -> tuple[float, float, str]:

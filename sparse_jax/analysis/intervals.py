@@ -1,0 +1,39 @@
+"""Confidence intervals of a mean score: Wilson's for 0/1 scores, the percentile bootstrap otherwise.
+
+One owner for the resampling every analysis uses (the preservation test, the chance screen, the
+findings' paired comparisons) and for the Wilson interval of an accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+
+def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (``(0, 1)`` when ``n == 0``)."""
+    if n == 0:
+        return 0.0, 1.0
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(centre - half, 0.0), min(centre + half, 1.0)
+
+
+def resampled_means(values: np.ndarray, num_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
+    """``[num_bootstrap]`` means of ``values [n]`` resampled with replacement."""
+    return values[rng.integers(0, values.size, size=(num_bootstrap, values.size))].mean(axis=1)
+
+
+def bootstrap_interval(values: np.ndarray, confidence: float = 0.95, num_bootstrap: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values [n]`` (``(nan, nan)`` when empty)."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        return math.nan, math.nan
+    means = resampled_means(values, num_bootstrap, np.random.default_rng(seed))
+    tail = (1 - confidence) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
