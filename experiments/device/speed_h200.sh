@@ -96,11 +96,10 @@ step decode_32k_b1 40 "$py" $bench/engine_methods.py "${decode[@]}" --batch 1 --
 step decode_hlo 60 "$py" $bench/decode_hlo.py "${hlo[@]}" --hlo "$OUT/decode_hlo/decode.hlo"
 step engine_bench_dsf 80 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" \
   "$py" $bench/engine_bench.py "${engine[@]}" --out "$OUT/engine_bench_dsf"
-timeline=("${engine[@]}")
-timeline[3]=1,8  # --batches
-step engine_timeline 120 "$py" $bench/engine_bench.py "${timeline[@]}" --repeats 1 --new-tokens 33 --timeline \
+# (a flag given again overrides the one in "${engine[@]}")
+step engine_timeline 120 "$py" $bench/engine_bench.py "${engine[@]}" --batches 1,8 --repeats 1 --new-tokens 33 --timeline \
   --out "$OUT/engine_timeline"
 step engine_cmdbuf 60 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL,DYNAMIC_SLICE_FUSION" \
-  "$py" $bench/engine_bench.py "${engine[@]:0:2}" --batches 1 --repeats 1 --new-tokens 33 --out "$OUT/engine_cmdbuf"
+  "$py" $bench/engine_bench.py "${engine[@]}" --batches 1 --repeats 1 --new-tokens 33 --out "$OUT/engine_cmdbuf"
 echo "== done in $(($(date +%s) - start)) s"
 cat "$OUT/steps.tsv"
