@@ -84,10 +84,11 @@ def _cmd_screen(args: argparse.Namespace) -> int:
     results = Path(args.results_dir)
     if not results.is_dir():
         raise FileNotFoundError(f"results folder {results} does not exist; run the screen sweep first")
-    if args.margin < 0:
+    if args.margin is not None and args.margin < 0:
         raise ConfigError(f"--margin must be >= 0 (score units above chance), got {args.margin}")
+    config = ScreenConfig() if args.margin is None else ScreenConfig(margin=args.margin)
     out = Path(args.out) if args.out else results / "screen"
-    path, table = write_screen(results, out, ScreenConfig(margin=args.margin))
+    path, table = write_screen(results, out, config)
     print(table)
     print(f"screen: {path}")
     return 0
@@ -145,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("screen", help="dense score vs chance per model, task and length (the findings study's first step)")
     p.add_argument("results_dir")
     p.add_argument("--out", default=None, help="output folder (default RESULTS_DIR/screen)")
-    p.add_argument("--margin", type=float, default=0.10, help="how far above chance the lower bound must be")
+    p.add_argument("--margin", type=float, default=None,
+                   help="how far above chance the lower bound must be (default: ScreenConfig.margin, 0.10)")
     p.set_defaults(func=_cmd_screen)
 
     p = sub.add_parser("demo", help="the README main job on the embedded SmolLM2")
