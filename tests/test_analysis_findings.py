@@ -192,6 +192,7 @@ def test_claim_verdicts_follow_the_rows():
     growing = {1024: 0.5, 2048: 0.7, 4096: 0.8, 8192: 0.9}
     assert _verdicts(_tolerance_records(lambda task, n: growing[n]))["(c)"] == "holds"
     assert _verdicts(_tolerance_records(lambda task, n: 0.8))["(c)"] == "does not hold"
+    assert _verdicts(_tolerance_records(lambda task, n: 0.8))["(a)"] == "cannot be decided"  # one model
     crossing = _verdicts(_prefill_records({"a": "block_sparse", "b": "vertical_and_slash"}))
     assert crossing["(b)"] == "holds" and crossing["(d)"] == "cannot be decided"  # 2 tasks: no spread test
     assert _verdicts(_prefill_records({"a": "both", "b": "both"}))["(b)"] == "does not hold"

@@ -90,6 +90,18 @@ def test_malformed_runs_raise_clear_errors(tmp_path):
         ModelConfig("bad-1b", 2, 64, 128, 100, 6, 4, 16, 10**9)
 
 
+def test_a_dense_runs_float32_rounding_reads_as_zero_sparsity(tmp_path):
+    """Runs written before the engine clipped its float32 densities record -5e-9 for a dense prefill."""
+    run = tmp_path / "r"
+    save_run(_record(prefill_sparsity=0.0), run)
+    _edit(run / "run.json", lambda o: o["summary"].update(prefill_sparsity=-4.96e-9, decode_sparsity=1 + 3e-8))
+    loaded = load_run(run)
+    assert loaded.prefill_sparsity == 0.0 and loaded.decode_sparsity == 1.0
+    _edit(run / "run.json", lambda o: o["summary"].update(prefill_sparsity=-2e-6))
+    with pytest.raises(ValueError, match="prefill_sparsity must be in"):
+        load_run(run)
+
+
 def test_run_json_of_the_first_pipeline_version_still_reads(tmp_path):
     """A run.json as the runner wrote it before RunFile existed (no compile seconds)."""
     old = {

@@ -44,6 +44,15 @@ def test_wilson_interval_known_values():
     assert wilson_interval(0, 100) == pytest.approx((0.0, 0.037), abs=1e-3)
 
 
+@pytest.mark.parametrize("successes,n", [(0, 100), (100, 100), (0, 7), (7, 7), (57, 100)])
+def test_wilson_interval_contains_the_proportion_exactly(successes, n):
+    """At 0 and 1 the bounds are the proportion itself, not a rounding error away (error bars need it)."""
+    low, high = wilson_interval(successes, n)
+    assert low <= successes / n <= high
+    if successes in (0, n):
+        assert successes / n in (low, high)
+
+
 def test_score_interval_kind_follows_the_scores():
     config = ScreenConfig()
     assert score_interval([1.0, 0.0] * 50, config)[2] == "wilson"

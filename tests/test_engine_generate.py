@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparse_jax.attention.accounting import PhaseCounts
 from sparse_jax.attention.base import AttentionMethod
 from sparse_jax.attention.kv_cache import KeptTokens
 from sparse_jax.attention.registry import get_method
@@ -253,3 +254,13 @@ def test_run_that_cannot_fit_fails_before_allocating_with_numbers(model):
     config = EngineConfig(memory_limit_bytes=64 * 1024)
     with pytest.raises(InsufficientMemoryError, match=r"KV cache .* GiB .* free .* GiB"):
         generate(model, random_prompts((600,)), max_new_tokens=500, stop_ids=[], config=config)
+
+
+def test_a_dense_samples_float32_densities_record_zero_sparsity():
+    """Densities of one ulp above 1 (float32 on the device) are no negative sparsity; NaN (no decode) stays NaN."""
+    over_one = np.nextafter(np.float32(1), np.float32(2))
+    counts = PhaseCounts(np.ones((2, 3)), np.ones((2, 3)))
+    stats = generate_module.SparsityStats(np.full((2, 3), over_one, np.float32), np.full((2, 3), np.nan, np.float32),
+                                          0.0, counts, counts)
+    assert stats.prefill_sparsity == 0.0
+    assert np.isnan(stats.decode_sparsity)

@@ -135,12 +135,23 @@ def test_a_traced_prefill_too_big_for_memory_runs_with_the_values_baked_in(model
     # runs the program with the method's values baked in, which gives the same generation.
     method = get_method("vertical_and_slash", **VS, sparsity=0.9)
     asked = []
-    monkeypatch.setattr(generate_module, "_temporaries_fit", lambda program, plan: asked.append(program) and False)
+    fits_second_time = lambda program, plan: asked.append(program) or len(asked) > 1  # noqa: E731
+    monkeypatch.setattr(generate_module, "_temporaries_fit", fits_second_time)
     engine = Engine(model, method, EngineConfig(batch_size=2, traced_hyperparameters=True))
     got = engine.generate_batch(LONG_PROMPTS, max_new_tokens=MAX_NEW, stop_ids=[])
-    assert len(asked) == 1  # the traced program was checked, the baked one runs
+    assert len(asked) == 2 and asked[0] is not asked[1]  # the traced program did not fit, the baked one does
     assert ("prefill", method) in {key[:2] for key in engine.programs}  # the program with the values in
     _assert_same_generation(got, _generate(model, method, traced=False, prompts=LONG_PROMPTS))
+
+
+def test_a_prefill_too_big_even_baked_in_fails_with_one_clear_line(model, monkeypatch):
+    # FlexPrefill sizes its index to max_budget (the bucket by default): at 128K on 8B shapes that is 200 GiB
+    # whatever the target. The engine says so before running instead of failing in the allocator.
+    method = get_method("vertical_and_slash", **VS, sparsity=0.9)
+    monkeypatch.setattr(generate_module, "_temporaries_fit", lambda program, plan: False)
+    engine = Engine(model, method, EngineConfig(batch_size=2, traced_hyperparameters=True))
+    with pytest.raises(generate_module.InsufficientMemoryError, match=r"vertical_and_slash: .* GiB.* max_budget"):
+        engine.generate_batch(LONG_PROMPTS, max_new_tokens=MAX_NEW, stop_ids=[])
 
 
 @pytest.mark.parametrize("temporaries, fits", [(9, True), (10, True), (11, False), (None, True)])

@@ -10,7 +10,9 @@
 # Needs the project's dependencies, the embedded SmolLM2 wheel and, for gemma3, the Gemma 3 270M wheels
 # importable (e.g. PYTHONPATH=/tmp/site; set-up as in experiments/results/gemma3_270m_niah.md).
 # State between calls: experiments/runs/findings_MODEL.tgz, the runs.tgz an earlier call wrote to $OUT
-# (carry it; absent on the first call). Each call:
+# (carry it; absent on the first call), and optionally experiments/runs/findings_MODEL.data.tgz, its data.tgz
+# (the generated task samples: a call without it regenerates them from their seeds, which costs CPU time
+# but changes no result). Each call:
 #   1. unpacks that state into experiments/runs/findings_MODEL/;
 #   2. runs the chance screen's sweeps (configs/sweeps/findings_screen_MODEL{,_short}.gin: dense, 100 samples
 #      per cell; nothing once complete), then `sparse-jax screen`, whose screen.json lists the passing cells;
@@ -18,7 +20,8 @@
 #      runs the study's sweeps (configs/sweeps/findings_MODEL{_short,}.gin) until the budget is spent;
 #   4. screens again (the study's dense runs at lengths the screen sweeps do not cover are screened too)
 #      and writes to $OUT: runs.tgz (the next call's state: run records, predictions and scores; no
-#      samples, no compiled programs), screen.md, state.txt (the study's runs per state), logs.tgz.
+#      samples, no compiled programs), data.tgz (the samples), screen.md, state.txt (the study's runs per
+#      state), logs.tgz.
 # The analysis needs no accelerator: run it where runs.tgz lands (experiments/results/findings.md).
 set -uo pipefail
 out=${OUT:?set OUT to the folder for the results}
@@ -31,9 +34,9 @@ export PYTHONPATH=".:${PYTHONPATH:-}" PYTHON=$py
 start=$(date +%s)
 left() { echo $((seconds - ($(date +%s) - start))); }
 results=experiments/runs/findings_$model
-state=experiments/runs/findings_$model.tgz
+state=experiments/runs/findings_$model.tgz data=experiments/runs/findings_$model.data.tgz
 mkdir -p "$out" "$results" experiments/runs/_logs
-[[ -f $state ]] && tar xzf "$state" -C experiments/runs
+for packed in "$state" "$data"; do [[ -f $packed ]] && tar xzf "$packed" -C experiments/runs; done
 args=(--gin_param "ExperimentConfig.results_dir='$results'" --gin_param "ExperimentConfig.dtype='bfloat16'" "$@")
 
 # 2. The chance screen (dense only; a few minutes on the first call, nothing later).
@@ -69,6 +72,7 @@ for sweep in findings_${model}_short findings_$model; do
     sed -n 's/^  \[ *\([a-z0-9/ ]*[a-z0-9]\)\].*/\1/p' | sort | uniq -c >> "$out/state.txt"
 done
 tar czf "$out/runs.tgz" --exclude=_data --exclude=_jax_cache -C experiments/runs "findings_$model"
+[[ -d $results/_data ]] && tar czf "$out/data.tgz" -C experiments/runs "findings_$model/_data"
 tar czf "$out/logs.tgz" -C experiments/runs _logs
 cat "$out/state.txt"
 ls -la "$out"

@@ -11,13 +11,16 @@
 #   e2e_128k_a, e2e_128k_b  engine_methods.py, 8B shapes (hidden 4096, 32/8 heads), 128K, batch 1, 8 of 32
 #                 layers (per-layer figures scaled to 32), each against its own dense row: (a) block_sparse 0.9
 #                 with 16- and 128-token blocks, quest 0.9; (b) vertical_and_slash, snapkv at 0.9, block_sparse
-#                 0.5, flexprefill 0.9; estimation cost per layer and the kernels that ran
+#                 0.5, flexprefill 0.9; (c) flexprefill 0.9 with max_budget 16384, vertical_and_slash 0.5;
+#                 estimation cost per layer and the kernels that ran
+#   decode_128k_b4  the same shapes at batch 4: dense, quest, snapkv decode steps
 #   decode_kernels  decode_kernels.py at 128K, batch 8 and 1: dense paged decode (the launch sweep, and the
 #                 best launch per batch as a table entry), XLA over a contiguous cache, Quest 4096 of 128K
 #   engine_bench  engine_bench.py --config 8b --batches 8,1 (32K): engine decode step vs its byte floor
 #   decode_32k_b8, decode_32k_b1  engine_methods.py at 32K: dense, quest, snapkv decode steps
 #   decode_hlo    decode_hlo.py: the copies in the compiled 8B decode loop, batch 8, 32K (compile only)
 #   engine_bench_dsf  engine_bench as above with XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true
+#   decode_hlo_b1  decode_hlo.py at batch 1 (the fusions of the batch-1 decode loop, by the names the timeline shows)
 #   engine_timeline  engine_bench at batch 1 and 8 (one timed run) plus the decode step's kernels per step
 #   engine_cmdbuf   engine_bench at batch 1 with the decode loop's body as a CUDA graph (XLA command buffers)
 #
@@ -84,6 +87,12 @@ step e2e_128k_a 150 "$py" $bench/engine_methods.py "${e2e[@]}" --sparsity 0.9 --
 # at 128K), and a failure must not lose the rows before it.
 step e2e_128k_b 150 "$py" $bench/engine_methods.py "${e2e[@]}" --sparsity 0.9 --methods dense,vertical_and_slash,snapkv \
   --method-sparsity block_sparse=0.5:chunk_size=128 --method-sparsity flexprefill=0.9 --out "$OUT/e2e_128k_b"
+# FlexPrefill with its budgets capped (16384 of 131072 keys: the index is 1/8 the size) and vertical-and-slash at
+# 0.5, whose fitted counts make its index half the dense bound; then the batch-4 decode steps at 128K.
+step e2e_128k_c 150 "$py" $bench/engine_methods.py "${e2e[@]}" --methods dense \
+  --method-sparsity flexprefill=0.9:max_budget=16384 --method-sparsity vertical_and_slash=0.5 --out "$OUT/e2e_128k_c"
+step decode_128k_b4 150 "$py" $bench/engine_methods.py "${e2e[@]}" --batch 4 --sparsity 0.9 --methods dense,quest,snapkv \
+  --out "$OUT/decode_128k_b4"
 step decode_kernels 90 "$py" $bench/decode_kernels.py "${kernels[@]}" --out "$OUT/decode_kernels"
 step engine_bench 80 "$py" $bench/engine_bench.py "${engine[@]}" --out "$OUT/engine_bench"
 step decode_32k_b8 50 "$py" $bench/engine_methods.py "${decode[@]}" --batch 8 --methods dense,quest,snapkv \
@@ -97,6 +106,8 @@ step decode_hlo 60 "$py" $bench/decode_hlo.py "${hlo[@]}" --hlo "$OUT/decode_hlo
 step engine_bench_dsf 80 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" \
   "$py" $bench/engine_bench.py "${engine[@]}" --out "$OUT/engine_bench_dsf"
 # (a flag given again overrides the one in "${engine[@]}")
+# The batch-1 decode loop as the GPU compiles it, to name the fusions engine_timeline lists (same program, same names).
+step decode_hlo_b1 60 "$py" $bench/decode_hlo.py "${hlo[@]}" --batch 1 --hlo "$OUT/decode_hlo_b1/decode.hlo"
 step engine_timeline 120 "$py" $bench/engine_bench.py "${engine[@]}" --batches 1,8 --repeats 1 --new-tokens 33 --timeline \
   --out "$OUT/engine_timeline"
 step engine_cmdbuf 60 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL,DYNAMIC_SLICE_FUSION" \

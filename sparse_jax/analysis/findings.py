@@ -373,6 +373,9 @@ def _majority(verdicts: Sequence[str], minimum: int = 1) -> str:
     return NOT_RESOLVED
 
 
+CLAIM_A = "(a) larger sparse beats smaller dense at equal FLOPs"
+
+
 def claim_verdicts(tables: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One verdict per claim and model from :func:`findings_tables` (rules: module docstring of this file and
     experiments/results/findings.md)."""
@@ -382,9 +385,14 @@ def claim_verdicts(tables: dict[str, list[dict[str, Any]]]) -> list[dict[str, An
         cells[(r["larger"], r["task"], r["max_input_tokens"])] = r["verdict"]
     for larger in sorted({k[0] for k in cells}):
         verdicts = [v for k, v in cells.items() if k[0] == larger]
-        rows.append({"claim": "(a) larger sparse beats smaller dense at equal FLOPs", "model": larger,
+        rows.append({"claim": CLAIM_A, "model": larger,
                      "verdict": _majority(verdicts, minimum=2), "evidence": f"{len(verdicts)} task x length cells: "
                      + ", ".join(f"{verdicts.count(v)} {v}" for v in sorted(set(verdicts)))})
+    models = sorted({r["model"] for name, table in tables.items() if name != "findings_a_cost_matched"
+                     for r in table if "model" in r})
+    if not cells and models:  # (a) compares models: with one model (or none sharing a cell) it has no row else
+        rows.append({"claim": CLAIM_A, "model": ", ".join(models), "verdict": UNDECIDABLE,
+                     "evidence": f"needs two models sharing a task and length; found {len(models)} model(s)"})
     crossing: dict[tuple, dict[int, bool]] = defaultdict(dict)
     for r in tables["findings_b_prefill_crossovers"]:
         if r["level"] >= HIGH_LEVEL and r["tasks"] >= 2:  # one task cannot show a crossover

@@ -20,7 +20,8 @@ def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(centre - half, 0.0), min(centre + half, 1.0)
+    # The interval always contains p; the clamps keep float rounding (3e-18 above 0 at p = 0) from moving it off.
+    return min(max(centre - half, 0.0), p), max(min(centre + half, 1.0), p)
 
 
 def resampled_means(values: np.ndarray, num_bootstrap: int, rng: np.random.Generator) -> np.ndarray:

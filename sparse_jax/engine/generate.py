@@ -47,7 +47,7 @@ from sparse_jax.attention.base import AttentionMethod
 from sparse_jax.attention.kv_cache import PagedKVCache, StackedPagedKVCache, pages_for
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.buckets import bucket_length, group_by_bucket
-from sparse_jax.engine.memory import MemoryPlan, plan_memory, pytree_bytes
+from sparse_jax.engine.memory import InsufficientMemoryError, MemoryPlan, gib_text, plan_memory, pytree_bytes
 from sparse_jax.engine.prefill_attention import PrefillBackend, prefill_attention, resolve_backend
 from sparse_jax.engine.programs import PROGRAMS, argument_signature, compile_program, decode_compiler_options
 from sparse_jax.engine.sampling import SamplingParams, sample_tokens
@@ -206,11 +206,17 @@ class SparsityStats:
 
     @property
     def prefill_sparsity(self) -> float:
-        return float(1.0 - self.prefill_density.mean())
+        return _skipped_share(self.prefill_density)
 
     @property
     def decode_sparsity(self) -> float:
-        return float(1.0 - self.decode_density.mean())
+        return _skipped_share(self.decode_density)
+
+
+def _skipped_share(density: np.ndarray) -> float:
+    """``1 - mean(density)`` in float64, clipped to [0, 1]: the device's float32 densities of a dense
+    pass are 1 to within one ulp (1 - 1.0000001 would record a sparsity of -1.2e-7). NaN stays NaN."""
+    return float(np.clip(1.0 - np.mean(density, dtype=np.float64), 0.0, 1.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -554,6 +560,14 @@ class Engine:
         baked_args = (*args[:-1], {})
         baked, more = self._compile(("prefill", self.method), functools.partial(self._prefill_fn, method=self.method),
                                     baked_args)
+        if not _temporaries_fit(baked, plan):
+            raise InsufficientMemoryError(
+                f"{self.method.name}: the prefill program's working memory "
+                f"({gib_text(baked.memory_analysis().temp_size_in_bytes)}) does not fit beside the KV cache "
+                f"({plan.describe()}), even with the method's values baked in. Its index grows with the budget "
+                "bound at this prompt length: lower the batch size or the prefill micro-batch, or bound the "
+                "budgets (e.g. flexprefill's max_budget)."
+            )
         if more:
             log.info("%s: the traced prefill program needs more memory than is free (%s); using one with the "
                      "method's values baked in", self.method, plan.describe())

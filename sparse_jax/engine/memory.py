@@ -25,7 +25,7 @@ class InsufficientMemoryError(MemoryError):
     """The planned run does not fit; raised before any cache is allocated."""
 
 
-def _gib(n: float) -> str:
+def gib_text(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
@@ -64,10 +64,10 @@ class MemoryPlan:
 
     def describe(self) -> str:
         return (
-            f"KV cache {_gib(self.cache_bytes)} + activations ~{_gib(self.activation_bytes)} "
-            f"= {_gib(self.required_bytes)} needed; free {_gib(self.free_bytes)} "
-            f"(limit {_gib(self.limit_bytes)} from {self.source}, in use {_gib(self.in_use_bytes)}, "
-            f"weights {_gib(self.weight_bytes)})"
+            f"KV cache {gib_text(self.cache_bytes)} + activations ~{gib_text(self.activation_bytes)} "
+            f"= {gib_text(self.required_bytes)} needed; free {gib_text(self.free_bytes)} "
+            f"(limit {gib_text(self.limit_bytes)} from {self.source}, in use {gib_text(self.in_use_bytes)}, "
+            f"weights {gib_text(self.weight_bytes)})"
         )
 
     def check(self) -> None:
