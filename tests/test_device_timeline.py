@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 from jax.profiler import ProfileData
 
-from experiments.benchmarks.device_timeline import gpu_events, trace_call
+from experiments.benchmarks.device_timeline import KernelEvent, Timeline, extra_kernels, gpu_events, trace_call
 
 # Stream lines hold the kernels; "Launch Stats" (a host-side view) and the CPU plane must be skipped.
 TRACE = """
@@ -73,3 +73,15 @@ def test_trace_without_gpu_names_the_problem():
     fn(x)
     with pytest.raises(RuntimeError, match="no GPU kernel"):
         trace_call(fn, x)
+
+
+def test_extra_kernels_are_the_longer_calls_additional_steps():
+    """A prefill then 2 decode steps against the same prefill then 5: the prefill cancels, whatever its order."""
+    def call(steps, prefill_first):
+        prefill = [KernelEvent("attention", 0, 900), KernelEvent("write", 0, 50)]
+        decode = [KernelEvent(name, 0, ns) for _ in range(steps) for name, ns in (("gemv", 30), ("scatter", 70))]
+        return Timeline(tuple(prefill + decode if prefill_first else decode + prefill))
+
+    extra = extra_kernels(call(5, True), call(2, False))
+    assert extra == {"scatter": (3, pytest.approx(210)), "gemv": (3, pytest.approx(90))}
+    assert list(extra) == ["scatter", "gemv"]  # most expensive first

@@ -81,12 +81,36 @@ class Timeline:
     def format(self, steps: int = 1, top: int | None = None, name_width: int = 60) -> str:
         """A table of the per-kernel totals divided by ``steps`` (launches and microseconds per
         step), the ``top`` most expensive kernels only when given."""
-        lines = [f"  device span {self.span_ns / steps / 1e3:8.1f} us/step, busy {self.busy_ns / steps / 1e3:8.1f} "
-                 f"us/step, {len(self.events) / steps:.1f} kernels/step"]
-        for name, (count, total) in list(self.per_kernel().items())[:top]:
-            lines.append(f"    {name[:name_width]:{name_width}s} {count / steps:5.1f} x {total / count / 1e3:8.1f} us"
-                         f" = {total / steps / 1e3:8.1f} us/step")
-        return "\n".join(lines)
+        head = (f"  device span {self.span_ns / steps / 1e3:8.1f} us/step, busy {self.busy_ns / steps / 1e3:8.1f} "
+                f"us/step, {len(self.events) / steps:.1f} kernels/step")
+        return "\n".join([head, *format_totals(self.per_kernel(), steps, top, name_width)])
+
+
+def format_totals(totals: dict[str, tuple[int, float]], steps: int = 1, top: int | None = None,
+                  name_width: int = 60) -> list[str]:
+    """One line per kernel of ``{name: (launches, total_ns)}`` (most expensive first): launches and
+    microseconds per step, the ``top`` first only when given."""
+    lines = []
+    for name, (count, total) in list(totals.items())[:top]:
+        lines.append(f"    {name[:name_width]:{name_width}s} {count / steps:5.1f} x {total / count / 1e3:8.1f} us"
+                     f" = {total / steps / 1e3:8.1f} us/step")
+    return lines
+
+
+def extra_kernels(longer: Timeline, shorter: Timeline) -> dict[str, tuple[int, float]]:
+    """``{name: (launches, total_ns)}`` that ``longer`` ran beyond ``shorter``, most expensive first.
+
+    Two traces of the same work but for a number of repeated steps (a decode loop run for more
+    steps): what they share cancels, whatever order it ran in, and the difference is the
+    kernels of the extra steps. Kernels with no extra launch are left out.
+    """
+    short = shorter.per_kernel()
+    extra = {}
+    for name, (count, total) in longer.per_kernel().items():
+        base_count, base_total = short.get(name, (0, 0.0))
+        if count > base_count:
+            extra[name] = (count - base_count, total - base_total)
+    return dict(sorted(extra.items(), key=lambda kv: -kv[1][1]))
 
 
 def gpu_events(profile: ProfileData) -> Timeline:

@@ -141,21 +141,26 @@ def time_engine(engine: Engine, prompts, args):
     return timings, compile_s, tokens
 
 
-def decode_timeline(engine: Engine, prompts, new_tokens: int) -> device_timeline.Timeline:
-    """The GPU kernels of the decode program of one ``generate_batch`` call.
+def decode_step_kernels(engine: Engine, prompts, new_tokens: int) -> str:
+    """The GPU kernels of one decode step, per kernel, as a table.
 
-    The call is traced whole; its decode program's kernels are those after the longest
-    pause between two kernels (the host's work between the prefill and the decode
-    program: fetching the prefill's results, looking up the decode program). The decode
-    loop's steps run back to back on the device, with pauses of microseconds.
+    Two ``generate_batch`` calls on the same prompts are traced, one generating
+    ``new_tokens`` tokens and one ``2 * new_tokens - 1``: the prefill and everything else
+    they share cancel (:func:`device_timeline.extra_kernels`), and what is left is the kernels
+    of ``new_tokens - 1`` more decode steps.
     """
-    timeline = device_timeline.trace_call(
-        lambda: engine.generate_batch(prompts, max_new_tokens=new_tokens, stop_ids=[]), calls=1
-    )
-    events = timeline.events
-    ends = np.maximum.accumulate([e.end_ns for e in events])  # the GPU is busy until ends[i] after event i
-    gaps = np.array([e.start_ns for e in events[1:]]) - ends[:-1]
-    return device_timeline.Timeline(events[1 + int(np.argmax(gaps)):])
+    counts = (new_tokens, 2 * new_tokens - 1)
+    traces = []
+    for n in counts:
+        call = lambda n=n: engine.generate_batch(prompts, max_new_tokens=n, stop_ids=[])  # noqa: E731
+        call()  # compiles the programs of this length
+        traces.append(device_timeline.trace_call(call, calls=1))
+    steps = counts[1] - counts[0]
+    extra = device_timeline.extra_kernels(traces[1], traces[0])
+    total = sum(t for _, t in extra.values())
+    launches = sum(count for count, _ in extra.values())
+    head = f"  decode step: {total / steps / 1e3:8.1f} us of kernels, {launches / steps:.1f} kernels"
+    return "\n".join([head, *device_timeline.format_totals(extra, steps, top=25)])
 
 
 def run(args) -> dict:
@@ -189,8 +194,7 @@ def run(args) -> dict:
         prompts = [rng.integers(0, config.vocab_size, args.prompt_len).tolist() for _ in range(batch)]
         timings, compile_s, tokens = time_engine(engine, prompts, args)
         if args.timeline:
-            step_kernels = decode_timeline(engine, prompts, args.new_tokens)
-            print(step_kernels.format(args.new_tokens - 1, top=25), flush=True)
+            print(decode_step_kernels(engine, prompts, args.new_tokens), flush=True)
         prefill_s = statistics.median(t.prefill_seconds for t in timings)
         step_s = statistics.median(t.seconds_per_step for t in timings)
         context = args.prompt_len + args.new_tokens / 2  # mean cache length over the steps
@@ -238,7 +242,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="folder for engine_bench.json")
     parser.add_argument("--timeline", action="store_true",
-                        help="GPU: trace one more call and print the decode step's kernels")
+                        help="GPU: trace two more calls and print the decode step's kernels")
     args = parser.parse_args()
     if args.prompt_len is None:
         args.prompt_len = 32768 if args.config == "8b" else 512

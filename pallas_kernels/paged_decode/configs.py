@@ -59,7 +59,7 @@ class DecodeLaunch:
 
 # Measured at 128K, the fastest of each device's launch sweep (`decode_kernels.py`):
 # H100 experiments/results/decode_kernels_h100.md; H200 experiments/results/speed_h200.md
-# (batch 8: 2.76 TB/s against 2.50 with the H100 entry, in two runs on two days; batch 1:
+# (batch 8: 2.76 TB/s against 2.50 with the H100 entry, best in two runs; batch 1:
 # 2.13 against 2.19, the best there being 4 pages per block at 2.42; batch 8 reads 8x the
 # bytes, so its choice saves ~1.5 ms of an 8B decode step where batch 1's costs ~0.2 ms).
 LAUNCH: dict[str, DecodeLaunch] = {

@@ -50,14 +50,18 @@ from sparse_jax.analysis.cost import CostOptions, run_cost
 from sparse_jax.analysis.pareto import pareto_points, plot_pareto
 from sparse_jax.analysis.preservation import PreservationConfig, level_tests, max_preserving, paired_scores
 from sparse_jax.analysis.records import RunRecord
-from sparse_jax.analysis.intervals import bootstrap_interval, resampled_means
+from sparse_jax.analysis.intervals import (
+    CONFIDENCE,
+    NUM_BOOTSTRAP,
+    bootstrap_interval,
+    percentile_interval,
+    resampled_means,
+)
 from sparse_jax.analysis.screen import Cell, ScreenConfig, score_interval
 
 PREFILL_METHODS = ("block_sparse", "vertical_and_slash", "flexprefill")
 EVICTION_METHODS = ("snapkv", "ada_snapkv")
 QUERY_AWARE_METHOD = "quest"
-CONFIDENCE = 0.95
-NUM_BOOTSTRAP = 2000
 HIGH_LEVEL = 0.8
 """Levels from here up are where the claims about methods are judged (the paper's high-compression regime)."""
 HOLDS, DOES_NOT_HOLD, NOT_RESOLVED, UNDECIDABLE = "holds", "does not hold", "not resolved", "cannot be decided"
@@ -80,8 +84,7 @@ def _stratified_mean_interval(diffs: Sequence[np.ndarray], seed: int = 0) -> tup
     rng = np.random.default_rng(seed)
     point = float(np.mean([d.mean() for d in diffs]))
     boot = np.mean([resampled_means(d, NUM_BOOTSTRAP, rng) for d in diffs], axis=0)
-    tail = (1 - CONFIDENCE) / 2
-    return point, float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))
+    return point, *percentile_interval(boot)
 
 
 def paired_comparisons(records: Sequence[RunRecord], method_a: str, method_b: str) -> list[dict[str, Any]]:
@@ -98,7 +101,7 @@ def paired_comparisons(records: Sequence[RunRecord], method_a: str, method_b: st
             if a.size < 2:
                 continue
             diff = a - b
-            low, high = bootstrap_interval(diff, CONFIDENCE, NUM_BOOTSTRAP)
+            low, high = bootstrap_interval(diff)
             rows.append({"model": model, "task": task, "max_input_tokens": length, "level": level,
                          "comparison": f"{method_a} - {method_b}", "n": int(diff.size),
                          "mean_diff": float(diff.mean()), "ci_low": low, "ci_high": high})
@@ -156,9 +159,7 @@ def tolerance_vs_length(max_rows: Sequence[dict[str, Any]], seed: int = 0) -> li
         else:
             boot = [_slope(*points[rng.integers(0, len(points), len(points))].T) for _ in range(NUM_BOOTSTRAP)]
         boot = np.array([b for b in boot if not math.isnan(b)])
-        tail = (1 - CONFIDENCE) / 2
-        low, high = ((float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))) if boot.size
-                     else (math.nan, math.nan))
+        low, high = percentile_interval(boot) if boot.size else (math.nan, math.nan)
         verdict = (UNDECIDABLE if math.isnan(slope) or math.isnan(low)
                    else HOLDS if low > 0 else DOES_NOT_HOLD if high <= 0 else NOT_RESOLVED)
         out.append({"model": model, "method": method, "tasks": len(clusters),
@@ -235,23 +236,23 @@ def cost_matched_comparisons(records: Sequence[RunRecord],
         budget = run_cost(small, options).total_flops
         small_scores = np.array([s for s in small.scores.values() if s is not None])
         for model in models[1:]:
-            matched = sorted((r for r in by_model[model] if run_cost(r, options).total_flops <= budget),
-                             key=lambda r: (r.method, r.level))
+            flops = {id(r): run_cost(r, options).total_flops for r in by_model[model]}
+            matched = sorted((r for r in by_model[model] if flops[id(r)] <= budget), key=lambda r: (r.method, r.level))
             base = {"task": task, "max_input_tokens": length, "smaller_dense": models[0], "larger": model,
                     "smaller_dense_flops": budget, "smaller_dense_score": small.mean_score, "method": None,
                     "level": None, "flops_ratio": None, "score": None, "diff": None, "ci_low": None, "ci_high": None}
             if not matched:
                 out.append(base | {"verdict": UNDECIDABLE})
                 continue
-            tail = 0.05 / len(matched) / 2
+            confidence = 1 - (1 - CONFIDENCE) / len(matched)  # Bonferroni
             rows = []
             for r in matched:
                 scores = np.array([s for s in r.scores.values() if s is not None])
                 boot = resampled_means(scores, NUM_BOOTSTRAP, rng) - resampled_means(small_scores, NUM_BOOTSTRAP, rng)
-                rows.append(base | {"method": r.method, "level": r.level,
-                                    "flops_ratio": run_cost(r, options).total_flops / budget, "score": r.mean_score,
-                                    "diff": r.mean_score - small.mean_score, "ci_low": float(np.quantile(boot, tail)),
-                                    "ci_high": float(np.quantile(boot, 1 - tail))})
+                low, high = percentile_interval(boot, confidence)
+                rows.append(base | {"method": r.method, "level": r.level, "flops_ratio": flops[id(r)] / budget,
+                                    "score": r.mean_score, "diff": r.mean_score - small.mean_score,
+                                    "ci_low": low, "ci_high": high})
             verdict = (HOLDS if any(r["ci_low"] > 0 for r in rows)
                        else DOES_NOT_HOLD if all(r["ci_high"] < 0 for r in rows) else NOT_RESOLVED)
             out += [r | {"verdict": verdict} for r in rows]
@@ -388,8 +389,7 @@ def claim_verdicts(tables: dict[str, list[dict[str, Any]]]) -> list[dict[str, An
         rows.append({"claim": CLAIM_A, "model": larger,
                      "verdict": _majority(verdicts, minimum=2), "evidence": f"{len(verdicts)} task x length cells: "
                      + ", ".join(f"{verdicts.count(v)} {v}" for v in sorted(set(verdicts)))})
-    models = sorted({r["model"] for name, table in tables.items() if name != "findings_a_cost_matched"
-                     for r in table if "model" in r})
+    models = sorted({r["model"] for r in tables["findings_max_tolerated"]})
     if not cells and models:  # (a) compares models: with one model (or none sharing a cell) it has no row else
         rows.append({"claim": CLAIM_A, "model": ", ".join(models), "verdict": UNDECIDABLE,
                      "evidence": f"needs two models sharing a task and length; found {len(models)} model(s)"})

@@ -11,8 +11,13 @@ import math
 import numpy as np
 from scipy import stats
 
+CONFIDENCE = 0.95
+"""Two-sided confidence of every interval the analyses report."""
+NUM_BOOTSTRAP = 2000
+"""Resamples of every bootstrap interval."""
 
-def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+
+def wilson_interval(successes: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Wilson score interval of a proportion ``successes / n`` (``(0, 1)`` when ``n == 0``)."""
     if n == 0:
         return 0.0, 1.0
@@ -29,12 +34,16 @@ def resampled_means(values: np.ndarray, num_bootstrap: int, rng: np.random.Gener
     return values[rng.integers(0, values.size, size=(num_bootstrap, values.size))].mean(axis=1)
 
 
-def bootstrap_interval(values: np.ndarray, confidence: float = 0.95, num_bootstrap: int = 2000,
+def percentile_interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The two-sided ``confidence`` percentile interval of bootstrap ``samples [n]``."""
+    tail = (1 - confidence) / 2
+    return float(np.quantile(samples, tail)), float(np.quantile(samples, 1 - tail))
+
+
+def bootstrap_interval(values: np.ndarray, confidence: float = CONFIDENCE, num_bootstrap: int = NUM_BOOTSTRAP,
                        seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values [n]`` (``(nan, nan)`` when empty)."""
     values = np.asarray(values, np.float64)
     if values.size == 0:
         return math.nan, math.nan
-    means = resampled_means(values, num_bootstrap, np.random.default_rng(seed))
-    tail = (1 - confidence) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+    return percentile_interval(resampled_means(values, num_bootstrap, np.random.default_rng(seed)), confidence)

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from sparse_jax.analysis.intervals import bootstrap_interval, wilson_interval
+from sparse_jax.analysis.intervals import CONFIDENCE, NUM_BOOTSTRAP, bootstrap_interval, wilson_interval
 from sparse_jax.analysis.records import RunFile, load_records
 from sparse_jax.analysis.tables import write_table
 from sparse_jax.atomic_files import atomic_write_json
@@ -67,8 +67,8 @@ class ScreenConfig:
     """
 
     margin: float = 0.10
-    confidence: float = 0.95
-    num_bootstrap: int = 2000
+    confidence: float = CONFIDENCE
+    num_bootstrap: int = NUM_BOOTSTRAP
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -166,9 +166,11 @@ class Transformer(nnx.Module):
                 f"tokens and positions must both be [batch, seq]; got {tokens.shape} and {positions.shape}"
             )
         for leaf in jax.tree.leaves(layer_states, is_leaf=_is_layer_stack):
-            stack = _is_layer_stack(leaf)
-            if (leaf.num_layers if stack else leaf.shape[:1]) != (cfg.num_layers if stack else (cfg.num_layers,)):
-                found = f"{type(leaf).__name__} of {leaf.num_layers} layers" if stack else f"shape {leaf.shape}"
+            if _is_layer_stack(leaf):
+                fits, found = leaf.num_layers == cfg.num_layers, f"{type(leaf).__name__} of {leaf.num_layers} layers"
+            else:
+                fits, found = leaf.shape[:1] == (cfg.num_layers,), f"shape {leaf.shape}"
+            if not fits:
                 raise ValueError(f"layer_states leaves need a leading axis of {cfg.num_layers} layers; got {found}")
 
         x = self.embed_tokens(tokens)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections.abc import Callable, Set
 
 from sparse_jax.tasks import story_world as world
@@ -17,6 +18,8 @@ from sparse_jax.tasks import story_world as world
 MAX_CHAPTERS = 2000
 _PAIR_TRIES = 100
 _ITEM_TRIES = 1000
+_HEADING_WORD = "Chapter"
+_HEADING_LINE = re.compile(rf"^{_HEADING_WORD} (\d+):$", re.MULTILINE)  # Chapter.text's first line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +49,12 @@ class Chapter:
     def text(self, dropped: Set[int] = frozenset()) -> str:
         """``Chapter N:`` and the sentences, minus those whose indices are ``dropped``."""
         body = "".join(sentence for i, sentence in enumerate(self.sentences) if i not in dropped)
-        return f"Chapter {self.number}:\n{body}"
+        return f"{_HEADING_WORD} {self.number}:\n{body}"
+
+
+def count_chapters(text: str) -> int:
+    """Distinct chapters in ``text`` (a prompt holding :meth:`Chapter.text` blocks), by their headings."""
+    return len(set(_HEADING_LINE.findall(text)))
 
 
 def _new_item(rng: random.Random, seen: set[str]) -> str:

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from sparse_jax.tasks import story_world as world
 from sparse_jax.tasks.answers import answer_block, answer_or_text, expected_random_iou, iou, normalize_phrase
 from sparse_jax.tasks.base import Sample, Task
-from sparse_jax.tasks.narrative import Chapter, generate_chapters
+from sparse_jax.tasks.narrative import Chapter, count_chapters, generate_chapters
 from sparse_jax.tasks.prompt import render_prompt
 from sparse_jax.tasks.registry import register
 
@@ -46,14 +46,6 @@ _LIST_SEPARATOR = re.compile(r"[,\s]+")
 def _context(chapters: list[Chapter], dropped: dict[int, set[int]] | None = None) -> str:
     dropped = dropped or {}
     return "\n\n".join(chapter.text(dropped.get(chapter.number, set())) for chapter in chapters)
-
-
-_CHAPTER_HEADING = re.compile(r"^Chapter (\d+):$", re.MULTILINE)
-
-
-def _num_chapters(prompt: str) -> int:
-    """Chapters of the diary in a sample's prompt (their headings)."""
-    return len(set(_CHAPTER_HEADING.findall(prompt)))
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
@@ -152,7 +144,7 @@ class StoryRetrieval(StoryTask):
     def chance_score(cls, record: dict[str, Any]) -> float:
         """Answering each question with the town, person or item of a chapter picked at random
         (values repeated across chapters are counted as distinct)."""
-        return 1.0 / _num_chapters(record["input_text"])
+        return 1.0 / count_chapters(record["input_text"])
 
     def score(self, record: dict[str, Any]) -> float | None:
         gold = _numbered_answers(record["gold_answer"])
@@ -200,7 +192,7 @@ class StoryMultihop(StoryTask):
     @classmethod
     def chance_score(cls, record: dict[str, Any]) -> float:
         """Naming the purchase of one of the other chapters, picked at random."""
-        return 1.0 / max(_num_chapters(record["input_text"]) - 1, 1)
+        return 1.0 / max(count_chapters(record["input_text"]) - 1, 1)
 
     def score(self, record: dict[str, Any]) -> float | None:
         gold = normalize_phrase(record["gold_answer"])
@@ -280,7 +272,7 @@ class StoryFiltering(StoryTask):
     def chance_score(cls, record: dict[str, Any]) -> float:
         """Listing as many chapters as the question says lack a purchase, picked at random."""
         gold = len(_number_list(record["gold_answer"]))
-        return expected_random_iou(_num_chapters(record["input_text"]), gold, gold)
+        return expected_random_iou(count_chapters(record["input_text"]), gold, gold)
 
     def score(self, record: dict[str, Any]) -> float | None:
         gold = record["gold_answer"]
