@@ -40,6 +40,24 @@ def test_grid_is_expanded_and_dense_ignores_sparsity(tmp_path):
     assert len({r.run_key() for r in runs}) == 3 and all(r.samples == 2 for r in runs)
 
 
+def test_runs_come_in_the_grid_order_so_the_first_listed_values_run_first(tmp_path):
+    # Lengths listed out of numeric and string order: a label sort would run L16384 before L4096.
+    axes = """Sweep.axes = {
+    'ExperimentConfig.max_input_tokens': [4096, 16384, 2048],
+    'ExperimentConfig.method': ['quest', 'dense'],
+    'ExperimentConfig.sparsity': [0.9, 0.5],
+}
+"""
+    runs = expand(_sweep_file(tmp_path, tmp_path / "results", axes))
+    labels = [r.label().removeprefix("niah_single/").replace("/smollm2/", " ") for r in runs]
+    assert labels == [
+        "L4096 quest@s0.9", "L4096 quest@s0.5", "L4096 dense",
+        "L16384 quest@s0.9", "L16384 quest@s0.5", "L16384 dense",
+        "L2048 quest@s0.9", "L2048 quest@s0.5", "L2048 dense",
+    ]
+    assert [r.label() for r in shard(runs, 1, 2)] == [runs[i].label() for i in (1, 3, 5, 7)]
+
+
 def _shapes(runs) -> set[tuple[int, int, int, int]]:
     return {(r.max_input_tokens, r.samples, r.batch_size, r.max_output_tokens) for r in runs}
 

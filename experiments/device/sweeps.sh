@@ -4,13 +4,18 @@
 #   experiments/device/sweeps.sh SECONDS WORKERS SWEEP_FILE [--gin_param BINDING ...]
 #
 # Worker i runs `sparse-jax sweep SWEEP_FILE --shard i/WORKERS`: the workers take disjoint shares of
-# the sweep's runs, compile in parallel on the host's CPU cores and share one GPU (no preallocation).
+# the sweep's runs, compile in parallel on the host's CPU cores and share one GPU (no preallocation, equal
+# memory shares).
 # Each is stopped after SECONDS; runs are resumable (docs in sparse_jax/pipeline/runner.py), so the
 # same command started again finishes what is left. Prints each worker's log tail and the state.
 set -uo pipefail
 seconds=$1 workers=$2 sweep=$3
 shift 3
+# Each worker gets an equal share of the GPU's memory (its allocator's limit, which the engine's memory plan
+# reads), so that a worker never plans with memory another one takes later; set XLA_PYTHON_CLIENT_MEM_FRACTION
+# to override.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-$(awk "BEGIN {printf \"%.3f\", 0.9 / $workers}")}
 py=${PYTHON:-python3}
 mkdir -p experiments/runs/_logs
 name=$(basename "$sweep" .gin)

@@ -9,9 +9,11 @@ A sweep file includes a base experiment config and binds ``Sweep.axes``::
     }
 
 Every combination of axis values becomes one :class:`ExperimentConfig`; combinations
-that resolve to the same run (``dense`` ignores ``sparsity``) are merged. Workers take
-disjoint shares of the sorted run list, so a pod or a job array splits the work
-without a coordinator.
+that resolve to the same run (``dense`` ignores ``sparsity``) are merged. Runs come in
+the grid's order (the last axis varies fastest; a merged run sits where it first
+appears), so the values listed first run first: put the cells a study needs soonest at
+the front. Workers take disjoint shares of that list, round robin, so a pod or a job
+array splits the work without a coordinator.
 
 Settings that must change together (a task and its own ``task_args``) go in gin files
 swept by the ``'include'`` axis; each value is a file parsed after the sweep file::
@@ -52,7 +54,7 @@ def _binding(name: str, value: Any) -> str:
 
 
 def expand(sweep_file: str | Path, extra_bindings: Sequence[str] = ()) -> list[ExperimentConfig]:
-    """All distinct runs of a sweep file, sorted by label (then results key)."""
+    """All distinct runs of a sweep file, in the grid's order (first occurrence of each run)."""
     parse_gin([sweep_file], extra_bindings)
     axes = Sweep().axes
     if not isinstance(axes, Mapping) or not axes:
@@ -69,7 +71,7 @@ def expand(sweep_file: str | Path, extra_bindings: Sequence[str] = ()) -> list[E
         parse_gin(files, list(extra_bindings) + [_binding(n, v) for n, v in chosen.items()])
         config = current_config()
         runs.setdefault(config.run_key(), config)
-    return [runs[k] for k in sorted(runs, key=lambda k: (runs[k].label(), k))]
+    return list(runs.values())
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -88,5 +90,5 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 
 
 def shard(runs: Sequence[ExperimentConfig], index: int, count: int) -> list[ExperimentConfig]:
-    """The runs worker ``index`` of ``count`` owns (round robin over the sorted list)."""
+    """The runs worker ``index`` of ``count`` owns (round robin over the grid's order)."""
     return list(runs[index::count])
