@@ -8,10 +8,14 @@ import pytest
 from sparse_jax.analysis.preservation import (
     PreservationConfig,
     level_tests,
+    lower_bounds,
     max_preserving,
     max_preserving_across_tasks,
     noninferiority_test,
+    resampled_tolerated_levels,
+    sweep_scores,
     sweeps_without_baseline,
+    tolerated_level,
 )
 from sparse_jax.analysis.records import ModelConfig, RunRecord
 
@@ -118,6 +122,39 @@ def test_sweep_aggregation_monotone_and_across_tasks():
     (across,) = max_preserving_across_tasks(rows, config)
     assert across["max_sparsity_all_tasks"] == 0.5 and across["limiting_task"] == "a"
     assert sweeps_without_baseline(records) == [("Toy-1B", "c", 4096, "m")]
+
+
+@pytest.mark.parametrize("test", ["paired_t", "bootstrap"])
+def test_batched_lower_bounds_are_the_single_tests(test):
+    config = PreservationConfig(test=test, num_bootstrap=500)
+    rng = np.random.default_rng(3)
+    pairs = [_binary_pairs(rng, 80, p_worse, 0.05) for p_worse in (0.0, 0.05, 0.1, 0.3)]
+    pairs.append((np.ones(80), np.ones(80)))  # identical scores: sd 0, the mean is exact
+    lower, p_value = lower_bounds(np.stack([s - d for s, d in pairs]), config)
+    single = [noninferiority_test(s, d, config) for s, d in pairs]
+    np.testing.assert_allclose(lower, [t.lower_bound for t in single], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(p_value, [t.p_value for t in single], rtol=0, atol=1e-12)
+    assert single[-1].lower_bound == 0.0 and single[-1].preserved
+
+
+def test_tolerated_level_and_its_resamples_rerun_the_sweep():
+    records = [_run("a", "dense", 0.0, 0.0)]
+    records += [_run("a", "m", 0.5, 0.0), _run("a", "m", 0.7, 0.2), _run("a", "m", 0.9, 0.0)]
+    (key, sweep), = sweep_scores(records).items()
+    assert key == ("Toy-1B", "a", 4096, "m") and sweep.sparse.shape == (3, 200)  # the unscored sample is left out
+    config = PreservationConfig()
+    (row,) = max_preserving(level_tests(records, config), config)
+    assert tolerated_level(sweep, config) == row["max_sparsity"] == 0.5
+    assert tolerated_level(sweep, PreservationConfig(monotone=False)) == 0.9
+    # A 20 % drop fails in every resample and 0 % passes in every one: the maximum does not move.
+    resampled = resampled_tolerated_levels(sweep, config, 50, np.random.default_rng(0))
+    assert resampled.shape == (50,) and set(resampled) == {0.5}
+    # A drop near the margin passes in some resamples and not others: the maximum does move.
+    near = [_run("a", "dense", 0.0, 0.0), _run("a", "m", 0.5, 0.0), _run("a", "m", 0.7, 0.02)]
+    (sweep,) = sweep_scores(near).values()
+    assert set(resampled_tolerated_levels(sweep, config, 200, np.random.default_rng(0))) == {0.5, 0.7}
+    nothing = sweep_scores([_run("a", "dense", 0.0, 0.0), _run("a", "m", 0.5, 0.5)])
+    assert tolerated_level(*nothing.values(), config) == 0.0  # no preserving level counts as 0
 
 
 def test_duplicate_level_is_an_error():

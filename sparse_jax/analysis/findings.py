@@ -15,10 +15,12 @@ model, task, length and sample index; :func:`sparse_jax.analysis.preservation.pa
     Quest *tolerates more sparsity than eviction* when its pooled difference to SnapKV and to
     Ada-SnapKV at a level has an interval above 0.
 (c) Length: :func:`tolerance_vs_length` fits, per (model, method), the highest preserving
-    sparsity of every (task, length) (:func:`~sparse_jax.analysis.preservation.max_preserving`;
+    sparsity of every (task, length) (:func:`~sparse_jax.analysis.preservation.tolerated_level`;
     a sweep with no preserving level counts as 0) against ``log2(length)`` by least squares; the
-    slope's 95 % interval comes from a bootstrap over tasks (clusters; over points when there is
-    one task). The claim holds for a method when the interval lies above 0.
+    slope's 95 % interval comes from a two-stage bootstrap that reruns the preservation tests:
+    tasks resampled (when there are at least 2), then each drawn sweep's samples (paired across
+    dense and its levels). The claim holds for a method when the interval lies above 0; a method
+    whose maxima all sit at the floor (0) or all at the top level tested cannot decide it.
 (d) Spread across tasks: :func:`task_spread` gives, per (model, method, length, level), the
     task-balanced mean drop (sparse - dense) with its interval and Cochran's Q test of
     heterogeneity of the per-task drops (weights ``1 / se^2``, ``se`` floored at ``0.5 / n`` so
@@ -48,7 +50,16 @@ from scipy import stats
 
 from sparse_jax.analysis.cost import CostOptions, run_cost
 from sparse_jax.analysis.pareto import pareto_points, plot_pareto
-from sparse_jax.analysis.preservation import PreservationConfig, level_tests, max_preserving, paired_scores
+from sparse_jax.analysis.preservation import (
+    PreservationConfig,
+    SweepScores,
+    level_tests,
+    max_preserving,
+    paired_scores,
+    resampled_tolerated_levels,
+    sweep_scores,
+    tolerated_level,
+)
 from sparse_jax.analysis.records import RunRecord
 from sparse_jax.analysis.intervals import (
     CONFIDENCE,
@@ -133,38 +144,63 @@ def crossovers(comparison_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]
     return out
 
 
-def _slope(x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.polyfit(x, y, 1)[0]) if np.unique(x).size >= 2 else math.nan
+def _slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares slopes of ``y [..., p]`` on ``x [..., p]`` along the last axis (``nan`` when ``x`` is constant)."""
+    dx = x - x.mean(axis=-1, keepdims=True)
+    var = np.sum(dx * dx, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(var > 1e-12, np.sum(dx * (y - y.mean(axis=-1, keepdims=True)), axis=-1) / var, np.nan)
 
 
-def tolerance_vs_length(max_rows: Sequence[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+def _at_a_bound(tolerated: np.ndarray, levels: np.ndarray) -> str:
+    """Why a flat line says nothing about length: every maximum at the floor (no level preserved)
+    or at the highest level tested, where the true tolerance is only known to be lower (higher)."""
+    if np.all(tolerated == 0.0):
+        return "no level preserved at any length (below the lowest level tested)"
+    if np.all(tolerated == levels.max()):
+        return "highest level preserved at every length (above the range tested)"
+    return ""
+
+
+def tolerance_vs_length(records: Sequence[RunRecord], preservation: PreservationConfig,
+                        num_bootstrap: int = NUM_BOOTSTRAP, seed: int = 0) -> list[dict[str, Any]]:
     """Per (model, method): the least-squares slope of max tolerated sparsity on ``log2(length)``.
 
-    Args:
-      max_rows: :func:`~sparse_jax.analysis.preservation.max_preserving` rows.
+    The maximum of each (task, length) sweep is :func:`tolerated_level` on the
+    samples scored in every run of the sweep (0 when no level preserves). The interval is a
+    two-stage bootstrap that reruns the whole procedure: tasks resampled (when there are at least
+    2: points of one task are not independent), then within each drawn (task, length) the samples,
+    paired across dense and every level. With one task the interval covers sample noise only,
+    not other tasks.
     """
-    groups: dict[tuple[str, str], dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-    for row in max_rows:
-        groups[(row["model"], row["method"])][row["task"]].append(
-            (math.log2(row["max_input_tokens"]), row["max_sparsity"] or 0.0))
+    groups: dict[tuple[str, str], dict[str, list[tuple[int, SweepScores]]]] = defaultdict(lambda: defaultdict(list))
+    for (model, task, length, method), sweep in sorted(sweep_scores(records).items()):
+        groups[(model, method)][task].append((length, sweep))
     rng = np.random.default_rng(seed)
     out = []
     for (model, method), by_task in sorted(groups.items()):
-        clusters = [np.array(points) for _, points in sorted(by_task.items())]
-        points = np.concatenate(clusters)
-        slope = _slope(points[:, 0], points[:, 1])
-        if len(clusters) >= 2:  # resample whole tasks: points of one task are not independent
-            boot = [_slope(*np.concatenate([clusters[i] for i in rng.integers(0, len(clusters), len(clusters))]).T)
-                    for _ in range(NUM_BOOTSTRAP)]
+        tasks = [by_task[t] for t in sorted(by_task)]
+        x = [np.log2([length for length, _ in cells]) for cells in tasks]  # per task: [lengths]
+        y = [np.array([tolerated_level(s, preservation) for _, s in cells]) for cells in tasks]
+        boot_y = [np.stack([resampled_tolerated_levels(s, preservation, num_bootstrap, rng) for _, s in cells])
+                  for cells in tasks]  # per task: [lengths, num_bootstrap]
+        slope = float(_slopes(np.concatenate(x), np.concatenate(y)))
+        if len(tasks) >= 2:
+            draws = [(rng.integers(0, len(tasks), len(tasks)), rng.integers(0, num_bootstrap, len(tasks)))
+                     for _ in range(num_bootstrap)]
+            boot = np.array([_slopes(np.concatenate([x[t] for t in chosen]),
+                                     np.concatenate([boot_y[t][:, c] for t, c in zip(chosen, columns)]))
+                             for chosen, columns in draws])
         else:
-            boot = [_slope(*points[rng.integers(0, len(points), len(points))].T) for _ in range(NUM_BOOTSTRAP)]
-        boot = np.array([b for b in boot if not math.isnan(b)])
+            boot = _slopes(x[0][None, :], boot_y[0].T)
+        boot = boot[~np.isnan(boot)]
         low, high = percentile_interval(boot) if boot.size else (math.nan, math.nan)
-        verdict = (UNDECIDABLE if math.isnan(slope) or math.isnan(low)
+        bound = _at_a_bound(np.concatenate(y), np.concatenate([s.levels for cells in tasks for _, s in cells]))
+        verdict = (UNDECIDABLE if math.isnan(slope) or math.isnan(low) or bound
                    else HOLDS if low > 0 else DOES_NOT_HOLD if high <= 0 else NOT_RESOLVED)
-        out.append({"model": model, "method": method, "tasks": len(clusters),
-                    "lengths": int(np.unique(points[:, 0]).size), "slope_per_doubling": slope,
-                    "ci_low": low, "ci_high": high, "verdict": verdict})
+        out.append({"model": model, "method": method, "tasks": len(tasks),
+                    "lengths": int(np.unique(np.concatenate(x)).size), "slope_per_doubling": slope,
+                    "ci_low": low, "ci_high": high, "verdict": verdict, "note": bound})
     return out
 
 
@@ -218,9 +254,12 @@ def cost_matched_comparisons(records: Sequence[RunRecord],
     Each such run's mean score minus the smaller dense one's, with an unpaired percentile-bootstrap
     interval (the models' samples differ: each tokenizer gets its own prompts) at confidence
     ``1 - 0.05 / k`` for ``k`` cost-matched runs (Bonferroni: the best of ``k`` is not picked for free).
-    ``verdict`` per row's cell: ``holds`` when some cost-matched run's interval is above 0, ``does not
-    hold`` when every one is below 0, ``not resolved`` otherwise, and ``cannot be decided`` when no run
-    of the larger model is as cheap as the smaller dense one.
+    ``verdict`` per row's cell: ``holds`` when some cost-matched sparse run's interval is above 0,
+    ``does not hold`` when every one is below 0, ``not resolved`` otherwise. ``cannot be decided``
+    (with a ``note``) when no sparse run of the larger model is as cheap as the smaller dense one, or
+    when the larger model's dense run already is: then the pair compares the models, not what
+    sparsity buys (a larger model can cost less per token, e.g. with most parameters in its
+    embedding or with sliding-window layers).
     """
     cells: dict[tuple[str, int], dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -237,12 +276,22 @@ def cost_matched_comparisons(records: Sequence[RunRecord],
         small_scores = np.array([s for s in small.scores.values() if s is not None])
         for model in models[1:]:
             flops = {id(r): run_cost(r, options).total_flops for r in by_model[model]}
-            matched = sorted((r for r in by_model[model] if flops[id(r)] <= budget), key=lambda r: (r.method, r.level))
+            large_dense = next((r for r in by_model[model] if r.is_dense), None)
+            matched = sorted((r for r in by_model[model] if flops[id(r)] <= budget and not r.is_dense),
+                             key=lambda r: (r.method, r.level))
             base = {"task": task, "max_input_tokens": length, "smaller_dense": models[0], "larger": model,
                     "smaller_dense_flops": budget, "smaller_dense_score": small.mean_score, "method": None,
-                    "level": None, "flops_ratio": None, "score": None, "diff": None, "ci_low": None, "ci_high": None}
+                    "level": None, "flops_ratio": None, "score": None, "diff": None, "ci_low": None, "ci_high": None,
+                    "note": ""}
+            if large_dense is not None and flops[id(large_dense)] <= budget:
+                out.append(base | {"method": "dense", "level": 0.0, "flops_ratio": flops[id(large_dense)] / budget,
+                                   "score": large_dense.mean_score, "diff": large_dense.mean_score - small.mean_score,
+                                   "verdict": UNDECIDABLE, "note": "the larger model's dense run costs no more: "
+                                   "the pair does not test sparsity"})
+                continue
             if not matched:
-                out.append(base | {"verdict": UNDECIDABLE})
+                out.append(base | {"verdict": UNDECIDABLE,
+                                   "note": "no sparse run of the larger model is as cheap as the smaller dense run"})
                 continue
             confidence = 1 - (1 - CONFIDENCE) / len(matched)  # Bonferroni
             rows = []
@@ -286,21 +335,26 @@ def plot_score_vs_sparsity(records: Sequence[RunRecord], model: str, length: int
     """One panel per task: mean score vs target sparsity per method (dense at 0), 95 % intervals."""
     cells = {task: runs for (m, task, n), runs in _runs_by_cell(records).items() if (m, n) == (model, length)}
     fig, axes = _figure(len(cells))
+    def draw(ax, pts, **style):
+        means, lows, highs = [], [], []
+        for _, r in pts:
+            values = [s for s in r.scores.values() if s is not None]
+            low, high, _ = score_interval(values, screen)
+            means.append(float(np.mean(values)) if values else math.nan)
+            lows.append(low)
+            highs.append(high)
+        ax.errorbar([lvl for lvl, _ in pts], means, yerr=[np.subtract(means, lows), np.subtract(highs, means)],
+                    ms=3, capsize=2, **style)
+
     for ax, (task, runs) in zip(axes, sorted(cells.items())):
         dense = runs.get(("dense", 0.0))
+        if dense:  # also alone, where no sparse run is complete yet
+            draw(ax, [(0.0, dense)], marker="s", color="black", label="dense")
         for i, method in enumerate(sorted({m for m, _ in runs if m != "dense"})):
             pts = sorted([(lvl, r) for (m, lvl), r in runs.items() if m == method] + ([(0.0, dense)] if dense else []),
                          key=lambda p: p[0])
-            means, lows, highs = [], [], []
-            for _, r in pts:
-                values = [s for s in r.scores.values() if s is not None]
-                low, high, _ = score_interval(values, screen)
-                means.append(float(np.mean(values)) if values else math.nan)
-                lows.append(low)
-                highs.append(high)
-            x = np.array([lvl for lvl, _ in pts]) + 0.004 * (i - 3)  # small offsets keep the bars apart
-            ax.errorbar(x, means, yerr=[np.subtract(means, lows), np.subtract(highs, means)], marker="o", ms=3,
-                        capsize=2, label=method, color=f"C{i % 10}")
+            offset = 0.004 * (i - 3)  # small offsets keep the bars apart
+            draw(ax, [(lvl + offset, r) for lvl, r in pts], marker="o", label=method, color=f"C{i % 10}")
         ax.set_title(f"{task}", fontsize=9)
         ax.set_xlabel("target sparsity (0 = dense)")
         ax.set_ylabel("score")
@@ -450,6 +504,6 @@ def findings_tables(records: Sequence[RunRecord], preservation: PreservationConf
         "findings_b_prefill_pairs": prefill_rows,
         "findings_b_prefill_crossovers": crossovers(prefill_rows),
         "findings_b_decode_pairs": decode_rows,
-        "findings_c_tolerance_vs_length": tolerance_vs_length(max_rows),
+        "findings_c_tolerance_vs_length": tolerance_vs_length(records, preservation),
         "findings_d_task_spread": task_spread(records, preservation),
     }

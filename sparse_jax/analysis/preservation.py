@@ -46,7 +46,6 @@ from typing import Literal, NamedTuple
 import numpy as np
 from scipy import stats
 
-from sparse_jax.analysis.intervals import resampled_means
 from sparse_jax.analysis.records import RunRecord
 
 TestName = Literal["paired_t", "bootstrap"]
@@ -102,6 +101,33 @@ class PairedTest(NamedTuple):
     preserved: bool
 
 
+def lower_bounds(diffs: np.ndarray, config: PreservationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The test's one-sided lower confidence bounds and p-values of the mean of ``diffs [..., n]``.
+
+    The last axis holds the ``n >= 2`` per-sample differences of one test; every leading index is a
+    test of its own (one per level, per resample, ...). Returns ``(lower [...], p_value [...])``.
+    The bootstrap draws the same ``num_bootstrap`` resamples (``seed``) for every test, as a
+    count matrix, so a batch of tests costs one matrix product.
+    """
+    n = diffs.shape[-1]
+    mean = diffs.mean(axis=-1)
+    if config.test == "paired_t":
+        se = diffs.std(axis=-1, ddof=1) / math.sqrt(n)
+        exact = se == 0.0
+        safe_se = np.where(exact, 1.0, se)
+        lower = np.where(exact, mean, mean - float(stats.t.ppf(1.0 - config.alpha, n - 1)) * se)
+        p_value = np.where(exact, (mean <= -config.margin).astype(np.float64),
+                           stats.t.sf((mean + config.margin) / safe_se, n - 1))
+        return lower, p_value
+    picks = np.random.default_rng(config.seed).integers(0, n, size=(config.num_bootstrap, n))
+    counts = np.zeros((config.num_bootstrap, n))
+    np.add.at(counts, (np.arange(config.num_bootstrap)[:, None], picks), 1.0)
+    means = diffs @ counts.T / n  # [..., num_bootstrap]
+    lower = np.quantile(means, config.alpha, axis=-1)
+    p_value = (np.sum(means <= -config.margin, axis=-1) + 1) / (config.num_bootstrap + 1)
+    return lower, p_value
+
+
 def noninferiority_test(sparse: np.ndarray, dense: np.ndarray, config: PreservationConfig) -> PairedTest:
     """Paired non-inferiority test of ``sparse`` against ``dense`` (see the module docstring).
 
@@ -116,20 +142,8 @@ def noninferiority_test(sparse: np.ndarray, dense: np.ndarray, config: Preservat
     n = diff.size
     if n < 2:
         return PairedTest(n, float(diff.mean()) if n else math.nan, -math.inf, 1.0, False)
-    mean = float(diff.mean())
-    if config.test == "paired_t":
-        se = float(diff.std(ddof=1)) / math.sqrt(n)
-        if se == 0.0:
-            lower, p_value = mean, float(mean <= -config.margin)
-        else:
-            lower = mean - float(stats.t.ppf(1.0 - config.alpha, n - 1)) * se
-            p_value = float(stats.t.sf((mean + config.margin) / se, n - 1))
-    else:
-        rng = np.random.default_rng(config.seed)
-        means = resampled_means(diff, config.num_bootstrap, rng)
-        lower = float(np.quantile(means, config.alpha))
-        p_value = float((np.sum(means <= -config.margin) + 1) / (config.num_bootstrap + 1))
-    return PairedTest(n, mean, lower, p_value, lower > -config.margin)
+    lower, p_value = lower_bounds(diff, config)
+    return PairedTest(n, float(diff.mean()), float(lower), float(p_value), bool(lower > -config.margin))
 
 
 def paired_scores(sparse: RunRecord, dense: RunRecord) -> tuple[np.ndarray, np.ndarray]:
@@ -181,21 +195,85 @@ def level_tests(records: Sequence[RunRecord], config: PreservationConfig) -> lis
     return rows
 
 
+class SweepScores(NamedTuple):
+    """One sweep's scores on the samples scored in every run of it and in its dense run."""
+
+    levels: np.ndarray  # [L] increasing
+    dense: np.ndarray  # [n]
+    sparse: np.ndarray  # [L, n]
+
+
+def sweep_scores(records: Sequence[RunRecord]) -> dict[SweepKey, SweepScores]:
+    """Per sweep with a dense baseline, its scores aligned by sample (sweeps sharing no sample are left out)."""
+    dense, sweeps = _sweeps(records)
+    out = {}
+    for key, runs in sweeps.items():
+        baseline = dense.get(key[:3])
+        if baseline is None:
+            continue
+        common = sorted(set.intersection(*({i for i, s in r.scores.items() if s is not None}
+                                           for r in (baseline, *runs))))
+        if common:
+            out[key] = SweepScores(np.array([r.level for r in runs], np.float64),
+                                   np.array([baseline.scores[i] for i in common], np.float64),
+                                   np.array([[r.scores[i] for i in common] for r in runs], np.float64))
+    return out
+
+
+def _tolerated(levels: np.ndarray, diffs: np.ndarray, config: PreservationConfig) -> np.ndarray:
+    """Highest preserving level (0 when none) of ``diffs [L, ..., n]`` (sparse - dense per level): ``[...]``."""
+    if diffs.shape[-1] < 2:  # the test cannot pass on fewer than 2 samples
+        return np.zeros(diffs.shape[1:-1])
+    lower, _ = lower_bounds(diffs, config)
+    return np.nan_to_num(max_levels(levels, lower > -config.margin, config.monotone), nan=0.0)
+
+
+def tolerated_level(sweep: SweepScores, config: PreservationConfig) -> float:
+    """The sweep's highest preserving level, 0 when none."""
+    return float(_tolerated(sweep.levels, sweep.sparse - sweep.dense, config))
+
+
+def resampled_tolerated_levels(sweep: SweepScores, config: PreservationConfig, num_resamples: int,
+                               rng: np.random.Generator) -> np.ndarray:
+    """``[num_resamples]`` :func:`tolerated_level` of the sweep with its samples resampled.
+
+    Each resample draws the sweep's samples with replacement, the same draw for the dense run and
+    every level (the pairing the test relies on), and reruns the whole procedure: every level's
+    test, then the monotone (or not) maximum.
+    """
+    picks = rng.integers(0, sweep.dense.size, size=(num_resamples, sweep.dense.size))
+    return _tolerated(sweep.levels, sweep.sparse[:, picks] - sweep.dense[picks], config)  # diffs [L, R, n]
+
+
 def sweeps_without_baseline(records: Sequence[RunRecord]) -> list[SweepKey]:
     """Sweeps that have no dense run of the same (model, task, length) and so cannot be tested."""
     dense, sweeps = _sweeps(records)
     return [key for key in sweeps if key[:3] not in dense]
 
 
+def max_levels(levels: np.ndarray, preserved: np.ndarray, monotone: bool) -> np.ndarray:
+    """Largest preserving level of sweeps sharing ``levels [L]`` (increasing), ``nan`` where none.
+
+    Args:
+      levels: ``[L]`` sparsity levels in increasing order.
+      preserved: ``[L, ...]`` test outcomes; every trailing index is a sweep of its own.
+      monotone: stop each sweep at its first failing level (fixed-sequence testing).
+    Returns:
+      ``[...]`` levels.
+    """
+    levels, preserved = np.asarray(levels, np.float64), np.asarray(preserved, bool)
+    if monotone:  # only the levels before the first failure count
+        preserved = np.cumprod(preserved, axis=0).astype(bool)
+    top = preserved.shape[0] - 1 - np.argmax(preserved[::-1], axis=0)  # last preserving level
+    return np.where(preserved.any(axis=0), levels[top], np.nan)
+
+
 def _max_level(levels: Sequence[tuple[float, bool]], monotone: bool) -> float | None:
     """Largest preserving level of one sweep (``levels`` sorted by level), or ``None``."""
-    best = None
-    for level, preserved in levels:
-        if preserved:
-            best = level
-        elif monotone:
-            break
-    return best
+    if not levels:
+        return None
+    best = float(max_levels(*zip(*levels), monotone))
+    return None if math.isnan(best) else best
 
 
 def max_preserving(level_rows: Sequence[dict], config: PreservationConfig) -> list[dict]:

@@ -144,9 +144,11 @@ def _scaling(records: list[RunRecord], law: ScalingLaw, num_bootstrap: int, out:
 
 _FINDINGS_TEXT = {
     "findings_a_cost_matched": "### (a) A larger sparse model against a smaller dense one at equal FLOPs\n\n"
-    "Per task and length: every run of the larger model costing at most the smaller model's dense run, its "
-    "score minus that run's with an unpaired bootstrap interval (Bonferroni over the cost-matched runs); "
-    "the isoFLOPS frontier of both models is `findings_a_isoflops.csv` and the figures below.\n",
+    "Per task and length: every sparse run of the larger model (by parameters) costing at most the smaller "
+    "model's dense run, its score minus that run's with an unpaired bootstrap interval (Bonferroni over the "
+    "cost-matched runs); `cannot be decided` (`note`) when none is that cheap, or when the larger model's dense "
+    "run already is (the pair then does not test sparsity). The isoFLOPS frontier of both models is "
+    "`findings_a_isoflops.csv` and the figures below.\n",
     "findings_b_prefill_crossovers": "### (b) Prefill methods: does the better method depend on the task?\n\n"
     "Per pair of prefill methods, length and level: tasks where each is better (paired bootstrap 95 % interval "
     "of the score difference excludes 0); `crossover` = both lists non-empty. Per-task differences: "
@@ -155,8 +157,11 @@ _FINDINGS_TEXT = {
     "snapkv / ada_snapkv on the same samples with its 95 % bootstrap interval; `(all)` rows average over the "
     "model's tasks and lengths (task-balanced, resampling within tasks).\n",
     "findings_c_tolerance_vs_length": "### (c) Max tolerated sparsity vs length\n\nLeast-squares slope of the "
-    "highest preserving level (0 when none) on log2(length), per model and method, 95 % interval from a "
-    "bootstrap over tasks; `holds` when the interval is above 0. Per cell: `findings_max_tolerated.csv`.\n",
+    "highest preserving level (0 when none) on log2(length), per model and method; 95 % interval from a "
+    "bootstrap that reruns the preservation tests on resampled tasks (when there are 2 or more) and, within each "
+    "task and length, resampled samples (so with one task it covers sample noise only); `holds` when the interval "
+    "is above 0; `cannot be decided` when every maximum is 0 or every one the top level (`note`). Per cell: "
+    "`findings_max_tolerated.csv`.\n",
     "findings_d_task_spread": "### (d) High compression: mean drop and spread across tasks\n\nTask-balanced "
     "mean drop (sparse - dense) at levels >= 0.9 with its 95 % interval; Cochran's Q of the per-task drops "
     "(`p_heterogeneity`, `i2`); `holds` when the mean is within the preservation margin and Q rejects "
