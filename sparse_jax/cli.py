@@ -186,7 +186,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. User errors print one ``sparse-jax: ...`` line and return 2; bugs raise.
 
-    With ``--debug`` the traceback of a user error is printed before that line.
+    With ``--debug`` the traceback of a user error is printed before that line. ``sweep`` and
+    ``demo`` return 1 when some of their runs failed (:func:`sparse_jax.pipeline.runner.run_sweep`).
     """
     args = build_parser().parse_args(argv)
     # The engine reports each batch's memory plan (KV cache, activations, free memory) before it runs.
@@ -202,13 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
-        from sparse_jax.pipeline.errors import ConfigError
+        from sparse_jax.pipeline.errors import error_line
 
         if args.debug:
             traceback.print_exc()
-        kind = "configuration error: " if isinstance(e, ConfigError) else ""
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"sparse-jax: {kind}{message}", file=sys.stderr)
+        print(f"sparse-jax: {error_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -6,9 +6,12 @@ import csv
 import itertools
 import re
 
+import jax
 import pytest
 
+from sparse_jax.engine.memory import InsufficientMemoryError
 from sparse_jax.pipeline import jsonl_store, runner
+from sparse_jax.pipeline.errors import ConfigError
 from sparse_jax.pipeline.sweep import expand, parse_shard, shard
 from tests.test_pipeline_common import REPO, EngineSpy, copy_results, run_cli, shared_dense_run, write_gin
 
@@ -212,3 +215,67 @@ def test_include_axis_sweeps_tasks_with_their_own_arguments(tmp_path):
     bad_file = _sweep_file(tmp_path, tmp_path / "results", "Sweep.axes = {'include': [3]}")
     bad = run_cli("sweep", str(bad_file), "--dry-run")
     assert bad.code == 2 and "must list gin file paths" in bad.error_line()
+
+
+def test_a_failed_run_does_not_stop_the_sweep_and_the_next_call_retries_it(tmp_path, monkeypatch):
+    # Three dense runs on different samples: one compiled program serves them all, so the test stays fast.
+    sweep = str(_sweep_file(tmp_path, tmp_path / "results", "Sweep.axes = {'ExperimentConfig.seed': [0, 1, 2]}"))
+    first, broken, last = expand(sweep)
+    real_predict = runner.predict
+
+    def predict_failing_after_one_sample(cfg, records, **kwargs):
+        if cfg.run_key() != broken.run_key():
+            return real_predict(cfg, records, **kwargs)
+        real_predict(cfg, records[:1], **kwargs)  # one prediction written, then the run breaks
+        raise RuntimeError("injected failure\nsecond line of the message")
+
+    monkeypatch.setattr(runner, "predict", predict_failing_after_one_sample)
+    result = run_cli("sweep", sweep)
+    assert result.code == 1, result.err
+    assert (first.run_dir() / "run.json").exists() and (last.run_dir() / "run.json").exists()
+    assert runner.run_state(broken) == "partial (1/2 predicted)"  # what it wrote stays
+    assert "Traceback (most recent call last)" in result.err  # a bug stays visible
+    failure, = [line for line in result.err.splitlines() if line.startswith("sweep: run failed:")]
+    assert failure == f"sweep: run failed: {broken.label()} in {broken.run_dir()}: RuntimeError: injected failure"
+    summary, = [line for line in result.err.splitlines() if "runs failed" in line]
+    assert summary.startswith(f"sweep: 1 of 3 runs failed ({broken.label()})") and "same command again" in summary
+    assert "sweep done: 2 runs" in result.out and result.out.count("| niah_single | 512 | dense |") == 2
+    final_bar = [chunk for chunk in result.err.split("\r") if chunk.startswith("sweep:")][-1]
+    assert "3/3" in final_bar and "1 failed" in final_bar, final_bar
+
+    monkeypatch.setattr(runner, "predict", real_predict)
+    spy = EngineSpy(monkeypatch)
+    again = run_cli("sweep", sweep)
+    assert again.code == 0, again.err
+    assert len(spy.prompts) == 1  # the broken run's missing sample, nothing else
+    assert (broken.run_dir() / "run.json").exists() and "sweep done: 1 runs" in again.out
+
+
+def test_an_interrupt_still_stops_the_sweep(tmp_path, monkeypatch):
+    EngineSpy(monkeypatch, fail_with=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        run_cli("sweep", str(_sweep_file(tmp_path, tmp_path / "results")))
+
+
+@pytest.mark.parametrize(
+    "error, expected_end",
+    [
+        (
+            jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 23.09GiB.\nstats"),
+            "JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 23.09GiB. "
+            "Lower ExperimentConfig.batch_size, or run fewer sweep workers if several share this device.",
+        ),
+        (  # the engine's own error names the batch size already: only the sweep's fix is added
+            InsufficientMemoryError("generation run does not fit in memory: ... Reduce the batch size."),
+            "InsufficientMemoryError: generation run does not fit in memory: ... Reduce the batch size. "
+            "Or run fewer sweep workers if several share this device.",
+        ),
+        (KeyError("layer"), "KeyError: 'layer'"),
+        (ConfigError("ExperimentConfig.task='x': bad\nfix it"), "configuration error: ExperimentConfig.task='x': bad"),
+    ],
+    ids=["xla-oom", "memory-plan", "bug", "config"],
+)
+def test_failure_line_names_the_run_the_error_and_a_memory_fix(tmp_path, error, expected_end):
+    cfg, = expand(_sweep_file(tmp_path, tmp_path / "results", "Sweep.axes = {'ExperimentConfig.method': ['dense']}"))
+    line = runner._failure_line(cfg, error)
+    assert line == f"sweep: run failed: {cfg.label()} in {cfg.run_dir()}: {expected_end}"

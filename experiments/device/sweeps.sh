@@ -7,7 +7,9 @@
 # the sweep's runs, compile in parallel on the host's CPU cores and share one GPU (no preallocation, equal
 # memory shares).
 # Each is stopped after SECONDS; runs are resumable (docs in sparse_jax/pipeline/runner.py), so the
-# same command started again finishes what is left. Prints each worker's log tail and the state.
+# same command started again finishes what is left. A run that fails (out of memory) does not stop its worker:
+# the worker runs the rest of its share and its log ends with the failed runs. Prints each worker's log tail and
+# the state.
 set -uo pipefail
 seconds=$1 workers=$2 sweep=$3
 shift 3

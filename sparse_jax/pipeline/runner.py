@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import gc
 import json
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,7 +43,7 @@ from sparse_jax.attention.composed import describe_reach, phase_targets, prefill
 from sparse_jax.models.loading import LoadedModel
 from sparse_jax.pipeline import jsonl_store
 from sparse_jax.pipeline.compile_time import compile_seconds, enable_compilation_cache
-from sparse_jax.pipeline.errors import ConfigError, IncompatibleResultsError, StageError
+from sparse_jax.pipeline.errors import ConfigError, IncompatibleResultsError, StageError, error_line
 from sparse_jax.pipeline.experiment import ExperimentConfig
 from sparse_jax.pipeline.run_lock import run_lock
 
@@ -456,7 +459,15 @@ def run_state(cfg: ExperimentConfig) -> str:
 def run_sweep(
     sweep_file: str | Path, bindings: Sequence[str] = (), *, dry_run: bool = False, shard_spec: str | None = None
 ) -> int:
-    """Run this worker's share of a sweep, skipping complete runs. Returns a process exit code."""
+    """Run this worker's share of a sweep, skipping complete runs. Returns a process exit code.
+
+    Every setting of every run is checked before the first run starts (a :class:`ConfigError`
+    then stops the sweep). A run that raises later (out of memory, a bug) does not stop it: its
+    traceback and one line naming the run, its folder and the error go to stderr, the
+    predictions it wrote stay (the next call resumes it), and the next run starts. At the end
+    the finished runs' summary is printed, then one line listing the failed runs; the exit
+    code is 1 when any run failed, else 0. KeyboardInterrupt and SystemExit still stop it.
+    """
     from sparse_jax.pipeline.sweep import expand, parse_shard, shard
 
     runs = expand(sweep_file, bindings)
@@ -473,22 +484,60 @@ def run_sweep(
     todo = [c for c in mine if states[c.run_key()] != "complete"]
     for c in todo:  # a bad task argument in any cell fails now, not hours into the sweep
         check_config(c)
-    summaries = []
+    finished: list[tuple[ExperimentConfig, RunFile]] = []
+    failed: list[ExperimentConfig] = []
     start = time.time()
     with tqdm(total=len(todo), desc="sweep", unit="run") as bar:
         for c in todo:
-            bar.set_postfix_str(c.label())
-            summaries.append(run_experiment(c, progress=False))
+            bar.set_postfix_str(c.label() + (f" ({len(failed)} failed)" if failed else ""))
+            run = _run_or_report(c)
+            if run is None:
+                failed.append(c)
+                gc.collect()  # the failed run's arrays went with its traceback; free them before the next run
+            else:
+                finished.append((c, run))
             bar.update(1)
-    if todo:
+        if failed:
+            bar.set_postfix_str(f"{len(failed)} failed")
+    if finished:
         from sparse_jax.engine.programs import PROGRAMS
         from sparse_jax.pipeline.report import print_summary, run_row
 
-        compiled = sum(s.summary.compile_seconds or 0.0 for s in summaries)
-        print(f"sweep done: {len(todo)} runs in {time.time() - start:.0f} s ({compiled:.0f} s of it compiling; "
+        compiled = sum(run.summary.compile_seconds or 0.0 for _, run in finished)
+        print(f"sweep done: {len(finished)} runs in {time.time() - start:.0f} s ({compiled:.0f} s of it compiling; "
               f"engine programs: {PROGRAMS.misses} compiled, {PROGRAMS.hits} reused)")
-        print_summary([run_row(s, c.run_dir()) for s, c in zip(summaries, todo)])
+        print_summary([run_row(run, c.run_dir()) for c, run in finished])
+    if failed:
+        print(f"sweep: {len(failed)} of {len(todo)} runs failed ({', '.join(c.label() for c in failed)}); their "
+              "finished samples are kept: run the same command again to retry them", file=sys.stderr)
+        return 1
     return 0
+
+
+def _run_or_report(cfg: ExperimentConfig) -> RunFile | None:
+    """Run every stage of ``cfg``; if it raises, write the traceback and :func:`_failure_line` to
+    stderr and return ``None``."""
+    try:
+        return run_experiment(cfg, progress=False)
+    except Exception as e:  # one run's failure must not end the others
+        tqdm.write("".join(traceback.format_exception(e)) + _failure_line(cfg, e), file=sys.stderr)
+        return None
+
+
+def _failure_line(cfg: ExperimentConfig, error: Exception) -> str:
+    """One line on a sweep run that raised: its label and folder, the error, and for a
+    memory failure the fix that the error does not name."""
+    from sparse_jax.engine.memory import InsufficientMemoryError
+
+    fewer_workers = "run fewer sweep workers if several share this device"
+    out_of_device_memory = isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+    if isinstance(error, InsufficientMemoryError):  # its message names the engine's own fixes
+        hint = f" Or {fewer_workers}."
+    elif out_of_device_memory or isinstance(error, MemoryError):
+        hint = f" Lower ExperimentConfig.batch_size, or {fewer_workers}."
+    else:
+        hint = ""
+    return f"sweep: run failed: {cfg.label()} in {cfg.run_dir()}: {error_line(error, brief=True)}{hint}"
 
 
 def describe_devices() -> str:
