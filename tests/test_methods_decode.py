@@ -16,13 +16,13 @@ LENGTHS = np.array([192, 150])
 LAYER = LayerSpec(index=0, scale=D**-0.5)
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, kv_heads=G):
     ks = jax.random.split(jax.random.PRNGKey(seed), 3)
     q = jax.random.normal(ks[0], (B, T, H, D), jnp.float32)
-    k = jax.random.normal(ks[1], (B, T, G, D), jnp.float32)
-    # KV head 0 gets a few dominant keys (peaked attention), head 1 stays diffuse.
+    k = jax.random.normal(ks[1], (B, T, kv_heads, D), jnp.float32)
+    # KV head 0 gets a few dominant keys (peaked attention), the others stay diffuse.
     k = k.at[:, 20:26, 0].multiply(6.0)
-    v = jax.random.normal(ks[2], (B, T, G, D), jnp.float32)
+    v = jax.random.normal(ks[2], (B, T, kv_heads, D), jnp.float32)
     return q, k, v
 
 
@@ -48,19 +48,24 @@ def _pool_and_force(imp, length, kernel, local, prefix):
 
 
 def _kept_sets(kept, b):
-    return [set(kept.indices[b, j, : kept.counts[b, j]].tolist()) for j in range(G)]
+    return [set(kept.indices[b, j, : kept.counts[b, j]].tolist()) for j in range(kept.counts.shape[1])]
 
 
 SNAP = dict(token_capacity=48, approximation_window=32, kernel_size=5, local_window=16, prefix_tokens=4)
 
 
-def test_snapkv_selection_matches_oracle():
-    q, k, v = _inputs()
+KV_HEADS = pytest.mark.parametrize("kv_heads", [G, 1])  # 1: one KV head for all query heads (Gemma 3 270M)
+
+
+@KV_HEADS
+def test_snapkv_selection_matches_oracle(kv_heads):
+    q, k, v = _inputs(kv_heads=kv_heads)
+    group = H // kv_heads
     kept = _compress(get_method("snapkv", **SNAP), q, k, v, LENGTHS)
     qn, kn = np.asarray(q), np.asarray(k)
     for b, n in enumerate(LENGTHS):
-        for j in range(G):
-            probs = _group_probs(qn[b, :, j * GROUP : (j + 1) * GROUP], kn[b, :, j], n, SNAP["approximation_window"])
+        for j in range(kv_heads):
+            probs = _group_probs(qn[b, :, j * group : (j + 1) * group], kn[b, :, j], n, SNAP["approximation_window"])
             scores = _pool_and_force(probs.mean(0).sum(0), n, 5, 16, 4)
             want = set(np.argsort(-scores, kind="stable")[:48].tolist())
             assert _kept_sets(kept, b)[j] == want, (b, j)
@@ -69,29 +74,31 @@ def test_snapkv_selection_matches_oracle():
     np.testing.assert_allclose(np.asarray(kept.reported_sparsity), 1 - 48 / LENGTHS, rtol=1e-6)
 
 
-def test_ada_snapkv_pools_budget_across_all_heads():
-    q, k, v = _inputs(1)
+@KV_HEADS
+def test_ada_snapkv_pools_budget_across_all_heads(kv_heads):
+    q, k, v = _inputs(1, kv_heads)
+    group = H // kv_heads
     kept = _compress(get_method("ada_snapkv", **SNAP, min_head_capacity_ratio=0.5), q, k, v, LENGTHS)
     m = max(int(48 * 0.5), 16 + 4)
     qn, kn = np.asarray(q), np.asarray(k)
     for b, n in enumerate(LENGTHS):
         scores = []
-        for j in range(G):
-            probs = _group_probs(qn[b, :, j * GROUP : (j + 1) * GROUP], kn[b, :, j], n, SNAP["approximation_window"])
+        for j in range(kv_heads):
+            probs = _group_probs(qn[b, :, j * group : (j + 1) * group], kn[b, :, j], n, SNAP["approximation_window"])
             scores.append(_pool_and_force(probs.max(1).max(0), n, 5, 16, 4))
         scores = np.stack(scores)  # [G, L]
         own = np.zeros_like(scores, bool)
-        for j in range(G):
+        for j in range(kv_heads):
             own[j, np.argsort(-scores[j], kind="stable")[:m]] = True
         rest = np.where(own, -np.inf, scores).ravel()
         pooled = np.zeros(rest.shape, bool)
-        pooled[np.argsort(-rest, kind="stable")[: G * (48 - m)]] = True
-        keep = own | pooled.reshape(G, n)
-        assert _kept_sets(kept, b) == [set(np.flatnonzero(keep[j]).tolist()) for j in range(G)], b
+        pooled[np.argsort(-rest, kind="stable")[: kv_heads * (48 - m)]] = True
+        keep = own | pooled.reshape(kv_heads, n)
+        assert _kept_sets(kept, b) == [set(np.flatnonzero(keep[j]).tolist()) for j in range(kv_heads)], b
         counts = np.asarray(kept.counts[b])
-        assert counts.sum() == G * 48 and np.all(counts >= m)
-    # The peaked head 0 and the diffuse head 1 get different budgets.
-    assert int(kept.counts[0, 0]) != int(kept.counts[0, 1])
+        assert counts.sum() == kv_heads * 48 and np.all(counts >= m)
+    if kv_heads > 1:  # the peaked head 0 and a diffuse head get different budgets
+        assert int(kept.counts[0, 0]) != int(kept.counts[0, 1])
     np.testing.assert_allclose(np.asarray(kept.reported_sparsity), 1 - 48 / LENGTHS, rtol=1e-6)
 
 
