@@ -32,10 +32,15 @@ PARAMS_DIR = "params"
 META_FILE = "meta.json"
 
 
-def cache_key(source: str | Path, files: Iterable[str | Path], dtype: Any) -> str:
-    """Hex key of ``source`` + (name, size, mtime) of ``files`` + ``dtype``."""
+def cache_key(source: str | Path, files: Iterable[str | Path], dtype: Any, *, fused_qkv: bool = False) -> str:
+    """Hex key of ``source`` + (name, size, mtime) of ``files`` + ``dtype`` + the q/k/v layout.
+
+    ``fused_qkv`` entries hold the fused q/k/v projections (``ModelConfig.fused_qkv``), under
+    other parameter names; keys of the separate layout are those of earlier versions.
+    """
     h = hashlib.sha256()
-    h.update(f"v{FORMAT_VERSION}|{Path(source).resolve()}|{jnp.dtype(dtype).name}".encode())
+    layout = "|fused_qkv" if fused_qkv else ""
+    h.update(f"v{FORMAT_VERSION}|{Path(source).resolve()}|{jnp.dtype(dtype).name}{layout}".encode())
     for f in sorted(Path(p).resolve() for p in files):
         st = f.stat()
         h.update(f"|{f}|{st.st_size}|{st.st_mtime_ns}".encode())

@@ -36,7 +36,7 @@ def load_sharded_model(source: str | Path, mesh: Mesh, **kwargs: Any) -> LoadedM
 
     A checkpoint is converted tensor by tensor into the shards; an Orbax cache entry is
     restored shard by shard (each device reads only its slices). ``kwargs`` as
-    ``load_model`` (``dtype``, ``max_length``, ``cache_dir``).
+    ``load_model`` (``dtype``, ``max_length``, ``cache_dir``, ``fused_qkv``).
     """
     loaded = load_model(source, shardings=functools.partial(param_shardings, mesh=mesh), **kwargs)
     check_model_fits(loaded.config, mesh)

@@ -4,14 +4,18 @@ Parameters (flat names as in :meth:`Transformer.flat_params`, kernels ``[in, out
 rules split a parameter's trailing dimensions, so the decoder layers' parameters, stacked
 ``[num_layers, ...]``, keep their layer axis whole on every device):
 
-============================================  ==================================
-``self_attn.{q,k,v}_proj.kernel`` / ``.bias``  output (heads) over ``model``
-``self_attn.o_proj.kernel``                    input (heads) over ``model``
-``mlp.{gate,up}_proj.kernel`` / ``.bias``      output (hidden) over ``model x kv_replica``
-``mlp.down_proj.kernel``                       input (hidden) over ``model x kv_replica``
-``embed_tokens.embedding``, ``lm_head``        vocabulary over ``model x kv_replica``
-everything else (norms, ``o_proj.bias``)       replicated
-============================================  ==================================
+================================================  ==================================
+``self_attn.{q,k,v,qkv}_proj.kernel`` / ``.bias``  output (heads) over ``model``
+``self_attn.o_proj.kernel``                        input (heads) over ``model``
+``mlp.{gate,up}_proj.kernel`` / ``.bias``          output (hidden) over ``model x kv_replica``
+``mlp.down_proj.kernel``                           input (hidden) over ``model x kv_replica``
+``embed_tokens.embedding``, ``lm_head``            vocabulary over ``model x kv_replica``
+everything else (norms, ``o_proj.bias``)           replicated
+================================================  ==================================
+
+The fused ``qkv_proj`` (``ModelConfig.fused_qkv``) orders its output KV group by KV group
+(:mod:`sparse_jax.models.layers`), so an even split of it gives each device the query, key
+and value heads of its KV heads, the same heads as the separate projections' splits.
 
 A dimension that the axes do not divide (e.g. a vocabulary of 151646 on 4 devices) is
 replicated instead. Attention weights always divide: :func:`make_mesh` sizes ``model``
@@ -39,8 +43,8 @@ from sparse_jax.models.config import ModelConfig
 _RULES: tuple[tuple[re.Pattern, P], ...] = tuple(
     (re.compile(pattern), spec)
     for pattern, spec in (
-        (r"self_attn\.[qkv]_proj\.kernel$", P(None, MODEL)),
-        (r"self_attn\.[qkv]_proj\.bias$", P(MODEL)),
+        (r"self_attn\.(q|k|v|qkv)_proj\.kernel$", P(None, MODEL)),
+        (r"self_attn\.(q|k|v|qkv)_proj\.bias$", P(MODEL)),
         (r"self_attn\.o_proj\.kernel$", P(MODEL, None)),
         (r"mlp\.(gate|up)_proj\.kernel$", P(None, TENSOR_AXES)),
         (r"mlp\.(gate|up)_proj\.bias$", P(TENSOR_AXES)),

@@ -141,6 +141,11 @@ class ModelConfig:
       max_position_embeddings: the checkpoint's declared context length.
       eos_token_ids: end-of-sequence ids from ``config.json``.
       rope_origin: ``config.json`` or ``run_length_rule`` (set by :meth:`for_run_length`).
+      fused_qkv: hold the q, k and v projections as one weight ``[hidden, (H + 2 G) d]`` (and one
+        bias where ``qkv_bias``), so a layer projects with one matmul; the layout is
+        :func:`sparse_jax.models.layers.fuse_qkv`'s. A choice of this port, not of the checkpoint
+        (``config.json`` never sets it; :meth:`with_fused_qkv`); the model computes the same
+        function either way.
     """
 
     family: Family
@@ -170,6 +175,7 @@ class ModelConfig:
     max_position_embeddings: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     rope_origin: RopeOrigin = "config.json"
+    fused_qkv: bool = False
 
     def __post_init__(self):
         if not self.layer_types:
@@ -216,6 +222,10 @@ class ModelConfig:
             raise IndexError(f"layer {layer} out of range for a {self.num_layers}-layer model")
         window = self.sliding_window if self.is_sliding(layer) else None
         return LayerSpec(index=layer, scale=self.attention_scale, sliding_window=window)
+
+    def with_fused_qkv(self, fused: bool = True) -> ModelConfig:
+        """This config with the q/k/v projections fused (or separate, ``fused=False``)."""
+        return dataclasses.replace(self, fused_qkv=fused)
 
     def declares_rope_scaling(self) -> bool:
         """Whether ``config.json`` declares a RoPE scaling (any kind but ``default``) for global layers."""

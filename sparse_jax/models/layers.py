@@ -2,6 +2,14 @@
 
 Linear kernels are stored ``[in, out]`` (Flax convention); Hugging Face stores
 ``[out, in]``, so the checkpoint loader transposes them.
+
+Fused q/k/v (``ModelConfig.fused_qkv``): one projection whose output columns are
+``[G, H/G + 2, d]`` flattened, KV group by KV group: group ``g`` holds the ``H/G`` query
+heads that attend to KV head ``g``, then key head ``g``, then value head ``g``
+(:func:`fuse_qkv` builds it, :func:`split_qkv` takes it apart). Cut into ``K`` equal
+column blocks (``K`` dividing ``G``), each block holds ``G/K`` whole groups: exactly the
+query, key and value heads that tensor parallelism gives one device
+(:mod:`sparse_jax.distributed.sharding`), so the fused weight shards like the separate ones.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sparse_jax.models.config import ModelConfig
@@ -37,6 +46,39 @@ def linear(in_features: int, out_features: int, *, bias: bool, dtype, param_dtyp
         precision=matmul_precision(dtype),
         rngs=rngs,
     )
+
+
+def qkv_width(config: ModelConfig) -> int:
+    """Output columns of the fused q/k/v projection: ``(H + 2 G) d``."""
+    return (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+
+
+def fuse_qkv(q, k, v, num_kv_heads: int):
+    """The fused q/k/v columns (module docstring) from the separate ones, along the last axis.
+
+    Args:
+      q: ``[..., H * d]``, numpy or JAX (a kernel ``[layers, in, H * d]``, a bias ``[layers, H * d]``).
+      k: ``[..., G * d]``.
+      v: ``[..., G * d]``.
+      num_kv_heads: ``G``.
+
+    Returns:
+      ``[..., (H + 2 G) d]``, numpy when all three are numpy, else JAX.
+    """
+    xp = np if all(isinstance(a, np.ndarray) for a in (q, k, v)) else jnp
+    lead = q.shape[:-1]
+    groups = [a.reshape(*lead, num_kv_heads, a.shape[-1] // num_kv_heads) for a in (q, k, v)]
+    return xp.concatenate(groups, axis=-1).reshape(*lead, -1)
+
+
+def split_qkv(fused: jax.Array, num_heads: int, num_kv_heads: int, head_dim: int):
+    """``fused [..., (H + 2 G) d]`` -> ``q [..., H, d]``, ``k [..., G, d]``, ``v [..., G, d]`` (inverse of
+    :func:`fuse_qkv`, heads split out)."""
+    lead = fused.shape[:-1]
+    per_group = num_heads // num_kv_heads
+    grouped = fused.reshape(*lead, num_kv_heads, per_group + 2, head_dim)
+    q = grouped[..., :per_group, :].reshape(*lead, num_heads, head_dim)
+    return q, grouped[..., per_group, :], grouped[..., per_group + 1, :]
 
 
 class RMSNorm(nnx.Module):
@@ -78,15 +120,23 @@ class GatedMLP(nnx.Module):
 
 
 class AttentionProjections(nnx.Module):
-    """q/k/v/o projections, optional QK-norm and RoPE around a pluggable attention core."""
+    """q/k/v/o projections, optional QK-norm and RoPE around a pluggable attention core.
+
+    The q/k/v projections are ``q_proj``, ``k_proj`` and ``v_proj``, or one ``qkv_proj``
+    with ``config.fused_qkv`` (module docstring).
+    """
 
     def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         h, d = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
+        self.fused_qkv = config.fused_qkv
         qkv = dict(bias=config.qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = linear(h, config.num_heads * d, **qkv)
-        self.k_proj = linear(h, config.num_kv_heads * d, **qkv)
-        self.v_proj = linear(h, config.num_kv_heads * d, **qkv)
+        if config.fused_qkv:
+            self.qkv_proj = linear(h, qkv_width(config), **qkv)
+        else:
+            self.q_proj = linear(h, config.num_heads * d, **qkv)
+            self.k_proj = linear(h, config.num_kv_heads * d, **qkv)
+            self.v_proj = linear(h, config.num_kv_heads * d, **qkv)
         self.o_proj = linear(
             config.num_heads * d, h, bias=config.o_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
@@ -103,9 +153,12 @@ class AttentionProjections(nnx.Module):
         ``cos``/``sin`` are ``[B, T, d]`` float32 tables from :func:`sparse_jax.models.rope.rope_cos_sin`.
         """
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.fused_qkv:
+            q, k, v = split_qkv(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim)
+        else:
+            q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+            k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return rotate(q, cos, sin), rotate(k, cos, sin), v

@@ -61,11 +61,11 @@ def _read_source(path: Path) -> tuple[dict[str, Any], dict[str, Any], tuple[int,
 
 
 def _model_config(
-    hf_config: dict[str, Any], path: Path, max_length: int | None, rope_policy: RopePolicy
+    hf_config: dict[str, Any], path: Path, max_length: int | None, rope_policy: RopePolicy, fused_qkv: bool
 ) -> ModelConfig:
     where = path if _is_gguf(path) else path / hf.CONFIG_FILE
     try:
-        config = ModelConfig.from_hf_dict(hf_config)
+        config = ModelConfig.from_hf_dict(hf_config).with_fused_qkv(fused_qkv)
     except ConfigError as e:
         raise hf.CheckpointError(f"{where}: {e}") from e
     if max_length is not None:
@@ -94,6 +94,7 @@ def load_model(
     rope_policy: RopePolicy = "auto",
     cache_dir: str | Path | None = None,
     shardings: Callable[[Mapping[str, jax.ShapeDtypeStruct]], Mapping[str, jax.sharding.Sharding]] | None = None,
+    fused_qkv: bool = False,
 ) -> LoadedModel:
     """Loads a model for inference.
 
@@ -109,6 +110,8 @@ def load_model(
       shardings: parameter shapes (flat name -> ``ShapeDtypeStruct``) -> their target
         shardings (e.g. :func:`sparse_jax.distributed.sharding.param_shardings` with a
         mesh); parameters are converted or restored straight into them.
+      fused_qkv: hold each layer's q/k/v projections as one weight (``ModelConfig.fused_qkv``),
+        concatenated from the checkpoint's tensors; cached apart from the separate layout.
 
     Raises:
       FileNotFoundError: ``source`` does not exist.
@@ -125,10 +128,10 @@ def load_model(
     key = None
     if cache_dir is not None:
         files = [path] if _is_gguf(path) else hf.source_files(path)
-        key = orbax_cache.cache_key(path, files, dtype)
+        key = orbax_cache.cache_key(path, files, dtype, fused_qkv=fused_qkv)
         meta = orbax_cache.load_meta(cache_dir, key)
         if meta is not None:
-            config = _model_config(meta["hf_config"], path, max_length, rope_policy)
+            config = _model_config(meta["hf_config"], path, max_length, rope_policy, fused_qkv)
             abstract = Transformer.param_shapes(config, dtype=dtype)
             placed = None if shardings is None else shardings(abstract)
             if placed is not None:  # Orbax reads each device's shard only
@@ -141,7 +144,7 @@ def load_model(
 
     hf_config, tensors, stop_ids = _read_source(path)
     _warn_if_no_stop_ids(path, stop_ids)
-    config = _model_config(hf_config, path, max_length, rope_policy)
+    config = _model_config(hf_config, path, max_length, rope_policy, fused_qkv)
     try:
         placed = None if shardings is None else shardings(Transformer.param_shapes(config, dtype=dtype))
         model = Transformer.from_hf_tensors(config, tensors, dtype=dtype, progress=True, shardings=placed)

@@ -13,7 +13,8 @@ states are stacked the same way, or slice themselves (:class:`LayerStack`: KV ca
 page pools all layers share, so that no layer's cache is copied out of a stack).
 
 Parameters are addressed by flat dotted names (``layers.self_attn.q_proj.kernel``, of
-shape ``[num_layers, in, out]``), which is the form the Orbax cache stores;
+shape ``[num_layers, in, out]``; ``layers.self_attn.qkv_proj.kernel`` with
+``ModelConfig.fused_qkv``), which is the form the Orbax cache stores;
 :meth:`Transformer.from_hf_tensors` fills them from Hugging Face-named tensors.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 from sparse_jax.attention.base import LayerSpec
 from sparse_jax.attention.dense import dense_causal_attention
 from sparse_jax.models.config import ModelConfig
-from sparse_jax.models.layers import AttentionProjections, GatedMLP, RMSNorm, matmul_precision
+from sparse_jax.models.layers import AttentionProjections, GatedMLP, RMSNorm, fuse_qkv, matmul_precision
 from sparse_jax.models.rope import rope_cos_sin, rope_frequencies
 
 # attend(layer, q [B,T,H,d], k [B,T,G,d], v [B,T,G,d], state) -> (out [B,T,H,d], new_state);
@@ -315,13 +317,16 @@ class Transformer(nnx.Module):
     ) -> Transformer:
         """Builds a model from Hugging Face-named tensors (HF shapes, linear weights ``[out, in]``).
 
-        ``shardings`` as in :meth:`from_flat_params`.
+        ``shardings`` as in :meth:`from_flat_params`. With ``config.fused_qkv`` each layer's
+        q/k/v tensors (as the checkpoint reader returns them: a GGUF's rotary rows already
+        in Hugging Face order) are concatenated into the fused projection (:func:`fuse_qkv_params`).
 
         Raises:
           ValueError: a tensor is missing or has the wrong shape (the message names it).
         """
-        expected = cls.param_shapes(config, dtype=dtype, param_dtype=param_dtype)
-        names = hf_name_map(config)
+        checkpoint_layout = config.with_fused_qkv(False)  # checkpoints hold q, k and v apart
+        expected = cls.param_shapes(checkpoint_layout, dtype=dtype, param_dtype=param_dtype)
+        names = hf_name_map(checkpoint_layout)
         for name, (hf_names, transpose) in names.items():
             for hf_name in hf_names:
                 if hf_name not in tensors:
@@ -335,6 +340,8 @@ class Transformer(nnx.Module):
                         f"checkpoint tensor {hf_name!r}: expected shape {want}, found {tuple(tensors[hf_name].shape)}"
                     )
         params = _StackedHFTensors(tensors, names)
+        if config.fused_qkv:
+            params = fuse_qkv_params(params, config)
         return cls.from_flat_params(
             config, params, dtype=dtype, param_dtype=param_dtype, progress=progress, shardings=shardings
         )
@@ -357,6 +364,50 @@ class _StackedHFTensors(Mapping):
         hf_names, transpose = self._names[name]
         parts = [self._tensors[n].T if transpose else self._tensors[n] for n in hf_names]
         return np.stack(parts) if name.startswith(_LAYERS) else parts[0]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+_SEPARATE_QKV = re.compile(r"(?P<module>layers\.self_attn\.)[qkv]_proj\.(?P<leaf>kernel|bias)")
+_QKV_PARTS = ("q_proj", "k_proj", "v_proj")
+
+
+def fuse_qkv_params(params: Mapping[str, Any], config: ModelConfig) -> Mapping[str, Any]:
+    """The flat parameters of a model with separate q/k/v projections, in the fused layout.
+
+    ``layers.self_attn.{q,k,v}_proj.{kernel,bias}`` (kernels ``[num_layers, hidden, out]``)
+    become ``layers.self_attn.qkv_proj.{kernel,bias}`` (:func:`~sparse_jax.models.layers.fuse_qkv`),
+    each built when it is read, so at most one fused copy exists at a time; other names pass
+    through. Feed the result to :meth:`Transformer.from_flat_params` with
+    ``config.with_fused_qkv()``.
+    """
+    return _FusedQKVParams(params, config.num_kv_heads)
+
+
+class _FusedQKVParams(Mapping):
+    """:func:`fuse_qkv_params`'s view of a flat parameter mapping."""
+
+    def __init__(self, params: Mapping[str, Any], num_kv_heads: int):
+        self._params, self._num_kv_heads = params, num_kv_heads
+        self._names: dict[str, None] = {}  # ordered set
+        for name in params:
+            match = _SEPARATE_QKV.fullmatch(name)
+            self._names[f"{match['module']}qkv_proj.{match['leaf']}" if match else name] = None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names:
+            raise KeyError(name)
+        module, fused, leaf = name.rpartition(".qkv_proj.")
+        if not fused:
+            return self._params[name]
+        return fuse_qkv(*(self._params[f"{module}.{part}.{leaf}"] for part in _QKV_PARTS), self._num_kv_heads)
 
     def __iter__(self):
         return iter(self._names)
@@ -412,7 +463,7 @@ def _dotted(path) -> str:
 
 
 def hf_name_map(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
-    """Flat parameter name -> (Hugging Face tensor names, transpose?) for ``config``.
+    """Flat parameter name -> (Hugging Face tensor names, transpose?) for ``config`` with separate q/k/v.
 
     Layer parameters (``layers.*``, stacked ``[num_layers, ...]``) list one HF tensor per
     layer, in layer order; the others list one tensor.
