@@ -87,6 +87,9 @@ def test_param_rules_16_way_tensor_parallel_with_8_kv_heads():
     assert specs["layers.mlp.down_proj.kernel"] == P(None, TENSOR_AXES, None)
     assert specs["embed_tokens.embedding"] == P(TENSOR_AXES, None)
     assert specs["layers.attn_in_norm.weight"] == P()
+    fused = Transformer.param_shapes(config.with_fused_qkv(), dtype=jnp.float32)["layers.self_attn.qkv_proj.kernel"]
+    assert param_spec("layers.self_attn.qkv_proj.kernel", fused.shape, mesh) == P(None, None, MODEL)
+    assert param_spec("layers.self_attn.qkv_proj.bias", fused.shape[::2], mesh) == P(None, MODEL)
 
 
 def test_indivisible_tensor_dims_are_replicated():
