@@ -137,6 +137,11 @@ def test_fused_params_of_a_random_model_and_the_orbax_cache(tmp_path):
         config.with_fused_qkv(), fuse_qkv_params(separate.flat_params(), config), dtype=jnp.float32
     )
     assert rel_err(logits(fused), logits(separate)) <= FP32_TOL
+    converted = separate.with_fused_qkv()  # what the benchmarks run: the same weights, others shared
+    assert converted.config.fused_qkv and converted.with_fused_qkv() is converted
+    assert converted.embed_tokens.embedding[...] is separate.embed_tokens.embedding[...]
+    np.testing.assert_array_equal(converted.flat_params()["layers.self_attn.qkv_proj.bias"],
+                                  fused.flat_params()["layers.self_attn.qkv_proj.bias"])
 
     # the cache keeps the layouts apart: a fused load neither reads nor shadows a separate entry
     cache = tmp_path / "orbax"

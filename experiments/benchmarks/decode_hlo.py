@@ -10,6 +10,9 @@ consumer reads the slice in place), ``dynamic-update-slice`` of a whole ``[L, ..
 must read (weights + caches) and ``compiled.cost_analysis()['bytes accessed']`` (XLA counts
 a while body once, not once per trip).
 
+``--fused-qkv`` compiles the model with its q/k/v projections as one weight
+(``ModelConfig.fused_qkv``).
+
 Usage: ``PYTHONPATH=. python3 experiments/benchmarks/decode_hlo.py --model 8b --batch 1
 --bucket 4096 --hlo /tmp/decode.hlo``. Results: experiments/results/engine_benchmark.md
 ("Decode step on the H200, 2026-12-03").
@@ -55,11 +58,12 @@ def main():
     parser.add_argument("--bucket", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=9)
     parser.add_argument("--hlo", type=Path, default=None, help="file for the optimized HLO text")
+    parser.add_argument("--fused-qkv", action="store_true", help="q/k/v projections as one weight per layer")
     args = parser.parse_args()
     if args.batch < 1 or min(args.bucket, args.new_tokens) < 2:
         parser.error("--batch must be >= 1, --bucket and --new-tokens >= 2")
 
-    config = architecture(args.model)
+    config = architecture(args.model).with_fused_qkv(args.fused_qkv)
     engine = Engine(Transformer.abstract(config, dtype=DTYPES[args.model]), get_method(args.method),
                     EngineConfig(batch_size=args.batch))
     programs = engine_programs(engine, batch=args.batch, bucket=args.bucket, new_tokens=args.new_tokens)
@@ -75,7 +79,8 @@ def main():
     smallest_layer_buffer = min(b // layers for b in weights + caches if b >= layers * (1 << 20))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    print(f"device {jax.devices()[0]}; {args.model}, {layers} layers, batch {args.batch}, bucket {args.bucket}")
+    print(f"device {jax.devices()[0]}; {args.model}, {layers} layers, batch {args.batch}, bucket {args.bucket}, "
+          f"{'fused' if args.fused_qkv else 'separate'} q/k/v")
     print(f"bytes a step must read: weights {sum(weights) / 1e9:.2f} GB + caches {sum(caches) / 1e9:.2f} GB")
     print(f"cost_analysis bytes accessed (loop bodies once): {cost.get('bytes accessed', float('nan')) / 1e9:.2f} GB")
     print(f"ops with a result of >= {smallest_layer_buffer / 1e6:.1f} MB (one layer's smallest big buffer):")

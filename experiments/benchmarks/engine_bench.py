@@ -13,6 +13,11 @@ Floors, measured in the same run on the same device:
 * decode step: bytes that must be read per step (every weight except the embedding
   table, plus the whole KV cache) over the measured device copy bandwidth.
 
+``--fused-qkv on`` runs the model with its q/k/v projections as one weight
+(``ModelConfig.fused_qkv``, the same random weights concatenated); ``both`` runs every batch
+size with the separate and the fused projections side by side and says whether their tokens
+agree.
+
 Usage (GPU): ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python3
 experiments/benchmarks/engine_bench.py --config 8b --out $OUT``
 """
@@ -46,6 +51,11 @@ CONFIGS = {
         vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
     ),
 }
+
+
+QKV_SEPARATE, QKV_FUSED = "separate", "fused"
+# --fused-qkv -> the q/k/v layouts run, in order
+QKV_LAYOUTS = {"off": (QKV_SEPARATE,), "on": (QKV_FUSED,), "both": (QKV_SEPARATE, QKV_FUSED)}
 
 
 def model_config(name: str) -> ModelConfig:
@@ -174,6 +184,10 @@ def run(args) -> dict:
     print(f"memory bandwidth (TB/s): { {k: round(v / 1e12, 3) for k, v in bandwidths.items()} }", flush=True)
 
     model = random_model(config, dtype)
+    models = {QKV_SEPARATE: model}
+    layouts = QKV_LAYOUTS[args.fused_qkv]
+    if QKV_FUSED in layouts:
+        models[QKV_FUSED] = model.with_fused_qkv()
     _, params = nnx.split(model)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     embed_bytes = model.embed_tokens.embedding[...].nbytes
@@ -181,15 +195,15 @@ def run(args) -> dict:
 
     rows = []
     # The engine's dense decode runs the paged-decode dispatcher: the Pallas kernel on GPU/TPU.
-    variants = [(b, "default", AttentionMethod()) for b in args.batches]
-    for batch, decode_kind, method in variants:
+    variants = [(b, "default", AttentionMethod(), qkv) for b in args.batches for qkv in layouts]
+    for batch, decode_kind, method, qkv in variants:
         engine = Engine(
-            model,
+            models[qkv],
             method,
             EngineConfig(batch_size=batch, prefill_rows=args.prefill_rows, max_input_tokens=args.prompt_len),
         )
         plan = engine.memory_plan(batch, args.prompt_len, args.new_tokens)
-        print(f"batch {batch} ({decode_kind} decode): {plan.describe()}", flush=True)
+        print(f"batch {batch} ({decode_kind} decode, {qkv} q/k/v): {plan.describe()}", flush=True)
         rng = np.random.default_rng(batch)  # the same prompts for every variant of a batch size
         prompts = [rng.integers(0, config.vocab_size, args.prompt_len).tolist() for _ in range(batch)]
         timings, compile_s, tokens = time_engine(engine, prompts, args)
@@ -204,6 +218,7 @@ def run(args) -> dict:
             {
                 "batch": batch,
                 "decode_kernel": decode_kind,
+                "qkv": qkv,
                 "prompt_len": args.prompt_len,
                 "prefill_seconds": prefill_s,
                 "prefill_tokens_per_s": batch * args.prompt_len / prefill_s,
@@ -225,6 +240,7 @@ def run(args) -> dict:
         "config": args.config,
         "new_tokens": args.new_tokens,
         "prefill_rows": args.prefill_rows,
+        "fused_qkv": args.fused_qkv,
         "floor_per_sequence": floor,
         "bandwidth": bandwidths,
         "weight_bytes": weight_bytes,
@@ -243,24 +259,27 @@ def main():
     parser.add_argument("--out", type=Path, default=None, help="folder for engine_bench.json")
     parser.add_argument("--timeline", action="store_true",
                         help="GPU: trace two more calls and print the decode step's kernels")
+    parser.add_argument("--fused-qkv", choices=sorted(QKV_LAYOUTS), default="off",
+                        help="q/k/v projections as one weight: off, on, or both side by side (same weights)")
     args = parser.parse_args()
     if args.prompt_len is None:
         args.prompt_len = 32768 if args.config == "8b" else 512
     report = run(args)
-    print(f"\n{'batch':>5} {'decode':>9} {'prefill tok/s':>14} {'of floor':>9} {'decode ms/step':>15} {'HBM bound ms':>13} {'of bound':>9}")
+    print(f"\n{'batch':>5} {'q/k/v':>8} {'prefill tok/s':>14} {'of floor':>9} {'decode ms/step':>15} {'HBM bound ms':>13} {'of bound':>9}")
     for r in report["rows"]:
         print(
-            f"{r['batch']:>5} {r['decode_kernel']:>9} {r['prefill_tokens_per_s']:>14.0f} {r['prefill_fraction_of_floor']:>9.1%} "
+            f"{r['batch']:>5} {r['qkv']:>8} {r['prefill_tokens_per_s']:>14.0f} {r['prefill_fraction_of_floor']:>9.1%} "
             f"{r['decode_ms_per_step']:>15.2f} {r['decode_hbm_bound_ms']:>13.2f} {r['decode_fraction_of_bound']:>9.1%}"
         )
     by_batch: dict[int, dict[str, list]] = {}
     for r in report["rows"]:
-        by_batch.setdefault(r["batch"], {})[r["decode_kernel"]] = r["token_ids"]
-    for batch, kinds in by_batch.items():
-        if len(kinds) == 2:
-            a, b = (np.array(sum(t, [])) for t in kinds.values())
+        by_batch.setdefault(r["batch"], {})[r["qkv"]] = r["token_ids"]
+    for batch, layouts in by_batch.items():
+        if len(layouts) == 2:
+            a, b = (np.array(sum(t, [])) for t in layouts.values())
             same = len(a) == len(b) and bool((a == b).all())
-            print(f"batch {batch}: reference and pallas decode produced {'identical' if same else 'DIFFERENT'} tokens")
+            agreement = "identical" if same else f"DIFFERENT ({np.mean(a == b):.1%} equal)" if len(a) == len(b) else "DIFFERENT"
+            print(f"batch {batch}: separate and fused q/k/v produced {agreement} tokens")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "engine_bench.json").write_text(json.dumps(report, indent=2))

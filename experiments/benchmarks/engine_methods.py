@@ -13,7 +13,8 @@ or an eviction method's choice of kept tokens) and the whole attention call, so 
 estimate's share is reported separately; and it names the kernels that ran (the prefill
 path and the decode kernel that ``implementation=None`` resolves to on this device).
 ``--model-layers`` scales the per-layer figures to a deeper model than the one run
-(e.g. 8 of Llama-3.1-8B's 32 layers to fit a time budget).
+(e.g. 8 of Llama-3.1-8B's 32 layers to fit a time budget). ``--fused-qkv`` runs the model
+with its q/k/v projections as one weight (``ModelConfig.fused_qkv``; the same random weights).
 
 Usage (GPU): ``PYTHONPATH=. python3 experiments/benchmarks/engine_methods.py --out $OUT``;
 CPU smoke run: ``--prompt-len 256 --batch 2 --layers 2 --hidden 256``.
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--model-layers", type=int, default=None,
                         help="scale per-layer figures to this many layers (default: --layers)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--fused-qkv", action="store_true", help="q/k/v projections as one weight per layer")
     parser.add_argument("--method-sparsity", action="append", default=[], metavar="NAME=S[:FIELD=INT...]",
                         help="one more row: a sparse method at its own target and fields, e.g. block_sparse=0.5 "
                              "or block_sparse=0.9:chunk_size=128 (repeatable)")
@@ -136,10 +138,12 @@ def main() -> None:
         num_heads=args.hidden // 128, num_kv_heads=max(1, args.hidden // 512), head_dim=128,
     )
     model = random_model(config, jnp.bfloat16)
+    if args.fused_qkv:
+        model = model.with_fused_qkv()
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(10, 32_000, args.prompt_len)) for _ in range(args.batch)]
     print(f"device {jax.devices()[0].device_kind}, {args.batch} x {args.prompt_len} tokens, "
-          f"{args.layers} layers, hidden {args.hidden}", flush=True)
+          f"{args.layers} layers, hidden {args.hidden}, {'fused' if args.fused_qkv else 'separate'} q/k/v", flush=True)
     rows, dense_tokens = [], None
     inputs = layer_inputs(config, args.batch, args.prompt_len)
     layer = LayerSpec(index=0, scale=config.head_dim**-0.5, page_size=EngineConfig().page_size)
@@ -166,6 +170,7 @@ def main() -> None:
             decode_ms_per_step=1e3 * timing.seconds_per_step if timing.seconds_per_step else None,
             first_call_s=first,
             tokens_equal_dense=float(same),
+            fused_qkv=args.fused_qkv,
             **costs,
             prefill_s_at_model_layers=timing.prefill_seconds * model_layers / args.layers,
             estimate_s_at_model_layers=None if costs["estimate_ms_per_layer"] is None

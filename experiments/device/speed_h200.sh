@@ -23,6 +23,8 @@
 #   decode_hlo_b1  decode_hlo.py at batch 1 (the fusions of the batch-1 decode loop, by the names the timeline shows)
 #   engine_timeline  engine_bench at batch 1 and 8 (one timed run) plus the decode step's kernels per step
 #   engine_cmdbuf   engine_bench at batch 1 with the decode loop's body as a CUDA graph (XLA command buffers)
+#   fused_qkv     engine_bench at batch 1 and 8 (32K, one timed run each) with separate and with fused q/k/v
+#                 projections (ModelConfig.fused_qkv: one [4096, 6144] weight a layer), same weights, side by side
 #
 # STEPS="e2e_128k_b engine_bench" runs only the steps named (to split the work over several runs).
 # $OUT gets one folder and one log per step, and steps.tsv (step, exit status, seconds; 124 = stopped at
@@ -112,5 +114,10 @@ step engine_timeline 120 "$py" $bench/engine_bench.py "${engine[@]}" --batches 1
   --out "$OUT/engine_timeline"
 step engine_cmdbuf 60 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL,DYNAMIC_SLICE_FUSION" \
   "$py" $bench/engine_bench.py "${engine[@]}" --batches 1 --repeats 1 --new-tokens 33 --out "$OUT/engine_cmdbuf"
+# Separate vs fused q/k/v projections (experiments/results/speed_h200.md, "Fused q/k/v projections"): the batch-1
+# step's key and value projections became multiply + reduce, the value's fused into the cache append's scatter;
+# one fused weight a layer makes the projection one matmul. Batch 1 first (the case that motivates it).
+step fused_qkv 180 "$py" $bench/engine_bench.py "${engine[@]}" --batches 1,8 --repeats 1 --new-tokens 33 --fused-qkv both \
+  --out "$OUT/fused_qkv"
 echo "== done in $(($(date +%s) - start)) s"
 cat "$OUT/steps.tsv"

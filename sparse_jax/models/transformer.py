@@ -258,6 +258,18 @@ class Transformer(nnx.Module):
         flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(self, nnx.Param)))[0]
         return {_dotted(path): leaf for path, leaf in flat}
 
+    def with_fused_qkv(self) -> Transformer:
+        """This model with its q/k/v projections fused (``ModelConfig.fused_qkv``): the same weights,
+        concatenated (:func:`fuse_qkv_params`); the other parameters are shared, not copied."""
+        if self.config.fused_qkv:
+            return self
+        return Transformer.from_flat_params(
+            self.config.with_fused_qkv(),
+            fuse_qkv_params(self.flat_params(), self.config),
+            dtype=self.dtype,
+            param_dtype=self.embed_tokens.embedding.dtype,
+        )
+
     @classmethod
     def from_flat_params(
         cls,
