@@ -8,6 +8,8 @@ import pytest
 
 from sparse_jax.engine.generate import EngineConfig
 from sparse_jax.pipeline.configurables import ENGINE_FIELDS_OF_THE_EXPERIMENT, method_classes
+from sparse_jax.pipeline import resources, runner
+from sparse_jax.pipeline.errors import ConfigError
 from sparse_jax.pipeline.experiment import ENGINE_EXECUTION_FIELDS
 from sparse_jax.pipeline.sweep import expand
 from tests.test_pipeline_common import REPO, config_of, write_gin
@@ -66,6 +68,17 @@ def test_no_engine_binding_keeps_the_old_key_and_other_methods_bindings_are_igno
     plain = config_of(gin_file)
     assert "engine_args" not in plain.key_fields()
     assert config_of(gin_file, "Quest.token_budget = 2048").run_key() == plain.run_key()  # method is dense
+
+
+def test_fused_qkv_is_execution_only_and_reaches_the_model_load(gin_file, monkeypatch):
+    plain, fused = config_of(gin_file), config_of(gin_file, "ExperimentConfig.fused_qkv = True")
+    assert fused.fused_qkv and not plain.fused_qkv and fused.run_key() == plain.run_key()
+    loads = []
+    monkeypatch.setattr(resources, "load_bundle", lambda *args: loads.append(args))
+    runner._bundle(fused)
+    assert loads[0][-1] is True  # load_bundle's fused_qkv
+    with pytest.raises(ConfigError, match="fused_qkv must be True or False"):
+        config_of(gin_file, "ExperimentConfig.fused_qkv = 'yes'")
 
 
 def test_macros_and_the_saved_config_gin_give_back_the_same_config(gin_file, tmp_path):

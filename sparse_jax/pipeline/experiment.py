@@ -4,7 +4,7 @@ An experiment is (model, task + args, lengths, attention method + args, engine s
 target sparsity, samples, seed). Everything that can change a prediction is part of
 :meth:`ExperimentConfig.key_fields`, hashed into the run's folder name, so a result is
 never reused for a different setting. Execution-only settings (batch size, mesh, results
-root, the extrapolation opt-in, the engine's memory knobs) are not.
+root, the extrapolation opt-in, the q/k/v weight layout, the engine's memory knobs) are not.
 
 Method and engine hyper-parameters are bound on their own classes (``Quest.token_budget
 = 2048``, ``EngineConfig.page_size = 16``; :mod:`sparse_jax.pipeline.configurables`);
@@ -31,7 +31,7 @@ from sparse_jax.models.config import ROPE_POLICIES
 from sparse_jax.pipeline.errors import ConfigError
 
 EMBEDDED_CHECKPOINT = "SmolLM2-135M-Instruct"
-KEY_EXCLUDED_FIELDS = ("batch_size", "results_dir", "mesh", "allow_extrapolation")
+KEY_EXCLUDED_FIELDS = ("batch_size", "results_dir", "mesh", "allow_extrapolation", "fused_qkv")
 """ExperimentConfig fields that cannot change a prediction (not in the results key)."""
 ENGINE_EXECUTION_FIELDS = ("prefill_rows", "memory_limit_bytes")
 """EngineConfig fields that cannot change a prediction (not in the results key)."""
@@ -85,6 +85,9 @@ class ExperimentConfig:
         beside the results and summarised in ``run.json``; predictions are unchanged.
         In the key (with ``diagnostics_samples``) only when on.
       diagnostics_samples: samples the diagnostics replay (at most ``samples``).
+      fused_qkv: hold each layer's q/k/v projections as one weight (``ModelConfig.fused_qkv``;
+        one matmul a layer instead of three). Execution only: the same model, computed in
+        another order (in bf16 the rounding may differ, as on a mesh); not part of the key.
     """
 
     model: str = "smollm2"
@@ -110,6 +113,7 @@ class ExperimentConfig:
     rope_policy: str = "auto"
     diagnostics: bool = False
     diagnostics_samples: int = 8
+    fused_qkv: bool = False
 
     def __post_init__(self):
         _check(
@@ -164,6 +168,7 @@ class ExperimentConfig:
         _check(isinstance(self.allow_extrapolation, bool),
                f"allow_extrapolation must be True or False, got {self.allow_extrapolation!r}")
         _check(isinstance(self.diagnostics, bool), f"diagnostics must be True or False, got {self.diagnostics!r}")
+        _check(isinstance(self.fused_qkv, bool), f"fused_qkv must be True or False, got {self.fused_qkv!r}")
         _check(isinstance(self.diagnostics_samples, int) and not isinstance(self.diagnostics_samples, bool)
                and self.diagnostics_samples >= 1,
                f"diagnostics_samples must be an int >= 1, got {self.diagnostics_samples!r}")

@@ -94,7 +94,7 @@ def trained_context(model: str, max_length: int) -> int | None:
 @functools.lru_cache(maxsize=2)
 def load_bundle(
     model: str, dtype: str, max_length: int, mesh: str = "1x1", rope_policy: RopePolicy = "auto",
-    prompt_format: str = "chat",
+    prompt_format: str = "chat", fused_qkv: bool = False,
 ) -> ModelBundle:
     """The model (parameters cached with Orbax after the first conversion) and its tokenizer.
 
@@ -105,11 +105,13 @@ def load_bundle(
       mesh: ``"DATAxMODEL"`` device mesh (``sparse_jax.distributed.mesh``); other than
         ``"1x1"``, parameters are restored straight into their shards.
       prompt_format: the tokenizer's prompt format (``"chat"`` or ``"completion"``).
+      fused_qkv: each layer's q/k/v projections as one weight (``ModelConfig.fused_qkv``).
     """
     source = model_source(model)
     tokenizer = _tokenizer(str(source)).with_prompt_format(prompt_format)
     kwargs = dict(
-        dtype=jnp.dtype(dtype), max_length=max_length, cache_dir=cache_dir() / "orbax", rope_policy=rope_policy
+        dtype=jnp.dtype(dtype), max_length=max_length, cache_dir=cache_dir() / "orbax", rope_policy=rope_policy,
+        fused_qkv=fused_qkv,
     )
     if mesh == "1x1":
         return ModelBundle(load_model(source, **kwargs), tokenizer)

@@ -299,7 +299,7 @@ def _bundle(cfg: ExperimentConfig):
     from sparse_jax.pipeline.resources import load_bundle
 
     return load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, cfg.mesh,
-                       cfg.rope_policy, cfg.prompt_format)
+                       cfg.rope_policy, cfg.prompt_format, cfg.fused_qkv)
 
 
 def _model_summary(cfg: ExperimentConfig, loaded: LoadedModel) -> ModelConfig:
