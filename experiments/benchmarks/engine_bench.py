@@ -277,8 +277,10 @@ def main():
     for batch, layouts in by_batch.items():
         if len(layouts) == 2:
             a, b = (np.array(sum(t, [])) for t in layouts.values())
-            same = len(a) == len(b) and bool((a == b).all())
-            agreement = "identical" if same else f"DIFFERENT ({np.mean(a == b):.1%} equal)" if len(a) == len(b) else "DIFFERENT"
+            if len(a) != len(b):
+                agreement = "DIFFERENT (unequal lengths)"
+            else:
+                agreement = "identical" if (a == b).all() else f"DIFFERENT ({np.mean(a == b):.1%} equal)"
             print(f"batch {batch}: separate and fused q/k/v produced {agreement} tokens")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,7 @@ step engine_cmdbuf 60 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buf
 # Separate vs fused q/k/v projections (experiments/results/speed_h200.md, "Fused q/k/v projections"): the batch-1
 # step's key and value projections became multiply + reduce, the value's fused into the cache append's scatter;
 # one fused weight a layer makes the projection one matmul. Batch 1 first (the case that motivates it).
-step fused_qkv 180 "$py" $bench/engine_bench.py "${engine[@]}" --batches 1,8 --repeats 1 --new-tokens 33 --fused-qkv both \
-  --out "$OUT/fused_qkv"
+step fused_qkv 180 "$py" $bench/engine_bench.py "${engine[@]}" --batches 1,8 --repeats 1 --new-tokens 33 \
+  --fused-qkv both --out "$OUT/fused_qkv"
 echo "== done in $(($(date +%s) - start)) s"
 cat "$OUT/steps.tsv"
