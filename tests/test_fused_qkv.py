@@ -3,8 +3,8 @@
 Each family's tiny checkpoint (tests/fixtures/tiny_*, and tiny GGUF files written the way
 llama.cpp writes them, rotary rows permuted) is loaded twice, with separate and with fused
 q/k/v, and must give the same fp32 logits; the fused weight split over a mesh must give the
-same logits as one device without more communication than the separate weights need (a
-subprocess with 4 CPU devices, as in test_distributed_equivalence.py).
+same logits and generated tokens as one device, without more communication than the separate
+weights need (a subprocess with 2 CPU devices, as in test_distributed_equivalence.py).
 """
 
 from __future__ import annotations
@@ -154,26 +154,36 @@ def test_fused_params_of_a_random_model_and_the_orbax_cache(tmp_path):
 
 
 def sharded_report(model_dir: str, mesh_spec: str) -> dict:
-    """Fused and separate weights split over ``mesh_spec``: logits error vs one device, and the
-    collectives of each compiled forward pass."""
+    """Fused and separate weights split over ``mesh_spec``: logits error vs one device, the
+    collectives of each compiled forward pass, and whether the sharded engine generates one device's tokens."""
     from sparse_jax.distributed.mesh import MeshConfig, make_mesh
-    from sparse_jax.distributed.placement import shard_model
+    from sparse_jax.distributed.placement import shard_model, sharded_engine
+    from sparse_jax.engine.generate import Engine, EngineConfig
 
     report = {}
-    reference = logits(load_model(model_dir, dtype=jnp.float32).model)
+    one_device = load_model(model_dir, dtype=jnp.float32).model
+    reference = logits(one_device)
+    prompts = [np.random.default_rng(1).integers(0, one_device.config.vocab_size, n).tolist() for n in (40, 27)]
+    generate = dict(max_new_tokens=5, stop_ids=[])
+    engine_config = EngineConfig(page_size=16, bucket_granularity=64)
+    reference_engine = Engine(one_device, "dense", engine_config)
+    reference_tokens = [r.token_ids for r in reference_engine.generate_batch(prompts, **generate)]
     for fused in (False, True):
         model = load_model(model_dir, dtype=jnp.float32, fused_qkv=fused).model
         mesh = make_mesh(MeshConfig.parse(mesh_spec), model.config.num_kv_heads)
         sharded = shard_model(model, mesh)
+        engine = sharded_engine(model, "dense", mesh, engine_config)
+        tokens = [r.token_ids for r in engine.generate_batch(prompts, **generate)]
         qkv = "qkv_proj" if fused else "q_proj"
         kernel = sharded.flat_params()[f"layers.self_attn.{qkv}.kernel"]
-        tokens = jnp.zeros((2, 24), jnp.int32)
-        hlo = forward.lower(sharded, tokens, tokens).compile().as_text()
+        zeros = jnp.zeros((2, 24), jnp.int32)
+        hlo = forward.lower(sharded, zeros, zeros).compile().as_text()
         report["fused" if fused else "separate"] = {
             "rel_err": rel_err(logits(sharded), reference),
             "collectives": {c: hlo.count(f" {c}(") for c in COLLECTIVES},
             "kernel_shard": list(kernel.addressable_shards[0].data.shape),
             "kernel": list(kernel.shape),
+            "engine_tokens_equal": tokens == reference_tokens,
         }
     return report
 
@@ -188,6 +198,7 @@ def test_fused_weight_splits_over_a_mesh_by_kv_group():
     fused, separate = report["fused"], report["separate"]
     assert fused["kernel_shard"][-1] * 2 == fused["kernel"][-1], "the fused kernel is not split over the 2 devices"
     assert fused["rel_err"] <= FP32_TOL and separate["rel_err"] <= FP32_TOL, report
+    assert fused["engine_tokens_equal"] and separate["engine_tokens_equal"], report
     # each device already holds its heads' q, k and v: nothing more to exchange than with separate weights
     assert fused["collectives"] == separate["collectives"], report
 
