@@ -9,6 +9,7 @@ its results folder (:func:`copy_results`) before changing anything in it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 import dataclasses
 import io
 import json
@@ -69,17 +70,23 @@ def run_cli(*argv: str) -> CliResult:
 
 
 class EngineSpy:
-    """Replaces ``Engine.generate``: records every call's prompts, then calls through or raises."""
+    """Replaces ``Engine.generate``: records every call's prompts, then calls through or raises.
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, fail_with: BaseException | None = None):
+    ``fail_with``: the exception every call raises, or a function of the call's prompts that
+    returns the exception to raise (``None``: call through).
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *,
+                 fail_with: BaseException | Callable[[list], BaseException | None] | None = None):
         self.calls: list[list[list[int]]] = []
         real = engine_generate.Engine.generate
         spy = self
 
         def generate(engine, prompts, **kwargs):
             spy.calls.append([list(p) for p in prompts])
-            if fail_with is not None:
-                raise fail_with
+            error = fail_with(prompts) if callable(fail_with) else fail_with
+            if error is not None:
+                raise error
             return real(engine, prompts, **kwargs)
 
         monkeypatch.setattr(engine_generate.Engine, "generate", generate)

@@ -181,6 +181,39 @@ def test_interrupted_run_resumes_at_the_first_missing_sample(shared, tmp_path, m
     assert pred_file.read_bytes() == first and not (run_dir / "run.json").exists()
 
 
+def _out_of_device_memory(prompts):
+    """XLA's allocator error for a batch of more than one prompt (the plan thought it fit)."""
+    if len(prompts) > 1:
+        return jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 23.09GiB.\nmap")
+    return None
+
+
+def test_a_batch_out_of_device_memory_is_retried_in_halves(shared, tmp_path, monkeypatch, caplog):
+    gin_file, run_dir = copy_results(shared, tmp_path)
+    (run_dir / "predictions.jsonl").unlink()
+    (run_dir / "run.json").unlink()
+    spy = EngineSpy(monkeypatch, fail_with=_out_of_device_memory)
+    result = run_cli("run", f"--gin_file={gin_file}", "--gin_param=ExperimentConfig.batch_size=2")
+    assert result.code == 0, result.err
+    assert [len(call) for call in spy.calls] == [2, 1, 1]  # the pair failed, then each prompt alone
+    assert "niah_single/L512/smollm2/dense: a batch of 2 ran out of memory (RESOURCE_EXHAUSTED: Out of memory while " \
+           "trying to allocate 23.09GiB.); continuing with batches of 1" in caplog.text
+    predictions = read_jsonl(run_dir / "predictions.jsonl")
+    assert [p["index"] for p in predictions] == [0, 1] and {p["batch_size"] for p in predictions} == {1}
+    # Same answers as the shared run's (batch 1 there too): the retry changes how, not what, is computed.
+    assert [p["token_ids"] for p in predictions] == [p["token_ids"] for p in read_jsonl(shared.run_dir / "predictions.jsonl")]
+
+
+def test_out_of_memory_at_one_prompt_is_not_retried(shared, tmp_path, monkeypatch):
+    gin_file, run_dir = copy_results(shared, tmp_path)
+    (run_dir / "predictions.jsonl").unlink()
+    (run_dir / "run.json").unlink()
+    spy = EngineSpy(monkeypatch, fail_with=lambda prompts: _out_of_device_memory([*prompts, *prompts]))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        run_cli("run", f"--gin_file={gin_file}")  # batch 1 already: nothing smaller to try
+    assert [len(call) for call in spy.calls] == [1]
+
+
 def test_corrupted_middle_line_is_a_clear_error_and_nothing_is_lost(shared, tmp_path, monkeypatch):
     gin_file, run_dir = copy_results(shared, tmp_path)
     pred_file = run_dir / "predictions.jsonl"

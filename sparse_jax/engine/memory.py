@@ -25,6 +25,16 @@ class InsufficientMemoryError(MemoryError):
     """The planned run does not fit; raised before any cache is allocated."""
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says a batch did not fit: the plan's :class:`InsufficientMemoryError`, a
+    host :class:`MemoryError`, or XLA's ``RESOURCE_EXHAUSTED`` from the device allocator (which
+    the plan can miss: it estimates activations, and a shared or fragmented device can fail a
+    request the plan counted as free)."""
+    if isinstance(error, MemoryError):
+        return True
+    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
 def gib_text(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 

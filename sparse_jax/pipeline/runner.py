@@ -26,6 +26,7 @@ import dataclasses
 import difflib
 import gc
 import json
+import logging
 import sys
 import time
 import traceback
@@ -46,6 +47,8 @@ from sparse_jax.pipeline.compile_time import compile_seconds, enable_compilation
 from sparse_jax.pipeline.errors import ConfigError, IncompatibleResultsError, StageError, error_line
 from sparse_jax.pipeline.experiment import ExperimentConfig
 from sparse_jax.pipeline.run_lock import run_lock
+
+log = logging.getLogger(__name__)
 
 STAGES = ("prepare", "predict", "evaluate")
 
@@ -196,14 +199,47 @@ def _combined(preds: Sequence[dict]) -> float | None:
     return float(1.0 - attended / dense)
 
 
+def _engine(cfg: ExperimentConfig, bundle, method):
+    """The generation engine of ``cfg``: on the bundle's mesh when it has one."""
+    from sparse_jax.engine.generate import Engine
+
+    if bundle.mesh is None:
+        return Engine(bundle.loaded.model, method, _engine_config(cfg))
+    from sparse_jax.distributed.placement import sharded_engine
+
+    return sharded_engine(bundle.loaded.model, method, bundle.mesh, _engine_config(cfg))
+
+
+def _prediction(index: int, prompt: Sequence[int], result, compile_share: float) -> dict[str, Any]:
+    """The ``predictions.jsonl`` record of one sample's :class:`~sparse_jax.engine.generate.GenerationResult`."""
+    timing = result.timing
+    return {
+        "index": index,
+        "pred": result.text,
+        "output_tokens_len": result.output_length,
+        "token_ids": result.token_ids,
+        "stopped": result.stopped,
+        "prompt_tokens": len(prompt),
+        "prefill_seconds": timing.prefill_seconds / timing.batch_size,
+        "decode_seconds": timing.decode_seconds / timing.batch_size,
+        "decode_steps": timing.decode_steps,
+        "batch_size": timing.batch_size,
+        "compile_seconds": compile_share,
+        **_sample_sparsity(result, len(prompt)),
+    }
+
+
 def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progress: bool = True) -> list[dict]:
     """Generate the missing predictions, appending one record per finished sample.
 
+    A batch that runs out of memory (:func:`~sparse_jax.engine.memory.is_out_of_memory`) is
+    retried at half the size, down to one prompt, and the rest of the run keeps that size; each
+    record says the batch it ran in (``batch_size`` is not part of the results key).
     Each record carries its share of the batch's compile seconds
     (:func:`sparse_jax.pipeline.compile_time.compile_seconds`), so a run's total survives
     resumes.
     """
-    from sparse_jax.engine.generate import Engine
+    from sparse_jax.engine.memory import is_out_of_memory
 
     pred_file = cfg.run_dir() / "predictions.jsonl"
     done = {r["index"]: r for r in jsonl_store.repair(pred_file)}
@@ -216,43 +252,36 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
         print(describe_reach(method.name, reach))
     bundle = _bundle(cfg)
     tokenizer = bundle.tokenizer
-    engine_config = _engine_config(cfg)
-    if bundle.mesh is None:
-        engine = Engine(bundle.loaded.model, method, engine_config)
-    else:
-        from sparse_jax.distributed.placement import sharded_engine
-
-        engine = sharded_engine(bundle.loaded.model, method, bundle.mesh, engine_config)
+    engine = _engine(cfg, bundle, method)
     prompts = [tokenizer.encode_for_generation(r["input_text"]) for r in todo]
     bar = tqdm(total=len(records), initial=len(done), desc=f"predict {cfg.label()}", disable=not progress)
-    for start in range(0, len(todo), cfg.batch_size):
-        chunk = todo[start : start + cfg.batch_size]
-        chunk_prompts = prompts[start : start + cfg.batch_size]
-        compiled_before = compile_seconds()
-        results = engine.generate(
-            chunk_prompts,
-            max_new_tokens=cfg.max_output_tokens,
-            stop_ids=bundle.loaded.stop_ids,
-            tokenizer=tokenizer,
-            progress=False,
-        )
+    start, size = 0, cfg.batch_size
+    compiled_before = compile_seconds()  # a failed attempt's compiling is charged to the batch that follows it
+    while start < len(todo):
+        chunk, chunk_prompts = todo[start : start + size], prompts[start : start + size]
+        try:
+            results = engine.generate(
+                chunk_prompts,
+                max_new_tokens=cfg.max_output_tokens,
+                stop_ids=bundle.loaded.stop_ids,
+                tokenizer=tokenizer,
+                progress=False,
+            )
+        except Exception as error:
+            if len(chunk) == 1 or not is_out_of_memory(error):
+                raise
+            size = (len(chunk) + 1) // 2
+            log.warning("%s: a batch of %d ran out of memory (%s); continuing with batches of %d", cfg.label(),
+                        len(chunk), str(error).splitlines()[0][:200], size)
+            results = None
+        if results is None:
+            gc.collect()  # out of the except block, the error's traceback no longer holds the call's buffers
+            continue
+        start += len(chunk)
         compile_share = (compile_seconds() - compiled_before) / len(chunk)
+        compiled_before = compile_seconds()
         for record, prompt, result in zip(chunk, chunk_prompts, results):
-            timing = result.timing
-            out = {
-                "index": record["index"],
-                "pred": result.text,
-                "output_tokens_len": result.output_length,
-                "token_ids": result.token_ids,
-                "stopped": result.stopped,
-                "prompt_tokens": len(prompt),
-                "prefill_seconds": timing.prefill_seconds / timing.batch_size,
-                "decode_seconds": timing.decode_seconds / timing.batch_size,
-                "decode_steps": timing.decode_steps,
-                "batch_size": timing.batch_size,
-                "compile_seconds": compile_share,
-                **_sample_sparsity(result, len(prompt)),
-            }
+            out = _prediction(record["index"], prompt, result, compile_share)
             jsonl_store.append_record(pred_file, out)
             done[record["index"]] = out
         bar.update(len(chunk))
@@ -527,13 +556,12 @@ def _run_or_report(cfg: ExperimentConfig) -> RunFile | None:
 def _failure_line(cfg: ExperimentConfig, error: Exception) -> str:
     """One line on a sweep run that raised: its label and folder, the error, and for a
     memory failure the fix that the error does not name."""
-    from sparse_jax.engine.memory import InsufficientMemoryError
+    from sparse_jax.engine.memory import InsufficientMemoryError, is_out_of_memory
 
     fewer_workers = "run fewer sweep workers if several share this device"
-    out_of_device_memory = isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
     if isinstance(error, InsufficientMemoryError):  # its message names the engine's own fixes
         hint = f" Or {fewer_workers}."
-    elif out_of_device_memory or isinstance(error, MemoryError):
+    elif is_out_of_memory(error):
         hint = f" Lower ExperimentConfig.batch_size, or {fewer_workers}."
     else:
         hint = ""
