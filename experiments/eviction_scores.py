@@ -15,10 +15,15 @@ selection (``compress``). Per sample, layer and KV head it prints and (``--out``
   estimation window, ``near``: the 512 before it, ``win``: inside it), with the share whose largest window
   probability (over rows and the group's heads) comes from a row before the question (the prompt text after
   its last blank line) and the median of that largest probability;
-- the needle's largest window probability, the row it comes from (question or text), and the needle's rank
-  under two variants of the max-reduction: the window cut to the question's rows, and no average pooling.
+- the needle's largest window probability, per needle token, the row it comes from (question or text), and
+  the needle's rank under variants of the reductions: the max over the question's rows only, the max and the
+  mean-sum without average pooling;
+- where the text's peaks come from: for the keys before the window (the needle and 10 tokens around it left
+  out), their median largest probability, which query head of the group holds it, and how many keys of that
+  (row, head) get at least half of it, with their most common spacing (a repeated text read by a copying head
+  shows one key per repetition, spaced by the repetition's length).
 
-Reads the run folders, never writes them.
+Ends with a summary per layer over the samples. Reads the run folders, never writes them.
 """
 
 from __future__ import annotations
@@ -71,6 +76,19 @@ def window_peaks(q, k, length: int, scale: float, window: int):
     return probs, pos, pos[best]
 
 
+def text_peak_sources(probs: np.ndarray, keys: np.ndarray) -> dict:
+    """Where the largest window probability of each of ``keys`` comes from (``probs [g, A, T]``)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    best = flat.argmax(axis=0)[keys]  # (head, row) of each key's peak
+    peak = flat[best, keys]
+    spikes = flat[best] >= 0.5 * peak[:, None]  # [keys, T]
+    gaps = np.concatenate([np.diff(np.flatnonzero(s)) for s in spikes])
+    return {"peak_median": float(np.median(peak)), "peak_p10_p90": np.percentile(peak, [10, 90]).tolist(),
+            "peak_heads": np.bincount(best // probs.shape[1], minlength=probs.shape[0]).tolist(),
+            "spikes_median": float(np.median(spikes.sum(axis=1))),
+            "spacing_mode": int(np.bincount(gaps).argmax()) if gaps.size else None}
+
+
 def layer_report(methods: dict[str, EvictionMethod], q, k, length: int, spec, needles: np.ndarray,
                  question_start: int) -> list[dict]:
     """Every method on one layer, per KV head (``q [T, H, d]``, ``k [T, G, d]``, ``T = length``)."""
@@ -111,7 +129,10 @@ def layer_report(methods: dict[str, EvictionMethod], q, k, length: int, spec, ne
             "max_unpooled": peak,
             "sum_unpooled": Reduction.MEAN_HEADS_SUM_WINDOW(probs),
         }
+        text = np.setdiff1d(np.arange(window_start), np.arange(needles.min() - 10, needles.max() + 11))
         heads.append({"kv_head": g, "methods": entry, "needle_peak": float(peak[needles].max()),
+                      "needle_token_peaks": [round(float(p), 4) for p in peak[needles]],
+                      "text_peaks": text_peak_sources(probs, text),
                       "needle_peak_from_question": bool(peak_row[needles[peak[needles].argmax()]] >= question_start),
                       "variant_needle_rank": {v: _needle_rank(np.asarray(s), free, needles)
                                               for v, s in variants.items()}})
@@ -163,9 +184,29 @@ def main() -> None:
                           f"{m['only']} {m['only_zones']} peak from text rows {m['only_peak_from_text_rows']} "
                           f"peak median {m['only_peak_median']}")
                 print(f"  L{layer} G{h['kv_head']} needle peak {h['needle_peak']:.4f} (from the question: "
-                      f"{h['needle_peak_from_question']}); needle rank under {h['variant_needle_rank']}")
+                      f"{h['needle_peak_from_question']}), per token {h['needle_token_peaks']}; needle rank under "
+                      f"{h['variant_needle_rank']}")
+                print(f"  L{layer} G{h['kv_head']} text peaks {h['text_peaks']}")
+    print_summary(out)
     if args.out:
         args.out.write_text(json.dumps(out, indent=1))
+
+
+def print_summary(rows: list[dict]) -> None:
+    """Per layer over the samples: needle tokens kept, median needle rank per method and variant, text peaks."""
+    print("\nlayer | method or variant | needle kept (mean) | needle rank (median) | slots (median)")
+    for layer in sorted({r["layer"] for r in rows}):
+        heads = [h for r in rows if r["layer"] == layer for h in r["heads"]]
+        sizes = [len(r["needles"]) for r in rows if r["layer"] == layer for _ in r["heads"]]
+        for name in heads[0]["methods"]:
+            m = [h["methods"][name] for h in heads]
+            kept = np.mean([x["needle_kept"] / n for x, n in zip(m, sizes)])
+            print(f"L{layer} | {name} | {kept:.3f} | {np.median([x['needle_rank'] for x in m]):.0f} | "
+                  f"{np.median([x['slots'] for x in m]):.0f}")
+        for variant in heads[0]["variant_needle_rank"]:
+            print(f"L{layer} | {variant} | - | {np.median([h['variant_needle_rank'][variant] for h in heads]):.0f} | -")
+        print(f"L{layer} | needle peak (median) {np.median([h['needle_peak'] for h in heads]):.4f}; text peak "
+              f"(median of medians) {np.median([h['text_peaks']['peak_median'] for h in heads]):.4f}")
 
 
 if __name__ == "__main__":
