@@ -148,7 +148,8 @@ def decode_diagnostics(method: AttentionMethod, q: jax.Array, cache: PagedKVCach
         read = jnp.where(_dense_layer(layer, dense_layers), jnp.repeat(valid, read.shape[1] // valid.shape[1], 1),
                          read)
     return LayerDiagnostics(*decode_coverage(q, cache.k_pages, cache.page_table, cache.lengths, read,
-                                             scale=layer.scale, needles=needles))
+                                             scale=layer.scale, sliding_window=layer.sliding_window,
+                                             needles=needles))
 
 
 class LayerQK(NamedTuple):

@@ -131,13 +131,15 @@ def decode_coverage(
     read: jax.Array,
     *,
     scale: float,
+    sliding_window: int | None = None,
     needles: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Dense mass on the tokens a decode step read, and whether the needles were read.
 
     Args:
-      q: ``[B, H, d]``; k_pages, page_table, lengths: the layer's full cache (as in
-        :func:`~sparse_jax.attention.methods.attention_mass.decode_probabilities`).
+      q: ``[B, H, d]``; k_pages, page_table, lengths, sliding_window: the layer's full cache
+        and window (as in :func:`~sparse_jax.attention.methods.attention_mass.decode_probabilities`:
+        a local layer's dense attention, the reference here, sees its window only).
       read: ``[B, R, slots]`` bool, cache slots (positions in the row) the step read,
         ``R = G`` (shared per KV head) or ``H``; see :func:`read_slots_from_pages`.
       needles: ``[B, N]`` token positions, ``-1`` unused.
@@ -148,7 +150,8 @@ def decode_coverage(
       unused slots): a head that gives the needle mass and does not read it is one that
       lost it.
     """
-    probs = decode_probabilities(q, k_pages, page_table, lengths, scale=scale)  # [B, G, g, slots]
+    probs = decode_probabilities(q, k_pages, page_table, lengths, scale=scale,
+                                 sliding_window=sliding_window)  # [B, G, g, slots]
     b, g, group, slots = probs.shape
     probs = probs.reshape(b, g * group, slots)
     read = jnp.repeat(read, (g * group) // read.shape[1], axis=1)

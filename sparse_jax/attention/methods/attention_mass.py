@@ -90,7 +90,8 @@ def block_attention_mass(q: jax.Array, k: jax.Array, length: jax.Array, *, block
 
 
 def decode_probabilities(
-    q: jax.Array, k_pages: jax.Array, page_table: jax.Array, lengths: jax.Array, *, scale: float
+    q: jax.Array, k_pages: jax.Array, page_table: jax.Array, lengths: jax.Array, *, scale: float,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """Dense softmax probabilities of one decode query over each row's cached tokens.
 
@@ -100,15 +101,22 @@ def decode_probabilities(
       page_table: ``[B, G, P]`` int32 pages of each (sequence, KV head).
       lengths: ``[B, G]`` int32 valid tokens per KV head.
       scale: softmax scale.
+      sliding_window: for a local layer, the query (the row's last token) attends to its last
+        ``sliding_window`` slots only, as the layer's dense attention does.
 
     Returns:
-      ``[B, G, g, P * S]`` fp32 (``g = H // G``); slots at or past a row's length are 0.
+      ``[B, G, g, P * S]`` fp32 (``g = H // G``); slots at or past a row's length, or before
+      its window, are 0.
     """
     b, h, d = q.shape
     g = k_pages.shape[0]
     k = gather_rows(k_pages, page_table, h)  # [B, G, P * S, d]
     s = jnp.einsum("bjnd,bjsd->bjns", q.reshape(b, g, h // g, d), k, preferred_element_type=jnp.float32,
                    precision=jax.lax.Precision.HIGHEST) * scale
-    valid = (jnp.arange(k.shape[2])[None, None, :] < lengths[..., None])[:, :, None, :]
+    slot = jnp.arange(k.shape[2])[None, None, :]
+    valid = slot < lengths[..., None]
+    if sliding_window is not None:
+        valid &= slot >= lengths[..., None] - sliding_window
+    valid = valid[:, :, None, :]
     probs = jax.nn.softmax(jnp.where(valid, s, -jnp.inf), axis=-1, where=valid)
     return jnp.where(valid, probs, 0.0)
