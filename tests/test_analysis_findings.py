@@ -1,5 +1,6 @@
 """The tests of the paper's claims (b)-(d) on synthetic results folders built so that each claim holds or not."""
 
+import csv
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from sparse_jax.analysis.findings import (
     paired_comparisons,
     restrict_to_cells,
     task_spread,
+    sweep_tolerances,
     tolerance_vs_length,
 )
 from sparse_jax.analysis.pareto import pareto_points
@@ -53,7 +55,7 @@ def _tolerance_records(tolerance_of_length, tasks=("a", "b", "c"), seed=0):
 
 
 def _slope_row(records):
-    rows = tolerance_vs_length(records, T_TEST)
+    rows = tolerance_vs_length(sweep_tolerances(records, T_TEST))
     (row,) = rows
     return row
 
@@ -100,7 +102,7 @@ def test_one_task_slope_interval_carries_the_sample_noise_of_each_maximum():
 
     records = [_run(SMALL, "a", n, "dense", 0.0, dense) for n in (1024, 2048)]
     records += [_run(SMALL, "a", n, "quest", level, scores(n, level)) for n in (1024, 2048) for level in LEVELS]
-    (row,) = tolerance_vs_length(records, T_TEST)
+    (row,) = tolerance_vs_length(sweep_tolerances(records, T_TEST))
     assert row["slope_per_doubling"] == pytest.approx(0.1)
     assert row["ci_low"] == pytest.approx(0.0) and row["ci_high"] == pytest.approx(0.1)
     assert row["verdict"] == "not resolved" and row["tasks"] == 1 and row["lengths"] == 2
@@ -265,6 +267,12 @@ def test_main_analyze_findings_section_and_screen(tmp_path):
     assert (out / "plots" / "findings_score_vs_sparsity_Small-135M_4096.png").exists()
     assert (out / "plots" / "findings_tolerance_vs_length_Small-135M.png").exists()
     assert (out / "findings_c_tolerance_vs_length.csv").exists()
+    with open(out / "findings_max_tolerated.csv") as f:
+        tolerated = list(csv.DictReader(f))
+    # Each sweep's maximum with its resampled interval, which contains it (these sweeps lose nothing up to
+    # their tolerance and 60 % above it, so every resample finds the same maximum).
+    assert all(float(r["tolerated_ci_low"]) == float(r["max_sparsity"] or 0) == float(r["tolerated_ci_high"])
+               for r in tolerated), tolerated[:3]
     screen = tmp_path / "screen.json"
     screen.write_text(json.dumps({"rows": [
         {"model": SMALL.name, "task": "a", "max_input_tokens": n, "verdict": "pass"} for n in LENGTHS]

@@ -43,7 +43,7 @@ import math
 import pathlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -52,7 +52,7 @@ from sparse_jax.analysis.cost import CostOptions, run_cost
 from sparse_jax.analysis.pareto import pareto_points, plot_pareto
 from sparse_jax.analysis.preservation import (
     PreservationConfig,
-    SweepScores,
+    SweepKey,
     level_tests,
     max_preserving,
     paired_scores,
@@ -162,32 +162,51 @@ def _at_a_bound(tolerated: np.ndarray, levels: np.ndarray) -> str:
     return ""
 
 
-def tolerance_vs_length(records: Sequence[RunRecord], preservation: PreservationConfig,
-                        num_bootstrap: int = NUM_BOOTSTRAP, seed: int = 0) -> list[dict[str, Any]]:
+class Tolerance(NamedTuple):
+    """One (model, task, length, method) sweep's highest preserving level (0 when none) and its resamples."""
+
+    level: float
+    resampled: np.ndarray  # [num_bootstrap] the level with the sweep's samples resampled
+    levels: np.ndarray  # [L] the levels the sweep tested
+
+
+def sweep_tolerances(records: Sequence[RunRecord], preservation: PreservationConfig,
+                     num_bootstrap: int = NUM_BOOTSTRAP, seed: int = 0) -> dict[SweepKey, Tolerance]:
+    """Per sweep: :func:`tolerated_level` on the samples scored in every run of it and in dense, and
+    :func:`resampled_tolerated_levels` (samples drawn with replacement, paired across dense and every
+    level, the whole procedure rerun)."""
+    rng = np.random.default_rng(seed)
+    return {key: Tolerance(tolerated_level(sweep, preservation),
+                           resampled_tolerated_levels(sweep, preservation, num_bootstrap, rng), sweep.levels)
+            for key, sweep in sorted(sweep_scores(records).items())}
+
+
+def tolerance_vs_length(tolerances: dict[SweepKey, Tolerance], seed: int = 0) -> list[dict[str, Any]]:
     """Per (model, method): the least-squares slope of max tolerated sparsity on ``log2(length)``.
 
-    The maximum of each (task, length) sweep is :func:`tolerated_level` on the
-    samples scored in every run of the sweep (0 when no level preserves). The interval is a
-    two-stage bootstrap that reruns the whole procedure: tasks resampled (when there are at least
-    2: points of one task are not independent), then within each drawn (task, length) the samples,
-    paired across dense and every level. With one task the interval covers sample noise only,
-    not other tasks.
+    Args:
+      tolerances: :func:`sweep_tolerances`.
+
+    The interval is a two-stage bootstrap that reruns the whole procedure: tasks resampled (when
+    there are at least 2: points of one task are not independent), then within each drawn (task,
+    length) the samples (each sweep's resamples). With one task the interval covers sample noise
+    only, not other tasks.
     """
-    groups: dict[tuple[str, str], dict[str, list[tuple[int, SweepScores]]]] = defaultdict(lambda: defaultdict(list))
-    for (model, task, length, method), sweep in sorted(sweep_scores(records).items()):
-        groups[(model, method)][task].append((length, sweep))
+    groups: dict[tuple[str, str], dict[str, list[tuple[int, Tolerance]]]] = defaultdict(lambda: defaultdict(list))
+    for (model, task, length, method), tolerance in sorted(tolerances.items()):
+        groups[(model, method)][task].append((length, tolerance))
     rng = np.random.default_rng(seed)
     out = []
     for (model, method), by_task in sorted(groups.items()):
         tasks = [by_task[t] for t in sorted(by_task)]
         x = [np.log2([length for length, _ in cells]) for cells in tasks]  # per task: [lengths]
-        y = [np.array([tolerated_level(s, preservation) for _, s in cells]) for cells in tasks]
-        boot_y = [np.stack([resampled_tolerated_levels(s, preservation, num_bootstrap, rng) for _, s in cells])
-                  for cells in tasks]  # per task: [lengths, num_bootstrap]
+        y = [np.array([t.level for _, t in cells]) for cells in tasks]
+        boot_y = [np.stack([t.resampled for _, t in cells]) for cells in tasks]  # per task: [lengths, resamples]
         slope = float(_slopes(np.concatenate(x), np.concatenate(y)))
+        resamples = boot_y[0].shape[1]
         if len(tasks) >= 2:
-            draws = [(rng.integers(0, len(tasks), len(tasks)), rng.integers(0, num_bootstrap, len(tasks)))
-                     for _ in range(num_bootstrap)]
+            draws = [(rng.integers(0, len(tasks), len(tasks)), rng.integers(0, resamples, len(tasks)))
+                     for _ in range(resamples)]
             boot = np.array([_slopes(np.concatenate([x[t] for t in chosen]),
                                      np.concatenate([boot_y[t][:, c] for t, c in zip(chosen, columns)]))
                              for chosen, columns in draws])
@@ -195,12 +214,22 @@ def tolerance_vs_length(records: Sequence[RunRecord], preservation: Preservation
             boot = _slopes(x[0][None, :], boot_y[0].T)
         boot = boot[~np.isnan(boot)]
         low, high = percentile_interval(boot) if boot.size else (math.nan, math.nan)
-        bound = _at_a_bound(np.concatenate(y), np.concatenate([s.levels for cells in tasks for _, s in cells]))
+        bound = _at_a_bound(np.concatenate(y), np.concatenate([t.levels for cells in tasks for _, t in cells]))
         verdict = (UNDECIDABLE if math.isnan(slope) or math.isnan(low) or bound
                    else HOLDS if low > 0 else DOES_NOT_HOLD if high <= 0 else NOT_RESOLVED)
         out.append({"model": model, "method": method, "tasks": len(tasks),
                     "lengths": int(np.unique(np.concatenate(x)).size), "slope_per_doubling": slope,
                     "ci_low": low, "ci_high": high, "verdict": verdict, "note": bound})
+    return out
+
+
+def _with_intervals(max_rows: Sequence[dict[str, Any]], tolerances: dict[SweepKey, Tolerance]) -> list[dict[str, Any]]:
+    """``max_rows`` with the 95 % interval of each sweep's tolerated level (``None`` without a resample)."""
+    out = []
+    for row in max_rows:
+        tolerance = tolerances.get((row["model"], row["task"], row["max_input_tokens"], row["method"]))
+        low, high = percentile_interval(tolerance.resampled) if tolerance is not None else (None, None)
+        out.append(row | {"tolerated_ci_low": low, "tolerated_ci_high": high})
     return out
 
 
@@ -369,15 +398,20 @@ def plot_score_vs_sparsity(records: Sequence[RunRecord], model: str, length: int
 
 def plot_tolerance_vs_length(max_rows: Sequence[dict[str, Any]], slopes: Sequence[dict[str, Any]], model: str,
                              path: pathlib.Path) -> None:
-    """One panel per method: max tolerated sparsity vs length per task, with the fitted line."""
+    """One panel per method: max tolerated sparsity vs length per task (bars: 95 % interval over resampled
+    samples, where ``max_rows`` has one), with the fitted line."""
     rows = [r for r in max_rows if r["model"] == model]
     methods = sorted({r["method"] for r in rows})
     fig, axes = _figure(len(methods))
     for ax, method in zip(axes, methods):
         sel = [r for r in rows if r["method"] == method]
         for i, task in enumerate(sorted({r["task"] for r in sel})):
-            pts = sorted((r["max_input_tokens"], r["max_sparsity"] or 0.0) for r in sel if r["task"] == task)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=task, color=f"C{i % 10}")
+            pts = sorted((r for r in sel if r["task"] == task), key=lambda r: r["max_input_tokens"])
+            y = np.array([r["max_sparsity"] or 0.0 for r in pts])
+            low, high = (np.array([y_i if r.get(k) is None else r[k] for r, y_i in zip(pts, y)])
+                         for k in ("tolerated_ci_low", "tolerated_ci_high"))
+            ax.errorbar([r["max_input_tokens"] for r in pts], y, yerr=[np.clip(y - low, 0, None),
+                        np.clip(high - y, 0, None)], marker="o", ms=3, capsize=2, label=task, color=f"C{i % 10}")
         fit = next((s for s in slopes if s["model"] == model and s["method"] == method), None)
         if fit and not math.isnan(fit["slope_per_doubling"]):
             xs = np.array(sorted({r["max_input_tokens"] for r in sel}), np.float64)
@@ -392,7 +426,7 @@ def plot_tolerance_vs_length(max_rows: Sequence[dict[str, Any]], slopes: Sequenc
         ax.set_ylim(-0.05, 1.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle(f"{model}: highest sparsity preserving accuracy vs length (0 = none)")
+    fig.suptitle(f"{model}: highest sparsity preserving accuracy vs length (0 = none; 95% intervals)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -491,7 +525,8 @@ def findings_tables(records: Sequence[RunRecord], preservation: PreservationConf
     """Every table of claims (b)-(d) and the max-tolerated rows they build on, by table name
     (the per-level tests themselves are the report's ``preservation_levels``)."""
     levels = level_tests(records, preservation)
-    max_rows = max_preserving(levels, preservation)
+    tolerances = sweep_tolerances(records, preservation)
+    max_rows = _with_intervals(max_preserving(levels, preservation), tolerances)
     methods = {r.method for r in records}
     prefill = [m for m in PREFILL_METHODS if m in methods]
     prefill_rows = [row for i, a in enumerate(prefill) for b in prefill[i + 1:]
@@ -504,6 +539,6 @@ def findings_tables(records: Sequence[RunRecord], preservation: PreservationConf
         "findings_b_prefill_pairs": prefill_rows,
         "findings_b_prefill_crossovers": crossovers(prefill_rows),
         "findings_b_decode_pairs": decode_rows,
-        "findings_c_tolerance_vs_length": tolerance_vs_length(records, preservation),
+        "findings_c_tolerance_vs_length": tolerance_vs_length(tolerances),
         "findings_d_task_spread": task_spread(records, preservation),
     }
