@@ -65,3 +65,33 @@ def test_experiment_settings_that_vary_become_columns_too(tmp_path, legends):
     with open(tmp_path / "report" / "runs.csv") as f:
         assert sorted(r["seed"] for r in csv.DictReader(f)) == ["1", "2"]
     assert legends["score_vs_sparsity.png"] == ["dense seed=1", "dense seed=2"]
+
+
+def _timed_run(root, method: str, length: int, prefill_tok_s: float, decode_tok_s: float, sparsity=None):
+    gin.clear_config()
+    cfg = ExperimentConfig(method=method, sparsity=sparsity, max_input_tokens=length, results_dir=str(root))
+    prefill = 0.5 if method == "block_sparse" else 0.0
+    summary = RunSummary(prefill, 0.0, 0.95 * length, 8.0, metric="accuracy", score=1.0, variance=0.0,
+                         scored_samples=2, total_samples=2, prefill_tokens_per_s=prefill_tok_s,
+                         decode_tokens_per_s=decode_tok_s)
+    RunFile(MODEL, cfg.task, length, method, {}, sparsity, summary, config=cfg.as_record()).write(cfg.run_dir())
+
+
+def test_report_gives_each_run_its_speed_against_dense_and_names_the_slower_ones(tmp_path):
+    # block_sparse@0.5 thins the prefill: slower than dense at 1024 tokens, faster at 2048 (a crossover).
+    _timed_run(tmp_path, "dense", 1024, 1000.0, 100.0)
+    _timed_run(tmp_path, "block_sparse", 1024, 800.0, 100.0, sparsity=0.5)
+    _timed_run(tmp_path, "dense", 2048, 500.0, 90.0)
+    _timed_run(tmp_path, "block_sparse", 2048, 750.0, 45.0, sparsity=0.5)  # slower decode: not its phase
+    report.write_report(tmp_path)
+    with open(tmp_path / "report" / "runs.csv") as f:
+        rows = {(r["method"], r["length"]): r for r in csv.DictReader(f)}
+    assert float(rows[("block_sparse", "1024")]["prefill_vs_dense"]) == pytest.approx(0.8)
+    assert float(rows[("block_sparse", "2048")]["prefill_vs_dense"]) == pytest.approx(1.5)
+    assert float(rows[("block_sparse", "2048")]["decode_vs_dense"]) == pytest.approx(0.5)
+    assert float(rows[("dense", "1024")]["prefill_vs_dense"]) == 1.0
+    markdown = (tmp_path / "report" / "runs.md").read_text()
+    name = "block_sparse@0.5 on niah_single (SmolLM2-135M-Instruct)"
+    assert f"- {name}: prefill slower than dense at 1024 (0.80x) tokens\n" in markdown
+    assert f"- {name}: prefill crosses dense between 1024 and 2048 tokens\n" in markdown
+    assert "decode slower" not in markdown

@@ -50,6 +50,8 @@ COLUMNS = (
     "status",
     "prefill_tok_s",
     "decode_tok_s",
+    "prefill_vs_dense",
+    "decode_vs_dense",
     "compile_s",
     "run_dir",
 )
@@ -223,6 +225,49 @@ def _with_cost(rows):
     return out
 
 
+def with_speed_vs_dense(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add ``prefill_vs_dense`` / ``decode_vs_dense``: the run's throughput over its dense run's (same task,
+    length and model; ``None`` without exactly one such complete dense run, or without timings)."""
+    dense: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["method"] == "dense" and r["status"] == "complete":
+            dense.setdefault((r["task"], r["length"], r["model"]), []).append(r)
+    out = []
+    for r in rows:
+        base = dense.get((r["task"], r["length"], r["model"]), [])
+        ratios = {}
+        for phase in ("prefill", "decode"):
+            mine, theirs = r.get(f"{phase}_tok_s"), base[0].get(f"{phase}_tok_s") if len(base) == 1 else None
+            ratios[f"{phase}_vs_dense"] = mine / theirs if mine and theirs else None
+        out.append(r | ratios)
+    return out
+
+
+def slower_than_dense(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Lines on the complete sparse runs slower than dense in the phase they thin (prefill when their
+    prefill sparsity is above 0, else decode), and per method and target the two lengths between which
+    it crosses dense, when it crosses once (rows from :func:`with_speed_vs_dense`)."""
+    curves: dict[tuple, list[tuple[int, float]]] = {}
+    for r in rows:
+        phase = "prefill" if (r.get("sparsity_prefill") or 0) > 0 else "decode"
+        ratio = r.get(f"{phase}_vs_dense")
+        if r["method"] != "dense" and r["status"] == "complete" and ratio is not None:
+            curves.setdefault((r["model"], r["task"], r["method"], r["target_sparsity"], phase), []).append(
+                (r["length"], ratio))
+    lines = []
+    for (model, task, method, target, phase), points in sorted(curves.items(), key=lambda kv: str(kv[0])):
+        points.sort()
+        name = f"{method}" + ("" if target is None else f"@{target:g}")
+        slow = [f"{length} ({ratio:.2f}x)" for length, ratio in points if ratio < 1.0]
+        if slow:
+            lines.append(f"{name} on {task} ({model}): {phase} slower than dense at {', '.join(slow)} tokens")
+        flips = [(a, b) for (a, ra), (b, rb) in zip(points, points[1:]) if (ra < 1.0) != (rb < 1.0)]
+        if len(flips) == 1:  # more than one is timing noise, not a crossover
+            lines.append(f"{name} on {task} ({model}): {phase} crosses dense between {flips[0][0]} and "
+                         f"{flips[0][1]} tokens")
+    return lines
+
+
 def write_report(results_dir: Path, *, out_dir: Path | None = None, sweep_file: str | Path | None = None) -> Path:
     """Write ``runs.csv``, ``runs.md`` and the plots; print the markdown table. Returns ``out_dir``."""
     results_dir = Path(results_dir)
@@ -230,7 +275,7 @@ def write_report(results_dir: Path, *, out_dir: Path | None = None, sweep_file: 
         raise FileNotFoundError(f"results folder {results_dir} does not exist; run `sparse-jax run` or `sweep` first")
     out_dir = Path(out_dir) if out_dir else results_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, names = with_setting_columns(build_rows(results_dir, sweep_file))
+    rows, names = with_setting_columns(with_speed_vs_dense(build_rows(results_dir, sweep_file)))
     columns = [*COLUMNS[:5], *names, *COLUMNS[5:]]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
@@ -238,6 +283,10 @@ def write_report(results_dir: Path, *, out_dir: Path | None = None, sweep_file: 
     writer.writerows(rows)
     atomic_write_text(out_dir / "runs.csv", buf.getvalue())
     table = markdown_table(rows, columns[:-1])
+    slower = slower_than_dense(rows)
+    if slower:  # wall-clock throughputs as each run recorded them
+        table += ("\nSlower than dense (throughput as each run recorded it; runs that shared a device with other "
+                  "workers are not comparable):\n\n" + "".join(f"- {line}\n" for line in slower))
     atomic_write_text(out_dir / "runs.md", table)
     print(table)
     missing = sum(r["status"] != "complete" for r in rows)
