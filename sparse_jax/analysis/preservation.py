@@ -33,6 +33,11 @@ maximum preserving sparsity holds with family-wise error at most ``alpha``. With
 ``monotone=False`` it is the largest level that passes on its own. Across tasks, a level
 holds when it holds on every task (an intersection-union test: level ``alpha`` without any
 correction); a level absent on one task cannot hold.
+
+The highest preserving level is itself an estimate: :func:`resampled_tolerated_levels` reruns the
+whole procedure (every level's test, then the maximum) on the sweep's samples drawn with
+replacement, paired across dense and every level, which is what an interval of it (and of any
+statistic built on it, such as the findings' slope against length) resamples.
 """
 
 from __future__ import annotations
