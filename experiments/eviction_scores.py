@@ -39,10 +39,8 @@ from sparse_jax.attention.methods.eviction import Reduction
 from sparse_jax.attention.methods.scoring import average_pool, window_probabilities
 from sparse_jax.attention.methods.snapkv import EvictionMethod
 from sparse_jax.diagnostics.capture import capture_qk
-from sparse_jax.pipeline.resources import load_bundle
-from sparse_jax.pipeline.runner import make_method, prepare
+from sparse_jax.pipeline.runner import make_method, make_task, prepare, run_bundle
 from sparse_jax.pipeline.sweep import expand
-from sparse_jax.tasks.registry import get_task
 
 NEAR = 512
 """Tokens this close before the estimation window count as ``near``."""
@@ -101,12 +99,12 @@ def layer_report(methods: dict[str, EvictionMethod], q, k, length: int, spec, ne
         probs, rows, peak_row = window_peaks(q[:, g * group:(g + 1) * group], k[:, g], length, spec.scale,
                                              first.approximation_window)
         peak = probs.max(axis=(0, 1))
-        kept, entry = {}, {}
+        kept, entry, free_of = {}, {}, {}
         for name, method in methods.items():
             scores = np.asarray(method.importance(q[None], k[None], lengths, spec.scale))[0, g]  # [T]
             selection = method.compress(q[None], k[None], k[None], lengths=lengths, layer=spec)
             ids = np.asarray(selection.indices[0, g, : int(selection.counts[0, g])])
-            free = np.isfinite(scores)
+            free = free_of[name] = np.isfinite(scores)
             kept[name], free_kept = ids, ids[free[ids]]
             entry[name] = {"needle_kept": int(np.isin(needles, ids).sum()), "slots": int(free_kept.size),
                            "needle_rank": _needle_rank(scores, free, needles),
@@ -121,7 +119,7 @@ def layer_report(methods: dict[str, EvictionMethod], q, k, length: int, spec, ne
                             if only.size else None,
                             "only_peak_median": float(np.median(peak[only])) if only.size else None}
         # The max-reduction's variants, ranked against the same free tokens and slots as the method's own.
-        free = np.isfinite(np.asarray(first.importance(q[None], k[None], lengths, spec.scale))[0, g])
+        free = next(iter(free_of.values()))  # the first method's, computed above
         question_rows = probs[:, rows >= question_start]
         variants = {
             "max_question_rows": np.asarray(average_pool(jnp.asarray(question_rows.max(axis=(0, 1))),
@@ -151,12 +149,9 @@ def main() -> None:
         raise SystemExit(f"{args.sweep_file}: no eviction method (snapkv, ada_snapkv) among its runs")
     cfg = runs[0]
     methods = {f"{c.method}@{c.sparsity}": make_method(c) for c in runs}
-    bundle = load_bundle(cfg.model, cfg.dtype, cfg.max_input_tokens + cfg.max_output_tokens, "1x1",
-                         cfg.rope_policy, cfg.prompt_format)
+    bundle = run_bundle(cfg)
     tokenizer, model = bundle.tokenizer, bundle.loaded.model
-    task = get_task(cfg.task, num_samples=cfg.samples, max_input_tokens=cfg.max_input_tokens,
-                    max_output_tokens=cfg.max_output_tokens, tokenizer=tokenizer, random_seed=cfg.seed,
-                    **cfg.task_args)
+    task = make_task(cfg, tokenizer)
     records = {r["index"]: r for r in prepare(cfg, progress=False)}
     out = []
     for index in args.samples:

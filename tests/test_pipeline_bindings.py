@@ -75,7 +75,7 @@ def test_fused_qkv_is_execution_only_and_reaches_the_model_load(gin_file, monkey
     assert fused.fused_qkv and not plain.fused_qkv and fused.run_key() == plain.run_key()
     loads = []
     monkeypatch.setattr(resources, "load_bundle", lambda *args: loads.append(args))
-    runner._bundle(fused)
+    runner.run_bundle(fused)
     assert loads[0][-1] is True  # load_bundle's fused_qkv
     with pytest.raises(ConfigError, match="fused_qkv must be True or False"):
         config_of(gin_file, "ExperimentConfig.fused_qkv = 'yes'")

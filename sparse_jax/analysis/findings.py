@@ -364,6 +364,7 @@ def plot_score_vs_sparsity(records: Sequence[RunRecord], model: str, length: int
     """One panel per task: mean score vs target sparsity per method (dense at 0), 95 % intervals."""
     cells = {task: runs for (m, task, n), runs in _runs_by_cell(records).items() if (m, n) == (model, length)}
     fig, axes = _figure(len(cells))
+
     def draw(ax, pts, **style):
         means, lows, highs = [], [], []
         for _, r in pts:

@@ -29,9 +29,15 @@ def wilson_interval(successes: float, n: int, confidence: float = CONFIDENCE) ->
     return min(max(centre - half, 0.0), p), max(min(centre + half, 1.0), p)
 
 
+def resample_indices(n: int, num_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
+    """``[num_bootstrap, n]`` sample indices, each row ``n`` draws with replacement: the one way every
+    bootstrap here resamples."""
+    return rng.integers(0, n, size=(num_bootstrap, n))
+
+
 def resampled_means(values: np.ndarray, num_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
     """``[num_bootstrap]`` means of ``values [n]`` resampled with replacement."""
-    return values[rng.integers(0, values.size, size=(num_bootstrap, values.size))].mean(axis=1)
+    return values[resample_indices(values.size, num_bootstrap, rng)].mean(axis=1)
 
 
 def percentile_interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:

@@ -51,6 +51,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from scipy import stats
 
+from sparse_jax.analysis.intervals import resample_indices
 from sparse_jax.analysis.records import RunRecord
 
 TestName = Literal["paired_t", "bootstrap"]
@@ -124,7 +125,7 @@ def lower_bounds(diffs: np.ndarray, config: PreservationConfig) -> tuple[np.ndar
         p_value = np.where(exact, (mean <= -config.margin).astype(np.float64),
                            stats.t.sf((mean + config.margin) / safe_se, n - 1))
         return lower, p_value
-    picks = np.random.default_rng(config.seed).integers(0, n, size=(config.num_bootstrap, n))
+    picks = resample_indices(n, config.num_bootstrap, np.random.default_rng(config.seed))
     counts = np.zeros((config.num_bootstrap, n))
     np.add.at(counts, (np.arange(config.num_bootstrap)[:, None], picks), 1.0)
     means = diffs @ counts.T / n  # [..., num_bootstrap]
@@ -246,7 +247,7 @@ def resampled_tolerated_levels(sweep: SweepScores, config: PreservationConfig, n
     every level (the pairing the test relies on), and reruns the whole procedure: every level's
     test, then the monotone (or not) maximum.
     """
-    picks = rng.integers(0, sweep.dense.size, size=(num_resamples, sweep.dense.size))
+    picks = resample_indices(sweep.dense.size, num_resamples, rng)
     return _tolerated(sweep.levels, sweep.sparse[:, picks] - sweep.dense[picks], config)  # diffs [L, R, n]
 
 

@@ -24,7 +24,7 @@ from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from sparse_jax.attention.base import AttentionMethod, LayerSpec
 from sparse_jax.attention.composed import ComposedMethod, DenseLayers, prefill_source
 from sparse_jax.attention.kv_cache import PagedKVCache
-from sparse_jax.attention.methods.attention_mass import decode_probabilities
+from sparse_jax.attention.methods.attention_mass import decode_probabilities, visible_slots
 from sparse_jax.attention.methods.block_sparse import BlockSparse, block_sparse_index
 from sparse_jax.attention.methods.flexprefill import FlexPrefill
 from sparse_jax.attention.methods.oracles import OracleTokens
@@ -120,9 +120,9 @@ def decode_read_slots(method: AttentionMethod, q: jax.Array, cache: PagedKVCache
         ``W`` on (generated tokens) are always read.
     """
     slots = cache.page_table.shape[2] * cache.page_size
-    valid = jnp.arange(slots)[None, None, :] < cache.lengths[..., None]
     if layer.sliding_window is not None:
-        return valid & (jnp.arange(slots)[None, None, :] >= cache.lengths[..., None] - layer.sliding_window)
+        return visible_slots(cache.lengths, slots, layer.sliding_window)
+    valid = visible_slots(cache.lengths, slots)
     if isinstance(method, Quest):
         table, row_lengths, _ = method.read_table(q, cache, layer)
         return read_slots_from_pages(table, row_lengths, cache.page_table, cache.page_size, slots)
@@ -144,7 +144,7 @@ def decode_diagnostics(method: AttentionMethod, q: jax.Array, cache: PagedKVCach
     _, decode, dense_layers = diagnosed_parts(method)
     read = decode_read_slots(decode, q, cache, layer, kept)
     if dense_layers:
-        valid = jnp.arange(read.shape[2])[None, None, :] < cache.lengths[..., None]
+        valid = visible_slots(cache.lengths, read.shape[2], layer.sliding_window)  # what dense reads
         read = jnp.where(_dense_layer(layer, dense_layers), jnp.repeat(valid, read.shape[1] // valid.shape[1], 1),
                          read)
     return LayerDiagnostics(*decode_coverage(q, cache.k_pages, cache.page_table, cache.lengths, read,

@@ -70,7 +70,8 @@ def _check_format(run_dir: Path) -> None:
             )
 
 
-def _make_task(cfg: ExperimentConfig, tokenizer):
+def make_task(cfg: ExperimentConfig, tokenizer):
+    """The task of ``cfg`` with its samples' settings, for ``tokenizer``."""
     from sparse_jax.tasks.registry import get_task
 
     try:
@@ -151,7 +152,7 @@ def check_config(cfg: ExperimentConfig, *, task_args: bool = True) -> None:
     if task_args:
         from sparse_jax.pipeline.resources import load_tokenizer
 
-        _make_task(cfg, load_tokenizer(cfg.model, cfg.prompt_format))
+        make_task(cfg, load_tokenizer(cfg.model, cfg.prompt_format))
         _check_context(cfg)
 
 
@@ -165,7 +166,7 @@ def prepare(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, A
     if len(records) == cfg.samples and (data_dir / "data.json").exists():
         return records
     tokenizer = load_tokenizer(cfg.model, cfg.prompt_format)
-    task = _make_task(cfg, tokenizer)
+    task = make_task(cfg, tokenizer)
     try:
         records = task.generate_samples(progress=progress)
     except ValueError as e:  # the tasks' documented errors: the settings cannot make these samples
@@ -250,7 +251,7 @@ def predict(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], *, progres
     reach = prefill_target_reach(method, cfg.max_input_tokens)
     if reach is not None:
         print(describe_reach(method.name, reach))
-    bundle = _bundle(cfg)
+    bundle = run_bundle(cfg)
     tokenizer = bundle.tokenizer
     engine = _engine(cfg, bundle, method)
     prompts = [tokenizer.encode_for_generation(r["input_text"]) for r in todo]
@@ -301,9 +302,9 @@ def diagnose(cfg: ExperimentConfig, records: Sequence[dict[str, Any]], predictio
     chosen = list(records[: min(cfg.samples, cfg.diagnostics_samples)])
     todo = [r for r in chosen if not diagnostics_files.sample_path(run_dir, r["index"]).exists()]
     if todo:
-        bundle = _bundle(cfg)
+        bundle = run_bundle(cfg)
         tokenizer = bundle.tokenizer
-        task = _make_task(cfg, tokenizer)
+        task = make_task(cfg, tokenizer)
         replay = DiagnosticsPass(Engine(bundle.loaded.model, make_method(cfg), _engine_config(cfg)),
                                  cfg.max_output_tokens)
         by_index = {p["index"]: p for p in predictions}
@@ -322,7 +323,7 @@ def _weighted(values: Sequence[float | None], weights: Sequence[float]) -> float
     return float(sum(v * w for v, w in pairs) / sum(w for _, w in pairs))
 
 
-def _bundle(cfg: ExperimentConfig):
+def run_bundle(cfg: ExperimentConfig):
     """The model and tokenizer ``cfg`` runs with (cached by ``load_bundle``: predict and
     evaluate share one load, on the run's mesh)."""
     from sparse_jax.pipeline.resources import load_bundle
@@ -400,12 +401,12 @@ def evaluate(cfg: ExperimentConfig, records: Sequence[dict], predictions: Sequen
     if missing:
         raise StageError(f"{cfg.run_dir()}: no prediction for samples {missing[:10]}; run the predict stage first")
     merged = [r | {"pred": by_index[r["index"]]["pred"]} for r in records]
-    task = _make_task(cfg, load_tokenizer(cfg.model, cfg.prompt_format))
+    task = make_task(cfg, load_tokenizer(cfg.model, cfg.prompt_format))
     evaluation = task.evaluate(merged)
     run_dir = cfg.run_dir()
     jsonl_store.write_records(run_dir / "scores.jsonl", [{"index": s.index, "score": s.score} for s in evaluation.scores])
     method = make_method(cfg)
-    loaded = _bundle(cfg).loaded
+    loaded = run_bundle(cfg).loaded
     diagnostics = None
     if cfg.diagnostics:
         from sparse_jax.diagnostics.results import STACKED_FILE, read_stacked, summarize

@@ -89,6 +89,17 @@ def block_attention_mass(q: jax.Array, k: jax.Array, length: jax.Array, *, block
     return masses.reshape(-1, nb)[:nb]
 
 
+def visible_slots(lengths: jax.Array, slots: int, sliding_window: int | None = None) -> jax.Array:
+    """``[B, G, slots]`` bool: the cache slots a row's decode query (its last token) attends to under
+    dense attention: those below the row's length (``lengths [B, G]``), and for a local layer only
+    its last ``sliding_window``."""
+    slot = jnp.arange(slots)[None, None, :]
+    visible = slot < lengths[..., None]
+    if sliding_window is not None:
+        visible &= slot >= lengths[..., None] - sliding_window
+    return visible
+
+
 def decode_probabilities(
     q: jax.Array, k_pages: jax.Array, page_table: jax.Array, lengths: jax.Array, *, scale: float,
     sliding_window: int | None = None,
@@ -113,10 +124,6 @@ def decode_probabilities(
     k = gather_rows(k_pages, page_table, h)  # [B, G, P * S, d]
     s = jnp.einsum("bjnd,bjsd->bjns", q.reshape(b, g, h // g, d), k, preferred_element_type=jnp.float32,
                    precision=jax.lax.Precision.HIGHEST) * scale
-    slot = jnp.arange(k.shape[2])[None, None, :]
-    valid = slot < lengths[..., None]
-    if sliding_window is not None:
-        valid &= slot >= lengths[..., None] - sliding_window
-    valid = valid[:, :, None, :]
+    valid = visible_slots(lengths, k.shape[2], sliding_window)[:, :, None, :]
     probs = jax.nn.softmax(jnp.where(valid, s, -jnp.inf), axis=-1, where=valid)
     return jnp.where(valid, probs, 0.0)

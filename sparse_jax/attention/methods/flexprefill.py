@@ -117,8 +117,9 @@ class FlexPrefill(AttentionMethod):
     Memory and speed: the index holds up to ``max_budget`` columns per 64-query tile and
     head, so with the default (the prompt length) it grows as ``L^2 / 64``: at 128K on 8B
     shapes it does not fit on one H200 (the engine's memory check refuses such a prefill
-    program in one line naming ``max_budget``; tested on CPU, not yet at 128K on a GPU). With ``max_budget=16384`` a 0.9 target reaches 0.59 there and
-    prefills at 0.75x dense's speed (experiments/results/speed_h200.md, "Evening session").
+    program in one line naming ``max_budget``; tested on CPU, not yet at 128K on a GPU).
+    With ``max_budget=16384`` a 0.9 target reaches 0.59 there and prefills at 0.75x
+    dense's speed (experiments/results/speed_h200.md, "Evening session").
     """
 
     name: ClassVar[str] = "flexprefill"
