@@ -263,7 +263,8 @@ def test_an_interrupt_still_stops_the_sweep(tmp_path, monkeypatch):
         (
             jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 23.09GiB.\nstats"),
             "JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 23.09GiB. "
-            "Lower ExperimentConfig.batch_size, or run fewer sweep workers if several share this device.",
+            "Batches were already halved down to one prompt: run fewer sweep workers if several share this device, "
+            "or shorten ExperimentConfig.max_input_tokens.",
         ),
         (  # the engine's own error names the batch size already: only the sweep's fix is added
             InsufficientMemoryError("generation run does not fit in memory: ... Reduce the batch size."),

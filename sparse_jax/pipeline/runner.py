@@ -556,14 +556,16 @@ def _run_or_report(cfg: ExperimentConfig) -> RunFile | None:
 
 def _failure_line(cfg: ExperimentConfig, error: Exception) -> str:
     """One line on a sweep run that raised: its label and folder, the error, and for a
-    memory failure the fix that the error does not name."""
+    memory failure the fix that the error does not name (:func:`predict` has already halved
+    the batch down to one prompt, so a smaller ``batch_size`` is not one)."""
     from sparse_jax.engine.memory import InsufficientMemoryError, is_out_of_memory
 
     fewer_workers = "run fewer sweep workers if several share this device"
     if isinstance(error, InsufficientMemoryError):  # its message names the engine's own fixes
         hint = f" Or {fewer_workers}."
     elif is_out_of_memory(error):
-        hint = f" Lower ExperimentConfig.batch_size, or {fewer_workers}."
+        hint = (f" Batches were already halved down to one prompt: {fewer_workers},"
+                " or shorten ExperimentConfig.max_input_tokens.")
     else:
         hint = ""
     return f"sweep: run failed: {cfg.label()} in {cfg.run_dir()}: {error_line(error, brief=True)}{hint}"
