@@ -87,10 +87,10 @@ class ExperimentConfig:
       diagnostics_samples: samples the diagnostics replay (at most ``samples``).
       fused_qkv: hold each layer's q/k/v projections as one weight (``ModelConfig.fused_qkv``;
         one matmul a layer instead of three). On by default here, where the engine runs (runs,
-        sweeps, the demo): on one H200 it took the 8B-shaped decode step at 32K from 10.97 to
-        8.04 ms at batch 1 (17.83 against 18.31 ms at batch 8), prefill unchanged, the same
-        tokens (experiments/results/speed_h200.md, "Fused q/k/v projections"). ``False`` runs
-        the checkpoint's separate layout, the default of ``ModelConfig`` and ``load_model``.
+        sweeps, the demo), because it is faster: a shorter decode step at batch 1, the same
+        prefill and tokens (measured in experiments/results/speed_h200.md, "Fused q/k/v
+        projections"). ``False`` runs the checkpoint's separate layout, the default of
+        ``ModelConfig`` and ``load_model``.
         Execution only: the same model, computed in another order (in bf16 the rounding may
         differ, as on a mesh); not part of the key, so results from either layout resume.
     """
