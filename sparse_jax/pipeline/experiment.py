@@ -90,7 +90,8 @@ class ExperimentConfig:
         sweeps, the demo), because it is faster: a shorter decode step at batch 1, the same
         prefill and tokens (measured in experiments/results/speed_h200.md, "Fused q/k/v
         projections"). ``False`` runs the checkpoint's separate layout, the default of
-        ``ModelConfig`` and ``load_model``.
+        ``ModelConfig`` and ``load_model``. The Orbax cache keeps one entry per layout, so a
+        checkpoint cached before in the separate layout is converted once more.
         Execution only: the same model, computed in another order (in bf16 the rounding may
         differ, as on a mesh); not part of the key, so results from either layout resume.
     """
