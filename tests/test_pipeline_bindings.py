@@ -70,13 +70,17 @@ def test_no_engine_binding_keeps_the_old_key_and_other_methods_bindings_are_igno
     assert config_of(gin_file, "Quest.token_budget = 2048").run_key() == plain.run_key()  # method is dense
 
 
-def test_fused_qkv_is_execution_only_and_reaches_the_model_load(gin_file, monkeypatch):
-    plain, fused = config_of(gin_file), config_of(gin_file, "ExperimentConfig.fused_qkv = True")
-    assert fused.fused_qkv and not plain.fused_qkv and fused.run_key() == plain.run_key()
+def test_fused_qkv_is_on_by_default_execution_only_and_reaches_the_model_load(gin_file, monkeypatch):
+    default, separate = config_of(gin_file), config_of(gin_file, "ExperimentConfig.fused_qkv = False")
+    assert default.fused_qkv and not separate.fused_qkv
+    # Results written with either layout (the separate one before it became the default) resume.
+    assert default.run_key() == separate.run_key() and default.run_dir() == separate.run_dir()
+    assert "fused_qkv" not in default.key_fields()
     loads = []
     monkeypatch.setattr(resources, "load_bundle", lambda *args: loads.append(args))
-    runner.run_bundle(fused)
-    assert loads[0][-1] is True  # load_bundle's fused_qkv
+    runner.run_bundle(default)
+    runner.run_bundle(separate)
+    assert [load[-1] for load in loads] == [True, False]  # load_bundle's fused_qkv
     with pytest.raises(ConfigError, match="fused_qkv must be True or False"):
         config_of(gin_file, "ExperimentConfig.fused_qkv = 'yes'")
 

@@ -10,8 +10,8 @@ consumer reads the slice in place), ``dynamic-update-slice`` of a whole ``[L, ..
 must read (weights + caches) and ``compiled.cost_analysis()['bytes accessed']`` (XLA counts
 a while body once, not once per trip).
 
-``--fused-qkv`` compiles the model with its q/k/v projections as one weight
-(``ModelConfig.fused_qkv``).
+The model holds each layer's q/k/v projections as one weight (``ModelConfig.fused_qkv``, as
+runs do); ``--fused-qkv off`` compiles it with the three separate ones.
 
 Usage: ``PYTHONPATH=. python3 experiments/benchmarks/decode_hlo.py --model 8b --batch 1
 --bucket 4096 --hlo /tmp/decode.hlo``. Results: experiments/results/engine_benchmark.md
@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 
 from experiments.benchmarks.compile_time import DTYPES, architecture, engine_programs
+from experiments.benchmarks.engine_bench import add_fused_qkv_argument
 from sparse_jax.attention.registry import get_method
 from sparse_jax.engine.generate import Engine, EngineConfig
 from sparse_jax.engine.programs import compile_program
@@ -58,12 +59,12 @@ def main():
     parser.add_argument("--bucket", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=9)
     parser.add_argument("--hlo", type=Path, default=None, help="file for the optimized HLO text")
-    parser.add_argument("--fused-qkv", action="store_true", help="q/k/v projections as one weight per layer")
+    add_fused_qkv_argument(parser)
     args = parser.parse_args()
     if args.batch < 1 or min(args.bucket, args.new_tokens) < 2:
         parser.error("--batch must be >= 1, --bucket and --new-tokens >= 2")
 
-    config = architecture(args.model).with_fused_qkv(args.fused_qkv)
+    config = architecture(args.model).with_fused_qkv(args.fused_qkv == "on")
     engine = Engine(Transformer.abstract(config, dtype=DTYPES[args.model]), get_method(args.method),
                     EngineConfig(batch_size=args.batch))
     programs = engine_programs(engine, batch=args.batch, bucket=args.bucket, new_tokens=args.new_tokens)
@@ -80,7 +81,7 @@ def main():
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     print(f"device {jax.devices()[0]}; {args.model}, {layers} layers, batch {args.batch}, bucket {args.bucket}, "
-          f"{'fused' if args.fused_qkv else 'separate'} q/k/v")
+          f"{'fused' if config.fused_qkv else 'separate'} q/k/v")
     print(f"bytes a step must read: weights {sum(weights) / 1e9:.2f} GB + caches {sum(caches) / 1e9:.2f} GB")
     print(f"cost_analysis bytes accessed (loop bodies once): {cost.get('bytes accessed', float('nan')) / 1e9:.2f} GB")
     print(f"ops with a result of >= {smallest_layer_buffer / 1e6:.1f} MB (one layer's smallest big buffer):")

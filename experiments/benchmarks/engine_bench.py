@@ -13,10 +13,11 @@ Floors, measured in the same run on the same device:
 * decode step: bytes that must be read per step (every weight except the embedding
   table, plus the whole KV cache) over the measured device copy bandwidth.
 
-``--fused-qkv on`` runs the model with its q/k/v projections as one weight
-(``ModelConfig.fused_qkv``, the same random weights concatenated); ``both`` runs every batch
-size with the separate and the fused projections side by side and says whether their tokens
-agree.
+``--fused-qkv`` picks the q/k/v layout (:func:`add_fused_qkv_argument`): ``on`` (the default,
+as in runs: ``ExperimentConfig.fused_qkv``) holds each layer's projections as one weight
+(``ModelConfig.fused_qkv``, the same random weights concatenated), ``off`` the checkpoint's
+three, ``both`` runs every batch size with the two side by side and says whether their
+tokens agree.
 
 Usage (GPU): ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python3
 experiments/benchmarks/engine_bench.py --config 8b --out $OUT``
@@ -56,6 +57,16 @@ CONFIGS = {
 QKV_SEPARATE, QKV_FUSED = "separate", "fused"
 # --fused-qkv -> the q/k/v layouts run, in order
 QKV_LAYOUTS = {"off": (QKV_SEPARATE,), "on": (QKV_FUSED,), "both": (QKV_SEPARATE, QKV_FUSED)}
+
+
+def add_fused_qkv_argument(parser: argparse.ArgumentParser, *, side_by_side: bool = False) -> None:
+    """``--fused-qkv {on,off}`` (and ``both`` with ``side_by_side``): the q/k/v layouts a
+    benchmark runs (:data:`QKV_LAYOUTS`). Default ``on``, the layout runs use
+    (``ExperimentConfig.fused_qkv``); a bare ``--fused-qkv`` also means ``on``."""
+    choices = sorted(QKV_LAYOUTS) if side_by_side else ["off", "on"]
+    parser.add_argument("--fused-qkv", choices=choices, nargs="?", const="on", default="on",
+                        help="q/k/v projections as one weight per layer (on, the default), as three (off)"
+                             + (", or both side by side (same weights)" if side_by_side else ""))
 
 
 def model_config(name: str) -> ModelConfig:
@@ -184,13 +195,13 @@ def run(args) -> dict:
     print(f"memory bandwidth (TB/s): { {k: round(v / 1e12, 3) for k, v in bandwidths.items()} }", flush=True)
 
     model = random_model(config, dtype)
-    models = {QKV_SEPARATE: model}
-    layouts = QKV_LAYOUTS[args.fused_qkv]
-    if QKV_FUSED in layouts:
-        models[QKV_FUSED] = model.with_fused_qkv()
     _, params = nnx.split(model)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     embed_bytes = model.embed_tokens.embedding[...].nbytes
+    del params
+    layouts = QKV_LAYOUTS[args.fused_qkv]
+    models = {qkv: model if qkv == QKV_SEPARATE else model.with_fused_qkv() for qkv in layouts}
+    del model  # with "on" alone, the separate q/k/v weights are not kept
     kv_token_bytes = config.num_layers * 2 * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
 
     rows = []
@@ -259,8 +270,7 @@ def main():
     parser.add_argument("--out", type=Path, default=None, help="folder for engine_bench.json")
     parser.add_argument("--timeline", action="store_true",
                         help="GPU: trace two more calls and print the decode step's kernels")
-    parser.add_argument("--fused-qkv", choices=sorted(QKV_LAYOUTS), default="off",
-                        help="q/k/v projections as one weight: off, on, or both side by side (same weights)")
+    add_fused_qkv_argument(parser, side_by_side=True)
     args = parser.parse_args()
     if args.prompt_len is None:
         args.prompt_len = 32768 if args.config == "8b" else 512

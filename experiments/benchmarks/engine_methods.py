@@ -13,8 +13,9 @@ or an eviction method's choice of kept tokens) and the whole attention call, so 
 estimate's share is reported separately; and it names the kernels that ran (the prefill
 path and the decode kernel that ``implementation=None`` resolves to on this device).
 ``--model-layers`` scales the per-layer figures to a deeper model than the one run
-(e.g. 8 of Llama-3.1-8B's 32 layers to fit a time budget). ``--fused-qkv`` runs the model
-with its q/k/v projections as one weight (``ModelConfig.fused_qkv``; the same random weights).
+(e.g. 8 of Llama-3.1-8B's 32 layers to fit a time budget). The model holds each layer's q/k/v
+projections as one weight (``ModelConfig.fused_qkv``, as runs do); ``--fused-qkv off`` runs the
+same random weights as three.
 
 Usage (GPU): ``PYTHONPATH=. python3 experiments/benchmarks/engine_methods.py --out $OUT``;
 CPU smoke run: ``--prompt-len 256 --batch 2 --layers 2 --hidden 256``.
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks.engine_bench import median_seconds, random_model
+from experiments.benchmarks.engine_bench import add_fused_qkv_argument, median_seconds, random_model
 from pallas_kernels import block_sparse, common, vertical_slash
 from sparse_jax.atomic_files import atomic_write_json
 from sparse_jax.attention.base import AttentionMethod, LayerSpec
@@ -107,7 +108,7 @@ def main() -> None:
     parser.add_argument("--model-layers", type=int, default=None,
                         help="scale per-layer figures to this many layers (default: --layers)")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--fused-qkv", action="store_true", help="q/k/v projections as one weight per layer")
+    add_fused_qkv_argument(parser)
     parser.add_argument("--method-sparsity", action="append", default=[], metavar="NAME=S[:FIELD=INT...]",
                         help="one more row: a sparse method at its own target and fields, e.g. block_sparse=0.5 "
                              "or block_sparse=0.9:chunk_size=128 (repeatable)")
@@ -137,13 +138,14 @@ def main() -> None:
         hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_layers=args.layers,
         num_heads=args.hidden // 128, num_kv_heads=max(1, args.hidden // 512), head_dim=128,
     )
+    fused_qkv = args.fused_qkv == "on"
     model = random_model(config, jnp.bfloat16)
-    if args.fused_qkv:
+    if fused_qkv:
         model = model.with_fused_qkv()
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(10, 32_000, args.prompt_len)) for _ in range(args.batch)]
     print(f"device {jax.devices()[0].device_kind}, {args.batch} x {args.prompt_len} tokens, "
-          f"{args.layers} layers, hidden {args.hidden}, {'fused' if args.fused_qkv else 'separate'} q/k/v", flush=True)
+          f"{args.layers} layers, hidden {args.hidden}, {'fused' if fused_qkv else 'separate'} q/k/v", flush=True)
     rows, dense_tokens = [], None
     inputs = layer_inputs(config, args.batch, args.prompt_len)
     layer = LayerSpec(index=0, scale=config.head_dim**-0.5, page_size=EngineConfig().page_size)
@@ -170,7 +172,7 @@ def main() -> None:
             decode_ms_per_step=1e3 * timing.seconds_per_step if timing.seconds_per_step else None,
             first_call_s=first,
             tokens_equal_dense=float(same),
-            fused_qkv=args.fused_qkv,
+            fused_qkv=fused_qkv,
             **costs,
             prefill_s_at_model_layers=timing.prefill_seconds * model_layers / args.layers,
             estimate_s_at_model_layers=None if costs["estimate_ms_per_layer"] is None

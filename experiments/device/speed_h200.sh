@@ -26,6 +26,9 @@
 #   fused_qkv     engine_bench at batch 1 and 8 (32K, one timed run each) with separate and with fused q/k/v
 #                 projections (ModelConfig.fused_qkv: one [4096, 6144] weight a layer), same weights, side by side
 #
+# Every step runs the fused q/k/v layout unless it says otherwise (the benchmarks' default since 2026-12-03; figures
+# recorded before then ran the separate one; add --fused-qkv off to a step's command to compare with them).
+#
 # STEPS="e2e_128k_b engine_bench" runs only the steps named (to split the work over several runs).
 # $OUT gets one folder and one log per step, and steps.tsv (step, exit status, seconds; 124 = stopped at
 # its limit). Wheels in .whl/ (gin, gguf, ...) are installed to /tmp/site first when present.

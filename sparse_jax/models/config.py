@@ -145,7 +145,9 @@ class ModelConfig:
         bias where ``qkv_bias``), so a layer projects with one matmul; the layout is
         :func:`sparse_jax.models.layers.fuse_qkv`'s. A choice of this port, not of the checkpoint
         (``config.json`` never sets it; :meth:`with_fused_qkv`); the model computes the same
-        function either way.
+        function either way. Off by default here, so that a ``Transformer``'s parameters have
+        the checkpoint's names and shapes; runs switch it on
+        (``sparse_jax.pipeline.experiment.ExperimentConfig.fused_qkv``, which says why).
     """
 
     family: Family

@@ -112,6 +112,7 @@ def load_model(
         mesh); parameters are converted or restored straight into them.
       fused_qkv: hold each layer's q/k/v projections as one weight (``ModelConfig.fused_qkv``),
         concatenated from the checkpoint's tensors; cached apart from the separate layout.
+        Off by default (the checkpoint's layout); runs pass ``ExperimentConfig.fused_qkv``, on.
 
     Raises:
       FileNotFoundError: ``source`` does not exist.

@@ -86,8 +86,14 @@ class ExperimentConfig:
         In the key (with ``diagnostics_samples``) only when on.
       diagnostics_samples: samples the diagnostics replay (at most ``samples``).
       fused_qkv: hold each layer's q/k/v projections as one weight (``ModelConfig.fused_qkv``;
-        one matmul a layer instead of three). Execution only: the same model, computed in
-        another order (in bf16 the rounding may differ, as on a mesh); not part of the key.
+        one matmul a layer instead of three). On by default here, where the engine runs (runs,
+        sweeps, the demo), because it is faster: a shorter decode step at batch 1, the same
+        prefill and tokens (measured in experiments/results/speed_h200.md, "Fused q/k/v
+        projections"). ``False`` runs the checkpoint's separate layout, the default of
+        ``ModelConfig`` and ``load_model``. The Orbax cache keeps one entry per layout, so a
+        checkpoint cached before in the separate layout is converted once more.
+        Execution only: the same model, computed in another order (in bf16 the rounding may
+        differ, as on a mesh); not part of the key, so results from either layout resume.
     """
 
     model: str = "smollm2"
@@ -113,7 +119,7 @@ class ExperimentConfig:
     rope_policy: str = "auto"
     diagnostics: bool = False
     diagnostics_samples: int = 8
-    fused_qkv: bool = False
+    fused_qkv: bool = True
 
     def __post_init__(self):
         _check(

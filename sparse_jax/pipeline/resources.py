@@ -105,7 +105,8 @@ def load_bundle(
       mesh: ``"DATAxMODEL"`` device mesh (``sparse_jax.distributed.mesh``); other than
         ``"1x1"``, parameters are restored straight into their shards.
       prompt_format: the tokenizer's prompt format (``"chat"`` or ``"completion"``).
-      fused_qkv: each layer's q/k/v projections as one weight (``ModelConfig.fused_qkv``).
+      fused_qkv: each layer's q/k/v projections as one weight (``ModelConfig.fused_qkv``). Off
+        by default, as in ``load_model``; runs pass ``ExperimentConfig.fused_qkv`` (on by default).
     """
     source = model_source(model)
     tokenizer = _tokenizer(str(source)).with_prompt_format(prompt_format)
