@@ -5,6 +5,21 @@ number at relative depth ``depth`` (0 = start, 1 = end; ``None`` draws a depth p
 sample), and the question at the end. No answer template: small models (SmolLM2-135M)
 solve it at a few thousand tokens.
 
+Fillers. The built-in ones (:data:`FILLERS`: ``prose``, 8 sentences; ``noise``, one) repeat
+their sentences in order until the budget is used, so every sample's haystack is the same
+paragraph many times over, and which sentence it ends on is set by the length.
+``varied`` (:func:`varied_sentences`) never repeats: each sample composes its own
+sentences from its RNG, out of the story tasks' names, places, events and items
+(:mod:`sparse_jax.tasks.story_world`) put into the frames of :data:`VARIED_OPENINGS` and
+:data:`VARIED_CLAUSES` (about 10^9 distinct sentences), and skips any sentence it has
+already used, so no sentence occurs twice in a haystack (none at 131K tokens); only the
+frames recur. It holds no digits and never speaks of a secret number.
+
+Length. Every filler fills the budget the same way: the most sentences, in the filler's
+order, whose token counts (each counted alone, in batches) add up to the budget left
+beside the instruction, needle and question; then the joined prompt is measured and
+trimmed until it fits.
+
 Scoring: 1 if the first run of digits in the prediction is the number, else 0.
 """
 
@@ -14,8 +29,10 @@ import dataclasses
 import itertools
 import random
 import re
+from collections.abc import Iterator
 from typing import Any
 
+from sparse_jax.tasks import story_world as world
 from sparse_jax.tasks.base import Sample, Task
 from sparse_jax.tasks.registry import register
 
@@ -34,15 +51,81 @@ FILLERS: dict[str, tuple[str, ...]] = {
 }
 """Built-in filler texts: sentences repeated in order until the budget is used."""
 
+VARIED = "varied"
+"""The filler that composes fresh sentences for every sample (:func:`varied_sentences`)."""
+
+FILLER_CHOICES = (*sorted(FILLERS), VARIED)
+"""Every value the ``filler`` argument accepts."""
+
+VARIED_OPENINGS = (
+    "", "Early one morning, ", "On a windy afternoon, ", "Later that week, ", "Once the rain had stopped, ",
+    "Just before dusk, ", "In the middle of the summer, ", "One cold evening, ", "When the market had closed, ",
+    "Around midday, ", "At the end of a long day, ", "Some time later, ", "On the first warm day of the year, ",
+)
+"""How a ``varied`` sentence may begin (the empty opening starts it with its clause)."""
+
+VARIED_CLAUSES = (
+    "{character} walked with {other} along the road out of {location}.",
+    "{character} spent hours looking for a {item} in the shops of {location}.",
+    "the bakers of {location} stayed up late to get ready for {event}.",
+    "{character} wrote to {other} about the weather in {location}.",
+    "{character} and {other} shared a table at an inn near {location}.",
+    "a cart loaded with hay rolled slowly from {location} toward {place}.",
+    "{character} lent a {item} to {other} and never asked for it back.",
+    "people in {location} still talked about the prize {character} won at {event}.",
+    "{character} mended a {item} by the window while {other} read aloud.",
+    "the road between {location} and {place} was muddy after the rain.",
+    "{character} showed {other} the way to the old bridge in {location}.",
+    "{other} laughed when {character} dropped a {item} in the mud at {event}.",
+    "{character} planted beans in the garden of a cottage near {location}.",
+    "nobody in {location} could remember a quieter week before {event}.",
+    "{character} carried a basket of pears to a neighbour in {place}.",
+    "{character} found a {item} on a bench by the harbour of {location}.",
+    "{character} asked {other} whether the ferry from {location} to {place} was running.",
+    "the children of {location} painted banners for {event}.",
+    "{character} swept the steps of the library in {location} before it opened.",
+    "{other} taught {character} a song that everyone sings at {event}.",
+)
+"""The clauses of ``varied`` sentences; fields: ``{character}``, ``{other}`` (a second
+name), ``{location}``, ``{place}`` (a second town), ``{event}``, ``{item}``."""
+
 INSTRUCTION = "A secret number is hidden somewhere in the text below. Read the text and remember the number."
 NEEDLE = "The secret number is {number}."
 QUESTION = "What is the secret number hidden in the text above? Answer with the number only."
+
+_COUNT_BATCH = 128
+"""Filler sentences composed and token-counted at a time."""
 
 _DIGITS = re.compile(r"\d+")
 
 
 def _prompt(context: str) -> str:
     return f"{INSTRUCTION}\n\n{context}\n\n{QUESTION}"
+
+
+def _varied_sentence(rng: random.Random) -> str:
+    character, other = rng.sample(world.CHARACTERS, 2)
+    location, place = rng.sample(world.LOCATIONS, 2)
+    item = f"{rng.choice(world.ITEM_ADJECTIVES)} {rng.choice(world.ITEM_MATERIALS)} {rng.choice(world.ITEM_TYPES)}"
+    clause = rng.choice(VARIED_CLAUSES).format(
+        character=character, other=other, location=location, place=place, event=rng.choice(world.EVENTS), item=item
+    )
+    sentence = rng.choice(VARIED_OPENINGS) + clause
+    return sentence[0].upper() + sentence[1:]
+
+
+def varied_sentences(rng: random.Random) -> Iterator[str]:
+    """Endless ``varied`` filler sentences drawn from ``rng``, none equal to an earlier one."""
+    seen: set[str] = set()
+    while True:
+        sentence = _varied_sentence(rng)
+        if sentence not in seen:
+            seen.add(sentence)
+            yield sentence
+
+
+def _context(sentences: list[str], needle: str, position: int) -> str:
+    return " ".join([*sentences[:position], needle, *sentences[position:]])
 
 
 @register
@@ -54,7 +137,8 @@ class NiahSingle(Task):
       num_digits: digits of the hidden number.
       depth: relative position of the needle in the filler, in [0, 1]; ``None`` draws
         one uniformly per sample.
-      filler: name of a built-in filler text (:data:`FILLERS`).
+      filler: a built-in filler text (:data:`FILLERS`, repeated) or ``"varied"`` (fresh
+        sentences per sample, :func:`varied_sentences`).
     """
 
     name = "niah_single"
@@ -71,43 +155,47 @@ class NiahSingle(Task):
             raise ValueError(f"niah_single: num_digits must be an int in [1, 30], got {self.num_digits!r}.")
         if self.depth is not None and not 0.0 <= self.depth <= 1.0:
             raise ValueError(f"niah_single: depth must be in [0, 1] or None (random), got {self.depth!r}.")
-        if self.filler not in FILLERS:
+        if self.filler not in FILLER_CHOICES:
             raise ValueError(
-                f"niah_single: unknown filler {self.filler!r}; choose one of {', '.join(sorted(FILLERS))}."
+                f"niah_single: unknown filler {self.filler!r}; choose one of {', '.join(FILLER_CHOICES)}."
             )
-        sentences = FILLERS[self.filler]
-        self._sentence_tokens = [self.count_tokens(" " + sentence) for sentence in sentences]
 
-    def _context(self, num_sentences: int, needle: str, position: int) -> str:
-        sentences = list(itertools.islice(itertools.cycle(FILLERS[self.filler]), num_sentences))
-        sentences.insert(position, needle)
-        return " ".join(sentences)
+    def _filler_sentences(self, rng: random.Random) -> Iterator[tuple[str, int]]:
+        """The sample's filler sentences in order, without end, each with its token count alone."""
+        sentences = varied_sentences(rng) if self.filler == VARIED else itertools.cycle(FILLERS[self.filler])
+        while True:
+            batch = list(itertools.islice(sentences, _COUNT_BATCH))
+            yield from zip(batch, self.count_tokens_batch([" " + sentence for sentence in batch]))
 
-    def _fitting_sentences(self, fixed_tokens: int) -> int:
-        """Most filler sentences whose summed (isolated) token counts fit the budget."""
-        per_cycle = sum(self._sentence_tokens)
-        left = self.max_tokens - fixed_tokens
-        count = max(left, 0) // per_cycle * len(self._sentence_tokens)
-        left -= count // len(self._sentence_tokens) * per_cycle
-        for tokens in itertools.cycle(self._sentence_tokens):
-            if tokens > left:
-                return count
-            left -= tokens
-            count += 1
+    @staticmethod
+    def _fitting_sentences(sentences: Iterator[tuple[str, int]], budget: int) -> tuple[list[str], int]:
+        """The most leading ``sentences`` whose summed (isolated) token counts fit ``budget``,
+        and the largest count among them (1 if none fits)."""
+        chosen, largest = [], 1
+        for sentence, tokens in sentences:
+            if tokens > budget:
+                break
+            budget -= tokens
+            chosen.append(sentence)
+            largest = max(largest, tokens)
+        return chosen, largest
 
     def build_sample(self, index: int, rng: random.Random) -> Sample:
         number = str(rng.randrange(10 ** (self.num_digits - 1), 10**self.num_digits))
         depth = rng.random() if self.depth is None else self.depth
         needle = NEEDLE.format(number=number)
-        num_sentences = self._fitting_sentences(self.count_tokens(_prompt(needle)))
+        sentences, largest = self._fitting_sentences(
+            self._filler_sentences(rng), self.max_tokens - self.count_tokens(_prompt(needle))
+        )
+        num_sentences = len(sentences)
         # Isolated counts are estimates of the joined text's tokens: measure, then trim.
         while True:
             position = round(depth * num_sentences)
-            text = _prompt(self._context(num_sentences, needle, position))
+            text = _prompt(_context(sentences[:num_sentences], needle, position))
             excess = self.count_tokens(text) - self.max_tokens
             if excess <= 0 or num_sentences == 0:
                 break
-            num_sentences -= max(1, excess // max(self._sentence_tokens))
+            num_sentences -= max(1, excess // largest)
         return Sample(
             input_text=text,
             gold_answer=number,
