@@ -75,6 +75,25 @@ def test_demo_4k_is_the_demo_grid_at_4k_tokens():
     assert samples == batch and samples > 3
 
 
+def test_gemma3_varied_sweep_is_the_studys_decode_cells_with_the_varied_filler(monkeypatch):
+    monkeypatch.chdir(REPO)  # gin include paths are relative to the current folder
+    varied = expand("configs/sweeps/findings_gemma3_varied.gin")
+    assert len(varied) == 32 and {r.task_args["filler"] for r in varied} == {"varied"}
+    assert {r.max_input_tokens for r in varied} == {2048, 16384}
+    assert {r.method for r in varied} == {"dense", "snapkv", "ada_snapkv", "quest"}
+    # With the default filler the same file names exactly the study's runs (findings.sh binds bf16 and the tasks).
+    prose = expand("configs/sweeps/findings_gemma3_varied.gin",
+                   ["ExperimentConfig.task_args = {'num_digits': 7, 'filler': 'prose'}"])
+    niah = "FINDINGS_{}TASKS = ['configs/sweeps/findings_tasks/niah_single.gin']"
+    study = {
+        r.run_key()
+        for name, tasks in (("findings_gemma3_short", niah.format("SHORT_")), ("findings_gemma3", niah.format("")))
+        for r in expand(f"configs/sweeps/{name}.gin", ["ExperimentConfig.dtype = 'bfloat16'", tasks])
+    }
+    assert {r.run_key() for r in prose} <= study
+    assert not {r.run_key() for r in varied} & study
+
+
 @pytest.mark.parametrize("count", [1, 2, 3, 5])
 def test_shards_are_disjoint_and_cover_the_grid(count):
     runs = expand(REPO / "configs" / "sweeps" / "demo.gin")

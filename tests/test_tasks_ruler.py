@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import collections
+import hashlib
+import itertools
+import random
 import re
 from pathlib import Path
 
 import pytest
 
 from sparse_jax.tasks import get_task
+from sparse_jax.tasks.niah_single import FILLERS, INSTRUCTION, QUESTION, fitting_prefix, varied_sentences
 from sparse_jax.tasks.ruler_cwe import sorted_vocabulary
 from sparse_jax.tasks.ruler_vt import NOISE_SENTENCE
 from tests.test_tasks_common import assert_in_window
@@ -24,6 +28,7 @@ CASES = [
     ("ruler_vt", {}, {"smollm2": (2048, 4096), "tiny": (4096, 6144)}),
     ("ruler_cwe", {"common_word_frequency": 10}, {"smollm2": (1024, 2048), "tiny": (2048, 4096)}),
     ("niah_single", {}, {"smollm2": (1024, 2048), "tiny": (1024, 2048)}),
+    ("niah_single", {"filler": "varied"}, {"smollm2": (1024, 2048), "tiny": (1024, 2048)}),
 ]
 WINDOW_CASES = [
     pytest.param(name, args, tokenizer, length, id=f"{name}-{tokenizer}-{length}")
@@ -195,9 +200,10 @@ def test_cwe_rejects_common_not_above_rare_frequency():
 # ----------------------------------------------------------------------------- niah_single
 
 
+@pytest.mark.parametrize("filler", ["noise", "varied"])
 @pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
-def test_niah_single_places_the_needle_at_the_requested_depth(depth):
-    task = _task("niah_single", length=2048, depth=depth, filler="noise")
+def test_niah_single_places_the_needle_at_the_requested_depth(depth, filler):
+    task = _task("niah_single", length=2048, depth=depth, filler=filler)
     record = task.generate_samples(progress=False)[0]
     text = record["input_text"]
     assert re.fullmatch(r"\d{7}", record["gold_answer"])
@@ -226,13 +232,80 @@ def test_niah_single_scores_the_first_number(pred, score):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"filler": "lorem"}, "unknown filler 'lorem'; choose one of noise, prose"),
+    [({"filler": "lorem"}, "unknown filler 'lorem'; choose one of noise, prose, varied\\.$"),
      ({"depth": 1.5}, "depth must be in \\[0, 1\\]"),
      ({"num_digits": 0}, "num_digits must be an int")],
 )
 def test_niah_single_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         _task("niah_single", **kwargs)
+
+
+# sha256 of the joined input texts of samples 0-2 (seed 43, 2048 tokens): the fixed fillers' samples, which
+# the results of earlier runs were computed on, must not change.
+DEFAULT_TEXT_SHA256 = {
+    ("tiny", "prose"): "2b00582351481721",
+    ("tiny", "noise"): "ab9c0700addb3da2",
+    ("smollm2", "prose"): "dd65285a2fb6aa32",
+}
+
+
+@pytest.mark.parametrize("tokenizer, filler", list(DEFAULT_TEXT_SHA256))
+def test_niah_single_fixed_filler_samples_are_unchanged(tokenizer, filler):
+    records = _task("niah_single", tokenizer, length=2048, samples=3, filler=filler).generate_samples(progress=False)
+    digest = hashlib.sha256("\n".join(record["input_text"] for record in records).encode()).hexdigest()
+    assert digest.startswith(DEFAULT_TEXT_SHA256[tokenizer, filler])
+    assert _task("niah_single").filler == "prose"
+
+
+def _haystack(record) -> list[str]:
+    """The filler sentences of a niah_single record, in order, without the needle."""
+    context = record["input_text"].split("\n\n")[1]
+    needle = f"The secret number is {record['gold_answer']}."
+    return [sentence for sentence in re.split(r"(?<=\.) ", context) if sentence != needle]
+
+
+def test_varied_sentences_never_repeat_and_hold_no_digits_or_secret():
+    sentences = list(itertools.islice(varied_sentences(random.Random(0)), 20000))
+    assert len(set(sentences)) == len(sentences)
+    assert list(itertools.islice(varied_sentences(random.Random(0)), 50)) == sentences[:50]
+    for sentence in sentences:
+        assert sentence[0].isupper() and sentence.endswith(".") and sentence.count(". ") == 0, sentence
+        assert not re.search(r"\d|secret|number", sentence, re.IGNORECASE), sentence
+
+
+@pytest.mark.parametrize("tokenizer", ["tiny", "smollm2"])
+def test_niah_single_varied_haystack_does_not_repeat_and_only_the_needle_has_digits(tokenizer):
+    task = _task("niah_single", tokenizer, length=8192, samples=2, filler="varied")
+    records = task.generate_samples(progress=False)
+    haystacks = [_haystack(record) for record in records]
+    for record, haystack in zip(records, haystacks):
+        assert len(haystack) == record["num_filler_sentences"] > 100
+        assert len(set(haystack)) == len(haystack)  # no sentence twice, so no two neighbours equal
+        assert re.findall(r"\d+", record["input_text"]) == [record["gold_answer"]]
+        assert record["input_text"].lower().count("secret number") == 3  # instruction, needle, question
+        assert task.score({**record, "pred": f"It is {record['gold_answer']}."}) == 1.0
+        (span,) = task.needle_spans(record)
+        assert record["input_text"][slice(*span)] == record["gold_answer"]
+    assert not set(haystacks[0]) & set(haystacks[1])
+    prose = _haystack(_task("niah_single", tokenizer, length=8192, samples=1).generate_samples(progress=False)[0])
+    assert len(set(prose)) == len(FILLERS["prose"])
+
+
+def test_fitting_prefix_takes_sentences_in_order_until_one_does_not_fit():
+    pairs = [("a", 5), ("b", 3), ("c", 4), ("d", 1)]
+    assert fitting_prefix(iter(pairs), 9) == (["a", "b"], 5)
+    assert fitting_prefix(iter(pairs), 13) == (["a", "b", "c", "d"], 5)
+    assert fitting_prefix(itertools.cycle(pairs), 14) == (["a", "b", "c", "d"], 5)
+    assert fitting_prefix(iter(pairs), 4) == ([], 1)
+
+
+def test_niah_single_varied_filler_sentences_fit_the_budget_counted_alone():
+    task = _task("niah_single", length=2048, samples=1, filler="varied")
+    (record,) = task.generate_samples(progress=False)
+    counted = task.count_tokens_batch([" " + sentence for sentence in _haystack(record)])
+    fixed = task.count_tokens(f"{INSTRUCTION}\n\nThe secret number is {record['gold_answer']}.\n\n{QUESTION}")
+    assert fixed + sum(counted) <= task.max_tokens
 
 
 @pytest.mark.slow

@@ -6,14 +6,15 @@ sample), and the question at the end. No answer template: small models (SmolLM2-
 solve it at a few thousand tokens.
 
 Fillers. The built-in ones (:data:`FILLERS`: ``prose``, 8 sentences; ``noise``, one) repeat
-their sentences in order until the budget is used, so every sample's haystack is the same
-paragraph many times over, and which sentence it ends on is set by the length.
-``varied`` (:func:`varied_sentences`) never repeats: each sample composes its own
-sentences from its RNG, out of the story tasks' names, places, events and items
-(:mod:`sparse_jax.tasks.story_world`) put into the frames of :data:`VARIED_OPENINGS` and
-:data:`VARIED_CLAUSES` (about 10^9 distinct sentences), and skips any sentence it has
-already used, so no sentence occurs twice in a haystack (none at 131K tokens); only the
-frames recur. It holds no digits and never speaks of a secret number.
+their sentences in order until the budget is used, so the haystack is one paragraph many
+times over and the sentence it ends on is set by the length; a base model may copy that
+paragraph instead of answering (experiments/results/findings.md section 9.2). ``varied``
+(:func:`varied_sentences`) never repeats: each sample composes its own sentences with its
+RNG from the story tasks' names, places, events and items (:mod:`sparse_jax.tasks.story_world`)
+in the frames of :data:`VARIED_OPENINGS` and :data:`VARIED_CLAUSES` (about 4 x 10^9 distinct
+sentences) and skips a sentence it has already used, so no sentence occurs twice in a
+haystack; only the frames (12 openings or none, 20 clauses) recur. It holds no digits and never
+speaks of a secret number. The default stays ``prose``: existing results were made with it.
 
 Length. Every filler fills the budget the same way: the most sentences, in the filler's
 order, whose token counts (each counted alone, in batches) add up to the budget left
@@ -124,6 +125,19 @@ def varied_sentences(rng: random.Random) -> Iterator[str]:
             yield sentence
 
 
+def fitting_prefix(sentences: Iterator[tuple[str, int]], budget: int) -> tuple[list[str], int]:
+    """The longest prefix of ``(sentence, tokens)`` pairs whose token counts sum to at most
+    ``budget``, and the largest count in it (1 if it is empty)."""
+    chosen, largest = [], 1
+    for sentence, tokens in sentences:
+        if tokens > budget:
+            break
+        budget -= tokens
+        chosen.append(sentence)
+        largest = max(largest, tokens)
+    return chosen, largest
+
+
 def _context(sentences: list[str], needle: str, position: int) -> str:
     return " ".join([*sentences[:position], needle, *sentences[position:]])
 
@@ -167,24 +181,11 @@ class NiahSingle(Task):
             batch = list(itertools.islice(sentences, _COUNT_BATCH))
             yield from zip(batch, self.count_tokens_batch([" " + sentence for sentence in batch]))
 
-    @staticmethod
-    def _fitting_sentences(sentences: Iterator[tuple[str, int]], budget: int) -> tuple[list[str], int]:
-        """The most leading ``sentences`` whose summed (isolated) token counts fit ``budget``,
-        and the largest count among them (1 if none fits)."""
-        chosen, largest = [], 1
-        for sentence, tokens in sentences:
-            if tokens > budget:
-                break
-            budget -= tokens
-            chosen.append(sentence)
-            largest = max(largest, tokens)
-        return chosen, largest
-
     def build_sample(self, index: int, rng: random.Random) -> Sample:
         number = str(rng.randrange(10 ** (self.num_digits - 1), 10**self.num_digits))
         depth = rng.random() if self.depth is None else self.depth
         needle = NEEDLE.format(number=number)
-        sentences, largest = self._fitting_sentences(
+        sentences, largest = fitting_prefix(
             self._filler_sentences(rng), self.max_tokens - self.count_tokens(_prompt(needle))
         )
         num_sentences = len(sentences)
