@@ -127,3 +127,19 @@ def test_run_json_of_the_first_pipeline_version_still_reads(tmp_path):
     assert load_run(tmp_path).method_args["share_pages"] is True
     run.write(tmp_path / "again")
     assert RunFile.read(tmp_path / "again") == run
+
+
+def test_two_runs_in_one_analysis_cell_are_refused_naming_both_and_what_differs(tmp_path):
+    """One task run with two filler texts in one folder would be pooled by every analysis."""
+    for name, filler in (("prose", "prose"), ("varied", "varied")):
+        save_run(_record(), tmp_path / name)
+        settings = {"seed": 43, "task_args": {"filler": filler}}
+        _edit(tmp_path / name / "run.json",
+              lambda o, filler=filler, settings=settings: o.update(task_key=f"key-{filler}", config=settings))
+    with pytest.raises(ValueError, match="one analysis cell") as caught:
+        load_records(tmp_path)
+    message = str(caught.value)
+    assert str(tmp_path / "prose") in message and str(tmp_path / "varied") in message
+    assert "(task_args, task_key)" in message and "\n" not in message
+    save_run(_record(target_sparsity=0.5), tmp_path / "varied")  # another level: a different cell
+    assert len(load_records(tmp_path)) == 2

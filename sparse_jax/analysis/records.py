@@ -487,8 +487,9 @@ def load_records(results_dir: str | pathlib.Path) -> list[RunRecord]:
     """Every run under ``results_dir`` (folders holding ``run.json``), sorted by path.
 
     Raises:
-      RunFileError: ``results_dir`` does not exist or holds no run, or a run folder is
-        malformed (see :func:`load_run`).
+      RunFileError: ``results_dir`` does not exist or holds no run, a run folder is
+        malformed (see :func:`load_run`), or two runs share an analysis cell (model, task,
+        length, method, level), e.g. a task run with two settings of its own.
     """
     root = pathlib.Path(results_dir)
     if not root.is_dir():
@@ -496,7 +497,37 @@ def load_records(results_dir: str | pathlib.Path) -> list[RunRecord]:
     records = [load_run(path.parent) for path in sorted(root.rglob(RUN_FILE))]
     if not records:
         raise RunFileError(f"no {RUN_FILE} found under {root}; is this the pipeline's results folder?")
+    _check_one_run_per_cell(records)
     return records
+
+
+def _check_one_run_per_cell(records: Sequence[RunRecord]) -> None:
+    """Raise if two runs fall in one analysis cell (model, task, length, method, level): the
+    analyses would pool them, e.g. one task run with two filler texts, or two seeds.
+
+    Raises:
+      RunFileError: naming both folders and the settings in which their runs differ.
+    """
+    first_run: dict[tuple, RunRecord] = {}
+    for record in records:
+        cell = (record.model.name, record.task, record.max_input_tokens, record.method, record.level)
+        other = first_run.setdefault(cell, record)
+        if other is not record:
+            differing = _differing_settings(other.path, record.path)
+            how = (f"run with different settings ({', '.join(differing)})" if differing
+                   else "with the same settings (a copy?)")
+            raise RunFileError(
+                f"{other.path} and {record.path} are one analysis cell ({record.model.name}, {record.task}, "
+                f"{record.max_input_tokens} tokens, {record.method} at level {record.level:g}) {how}; analyses "
+                f"would pool them: analyse each setting from its own folder."
+            )
+
+
+def _differing_settings(run_dir: str, other_dir: str) -> list[str]:
+    """The ``config`` fields (and the task key) in which two run files differ."""
+    run, other = RunFile.read(run_dir), RunFile.read(other_dir)
+    fields = sorted(k for k in run.config.keys() | other.config.keys() if run.config.get(k) != other.config.get(k))
+    return fields + (["task_key"] if run.task_key != other.task_key else [])
 
 
 def save_run(record: RunRecord, run_dir: str | pathlib.Path) -> None:
