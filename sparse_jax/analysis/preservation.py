@@ -52,7 +52,7 @@ import numpy as np
 from scipy import stats
 
 from sparse_jax.analysis.intervals import resample_indices
-from sparse_jax.analysis.records import RunRecord
+from sparse_jax.analysis.records import RunRecord, check_one_run_per_cell
 
 TestName = Literal["paired_t", "bootstrap"]
 
@@ -163,23 +163,17 @@ SweepKey = tuple[str, str, int, str]  # (model, task, max_input_tokens, method)
 
 
 def _sweeps(records: Sequence[RunRecord]) -> tuple[dict[tuple[str, str, int], RunRecord], dict[SweepKey, list[RunRecord]]]:
-    """Dense baseline per (model, task, length) and sparse runs per sweep, by increasing level."""
+    """Dense baseline per (model, task, length) and sparse runs per sweep, by increasing level
+    (:func:`~sparse_jax.analysis.records.check_one_run_per_cell` refuses two runs in one cell)."""
+    check_one_run_per_cell(records)
     dense: dict[tuple[str, str, int], RunRecord] = {}
     sweeps: dict[SweepKey, dict[float, RunRecord]] = defaultdict(dict)
     for rec in records:
         base = (rec.model.name, rec.task, rec.max_input_tokens)
         if rec.is_dense:
-            if base in dense:
-                raise ValueError(f"two dense runs for {base}: {dense[base].path} and {rec.path}; keep one.")
             dense[base] = rec
-            continue
-        levels = sweeps[(*base, rec.method)]
-        if rec.level in levels:
-            raise ValueError(
-                f"two {rec.method} runs at sparsity level {rec.level} for {base}: {levels[rec.level].path} and "
-                f"{rec.path}; give them distinct target_sparsity values or remove one."
-            )
-        levels[rec.level] = rec
+        else:
+            sweeps[(*base, rec.method)][rec.level] = rec
     return dense, {key: [levels[s] for s in sorted(levels)] for key, levels in sorted(sweeps.items())}
 
 

@@ -497,37 +497,45 @@ def load_records(results_dir: str | pathlib.Path) -> list[RunRecord]:
     records = [load_run(path.parent) for path in sorted(root.rglob(RUN_FILE))]
     if not records:
         raise RunFileError(f"no {RUN_FILE} found under {root}; is this the pipeline's results folder?")
-    _check_one_run_per_cell(records)
+    check_one_run_per_cell(records)
     return records
 
 
-def _check_one_run_per_cell(records: Sequence[RunRecord]) -> None:
-    """Raise if two runs fall in one analysis cell (model, task, length, method, level): the
-    analyses would pool them, e.g. one task run with two filler texts, or two seeds.
+def check_one_run_per_cell(records: Sequence[RunRecord]) -> None:
+    """Raise if two runs fall in one analysis cell (model, task, length, method, level): every
+    analysis would pool them (one task run with two filler texts, two seeds, a copied folder).
 
     Raises:
-      RunFileError: naming both folders and the settings in which their runs differ.
+      RunFileError: naming both runs and, for runs read from folders, the settings in which
+        they differ.
     """
     first_run: dict[tuple, RunRecord] = {}
     for record in records:
         cell = (record.model.name, record.task, record.max_input_tokens, record.method, record.level)
         other = first_run.setdefault(cell, record)
         if other is not record:
-            differing = _differing_settings(other.path, record.path)
-            how = (f"run with different settings ({', '.join(differing)})" if differing
-                   else "with the same settings (a copy?)")
+            where = (f"{record.model.name}, {record.task}, {record.max_input_tokens} tokens, {record.method} at "
+                     f"level {record.level:g}")
             raise RunFileError(
-                f"{other.path} and {record.path} are one analysis cell ({record.model.name}, {record.task}, "
-                f"{record.max_input_tokens} tokens, {record.method} at level {record.level:g}) {how}; analyses "
-                f"would pool them: analyse each setting from its own folder."
+                f"{_name(other)} and {_name(record)} are one analysis cell ({where}){_how_they_differ(other, record)}; "
+                f"analyses would pool them: analyse each setting from its own folder, or give the runs distinct "
+                f"target_sparsity values."
             )
 
 
-def _differing_settings(run_dir: str, other_dir: str) -> list[str]:
-    """The ``config`` fields (and the task key) in which two run files differ."""
-    run, other = RunFile.read(run_dir), RunFile.read(other_dir)
-    fields = sorted(k for k in run.config.keys() | other.config.keys() if run.config.get(k) != other.config.get(k))
-    return fields + (["task_key"] if run.task_key != other.task_key else [])
+def _name(record: RunRecord) -> str:
+    return record.path or f"a {record.method} run"
+
+
+def _how_they_differ(record: RunRecord, other: RunRecord) -> str:
+    """The ``config`` fields (and the task key) in which two runs read from folders differ."""
+    if not all(r.path and (pathlib.Path(r.path) / RUN_FILE).is_file() for r in (record, other)):
+        return ""
+    run, other_run = RunFile.read(record.path), RunFile.read(other.path)
+    fields = sorted(k for k in run.config.keys() | other_run.config.keys()
+                    if run.config.get(k) != other_run.config.get(k))
+    fields += ["task_key"] if run.task_key != other_run.task_key else []
+    return f" run with different settings ({', '.join(fields)})" if fields else " with the same settings (a copy?)"
 
 
 def save_run(record: RunRecord, run_dir: str | pathlib.Path) -> None:
