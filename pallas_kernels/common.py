@@ -107,6 +107,13 @@ def platform_default(kernels: Mapping[str, str], *, interpret: bool, fits: bool 
     return XLA
 
 
+def is_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x), where the
+    Mosaic GPU kernels (TMA, wgmma) run."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
 def lookup(op: str, table: Mapping[str, Impl], implementation: str) -> Impl:
     """``table[implementation]``, or a ``ValueError`` naming ``op`` and the valid names."""
     if implementation not in table:

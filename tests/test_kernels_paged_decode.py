@@ -19,7 +19,8 @@ PAGE = 4
 D = 32
 
 
-def make_cache(rng, *, batch, heads, kv_heads, pages_per_row, lengths, per_query_head=False, dtype=jnp.float32):
+def make_cache(rng, *, batch, heads, kv_heads, pages_per_row, lengths, per_query_head=False, dtype=jnp.float32,
+               page=PAGE, head_dim=D):
     """Random q, pools, shuffled non-contiguous page tables; slots past each row's length hold NaN.
 
     ``lengths``: ``[batch, rows]`` valid tokens per row (rows = heads if per_query_head else kv_heads).
@@ -27,9 +28,9 @@ def make_cache(rng, *, batch, heads, kv_heads, pages_per_row, lengths, per_query
     rows = heads if per_query_head else kv_heads
     rows_per_kv = rows // kv_heads
     pool = batch * rows_per_kv * pages_per_row + 3  # spare pages that no row uses
-    q = rng.standard_normal((batch, heads, D))
-    k = rng.standard_normal((kv_heads, pool, PAGE, D))
-    v = rng.standard_normal((kv_heads, pool, PAGE, D))
+    q = rng.standard_normal((batch, heads, head_dim))
+    k = rng.standard_normal((kv_heads, pool, page, head_dim))
+    v = rng.standard_normal((kv_heads, pool, page, head_dim))
     table = np.zeros((batch, rows, pages_per_row), np.int32)
     for j in range(kv_heads):
         perm = rng.permutation(pool)[: batch * rows_per_kv * pages_per_row].reshape(batch, rows_per_kv, -1)
@@ -38,10 +39,9 @@ def make_cache(rng, *, batch, heads, kv_heads, pages_per_row, lengths, per_query
     for b in range(batch):
         for r in range(rows):
             n = lengths[b][r]
-            for slot in range(n, pages_per_row * PAGE):
-                page = table[b, r, slot // PAGE]
-                k[r // rows_per_kv, page, slot % PAGE] = np.nan
-                v[r // rows_per_kv, page, slot % PAGE] = np.nan
+            for slot in range(n, pages_per_row * page):
+                k[r // rows_per_kv, table[b, r, slot // page], slot % page] = np.nan
+                v[r // rows_per_kv, table[b, r, slot // page], slot % page] = np.nan
     to = lambda x: jnp.asarray(x, dtype)
     args = (to(q), to(k), to(v), jnp.asarray(table), jnp.asarray(lengths, jnp.int32))
     clean_args = (to(q), to(clean[0]), to(clean[1]), jnp.asarray(table), jnp.asarray(lengths, jnp.int32))
@@ -141,7 +141,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="head_dim"):
         call(q=q[..., :8])
     with pytest.raises(ValueError, match="paged_decode_attention: unknown implementation 'cuda'; "
-                                         "use one of 'xla', 'triton', 'mosaic_tpu'"):
+                                         "use one of 'xla', 'triton', 'mosaic_gpu', 'mosaic_tpu'"):
         paged_decode_attention(q, k, v, table, lengths, scale=0.1, implementation="cuda")
     with pytest.raises(ValueError, match="power of two"):
         DecodeConfig(pages_per_block=3)
@@ -312,6 +312,120 @@ def test_mosaic_lowering_for_tpu():
                 lowering_platforms=("tpu",)
             )
             assert "tpu_custom_call" in text.as_text()
+
+
+def test_mosaic_gpu_lowering_for_hopper():
+    """The Mosaic GPU kernel lowers for CUDA (Python-side, no GPU): dense and per-query-head
+    tables, a sliding window, a table read in place. Its numbers are checked on the device
+    (``experiments/benchmarks/decode_kernels.py`` compares every launch with the reference)."""
+    from pallas_kernels.paged_decode import MosaicDecodeConfig, gpu_mosaic
+
+    config = MosaicDecodeConfig(pages_per_block=4, stages=3, num_splits=5)
+    for rows, window, bound in [(8, None, None), (32, None, None), (8, 100, None), (8, None, 59)]:
+        lowered = gpu_mosaic.paged_decode_attention.trace(
+            *_abstract_args(rows), scale=0.1, sliding_window=window, max_row_pages=bound, config=config
+        ).lower(lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_mosaic_gpu_coverage_and_config():
+    from pallas_kernels.paged_decode import configs, gpu_mosaic, mosaic_config
+
+    assert gpu_mosaic.supports(16, 128, 4, jnp.bfloat16) and gpu_mosaic.supports(8, 64, 64, jnp.float16)
+    assert not gpu_mosaic.supports(16, 128, 4, jnp.float32)
+    assert not gpu_mosaic.supports(12, 128, 4, jnp.bfloat16)
+    assert not gpu_mosaic.supports(16, 256, 4, jnp.bfloat16)
+    assert not gpu_mosaic.supports(16, 128, 128, jnp.bfloat16)
+    h100 = configs.H100
+    cfg = mosaic_config(1, 8, 8192, page_size=16, head_dim=128, kind=h100)
+    entry = configs.MOSAIC_LAUNCH[h100]
+    assert cfg.num_splits == -(-entry.target_programs // 8)
+    # A slot holds at least 64 tokens; the ring is cut to what shared memory holds.
+    for page in (8, 16, 32, 64, 128):
+        c = mosaic_config(8, 8, 64, page_size=page, head_dim=128, kind=h100)
+        tokens = c.pages_per_block * page
+        assert tokens % 64 == 0
+        assert configs.mosaic_smem_bytes(tokens, 128, c.stages) <= configs.MOSAIC_SMEM_BYTES
+    assert mosaic_config(8, 8, 3, page_size=16, head_dim=128, kind=h100).num_splits == 1  # one block per row
+    # Quest's tables leave room for the widest page block of either kernel's launch.
+    for page in (8, 16, 64):
+        want = max(configs.DecodeConfig.pages_per_block, configs.LAUNCH[h100].pages_per_block,
+                   entry.pages_per_block(page))
+        assert configs.spare_table_columns(page, kind=h100) == want
+    assert configs.spare_table_columns(8, kind=h100) >= 64 // 8
+
+
+def test_mosaic_gpu_refuses_what_it_does_not_cover():
+    from pallas_kernels.paged_decode import MosaicDecodeConfig, gpu_mosaic
+
+    q, k, v, table, lengths = (jnp.zeros(a.shape, a.dtype) for a in _abstract_args(8))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        gpu_mosaic.paged_decode_attention(q, k, v, table, lengths, scale=0.1,
+                                          config=MosaicDecodeConfig(pages_per_block=2))
+    with pytest.raises(ValueError, match="use implementation='triton'"):
+        gpu_mosaic.paged_decode_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                          table, lengths, scale=0.1, config=MosaicDecodeConfig())
+    with pytest.raises(ValueError, match="no interpreter"):
+        paged_decode_attention(q, k, v, table, lengths, scale=0.1, implementation="mosaic_gpu", interpret=True)
+    with pytest.raises(ValueError, match="'triton' takes a DecodeConfig; got a MosaicDecodeConfig"):
+        paged_decode_attention(q, k, v, table, lengths, scale=0.1, implementation="triton", interpret=True,
+                               config=MosaicDecodeConfig())
+
+
+ON_HOPPER = pytest.mark.skipif("not __import__('pallas_kernels.common').common.is_hopper()",
+                               reason="runs the Mosaic GPU kernel: a Hopper GPU only")
+
+
+@ON_HOPPER
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,per_query_head,pages_per_row,lengths,window,config",
+    [
+        (3, 32, 8, False, 40, [[0, 1, 15, 16, 17, 300, 639, 640]] * 3, None, (8, 2, 4)),  # ragged, empty row
+        (2, 32, 8, False, 64, [[1024] * 8] * 2, None, (4, 4, 3)),  # full rows, GQA 4
+        (2, 32, 8, False, 40, [[1, 63, 64, 65, 200, 511, 600, 640]] * 2, 100, (4, 3, 5)),  # sliding window
+        (2, 16, 4, True, 24, [list(range(0, 384, 24))] * 2, None, (4, 2, 2)),  # per-query-head rows
+        (1, 16, 2, False, 70, [[1111, 17]], None, (4, 4, 7)),  # GQA 8, more splits than a short row's blocks
+        (2, 8, 8, False, 8, [[1] * 8] * 2, None, (4, 5, 16)),  # one token, GQA 1
+    ],
+)
+def test_mosaic_gpu_matches_reference_on_hopper(batch, heads, kv_heads, per_query_head, pages_per_row, lengths, window,
+                                               config):
+    """The Mosaic GPU kernel on the device, bf16 pools of 16-token pages with NaN past every row's
+    length: finite, and within bf16 tolerance of the fp32 reference on the clean pools."""
+    from pallas_kernels.paged_decode import MosaicDecodeConfig
+
+    rng = np.random.default_rng(batch * 100 + heads)
+    args, clean = make_cache(rng, batch=batch, heads=heads, kv_heads=kv_heads, pages_per_row=pages_per_row,
+                             lengths=lengths, per_query_head=per_query_head, dtype=jnp.bfloat16, page=16,
+                             head_dim=128)
+    ref = reference.paged_decode_attention(*(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in clean),
+                                           scale=128**-0.5, sliding_window=window)
+    ppb, stages, splits = config
+    out = paged_decode_attention(*args, scale=128**-0.5, sliding_window=window, implementation="mosaic_gpu",
+                                 config=MosaicDecodeConfig(pages_per_block=ppb, stages=stages, num_splits=splits))
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert rel_err(out, ref) < 1e-2
+
+
+@ON_HOPPER
+def test_default_implementation_on_hopper():
+    """On a Hopper GPU the default is the Mosaic GPU kernel where it covers the shapes, else Triton."""
+    from pallas_kernels.paged_decode import default_implementation
+
+    q, k, _, table, _ = _abstract_args(8)
+    assert default_implementation(q, k, table, interpret=False) == "mosaic_gpu"
+    f32 = jax.ShapeDtypeStruct(k.shape, jnp.float32)
+    assert default_implementation(q, f32, table, interpret=False) == "triton"
+
+
+@pytest.mark.skipif("__import__('pallas_kernels.common').common.is_hopper()", reason="the CPU's defaults")
+def test_default_implementation_off_hopper():
+    """On the CPU the default is the reference, or the Triton kernel when interpreted."""
+    from pallas_kernels.paged_decode import default_implementation
+
+    q, k, _, table, _ = _abstract_args(8)
+    assert default_implementation(q, k, table, interpret=False) == "xla"
+    assert default_implementation(q, k, table, interpret=True) == "triton"
 
 
 def _abstract_args(rows, batch=2, heads=32, kv_heads=8, pool=256, pages=64):

@@ -29,12 +29,25 @@ from jax.experimental import pallas as pl
 from tqdm import tqdm
 
 from experiments.benchmarks import device_timeline
-from pallas_kernels.paged_decode import DecodeConfig, default_config, gpu_triton, quest, quest_select, reference
+from pallas_kernels.paged_decode import (
+    DecodeConfig,
+    MosaicDecodeConfig,
+    gpu_mosaic,
+    gpu_triton,
+    quest,
+    quest_select,
+    reference,
+)
+from pallas_kernels.paged_decode.configs import FAMILY, MOSAIC_FAMILY, DecodeLaunch, MosaicDecodeLaunch, splits_for
 from sparse_jax.atomic_files import atomic_write_json
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 H, G, D, PAGE = 32, 8, 128, 16
+# Mosaic GPU launches swept beside the Triton ones (Hopper only): programs per call,
+# tokens per shared-memory slot, slots in flight (each fits in shared memory with d = 128).
+MOSAIC_SWEEP = [MosaicDecodeLaunch(target_programs=t, block_tokens=n, stages=s)
+                for t, n, s in [(132, 128, 2), (264, 128, 2), (264, 64, 4), (528, 64, 4), (264, 64, 5), (1056, 64, 3)]]
 REPEATS, TRIALS = 10, 15
 INTERPRET = False  # --interpret: CPU smoke run of the script
 SCALE = D**-0.5
@@ -141,10 +154,30 @@ def kv_bytes(tokens: int) -> int:
     return tokens * G * D * 2 * 2  # K and V, bf16
 
 
-def kernel_fn(config: DecodeConfig):
+def decode_kernel(q, k, v, table, lengths, *, config: DecodeConfig | MosaicDecodeConfig, max_row_pages=None):
+    """The Triton kernel for a :class:`DecodeConfig`, the Mosaic GPU one for a :class:`MosaicDecodeConfig`."""
+    if isinstance(config, MosaicDecodeConfig):
+        return gpu_mosaic.paged_decode_attention(q, k, v, table, lengths, scale=SCALE, config=config,
+                                                 max_row_pages=max_row_pages)
+    return gpu_triton.paged_decode_attention(q, k, v, table, lengths, scale=SCALE, config=config,
+                                           max_row_pages=max_row_pages, interpret=INTERPRET)
+
+
+def config_for(launch: DecodeLaunch | MosaicDecodeLaunch, batch: int, pages_per_row: int, rows: int = G):
+    """The config a launch entry gives a call of ``batch`` sequences, ``rows`` table rows each of
+    ``pages_per_row`` pages (splits as the library picks them)."""
+    if isinstance(launch, MosaicDecodeLaunch):
+        ppb = launch.pages_per_block(PAGE)
+        splits = splits_for(batch, rows, pages_per_row, launch.target_programs, ppb)
+        return MosaicDecodeConfig(pages_per_block=ppb, stages=launch.stages, num_splits=splits)
+    splits = splits_for(batch, rows, pages_per_row, launch.target_programs, launch.pages_per_block)
+    return DecodeConfig(pages_per_block=launch.pages_per_block, num_splits=splits, num_warps=launch.num_warps,
+                        num_stages=launch.num_stages)
+
+
+def kernel_fn(config: DecodeConfig | MosaicDecodeConfig):
     def fn(q, k, v, table, lengths):
-        return gpu_triton.paged_decode_attention(q, k, v, table, lengths, scale=SCALE, config=config,
-                                               interpret=INTERPRET)
+        return decode_kernel(q, k, v, table, lengths, config=config)
     return fn
 
 
@@ -166,8 +199,7 @@ def quest_fn(config: DecodeConfig, budget: int):
         sel, sel_len = quest.quest_page_table(
             q, k_min, k_max, table, lengths, page_size=PAGE, token_budget=budget, share_pages=True
         )
-        return gpu_triton.paged_decode_attention(q, k, v, sel, sel_len, scale=SCALE, config=config,
-                                               interpret=INTERPRET)
+        return decode_kernel(q, k, v, sel, sel_len, config=config)
     return fn
 
 
@@ -189,8 +221,7 @@ def quest_kernel_fn(config: DecodeConfig, budget: int, score_cfg: dict, select_c
         scores = quest_select.page_scores(q, k_min, k_max, table, share_pages=True, interpret=INTERPRET, **score_cfg)
         sel, sel_len = quest_select.select_pages(scores, table, lengths, page_size=PAGE, token_budget=budget,
                                                  spare_columns=spare, interpret=INTERPRET, **select_cfg)
-        return gpu_triton.paged_decode_attention(q, k, v, sel, sel_len, scale=SCALE, max_row_pages=max_row_pages,
-                                               config=config, interpret=INTERPRET)
+        return decode_kernel(q, k, v, sel, sel_len, config=config, max_row_pages=max_row_pages)
     return fn
 
 
@@ -255,19 +286,18 @@ def quest_kernel_stages(c, batch: int, budget: int, dense: StepTime, record) -> 
     sel_table, sel_len = sel(scores, table, lengths)
     sel_pages = sel_table.shape[2]
 
-    def decode_config(variant) -> DecodeConfig:
-        ppb, splits, stages = variant
-        splits = splits or default_config(batch, G, sel_pages, pages_per_block=ppb).num_splits
-        return DecodeConfig(pages_per_block=ppb, num_splits=splits, num_warps=4, num_stages=stages)
-
-    def run_decode(variant):
-        cfg = decode_config(variant)
+    def run_decode(cfg):
         t = measure_steps(kernel_fn(cfg), qs, c["k"], c["v"], sel_table, sel_len)
         record(f"quest decode kernel only ({budget + PAGE} tokens) b{batch} {cfg}", t, batch * int(sel_len[0, 0]))
         return t.ranking
 
-    variants = [(2, 0, 3), (2, 0, 4), (4, 0, 3), (4, 0, 4), (8, 0, 3), (16, 0, 3), (8, 5, 3), (4, 32, 3), (8, 16, 3)]
-    dcfg = decode_config(fastest(variants, run_decode)[1])
+    variants = [config_for(DecodeLaunch(pages_per_block=ppb, num_stages=stages), batch, sel_pages)
+                for ppb, stages in [(2, 3), (2, 4), (4, 3), (4, 4), (8, 3), (16, 3)]]
+    variants += [DecodeConfig(pages_per_block=ppb, num_splits=splits, num_stages=3)
+                 for ppb, splits in [(8, 5), (4, 32), (8, 16)]]
+    if not INTERPRET:
+        variants += [config_for(launch, batch, sel_pages) for launch in MOSAIC_SWEEP]
+    dcfg = fastest(variants, run_decode)[1]
     qargs = (qs, c["k"], c["v"], table, lengths, k_min, k_max)
     want = reference_fn(qs[0], c["k"], c["v"], sel_table, sel_len)
     for in_place in (False, True):
@@ -289,19 +319,23 @@ def dense_baselines(c, base, batch: int, ctx: int, tokens: int, record) -> None:
     record(f"dense XLA contiguous b{batch}", time_steps(xla_contiguous_fn, c["qs"], kc, kc[::-1]), tokens)
 
 
-def launch_entry_line(best: DecodeConfig, batch: int, context: int) -> str:
-    """The sweep's best dense launch as a ``paged_decode.configs.LAUNCH`` entry and as a
-    ``$PALLAS_KERNELS_LAUNCH`` override that replays it through the engine."""
-    fields = dict(pages_per_block=best.pages_per_block, num_warps=best.num_warps, num_stages=best.num_stages)
+def launch_entry_line(best: DecodeLaunch | MosaicDecodeLaunch, batch: int, context: int) -> str:
+    """The sweep's best dense launch as a ``paged_decode.configs`` table entry (``LAUNCH`` or
+    ``MOSAIC_LAUNCH``) and as a ``$PALLAS_KERNELS_LAUNCH`` override that replays it through the engine."""
+    fields = dataclasses.asdict(best)
     entry = ", ".join(f"{k}={v}" for k, v in fields.items())
-    override = json.dumps({"paged_decode": fields})
-    return (f"best launch b{batch} {context} tokens on {jax.devices()[0].device_kind!r}: DecodeLaunch({entry})  "
-            f"PALLAS_KERNELS_LAUNCH='{override}'")
+    family = MOSAIC_FAMILY if isinstance(best, MosaicDecodeLaunch) else FAMILY
+    override = json.dumps({family: fields})
+    return (f"best launch b{batch} {context} tokens on {jax.devices()[0].device_kind!r}: "
+            f"{type(best).__name__}({entry})  PALLAS_KERNELS_LAUNCH='{override}'")
+
+
+CHECK_TOL = 2e-2  # relative error of a bf16 kernel against the fp32 reference
 
 
 def check(out, want, name):
     err = float(jnp.linalg.norm((out - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
-    status = "ok" if err < 2e-2 else "FAIL"
+    status = "ok" if err < CHECK_TOL else "FAIL"
     print(f"  check {name}: rel err {err:.2e} {status}")
     return err
 
@@ -326,8 +360,10 @@ def main():
     ctx = args.context
     rows = []
     key = jax.random.key(0)
-    sweep = [DecodeConfig(pages_per_block=p, num_splits=1, num_warps=w, num_stages=s)
+    sweep = [DecodeLaunch(pages_per_block=p, num_warps=w, num_stages=s)
              for p, w, s in [(4, 4, 3), (4, 4, 4), (4, 8, 3), (8, 4, 3), (8, 8, 2), (2, 4, 4)]]
+    if not INTERPRET:  # the Mosaic GPU kernel has no interpreter
+        sweep += MOSAIC_SWEEP
 
     def record(name, timing, tokens, dense: StepTime | None = None, **extra):
         """``timing``: seconds (serial) or a :class:`StepTime`; ``dense``: the dense step to compare with."""
@@ -371,26 +407,25 @@ def main():
                measure_steps(copy_fn, c["qs"]), None)
         want = reference_fn(c["qs"][0], *base[1:])
         best = None
-        for cfg in tqdm(sweep, desc=f"dense b{batch} sweep"):
-            cfg = DecodeConfig(pages_per_block=cfg.pages_per_block, num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages,
-                               num_splits=default_config(batch, G, pages, pages_per_block=cfg.pages_per_block).num_splits)
-            check(kernel_fn(cfg)(c["qs"][0], *base[1:]), want, f"dense b{batch} {cfg}")
-            t = measure_steps(kernel_fn(cfg), *base)
-            record(f"dense kernel b{batch} ppb{cfg.pages_per_block} w{cfg.num_warps} s{cfg.num_stages} "
-                   f"sp{cfg.num_splits}", t, tokens, config=str(cfg))
-            if best is None or t.ranking < best[1].ranking:
-                best = (cfg, t)
+        for launch in tqdm(sweep, desc=f"dense b{batch} sweep"):
+            cfg = config_for(launch, batch, pages)
+            try:
+                err = check(kernel_fn(cfg)(c["qs"][0], *base[1:]), want, f"dense b{batch} {cfg}")
+                t = measure_steps(kernel_fn(cfg), *base)
+            except Exception as e:  # a launch that does not compile on this GPU is reported, not fatal
+                tqdm.write(f"  dense b{batch} {cfg}: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            record(f"dense kernel b{batch} {cfg}", t, tokens, config=str(cfg), rel_err=err)
+            if err < CHECK_TOL and (best is None or t.ranking < best[1].ranking):
+                best = (launch, t)
         if not args.quest_only:
             dense_baselines(c, base, batch, ctx, tokens, record)
-        best_cfg, dense = best  # the Quest rows compare with this dense step
-        tqdm.write(launch_entry_line(best_cfg, batch, ctx))
+        best_launch, dense = best  # the Quest rows compare with this dense step
+        tqdm.write(launch_entry_line(best_launch, batch, ctx))
         # Quest, 4096-token budget, selection included.
         budget = args.budget
         qargs = base + (c["k_min"], c["k_max"])
-        qcfg = default_config(batch, G, budget // PAGE + 1, pages_per_block=best_cfg.pages_per_block)
-        qcfg = DecodeConfig(pages_per_block=qcfg.pages_per_block, num_splits=qcfg.num_splits,
-                            num_warps=best_cfg.num_warps, num_stages=best_cfg.num_stages)
+        qcfg = config_for(best_launch, batch, budget // PAGE + 1)
         sel, sel_len = selection_fn(budget)(c["qs"][0], c["table"], c["lengths"], c["k_min"], c["k_max"])
         check(quest_fn(qcfg, budget)(c["qs"][0], *qargs[1:]),
               reference_fn(c["qs"][0], c["k"], c["v"], sel, sel_len), f"quest b{batch}")
@@ -415,9 +450,7 @@ def main():
             ("dense 1024 cache", np.full((batch, G), kept), kept // PAGE),
         ]:
             c = make_cache(key, batch, width, lens)
-            cfg = default_config(batch, G, -(-int(lens.max()) // PAGE), pages_per_block=best_cfg.pages_per_block)
-            cfg = DecodeConfig(pages_per_block=cfg.pages_per_block, num_splits=cfg.num_splits,
-                               num_warps=best_cfg.num_warps, num_stages=best_cfg.num_stages)
+            cfg = config_for(best_launch, batch, -(-int(lens.max()) // PAGE))
             base = (c["qs"], c["k"], c["v"], c["table"], c["lengths"])
             check(kernel_fn(cfg)(c["qs"][0], *base[1:]), reference_fn(c["qs"][0], *base[1:]), name)
             record(f"{name} b{batch}", measure_steps(kernel_fn(cfg), *base), int(lens.sum()) // G)

@@ -205,8 +205,10 @@ def run(args) -> dict:
     kv_token_bytes = config.num_layers * 2 * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
 
     rows = []
-    # The engine's dense decode runs the paged-decode dispatcher: the Pallas kernel on GPU/TPU.
-    variants = [(b, "default", AttentionMethod(), qkv) for b in args.batches for qkv in layouts]
+    # The engine's dense decode runs the paged-decode dispatcher: the Pallas kernel on GPU/TPU
+    # ("default"), or the implementation named (--decode-kernels).
+    variants = [(b, kind, AttentionMethod(implementation=None if kind == "default" else kind), qkv)
+                for b in args.batches for kind in args.decode_kernels for qkv in layouts]
     for batch, decode_kind, method, qkv in variants:
         engine = Engine(
             models[qkv],
@@ -267,6 +269,9 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=65)
     parser.add_argument("--prefill-rows", type=int, default=1, help="rows per prefill call")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--decode-kernels", type=lambda s: s.split(","), default=["default"],
+                        help="comma-separated paged-decode implementations to run side by side: default (what "
+                             "implementation=None picks), or a name of pallas_kernels.paged_decode.IMPLEMENTATIONS")
     parser.add_argument("--out", type=Path, default=None, help="folder for engine_bench.json")
     parser.add_argument("--timeline", action="store_true",
                         help="GPU: trace two more calls and print the decode step's kernels")
@@ -275,23 +280,27 @@ def main():
     if args.prompt_len is None:
         args.prompt_len = 32768 if args.config == "8b" else 512
     report = run(args)
-    print(f"\n{'batch':>5} {'q/k/v':>8} {'prefill tok/s':>14} {'of floor':>9} {'decode ms/step':>15} {'HBM bound ms':>13} {'of bound':>9}")
+    print(f"\n{'batch':>5} {'decode':>10} {'q/k/v':>8} {'prefill tok/s':>14} {'of floor':>9} {'decode ms/step':>15} "
+          f"{'HBM bound ms':>13} {'of bound':>9}")
     for r in report["rows"]:
         print(
-            f"{r['batch']:>5} {r['qkv']:>8} {r['prefill_tokens_per_s']:>14.0f} {r['prefill_fraction_of_floor']:>9.1%} "
-            f"{r['decode_ms_per_step']:>15.2f} {r['decode_hbm_bound_ms']:>13.2f} {r['decode_fraction_of_bound']:>9.1%}"
+            f"{r['batch']:>5} {r['decode_kernel']:>10} {r['qkv']:>8} {r['prefill_tokens_per_s']:>14.0f} "
+            f"{r['prefill_fraction_of_floor']:>9.1%} {r['decode_ms_per_step']:>15.2f} {r['decode_hbm_bound_ms']:>13.2f} "
+            f"{r['decode_fraction_of_bound']:>9.1%}"
         )
-    by_batch: dict[int, dict[str, list]] = {}
+    by_batch: dict[int, dict[tuple[str, str], list]] = {}
     for r in report["rows"]:
-        by_batch.setdefault(r["batch"], {})[r["qkv"]] = r["token_ids"]
-    for batch, layouts in by_batch.items():
-        if len(layouts) == 2:
-            a, b = (np.array(sum(t, [])) for t in layouts.values())
+        by_batch.setdefault(r["batch"], {})[(r["decode_kernel"], r["qkv"])] = r["token_ids"]
+    for batch, variants in by_batch.items():
+        (first, first_tokens), *others = variants.items()
+        for variant, tokens in others:
+            a, b = (np.array(sum(t, [])) for t in (first_tokens, tokens))
             if len(a) != len(b):
                 agreement = "DIFFERENT (unequal lengths)"
             else:
                 agreement = "identical" if (a == b).all() else f"DIFFERENT ({np.mean(a == b):.1%} equal)"
-            print(f"batch {batch}: separate and fused q/k/v produced {agreement} tokens")
+            print(f"batch {batch}: {'/'.join(first)} and {'/'.join(variant)} (decode kernel/q-k-v) produced "
+                  f"{agreement} tokens")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "engine_bench.json").write_text(json.dumps(report, indent=2))

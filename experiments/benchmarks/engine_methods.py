@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks.engine_bench import add_fused_qkv_argument, median_seconds, random_model
-from pallas_kernels import block_sparse, common, vertical_slash
+from pallas_kernels import block_sparse, paged_decode, vertical_slash
 from sparse_jax.atomic_files import atomic_write_json
 from sparse_jax.attention.base import AttentionMethod, LayerSpec
 from sparse_jax.attention.composed import prefill_source
@@ -66,17 +66,23 @@ def estimate_fn(method: AttentionMethod, inputs, layer: LayerSpec):
     return lambda q, k, v, lengths: prefill_index(part, q, k, lengths, layer)
 
 
-def kernel_names(method: AttentionMethod, q, estimate) -> dict[str, str]:
+def kernel_names(method: AttentionMethod, inputs, estimate, page_size: int) -> dict[str, str]:
     """The prefill path and decode kernel ``method`` runs here (``implementation=None`` resolved);
-    ``estimate``: what :func:`estimate_fn` returned for these inputs (an index tells the kernel family)."""
+    ``inputs``: :func:`layer_inputs`; ``estimate``: what :func:`estimate_fn` returned for them (an
+    index tells the kernel family); ``page_size``: the engine's cache pages."""
+    q, k = inputs[0], inputs[1]
     part = prefill_source(method)
     prefill = resolve_backend("auto", method, q.dtype)
     if prefill == "method":
         families = {block_sparse.BlockSparseIndex: block_sparse, vertical_slash.VerticalSlashIndex: vertical_slash}
         family = families.get(type(estimate))
         prefill = part.implementation or (family.default_implementation(q, estimate, False) if family else "xla")
-    decode = method.implementation or common.platform_default(
-        {"gpu": common.TRITON, "tpu": common.MOSAIC_TPU}, interpret=False)
+    b, _, h, d = q.shape
+    g = k.shape[2]
+    rows = h if getattr(method, "share_pages", True) is False else g  # Quest's per-query-head tables
+    sds = jax.ShapeDtypeStruct
+    decode = method.implementation or paged_decode.default_implementation(
+        sds((b, h, d), q.dtype), sds((g, 1, page_size, d), k.dtype), sds((b, rows, 1), jnp.int32), False)
     return {"prefill_kernel": prefill, "decode_kernel": decode}
 
 
@@ -92,7 +98,7 @@ def layer_costs(method: AttentionMethod, inputs, layer: LayerSpec, repeats: int 
         estimate = jax.jit(estimate)
         estimated = estimate(*inputs)
         estimate_ms = 1e3 * median_seconds(estimate, *inputs, repeats=repeats)
-    return {**kernel_names(method, inputs[0], estimated), "estimate_ms_per_layer": estimate_ms,
+    return {**kernel_names(method, inputs, estimated, layer.page_size), "estimate_ms_per_layer": estimate_ms,
             "attention_ms_per_layer": 1e3 * median_seconds(attention, *inputs, repeats=repeats)}
 
 

@@ -14,9 +14,14 @@
 #                 0.5, flexprefill 0.9; (c) flexprefill 0.9 with max_budget 16384, vertical_and_slash 0.5;
 #                 estimation cost per layer and the kernels that ran
 #   decode_128k_b4  the same shapes at batch 4: dense, quest, snapkv decode steps
-#   decode_kernels  decode_kernels.py at 128K, batch 8 and 1: dense paged decode (the launch sweep, and the
-#                 best launch per batch as a table entry), XLA over a contiguous cache, Quest 4096 of 128K
+#   mosaic_check  the Mosaic GPU paged-decode kernel against the reference on the device (pytest, NaN past
+#                 every row's length); run it first: the engine's default decode is that kernel on Hopper
+#   decode_kernels  decode_kernels.py at 128K, batch 8 and 1: dense paged decode (the launch sweep of the Triton
+#                 and Mosaic GPU kernels, and the best launch per batch as a table entry), XLA over a contiguous
+#                 cache, Quest 4096 of 128K
 #   engine_bench  engine_bench.py --config 8b --batches 8,1 (32K): engine decode step vs its byte floor
+#   engine_decode_ab  engine_bench at batch 8 and 1 (one timed run) with the default decode kernel and with
+#                 the Triton one, side by side (same weights, same prompts)
 #   decode_32k_b8, decode_32k_b1  engine_methods.py at 32K: dense, quest, snapkv decode steps
 #   decode_hlo    decode_hlo.py: the copies in the compiled 8B decode loop, batch 8, 32K (compile only)
 #   engine_bench_dsf  engine_bench as above with XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true
@@ -98,8 +103,11 @@ step e2e_128k_c 150 "$py" $bench/engine_methods.py "${e2e[@]}" --methods dense \
   --method-sparsity flexprefill=0.9:max_budget=16384 --method-sparsity vertical_and_slash=0.5 --out "$OUT/e2e_128k_c"
 step decode_128k_b4 150 "$py" $bench/engine_methods.py "${e2e[@]}" --batch 4 --sparsity 0.9 --methods dense,quest,snapkv \
   --out "$OUT/decode_128k_b4"
-step decode_kernels 90 "$py" $bench/decode_kernels.py "${kernels[@]}" --out "$OUT/decode_kernels"
+step mosaic_check 150 env JAX_PLATFORMS=cuda "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_paged_decode.py -k hopper
+step decode_kernels 330 "$py" $bench/decode_kernels.py "${kernels[@]}" --out "$OUT/decode_kernels"
 step engine_bench 80 "$py" $bench/engine_bench.py "${engine[@]}" --out "$OUT/engine_bench"
+step engine_decode_ab 200 "$py" $bench/engine_bench.py "${engine[@]}" --repeats 1 --new-tokens 33 \
+  --decode-kernels default,triton --out "$OUT/engine_decode_ab"
 step decode_32k_b8 50 "$py" $bench/engine_methods.py "${decode[@]}" --batch 8 --methods dense,quest,snapkv \
   --out "$OUT/decode_32k_b8"
 step decode_32k_b1 40 "$py" $bench/engine_methods.py "${decode[@]}" --batch 1 --methods dense,quest,snapkv \

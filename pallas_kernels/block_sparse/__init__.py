@@ -55,7 +55,7 @@ def default_implementation(q: jax.Array, index: BlockSparseIndex, interpret: boo
     name = common.platform_default(
         {"gpu": common.TRITON, "tpu": common.MOSAIC_TPU}, interpret=interpret, fits=fits
     )
-    if name == common.TRITON and not interpret and gpu_mosaic.is_hopper():
+    if name == common.TRITON and not interpret and common.is_hopper():
         if gpu_mosaic.supports(block_size, head_dim, q.dtype):
             return common.MOSAIC_GPU
     return name

@@ -39,12 +39,6 @@ def supports(block_size: int, head_dim: int, dtype) -> bool:
     return is_16bit and mosaic_config(block_size, head_dim) is not None
 
 
-def is_hopper() -> bool:
-    """Whether the default device is a Hopper GPU (compute capability 9.x)."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
-
-
 def causal_prefix(block_ids: jax.Array, counts: jax.Array) -> jax.Array:
     """``[B, H, nq, 2]`` int32: listed causal blocks (ids <= the query block) and, among
     them, those strictly before it (no mask needed). Lists are ascending."""

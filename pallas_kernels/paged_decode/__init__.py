@@ -4,8 +4,9 @@ Two ops, each with the signature of its jnp reference plus the choice of impleme
 (:mod:`pallas_kernels.common`):
 
 * :func:`paged_decode_attention` (:mod:`.reference`): ``"xla"``, ``"triton"``
-  (:mod:`.gpu_triton`) and ``"mosaic_tpu"`` (:mod:`.tpu`); ``None`` picks the platform's
-  kernel.
+  (:mod:`.gpu_triton`), ``"mosaic_gpu"`` (:mod:`.gpu_mosaic`: Hopper, 16-bit pools) and
+  ``"mosaic_tpu"`` (:mod:`.tpu`); ``None`` picks the platform's kernel
+  (:func:`default_implementation`).
 * :func:`quest_page_table`, Quest's page scoring and selection into the page table the
   decode reads (:func:`.quest.quest_page_table`): ``"xla"`` and ``"triton"``
   (:mod:`.quest_select`); ``None`` picks the Triton kernels on GPUs, the reference elsewhere.
@@ -17,8 +18,14 @@ import jax
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import common
-from pallas_kernels.paged_decode import gpu_triton, quest, quest_select, reference, tpu
-from pallas_kernels.paged_decode.configs import DecodeConfig, default_config
+from pallas_kernels.paged_decode import gpu_mosaic, gpu_triton, quest, quest_select, reference, tpu
+from pallas_kernels.paged_decode.configs import (
+    DecodeConfig,
+    MosaicDecodeConfig,
+    default_config,
+    mosaic_config,
+    spare_table_columns,
+)
 
 
 def _xla_decode(q, k_pages, v_pages, page_table, lengths, *, scale, sliding_window, max_row_pages, config,
@@ -31,6 +38,12 @@ def _xla_decode(q, k_pages, v_pages, page_table, lengths, *, scale, sliding_wind
     )
 
 
+def _check_config_type(config, want: type, implementation: str) -> None:
+    if config is not None and not isinstance(config, want):
+        raise ValueError(f"paged_decode_attention: implementation {implementation!r} takes a {want.__name__}; "
+                         f"got a {type(config).__name__}")
+
+
 def _kernel_config(config, q, page_table, max_row_pages) -> DecodeConfig:
     if config is not None:
         return config
@@ -40,10 +53,26 @@ def _kernel_config(config, q, page_table, max_row_pages) -> DecodeConfig:
 
 def _triton_decode(q, k_pages, v_pages, page_table, lengths, *, scale, sliding_window, max_row_pages, config,
                    interpret):
+    _check_config_type(config, DecodeConfig, common.TRITON)
     return gpu_triton.paged_decode_attention(
         q, k_pages, v_pages, page_table, lengths, scale=scale, sliding_window=sliding_window,
         max_row_pages=max_row_pages, config=_kernel_config(config, q, page_table, max_row_pages),
         interpret=interpret,
+    )
+
+
+def _mosaic_gpu_decode(q, k_pages, v_pages, page_table, lengths, *, scale, sliding_window, max_row_pages, config,
+                       interpret):
+    if interpret:
+        raise ValueError("paged_decode_attention: the 'mosaic_gpu' kernel has no interpreter; use 'triton' on CPU")
+    _check_config_type(config, MosaicDecodeConfig, common.MOSAIC_GPU)
+    if config is None:
+        row_pages = page_table.shape[2] if max_row_pages is None else min(max_row_pages, page_table.shape[2])
+        config = mosaic_config(q.shape[0], page_table.shape[1], max(row_pages, 1), page_size=k_pages.shape[2],
+                               head_dim=q.shape[2])
+    return gpu_mosaic.paged_decode_attention(
+        q, k_pages, v_pages, page_table, lengths, scale=scale, sliding_window=sliding_window,
+        max_row_pages=max_row_pages, config=config,
     )
 
 
@@ -59,8 +88,21 @@ def _mosaic_tpu_decode(q, k_pages, v_pages, page_table, lengths, *, scale, slidi
 IMPLEMENTATIONS = {
     common.XLA: _xla_decode,
     common.TRITON: _triton_decode,
+    common.MOSAIC_GPU: _mosaic_gpu_decode,
     common.MOSAIC_TPU: _mosaic_tpu_decode,
 }
+
+
+def default_implementation(q: jax.Array, k_pages: jax.Array, page_table: jax.Array, interpret: bool) -> str:
+    """What ``implementation=None`` runs for these inputs: the Mosaic GPU kernel on Hopper
+    GPUs where it covers the shapes (faster there: experiments/results/speed_h200.md), else
+    the platform's kernel."""
+    name = common.platform_default({"gpu": common.TRITON, "tpu": common.MOSAIC_TPU}, interpret=interpret)
+    queries_per_row = q.shape[1] // page_table.shape[1]
+    if name == common.TRITON and not interpret and common.is_hopper():
+        if gpu_mosaic.supports(k_pages.shape[2], q.shape[2], queries_per_row, k_pages.dtype):
+            return common.MOSAIC_GPU
+    return name
 
 
 def paged_decode_attention(
@@ -74,7 +116,7 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     max_row_pages: int | None = None,
     implementation: str | None = None,
-    config: DecodeConfig | None = None,
+    config: DecodeConfig | MosaicDecodeConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of ``q [B, H, d]`` to the paged cache; see :mod:`.reference` for the layout.
@@ -82,18 +124,17 @@ def paged_decode_attention(
     Args:
       max_row_pages: static bound on the pages any row reads; lets the kernels read a
         table with spare columns in place (see :func:`gpu_triton.paged_decode_attention`).
-      implementation: a name of :data:`IMPLEMENTATIONS`; ``None``: the kernel of
-        ``jax.default_backend()``, or the reference on CPU unless ``interpret``.
-      config: kernel block sizes; default from :func:`default_config`.
+      implementation: a name of :data:`IMPLEMENTATIONS`; ``None``:
+        :func:`default_implementation` (the reference on CPU unless ``interpret``).
+      config: kernel block sizes (a :class:`MosaicDecodeConfig` for ``"mosaic_gpu"``);
+        default from :func:`default_config` / :func:`mosaic_config`.
       interpret: run the chosen kernel in the Pallas interpreter (for CPU tests).
 
     Returns:
       ``[B, H, d]`` in ``q.dtype``.
     """
     if implementation is None:
-        implementation = common.platform_default(
-            {"gpu": common.TRITON, "tpu": common.MOSAIC_TPU}, interpret=interpret
-        )
+        implementation = default_implementation(q, k_pages, page_table, interpret)
     run = common.lookup("paged_decode_attention", IMPLEMENTATIONS, implementation)
     return run(q, k_pages, v_pages, page_table, lengths, scale=scale, sliding_window=sliding_window,
                max_row_pages=max_row_pages, config=config, interpret=interpret)
@@ -146,7 +187,11 @@ __all__ = [
     "IMPLEMENTATIONS",
     "QUEST_IMPLEMENTATIONS",
     "DecodeConfig",
+    "MosaicDecodeConfig",
     "default_config",
+    "default_implementation",
+    "mosaic_config",
     "paged_decode_attention",
     "quest_page_table",
+    "spare_table_columns",
 ]

@@ -43,6 +43,14 @@ from sparse_jax.models.rope import rope_cos_sin, rope_frequencies
 AttendFn = Callable[[LayerSpec, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
+# On GPUs XLA runs a one-row bf16 x bf16 -> fp32 product as an fp32 GEMV after converting
+# the whole weight to fp32: the batch-1 decode step's LM head (a [128256, 4096] weight) took
+# 1.23 ms of a 7.75 ms step on an H200, where the batch-8 step's bf16 GEMM reads it in 0.24 ms
+# (experiments/results/speed_h200.md, "The Mosaic GPU decode kernel"). The head's rows are
+# padded to this many on GPUs; the padding rows are computed and dropped.
+_MIN_GPU_HEAD_ROWS = 8
+
+
 @runtime_checkable
 class LayerStack(Protocol):
     """A per-layer state that hands out and takes back one layer's state itself.
@@ -228,13 +236,18 @@ class Transformer(nnx.Module):
     def _logits(self, x: jax.Array) -> jax.Array:
         """``[..., hidden] -> [..., V]`` float32."""
         head = self.embed_tokens.embedding if self.lm_head is None else self.lm_head
+        lead, hidden = x.shape[:-1], x.shape[-1]
+        rows = x.reshape(-1, hidden)
+        num_rows = rows.shape[0]
+        if jax.default_backend() == "gpu" and num_rows < _MIN_GPU_HEAD_ROWS:
+            rows = jnp.pad(rows, ((0, _MIN_GPU_HEAD_ROWS - num_rows), (0, 0)))
         logits = jnp.einsum(
-            "...h,vh->...v",
-            x,
+            "nh,vh->nv",
+            rows,
             head[...].astype(x.dtype),
             precision=matmul_precision(self.dtype),
             preferred_element_type=jnp.float32,
-        )
+        )[:num_rows].reshape(*lead, -1)
         cap = self.config.final_logit_softcapping
         if cap:
             logits = cap * jnp.tanh(logits / cap)

@@ -29,7 +29,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_decode import DecodeConfig, paged_decode_attention, quest_page_table
+from pallas_kernels.paged_decode import paged_decode_attention, quest_page_table, spare_table_columns
 from sparse_jax.attention.base import AttentionMethod, LayerSpec
 from sparse_jax.attention.kv_cache import DecodeStats, PagedKVCache
 from sparse_jax.attention.methods import budgets
@@ -167,7 +167,7 @@ class Quest(AttentionMethod):
         return quest_page_table(
             q, cache.k_min, cache.k_max, cache.page_table, cache.lengths, page_size=page_size,
             token_budget=token_budget, share_pages=self.share_pages, budget_pages=budget_pages,
-            spare_columns=DecodeConfig.pages_per_block, implementation=self.implementation,
+            spare_columns=spare_table_columns(page_size), implementation=self.implementation,
         )
 
     def describe(self) -> dict:
