@@ -285,8 +285,8 @@ def main():
     for r in report["rows"]:
         print(
             f"{r['batch']:>5} {r['decode_kernel']:>10} {r['qkv']:>8} {r['prefill_tokens_per_s']:>14.0f} "
-            f"{r['prefill_fraction_of_floor']:>9.1%} {r['decode_ms_per_step']:>15.2f} {r['decode_hbm_bound_ms']:>13.2f} "
-            f"{r['decode_fraction_of_bound']:>9.1%}"
+            f"{r['prefill_fraction_of_floor']:>9.1%} {r['decode_ms_per_step']:>15.2f} "
+            f"{r['decode_hbm_bound_ms']:>13.2f} {r['decode_fraction_of_bound']:>9.1%}"
         )
     by_batch: dict[int, dict[tuple[str, str], list]] = {}
     for r in report["rows"]:

@@ -12,6 +12,14 @@ import dataclasses
 from pallas_kernels.common import H100, H200, launch_entry
 
 
+def _check_positive_ints(config) -> None:
+    """Every field of a tiling dataclass is a positive int, or a ``ValueError`` naming it."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(config).__name__}.{field.name} must be a positive int; got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """Static tiling of one paged-decode call.
@@ -31,10 +39,7 @@ class DecodeConfig:
     num_stages: int = 3
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DecodeConfig.{field.name} must be a positive int; got {value!r}")
+        _check_positive_ints(self)
         if self.pages_per_block & (self.pages_per_block - 1):
             raise ValueError(f"DecodeConfig.pages_per_block must be a power of two; got {self.pages_per_block}")
 
@@ -55,10 +60,7 @@ class MosaicDecodeConfig:
     num_splits: int = 16
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MosaicDecodeConfig.{field.name} must be a positive int; got {value!r}")
+        _check_positive_ints(self)
 
 
 # Shared memory of one Mosaic decode program, in bytes: the K/V ring (``stages`` slots of

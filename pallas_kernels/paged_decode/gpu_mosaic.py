@@ -18,9 +18,10 @@ on the tensor cores).
 Covered: 16-bit pools, ``d`` in {64, 128}, up to 64 query heads per row, pages of 8 to
 128 tokens (a power of two), slots of a multiple of 64 tokens (:func:`supports`,
 :func:`configs.mosaic_config`); :mod:`.gpu_triton` serves everything else.
-Mosaic GPU has no CPU interpreter for wgmma here: the kernel is lowered for CUDA in the
-CPU tests and checked against the reference on the device
-(``experiments/benchmarks/decode_kernels.py``).
+Mosaic GPU's CPU interpreter does not run wgmma here: the CPU tests lower the kernel for
+CUDA, and the device runs it against the reference (``tests/test_kernels_paged_decode.py
+-k hopper`` with ``JAX_PLATFORMS=cuda``; ``experiments/benchmarks/decode_kernels.py`` checks
+every launch it times).
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ from pallas_kernels.paged_decode.configs import MOSAIC_QUERY_ROWS, MosaicDecodeC
 
 ROWS = MOSAIC_QUERY_ROWS  # Query rows of one wgmma (a warpgroup's M).
 OUT_ROWS = 8  # Smallest row count written back per program (one 8-row SMEM tile).
-# Finite start of the running max (log2 units), so fully masked blocks never give inf - inf.
-_NEG_INIT = -1e30
 
 
 def supports(page_size: int, head_dim: int, queries_per_row: int, dtype) -> bool:
@@ -80,7 +79,7 @@ def _forward(table, lengths, q, k, v, *, page_size: int, rows_per_kv: int, out_r
             plgpu.set_max_registers(232, action="increase")
             plgpu.copy_gmem_to_smem(q_ref.at[batch, row], q_smem, q_bar)
             plgpu.barrier_wait(q_bar)
-            m_i = plgpu.layout_cast(jnp.full((ROWS,), _NEG_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            m_i = plgpu.layout_cast(jnp.full((ROWS,), split_pages.NEG_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             l_i = plgpu.layout_cast(jnp.full((ROWS,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc = plgpu.layout_cast(jnp.full((ROWS, d), 0, jnp.float32), plgpu.Layout.WGMMA)
 

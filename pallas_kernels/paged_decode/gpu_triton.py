@@ -21,9 +21,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.paged_decode import split_pages
 from pallas_kernels.paged_decode.configs import DecodeConfig
 
-# Finite start value of the running max, so fully masked blocks never give inf - inf.
-_NEG_INIT = -1e30
-
 
 def _decode_kernel(
     table_ref, length_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
@@ -65,7 +62,7 @@ def _decode_kernel(
 
     init = (
         jnp.zeros((n_pad, d), jnp.float32),
-        jnp.full((n_pad,), _NEG_INIT, jnp.float32),
+        jnp.full((n_pad,), split_pages.NEG_INIT, jnp.float32),
         jnp.zeros((n_pad,), jnp.float32),
     )
     acc, m, l = jax.lax.fori_loop(0, num_blocks, body, init)

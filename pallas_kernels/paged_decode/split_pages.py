@@ -16,6 +16,8 @@ import jax.numpy as jnp
 # Triton's dot needs at least 16 along each matrix dimension; the GPU kernels pad the
 # query heads of a row (and size their page blocks) to reach it.
 TRITON_MIN_DOT_DIM = 16
+# Finite start of the kernels' running max, so fully masked blocks never give inf - inf.
+NEG_INIT = -1e30
 
 
 def check_inputs(

@@ -19,8 +19,6 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.paged_decode import split_pages
 from pallas_kernels.paged_decode.configs import DecodeConfig
 
-_NEG_INIT = -1e30
-
 
 def _decode_kernel(
     table_ref, lengths_ref, q_ref, k_hbm, v_hbm, out_ref, lse_ref, k_buf, v_buf, sems,
@@ -87,7 +85,7 @@ def _decode_kernel(
 
     init = (
         jnp.zeros((n, d), jnp.float32),
-        jnp.full((n, 1), _NEG_INIT, jnp.float32),
+        jnp.full((n, 1), split_pages.NEG_INIT, jnp.float32),
         jnp.zeros((n, 1), jnp.float32),
     )
     acc, m, l = jax.lax.fori_loop(0, num_blocks, body, init)
