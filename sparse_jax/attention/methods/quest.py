@@ -51,6 +51,13 @@ class Quest(AttentionMethod):
       sparsity: if set, replaces ``token_budget`` at every step by
         ``ceil((1 - s) n / page_size) * page_size`` for the ``n`` cached tokens (and the
         prefill figure by the same with ``n = L``); ``s = 0`` reads every page.
+
+    Speed: each step scores every page's summary (``k_min``, ``k_max``: 1/8 of the keys'
+    bytes) before reading the chosen ones, so at short contexts and small batches the
+    step is no faster than dense: at 32K, batch 1, 8B shapes on one H200 a 0.9 target
+    decodes at 0.99-1.00x dense's step (the weights are most of the bytes), at batch 8
+    1.45x, at 128K batch 4 1.87x (experiments/results/speed_h200.md, "The Mosaic GPU
+    decode kernel").
     """
 
     name: ClassVar[str] = "quest"
