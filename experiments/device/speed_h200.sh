@@ -104,7 +104,7 @@ step e2e_128k_c 150 "$py" $bench/engine_methods.py "${e2e[@]}" --methods dense \
 step decode_128k_b4 150 "$py" $bench/engine_methods.py "${e2e[@]}" --batch 4 --sparsity 0.9 --methods dense,quest,snapkv \
   --out "$OUT/decode_128k_b4"
 step mosaic_check 150 env JAX_PLATFORMS=cuda "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_paged_decode.py -k hopper
-step decode_kernels 330 "$py" $bench/decode_kernels.py "${kernels[@]}" --out "$OUT/decode_kernels"
+step decode_kernels 450 "$py" $bench/decode_kernels.py "${kernels[@]}" --out "$OUT/decode_kernels"
 step engine_bench 80 "$py" $bench/engine_bench.py "${engine[@]}" --out "$OUT/engine_bench"
 step engine_decode_ab 200 "$py" $bench/engine_bench.py "${engine[@]}" --repeats 1 --new-tokens 33 \
   --decode-kernels default,triton --out "$OUT/engine_decode_ab"
