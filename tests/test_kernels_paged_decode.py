@@ -326,6 +326,14 @@ def test_mosaic_gpu_lowering_for_hopper():
             *_abstract_args(rows), scale=0.1, sliding_window=window, max_row_pages=bound, config=config
         ).lower(lowering_platforms=("cuda",))
         assert "mosaic_gpu" in lowered.as_text()
+    sds = jax.ShapeDtypeStruct
+    for page, d, heads, kv_heads, ppb in [(16, 64, 9, 3, 4), (32, 128, 32, 8, 2), (128, 128, 16, 2, 1)]:
+        pool = sds((kv_heads, 64, page, d), jnp.bfloat16)
+        lowered = gpu_mosaic.paged_decode_attention.trace(
+            sds((2, heads, d), jnp.bfloat16), pool, pool, sds((2, kv_heads, 16), jnp.int32),
+            sds((2, kv_heads), jnp.int32), scale=0.1, config=MosaicDecodeConfig(pages_per_block=ppb, stages=2),
+        ).lower(lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in lowered.as_text()
 
 
 def test_mosaic_gpu_coverage_and_config():
@@ -390,18 +398,43 @@ ON_HOPPER = pytest.mark.skipif("not __import__('pallas_kernels.common').common.i
 )
 def test_mosaic_gpu_matches_reference_on_hopper(batch, heads, kv_heads, per_query_head, pages_per_row, lengths, window,
                                                config):
-    """The Mosaic GPU kernel on the device, bf16 pools of 16-token pages with NaN past every row's
-    length: finite, and within bf16 tolerance of the fp32 reference on the clean pools."""
+    """The Mosaic GPU kernel on the device, bf16 pools of 16-token pages, head_dim 128 (the
+    classes ``gpu_mosaic.checked_on_device`` names), NaN past every row's length: finite, and
+    within bf16 tolerance of the fp32 reference on the clean pools."""
+    check_mosaic_gpu(batch, heads, kv_heads, per_query_head, pages_per_row, lengths, window, config)
+
+
+@ON_HOPPER
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,per_query_head,pages_per_row,lengths,window,config,page,head_dim",
+    [
+        (2, 9, 3, False, 40, [[0, 17, 639]] * 2, None, (4, 2, 3), 16, 64),  # SmolLM2's heads and head_dim
+        (2, 9, 3, False, 40, [[5, 300, 639]] * 2, 200, (4, 3, 4), 16, 64),  # same, sliding window
+        (2, 32, 8, False, 24, [[0, 1, 31, 32, 33, 400, 700, 768]] * 2, None, (2, 2, 3), 32, 128),  # 32-token pages
+        (2, 32, 8, False, 80, [[1, 7, 8, 9, 100, 500, 639, 640]] * 2, None, (8, 2, 5), 8, 128),  # 8-token pages
+        (1, 16, 2, True, 12, [list(range(1, 1536, 96))], None, (1, 2, 3), 128, 128),  # 128-token pages, per head
+    ],
+)
+def test_mosaic_gpu_unchecked_classes_on_hopper(batch, heads, kv_heads, per_query_head, pages_per_row, lengths, window,
+                                               config, page, head_dim):
+    """Shape classes the kernel covers but ``implementation=None`` does not pick for it yet: run on
+    the next device session; when they pass, ``gpu_mosaic.DEVICE_CHECKED_*`` can grow."""
+    check_mosaic_gpu(batch, heads, kv_heads, per_query_head, pages_per_row, lengths, window, config, page=page,
+                     head_dim=head_dim)
+
+
+def check_mosaic_gpu(batch, heads, kv_heads, per_query_head, pages_per_row, lengths, window, config, *, page=16,
+                     head_dim=128):
     from pallas_kernels.paged_decode import MosaicDecodeConfig
 
-    rng = np.random.default_rng(batch * 100 + heads)
+    rng = np.random.default_rng(batch * 100 + heads + head_dim)
     args, clean = make_cache(rng, batch=batch, heads=heads, kv_heads=kv_heads, pages_per_row=pages_per_row,
-                             lengths=lengths, per_query_head=per_query_head, dtype=jnp.bfloat16, page=16,
-                             head_dim=128)
+                             lengths=lengths, per_query_head=per_query_head, dtype=jnp.bfloat16, page=page,
+                             head_dim=head_dim)
     ref = reference.paged_decode_attention(*(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in clean),
-                                           scale=128**-0.5, sliding_window=window)
+                                           scale=head_dim**-0.5, sliding_window=window)
     ppb, stages, splits = config
-    out = paged_decode_attention(*args, scale=128**-0.5, sliding_window=window, implementation="mosaic_gpu",
+    out = paged_decode_attention(*args, scale=head_dim**-0.5, sliding_window=window, implementation="mosaic_gpu",
                                  config=MosaicDecodeConfig(pages_per_block=ppb, stages=stages, num_splits=splits))
     assert np.isfinite(np.asarray(out, np.float32)).all()
     assert rel_err(out, ref) < 1e-2
@@ -416,6 +449,9 @@ def test_default_implementation_on_hopper():
     assert default_implementation(q, k, table, interpret=False) == "mosaic_gpu"
     f32 = jax.ShapeDtypeStruct(k.shape, jnp.float32)
     assert default_implementation(q, f32, table, interpret=False) == "triton"
+    d64 = jax.ShapeDtypeStruct(k.shape[:3] + (64,), k.dtype)  # covered, not yet checked on a device
+    assert default_implementation(jax.ShapeDtypeStruct(q.shape[:2] + (64,), q.dtype), d64, table,
+                                  interpret=False) == "triton"
 
 
 @pytest.mark.skipif("__import__('pallas_kernels.common').common.is_hopper()", reason="the CPU's defaults")

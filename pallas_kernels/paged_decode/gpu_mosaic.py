@@ -17,7 +17,9 @@ on the tensor cores).
 
 Covered: 16-bit pools, ``d`` in {64, 128}, up to 64 query heads per row, pages of 8 to
 128 tokens (a power of two), slots of a multiple of 64 tokens (:func:`supports`,
-:func:`configs.mosaic_config`); :mod:`.gpu_triton` serves everything else.
+:func:`configs.mosaic_config`); ``implementation=None`` picks it only for the classes run
+against the reference on a device (:func:`checked_on_device`); :mod:`.gpu_triton` serves
+everything else.
 Mosaic GPU's CPU interpreter does not run wgmma here: the CPU tests lower the kernel for
 CUDA, and the device runs it against the reference (``tests/test_kernels_paged_decode.py
 -k hopper`` with ``JAX_PLATFORMS=cuda``; ``experiments/benchmarks/decode_kernels.py`` checks
@@ -41,6 +43,19 @@ from pallas_kernels.paged_decode.configs import MOSAIC_QUERY_ROWS, MosaicDecodeC
 
 ROWS = MOSAIC_QUERY_ROWS  # Query rows of one wgmma (a warpgroup's M).
 OUT_ROWS = 8  # Smallest row count written back per program (one 8-row SMEM tile).
+
+
+# The shape classes run against the reference on an H200 (``tests/test_kernels_paged_decode.py
+# -k hopper``): the ones ``implementation=None`` picks this kernel for. The rest of what
+# :func:`supports` covers runs when asked for by name; the same tests hold cases for them
+# (head_dim 64, other page sizes) that the next device run checks.
+DEVICE_CHECKED_PAGE_SIZES = (16,)
+DEVICE_CHECKED_HEAD_DIMS = (128,)
+
+
+def checked_on_device(page_size: int, head_dim: int) -> bool:
+    """Whether this shape class has been run against the reference on a device."""
+    return page_size in DEVICE_CHECKED_PAGE_SIZES and head_dim in DEVICE_CHECKED_HEAD_DIMS
 
 
 def supports(page_size: int, head_dim: int, queries_per_row: int, dtype) -> bool:
