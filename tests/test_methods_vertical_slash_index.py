@@ -112,3 +112,52 @@ def test_stats_count_only_real_queries_of_padded_rows():
     for b, length in enumerate([150, 70]):
         mask = np.asarray(index_to_mask(index, 192))[b, 0, :length, :length]
         assert float(attended[b, 0]) == mask.sum()
+
+
+def _walk_oracle(verticals, vertical_valid, offsets, offset_valid, rows):
+    """The index of one head by the module docstring's rules, row by row in Python, padded as
+    :func:`build_index` pads: ``(starts [R, min(ns, R)], counts [R], columns [R, nv], counts [R])``."""
+    selected = sorted(offsets[offset_valid].tolist(), reverse=True)
+    kept = sorted(verticals[vertical_valid].tolist())
+    out = ([], [], [], [])
+    for r in range(rows):
+        row_end, end, starts = TILE * (r + 1), None, []
+        for delta in selected:
+            if delta >= row_end:
+                continue
+            e = max(row_end - delta, TILE)
+            if end is None or e > end + TILE:
+                starts.append(e - TILE)
+                end = e
+            elif e > end:
+                starts.append(end)
+                end += TILE
+        columns = [v for v in kept if end is not None and v < end and not any(s <= v < s + TILE for s in starts)]
+        for slots, ids, arrays in ((min(len(offsets), rows), starts, out[:2]), (len(verticals), columns, out[2:])):
+            arrays[0].append(ids + [ids[-1] if ids else 0] * (slots - len(ids)))
+            arrays[1].append(len(ids))
+    return tuple(np.array(a, np.int32) for a in out)
+
+
+@pytest.mark.parametrize(
+    "length, rows, nv, ns, heads",
+    [(333, 6, 12, 70, 3), (700, 11, 40, 9, 2), (64, 1, 4, 64, 1), (1000, 17, 90, 300, 4), (129, 4, 7, 5, 2)],
+)
+def test_build_index_equals_the_walk_row_by_row(length, rows, nv, ns, heads):
+    # Heads select different numbers of offsets (the walk stops after the most any head selected) and some
+    # entries are unselected or past the prompt; every array is compared whole, padding included.
+    rng = np.random.default_rng(length + ns)
+    verticals = np.stack([rng.choice(TILE * rows, nv, replace=False) for _ in range(heads)]).astype(np.int32)
+    offsets = np.stack([rng.choice(TILE * rows, ns, replace=False) for _ in range(heads)]).astype(np.int32)
+    offsets[:, 0] = 0
+    vertical_valid = rng.random((heads, nv)) < rng.uniform(0.2, 1.0, (heads, 1))
+    offset_valid = (rng.random((heads, ns)) < rng.uniform(0.1, 1.0, (heads, 1))) & (offsets < length)
+    offset_valid[:, 0] = True
+    index = build_index(*(jnp.asarray(x[None]) for x in (verticals, vertical_valid, offsets, offset_valid)),
+                        num_row_blocks=rows)
+    for h in range(heads):
+        expected = _walk_oracle(verticals[h], vertical_valid[h], offsets[h], offset_valid[h], rows)
+        for name, want in zip(index._fields[:4], expected):
+            got = np.asarray(getattr(index, name)[0, h])
+            assert got.dtype == np.int32, name
+            np.testing.assert_array_equal(got, want, err_msg=f"{name}, head {h}")
