@@ -337,18 +337,23 @@ def _gap_columns(verticals, starts, block_counts, last_end, block_n: int) -> tup
       starts, block_counts, last_end: ``[R, n]``, ``[R]``, ``[R]`` compacted blocks per row.
 
     Returns:
-      ``columns [R, nv]`` int32 (padding repeats the last) and ``column_counts [R]`` int32.
+      ``columns [R, nv]`` int32 (padding repeats the last, 0 for a row without columns)
+      and ``column_counts [R]`` int32.
     """
     nv = verticals.shape[0]
     search = functools.partial(jnp.searchsorted, verticals, method="scan_unrolled")
     live = jnp.arange(starts.shape[-1]) < block_counts[:, None]  # [R, n]
-    covered = jnp.where(live, search(starts + block_n) - search(starts), 0)  # [R, n] verticals per block
-    before = search(starts) - (jnp.cumsum(covered, axis=-1) - covered)  # [R, n] columns before each block
+    lo = search(starts)  # [R, n]
+    covered = jnp.where(live, search(starts + block_n) - lo, 0)  # [R, n] verticals per block
+    before = lo - (jnp.cumsum(covered, axis=-1) - covered)  # [R, n] columns before each block
     counts = (search(last_end) - covered.sum(axis=-1)).astype(jnp.int32)  # [R]
     rows = jnp.arange(starts.shape[0])[:, None]
-    skipped = jnp.cumsum(jnp.zeros((starts.shape[0], nv), jnp.int32).at[rows, before].add(covered, mode="drop"), axis=-1)
-    columns = verticals[jnp.minimum(jnp.arange(nv) + skipped, nv - 1)]  # [R, nv]
-    return pad_with_last(columns, counts), counts
+    steps = jnp.zeros((starts.shape[0], nv), jnp.int32).at[rows, before].add(covered, mode="drop")
+    skipped = jnp.cumsum(steps, axis=-1)  # [R, nv]: C(j)
+    # Vertical j + C(j) grows with j: capped at the last column's, it is the padding past the count.
+    last = counts - 1 + jnp.where(before < counts[:, None], covered, 0).sum(axis=-1)  # [R]
+    columns = verticals[jnp.minimum(jnp.arange(nv) + skipped, jnp.maximum(last, 0)[:, None])]  # [R, nv]
+    return jnp.where(counts[:, None] > 0, columns, 0), counts
 
 
 def forced_pattern_sparsity(length: int) -> float:
