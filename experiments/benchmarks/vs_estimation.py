@@ -19,9 +19,11 @@ alone (median of ``--reps`` after a warm-up, ``jax.block_until_ready``):
 * ``build``: the whole index construction (:func:`build_index`) from the selections;
 * ``index``: the method's whole index (:func:`vertical_and_slash_index`);
 * ``index_sS`` for each ``--targets`` sparsity ``S``: the method's whole index with its counts
-  fitted to ``S`` (``VerticalAndSlash(sparsity=S).index``, its value baked in as the engine
-  does at 128K), beside ``column_slots_sS`` (the static width of its column array) and
-  ``max_columns_sS`` (the most columns a row block kept);
+  fitted to ``S`` (``VerticalAndSlash(sparsity=S).index``, ``S`` baked in), and
+  ``index_sS_traced``, the same with ``S`` a traced argument as the engine passes it when
+  the program fits (shapes at their dense bound); beside each, ``column_slots_sS[_traced]``
+  (the static width of its column array) and ``max_columns_sS[_traced]`` (the most columns
+  a row block kept);
 * ``flexprefill_index``: FlexPrefill's (window 512, min budget 512, budget cap 2048).
 
 End to end (``--skip-e2e`` skips): cuDNN dense causal attention; the Triton
@@ -142,10 +144,10 @@ def flex_index(q, k):
     )
 
 
-def target_index(q, k, sparsity: float):
-    """``VerticalAndSlash(sparsity=...).index`` on full-length prompts."""
+def target_index(q, k, values, *, method):
+    """``method.bind(values).index`` on full-length prompts (``values`` empty: the method's own)."""
     lengths = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
-    return VerticalAndSlash(sparsity=sparsity).index(q, k, lengths, LayerSpec(0, SCALE))
+    return method.bind(values).index(q, k, lengths, LayerSpec(0, SCALE))
 
 
 def time_stages(q, k, reps: int, r: dict, sweep: bool, targets: tuple[float, ...] = ()) -> None:
@@ -177,11 +179,14 @@ def time_stages(q, k, reps: int, r: dict, sweep: bool, targets: tuple[float, ...
         "flexprefill_index": lambda: flex(q, k),
     })
     for s in targets:
-        fitted = jax.jit(functools.partial(target_index, sparsity=s))
-        stages[f"index_s{s}"] = functools.partial(fitted, q, k)
-        columns = fitted(q, k).columns
-        r[f"column_slots_s{s}"] = columns.shape[-1]
-        r[f"max_columns_s{s}"] = int(jnp.max(fitted(q, k).column_counts))
+        method = VerticalAndSlash(sparsity=s)
+        for label, (static, values) in (("", (method, {})), ("_traced", method.split())):
+            fitted = jax.jit(functools.partial(target_index, method=static))
+            built = fitted(q, k, values)
+            r[f"column_slots_s{s}{label}"] = built.columns.shape[-1]
+            r[f"max_columns_s{s}{label}"] = int(jnp.max(built.column_counts))
+            del built  # at 128K the traced index alone is 32 GiB
+            stages[f"index_s{s}{label}"] = functools.partial(fitted, q, k, values)
     for name, fn in tqdm(stages.items(), desc=f"stages T={t}", leave=False):
         r[f"{name}_ms"] = median_seconds(fn, reps) * 1e3
 
