@@ -14,10 +14,16 @@ alone (median of ``--reps`` after a warm-up, ``jax.block_until_ready``):
   diagonal (slash) sums (:func:`scoring.window_diagonal_sums`, the method's); at
   ``--sweep-length`` also N in {1, 8, 32} and the gather (:func:`gather_diagonal_sums`);
 * ``top_k``: the two top-512 selections over ``[H, T]`` scores;
-* ``walk``, ``walk_compact``, ``walk_compact_columns``: the first stages of the index
-  construction (range walk; + block-start compaction; + gap columns and their compaction);
+* ``walk``, ``walk_columns``: the first stages of the index construction (range walk,
+  blocks written into their slots; + the gap columns);
 * ``build``: the whole index construction (:func:`build_index`) from the selections;
 * ``index``: the method's whole index (:func:`vertical_and_slash_index`);
+* ``index_sS`` for each ``--targets`` sparsity ``S``: the method's whole index with its counts
+  fitted to ``S`` (``VerticalAndSlash(sparsity=S).index``, ``S`` baked in), and
+  ``index_sS_traced``, the same with ``S`` a traced argument as the engine passes it when
+  the program fits (shapes at their dense bound); beside each, ``column_slots_sS[_traced]``
+  (the static width of its column array) and ``max_columns_sS[_traced]`` (the most columns
+  a row block kept);
 * ``flexprefill_index``: FlexPrefill's (window 512, min budget 512, budget cap 2048).
 
 End to end (``--skip-e2e`` skips): cuDNN dense causal attention; the Triton
@@ -52,10 +58,11 @@ from experiments.benchmarks.prefill_kernels import (
 from pallas_kernels.vertical_slash import reference as vs_ref
 from pallas_kernels.vertical_slash import vertical_slash_attention
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
+from sparse_jax.attention.base import LayerSpec
 from sparse_jax.attention.methods import scoring
 from sparse_jax.attention.methods import vertical_slash_index as vsi
 from sparse_jax.attention.methods.flexprefill import flexprefill_index
-from sparse_jax.attention.methods.vertical_and_slash import vertical_and_slash_index
+from sparse_jax.attention.methods.vertical_and_slash import VerticalAndSlash, vertical_and_slash_index
 
 BUDGET, WINDOW = 512, 256
 
@@ -108,22 +115,15 @@ def selections(v_score, s_score):
 
 def walk_prefix(offsets, verticals=None, *, num_rows: int, stage: int):
     """The first stages of :func:`build_index` for ``[H, ns]`` offsets (``[H, nv]`` verticals):
-    0: range walk; 1: + compaction of the block starts; 2: + gap columns and their compaction."""
+    0: range walk (blocks written into their slots); 1: + the gap columns."""
     row_end = vsi.TILE * (jnp.arange(num_rows, dtype=jnp.int32) + 1)
-
-    def one(offsets, verticals):
-        last_end, emitted, starts = vsi._walk_ranges(-jnp.sort(-offsets), row_end, vsi.TILE)
-        if stage == 0:
-            return last_end, emitted, starts
-        starts, counts = scoring.compact_ordered(starts, emitted, size=min(offsets.shape[0], num_rows))
-        if stage == 1:
-            return starts, counts
-        verticals = jnp.sort(verticals)
-        valid = jnp.ones(verticals.shape, bool)
-        is_column = vsi._gap_columns(verticals, valid, starts, counts, last_end, vsi.TILE)
-        return scoring.compact_ordered(jnp.broadcast_to(verticals, is_column.shape), is_column, size=verticals.shape[0])
-
-    return jax.vmap(one)(offsets, offsets if verticals is None else verticals)
+    last_end, starts, counts = vsi._walk_ranges(
+        -jnp.sort(-offsets, axis=-1), row_end, vsi.TILE, min(offsets.shape[-1], num_rows)
+    )
+    if stage == 0:
+        return last_end, starts, counts
+    gap_columns = functools.partial(vsi._gap_columns, block_n=vsi.TILE)
+    return jax.vmap(gap_columns)(jnp.sort(verticals, axis=-1), starts, counts, last_end)
 
 
 def method_index(q, k):
@@ -144,7 +144,13 @@ def flex_index(q, k):
     )
 
 
-def time_stages(q, k, reps: int, r: dict, sweep: bool) -> None:
+def target_index(q, k, values, *, method):
+    """``method.bind(values).index`` on full-length prompts (``values`` empty: the method's own)."""
+    lengths = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
+    return method.bind(values).index(q, k, lengths, LayerSpec(0, SCALE))
+
+
+def time_stages(q, k, reps: int, r: dict, sweep: bool, targets: tuple[float, ...] = ()) -> None:
     """Per-stage medians (ms) of the estimation and index construction at one length.
 
     ``sweep`` also times the candidate score layouts: diagonal sums by gather or skew,
@@ -156,8 +162,7 @@ def time_stages(q, k, reps: int, r: dict, sweep: bool) -> None:
     select = jax.jit(selections)
     sel = select(v_score, s_score)
     walk = jax.jit(functools.partial(walk_prefix, num_rows=num_rows, stage=0))
-    walk_compact = jax.jit(functools.partial(walk_prefix, num_rows=num_rows, stage=1))
-    walk_columns = jax.jit(functools.partial(walk_prefix, num_rows=num_rows, stage=2))
+    walk_columns = jax.jit(functools.partial(walk_prefix, num_rows=num_rows, stage=1))
     build = functools.partial(vsi.build_index, num_row_blocks=num_rows)
     index, flex = jax.jit(method_index), jax.jit(flex_index)
     variants = [(d, s) for d in ("none", "gather", "skew") for s in (1, 8, 32)]
@@ -168,12 +173,20 @@ def time_stages(q, k, reps: int, r: dict, sweep: bool) -> None:
     stages.update({
         "top_k": lambda: select(v_score, s_score),
         "walk": lambda: walk(sel[2]),
-        "walk_compact": lambda: walk_compact(sel[2]),
-        "walk_compact_columns": lambda: walk_columns(sel[0], sel[2]),
+        "walk_columns": lambda: walk_columns(sel[2], sel[0]),
         "build": lambda: build(*sel),
         "index": lambda: index(q, k),
         "flexprefill_index": lambda: flex(q, k),
     })
+    for s in targets:
+        method = VerticalAndSlash(sparsity=s)
+        for label, (static, values) in (("", (method, {})), ("_traced", method.split())):
+            fitted = jax.jit(functools.partial(target_index, method=static))
+            built = fitted(q, k, values)
+            r[f"column_slots_s{s}{label}"] = built.columns.shape[-1]
+            r[f"max_columns_s{s}{label}"] = int(jnp.max(built.column_counts))
+            del built  # at 128K the traced index alone is 32 GiB
+            stages[f"index_s{s}{label}"] = functools.partial(fitted, q, k, values)
     for name, fn in tqdm(stages.items(), desc=f"stages T={t}", leave=False):
         r[f"{name}_ms"] = median_seconds(fn, reps) * 1e3
 
@@ -204,6 +217,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=[32768, 65536, 131072])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--targets", type=float, nargs="*", default=[], help="sparsity targets of the fitted index")
     parser.add_argument("--sweep-length", type=int, default=131072, help="time the score-layout candidates here")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "vs_estimation.json"))
     args = parser.parse_args()
@@ -212,7 +226,7 @@ def main() -> None:
     for t in tqdm(args.lengths, desc="lengths"):
         r = results.setdefault(str(t), {})
         q, k, v = make_qkv(3, t)
-        time_stages(q, k, args.reps, r, sweep=t == args.sweep_length)
+        time_stages(q, k, args.reps, r, sweep=t == args.sweep_length, targets=tuple(args.targets))
         if not args.skip_e2e:
             time_end_to_end(q, k, v, args.reps, r)
         with open(args.out, "w") as f:

@@ -14,6 +14,8 @@
 #                 0.5, flexprefill 0.9; (c) flexprefill 0.9 with max_budget 16384, vertical_and_slash 0.5;
 #                 estimation cost per layer and the kernels that ran
 #   decode_128k_b4  the same shapes at batch 4: dense, quest, snapkv decode steps
+#   vs_est_128k   vs_estimation.py at 128K (32/8 heads, d 128): the vertical-and-slash index fitted to 0.5 and 0.9,
+#                 each with the target baked in and traced, beside its stages (scores, top-k, walk, columns)
 #   mosaic_check  the Mosaic GPU paged-decode kernel against the reference on the device (pytest, NaN past
 #                 every row's length); run it first: the engine's default decode is that kernel on Hopper
 #   decode_kernels  decode_kernels.py at 128K, batch 8 and 1: dense paged decode (the launch sweep of the Triton
@@ -82,12 +84,14 @@ if [ -n "${SMOKE:-}" ]; then
   kernels=(--context 2048 --steps 1 --budget 512 --interpret)
   engine=(--config small --batches 2,1 --new-tokens 3 --repeats 1)
   hlo=(--model smollm2 --batch 1 --bucket 256)
+  vsest=(--lengths 1024 --reps 1)
 else
   e2e=(--prompt-len 131072 --batch 1 --layers 8 --hidden 4096 --new-tokens 9 --model-layers 32)
   decode=(--prompt-len 32768 --layers 8 --hidden 4096 --new-tokens 17 --model-layers 32)
   kernels=(--context 131072)
   engine=(--config 8b --batches 8,1)
   hlo=(--model 8b --batch 8 --bucket 32768)
+  vsest=(--lengths 131072 --reps 3)
 fi
 
 "$py" -c "import jax; print(jax.devices())" > "$OUT/devices.txt" 2>&1
@@ -103,6 +107,8 @@ step e2e_128k_c 150 "$py" $bench/engine_methods.py "${e2e[@]}" --methods dense \
   --method-sparsity flexprefill=0.9:max_budget=16384 --method-sparsity vertical_and_slash=0.5 --out "$OUT/e2e_128k_c"
 step decode_128k_b4 150 "$py" $bench/engine_methods.py "${e2e[@]}" --batch 4 --sparsity 0.9 --methods dense,quest,snapkv \
   --out "$OUT/decode_128k_b4"
+step vs_est_128k 300 "$py" $bench/vs_estimation.py "${vsest[@]}" --skip-e2e --sweep-length 0 --targets 0.5 0.9 \
+  --out "$OUT/vs_est_128k/vs_estimation.json"
 step mosaic_check 150 env JAX_PLATFORMS=cuda "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_paged_decode.py -k hopper
 step decode_kernels 450 "$py" $bench/decode_kernels.py "${kernels[@]}" --out "$OUT/decode_kernels"
 step engine_bench 80 "$py" $bench/engine_bench.py "${engine[@]}" --out "$OUT/engine_bench"

@@ -193,30 +193,6 @@ def compact_ascending(ids: jax.Array, valid: jax.Array, size: int | None = None)
     return pad_with_last(ordered, counts), counts
 
 
-def compact_ordered(ids: jax.Array, keep: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
-    """Move the kept ``ids`` to the first slots, preserving their order; pad with the last.
-
-    Like :func:`compact_ascending` for ``ids`` already in the wanted order, but a
-    prefix-sum scatter instead of a sort.
-
-    Args:
-      ids: ``[..., N]`` int32.
-      keep: ``[..., N]`` bool.
-      size: static slots kept; must be ``>=`` every row's kept count.
-
-    Returns:
-      ``compact [..., size]`` int32 and ``counts [...]`` int32.
-    """
-    lead = ids.shape[:-1]
-    flat_ids = ids.reshape(-1, ids.shape[-1])
-    flat_keep = keep.reshape(flat_ids.shape)
-    slot = jnp.where(flat_keep, jnp.cumsum(flat_keep, axis=-1) - 1, size)  # ``size`` is out of range: dropped
-    rows = jnp.arange(flat_ids.shape[0])[:, None]
-    packed = jnp.zeros((flat_ids.shape[0], size), jnp.int32).at[rows, slot].set(flat_ids, mode="drop")
-    counts = flat_keep.sum(axis=-1).astype(jnp.int32).reshape(lead)
-    return pad_with_last(packed.reshape(lead + (size,)), counts), counts
-
-
 def pad_with_last(ids: jax.Array, counts: jax.Array) -> jax.Array:
     """Replace entries at and past ``counts`` by the last valid entry (0 for empty rows).
 

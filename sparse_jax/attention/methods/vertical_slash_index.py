@@ -12,8 +12,11 @@ start is the new range start or the old end, so block starts come out ascending.
 Selected verticals that lie in no range and before the last range's end become single
 key columns.
 
-The walk is a ``lax.scan`` over the (static) slash budget, vectorised over row blocks
-and unrolled by :data:`WALK_UNROLL`.
+The walk is a loop over the selected offsets only (not the static slash budget, which
+a sparsity target sets to the band size, many times the fitted counts), vectorised over
+heads and row blocks, unrolled by :data:`WALK_UNROLL`, writing each row's blocks straight
+into their slots. The columns are counted per block, never per (row, vertical) pair
+beyond the one pass that writes the ``[R, nv]`` column array.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pallas_kernels.block_sparse.reference import causal_tile_pairs
 from pallas_kernels.vertical_slash.index import VerticalSlashIndex
 from pallas_kernels.vertical_slash import vertical_slash_attention
 from sparse_jax.attention.base import PrefillStats, causal_pair_count
-from sparse_jax.attention.methods.scoring import NEG_INF, POS_INF, compact_ordered, map_query_heads, top_k_valid
+from sparse_jax.attention.methods.scoring import NEG_INF, POS_INF, map_query_heads, pad_with_last, top_k_valid
 from sparse_jax.attention.methods.tile_budget import largest_within, pair_budget, pair_estimates
 
 TILE = 64  # The reference's row-block and range-block size.
@@ -37,7 +40,7 @@ FORCED_VERTICALS = 4  # Key tokens 0..3 are always kept.
 LOCAL_DIAGONALS = 64  # Slash offsets 0..63 are always kept.
 _NO_RANGE = -(2**30)
 # Walk steps per loop iteration: on an H100 at 128K (32 heads, 2048 row blocks, 512 slashes)
-# the rolled loop takes 12 ms, mostly per-iteration overhead; unrolled by 8, 1.2 ms.
+# the rolled scan took 12 ms, mostly per-iteration overhead; unrolled by 8, 1.2 ms.
 WALK_UNROLL = 8
 
 # ``score_fn(q [T, d], k [T, d], length, nv, ns) -> (vertical_scores [T], slash_scores [T], nv', ns')``
@@ -255,73 +258,102 @@ def build_index(
 def _build_arrays(verticals, vertical_valid, offsets, offset_valid, *, num_row_blocks, block_m, block_n):
     """:func:`build_index` on any leading dims, returning the four index arrays."""
     lead = verticals.shape[:-1]
-    flat = [x.reshape(-1, x.shape[-1]) for x in (verticals, vertical_valid, offsets, offset_valid)]
-    build = functools.partial(_build_one, num_row_blocks=num_row_blocks, block_m=block_m, block_n=block_n)
-    return tuple(x.reshape(lead + x.shape[1:]) for x in jax.vmap(build)(*flat))
-
-
-def _build_one(verticals, vertical_valid, offsets, offset_valid, *, num_row_blocks, block_m, block_n):
-    """One head: ``[nv]``, ``[nv]``, ``[ns]``, ``[ns]`` -> starts, counts, columns, counts."""
+    verticals, vertical_valid, offsets, offset_valid = (
+        x.reshape(-1, x.shape[-1]) for x in (verticals, vertical_valid, offsets, offset_valid)
+    )  # [N, nv], [N, nv], [N, ns], [N, ns]
     # Descending offsets and ascending verticals, unselected ones last.
-    offsets = -jnp.sort(-jnp.where(offset_valid, offsets, -1))
-    verticals = jnp.sort(jnp.where(vertical_valid, verticals, jnp.iinfo(jnp.int32).max))
-    vertical_valid = jnp.arange(verticals.shape[0]) < vertical_valid.sum()
+    offsets = -jnp.sort(-jnp.where(offset_valid, offsets, -1), axis=-1)
+    verticals = jnp.sort(jnp.where(vertical_valid, verticals, jnp.iinfo(jnp.int32).max), axis=-1)
     row_end = block_m * (jnp.arange(num_row_blocks, dtype=jnp.int32) + 1)  # [R]
-    last_end, emitted, starts = _walk_ranges(offsets, row_end, block_n)
     # Ranges are disjoint block_n-wide blocks below e_r + block_n, so a row holds <= R blocks.
-    # They are emitted in ascending order.
-    starts, block_counts = compact_ordered(starts, emitted, size=min(offsets.shape[0], num_row_blocks))
-    is_column = _gap_columns(verticals, vertical_valid, starts, block_counts, last_end, block_n)
-    columns, column_counts = compact_ordered(
-        jnp.broadcast_to(verticals, is_column.shape), is_column, size=verticals.shape[0]
+    size = min(offsets.shape[-1], num_row_blocks)
+    last_end, starts, block_counts = _walk_ranges(offsets, row_end, block_n, size)
+    columns, column_counts = jax.vmap(functools.partial(_gap_columns, block_n=block_n))(
+        verticals, starts, block_counts, last_end
     )
-    return starts, block_counts, columns, column_counts
+    return tuple(x.reshape(lead + x.shape[1:]) for x in (starts, block_counts, columns, column_counts))
 
 
-def _walk_ranges(offsets: jax.Array, row_end: jax.Array, block_n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The range walk of every row block over the descending ``offsets [ns]`` (-1: unselected).
+def _walk_ranges(
+    offsets: jax.Array, row_end: jax.Array, block_n: int, size: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The range walk of every head and row block over its descending ``offsets``.
+
+    The loop runs over the selected offsets only (the most any head has, rounded up to
+    :data:`WALK_UNROLL`); each step writes the block it adds straight into its row's next
+    slot.
 
     Args:
-      offsets: ``[ns]`` int32, descending.
+      offsets: ``[N, ns]`` int32, descending per head, ``-1`` (unselected) last.
       row_end: ``[R]`` int32 end ``e_r`` of each query row block.
       block_n: keys per range block.
+      size: static block slots per row, ``>=`` every row's block count.
 
     Returns:
-      ``last_end [R]`` (end of each row's last range), ``emitted [R, ns]`` bool (step
-      ``i`` added a block) and ``starts [R, ns]`` int32 (that block's start).
+      ``last_end [N, R]`` (end of each row's last range), ``starts [N, R, size]`` int32
+      (the blocks' starts in the order added, i.e. ascending; padding repeats the last)
+      and ``counts [N, R]`` int32.
     """
+    n, ns = offsets.shape
+    steps = -(-ns // WALK_UNROLL) * WALK_UNROLL
+    offsets = jnp.pad(offsets, ((0, 0), (0, steps - ns)), constant_values=-1)
+    heads = jnp.arange(n)[:, None]
+    rows = jnp.arange(row_end.shape[0])[None, :]
 
-    def step(end, delta):
+    def step(i, carry):
+        end, counts, starts = carry  # [N, R], [N, R], [N, R, size]
+        delta = jax.lax.dynamic_slice_in_dim(offsets, i, 1, axis=1)  # [N, 1]
         active = (delta >= 0) & (delta < row_end)
         e = jnp.maximum(row_end - delta, block_n)
         opens = active & (e > end + block_n)
         extends = active & ~opens & (e > end)
+        emitted = opens | extends
         start = jnp.where(opens, e - block_n, end)
+        starts = starts.at[heads, rows, jnp.where(emitted, counts, size)].set(start, mode="drop")
         end = jnp.where(opens, e, jnp.where(extends, end + block_n, end))
-        return end, (opens | extends, start)
+        return end, counts + emitted, starts
 
-    init = jnp.full(row_end.shape, _NO_RANGE, jnp.int32)
-    last_end, (emitted, starts) = jax.lax.scan(step, init, offsets, unroll=WALK_UNROLL)  # [ns, R] each
-    return last_end, emitted.T, starts.T
+    def unrolled(i, carry):
+        for u in range(WALK_UNROLL):
+            carry = step(i * WALK_UNROLL + u, carry)
+        return carry
+
+    shape = (n, row_end.shape[0])
+    init = (jnp.full(shape, _NO_RANGE, jnp.int32), jnp.zeros(shape, jnp.int32), jnp.zeros(shape + (size,), jnp.int32))
+    selected = jnp.max(jnp.sum(offsets >= 0, axis=-1))  # steps past it add no block to any row
+    last_end, counts, starts = jax.lax.fori_loop(0, -(-selected // WALK_UNROLL), unrolled, init)
+    return last_end, pad_with_last(starts, counts), counts
 
 
-def _gap_columns(verticals, vertical_valid, starts, block_counts, last_end, block_n: int) -> jax.Array:
-    """Which verticals become key columns: in no emitted block and before the last range's end.
+def _gap_columns(verticals, starts, block_counts, last_end, block_n: int) -> tuple[jax.Array, jax.Array]:
+    """The key columns of one head: selected verticals in no block and before the last range's end.
+
+    Counted per block instead of per vertical: block ``b`` of a row holds the verticals of
+    indices ``lo_b .. hi_b - 1``, so the ``j``-th column is vertical ``j + C(j)``, ``C(j)``
+    the verticals of the blocks with fewer than ``j + 1`` columns before them.
 
     Args:
-      verticals, vertical_valid: ``[nv]`` ascending key positions and their validity.
+      verticals: ``[nv]`` ascending key positions, unselected ones last at the int32 maximum.
       starts, block_counts, last_end: ``[R, n]``, ``[R]``, ``[R]`` compacted blocks per row.
 
     Returns:
-      ``[R, nv]`` bool.
+      ``columns [R, nv]`` int32 (padding repeats the last, 0 for a row without columns)
+      and ``column_counts [R]`` int32.
     """
-
-    def columns_of_row(row_starts, count, end):
-        holder = jnp.searchsorted(row_starts, verticals, side="right", method="scan_unrolled") - 1
-        covered = (holder >= 0) & (count > 0) & (verticals < row_starts[jnp.maximum(holder, 0)] + block_n)
-        return vertical_valid & ~covered & (verticals < end)
-
-    return jax.vmap(columns_of_row)(starts, block_counts, last_end)
+    nv = verticals.shape[0]
+    search = functools.partial(jnp.searchsorted, verticals, method="scan_unrolled")
+    live = jnp.arange(starts.shape[-1]) < block_counts[:, None]  # [R, n]
+    lo = search(starts)  # [R, n]
+    covered = jnp.where(live, search(starts + block_n) - lo, 0)  # [R, n] verticals per block
+    before = lo - (jnp.cumsum(covered, axis=-1) - covered)  # [R, n] columns before each block
+    counts = (search(last_end) - covered.sum(axis=-1)).astype(jnp.int32)  # [R]
+    rows = jnp.arange(starts.shape[0])[:, None]
+    steps = jnp.zeros((starts.shape[0], nv), jnp.int32).at[rows, before].add(covered, mode="drop")
+    skipped = jnp.cumsum(steps, axis=-1)  # [R, nv]: C(j)
+    # Vertical j + C(j) grows with j: capped at the last column's, it is the padding past the count.
+    last = counts - 1 + jnp.where(before < counts[:, None], covered, 0).sum(axis=-1)  # [R]
+    columns = verticals[jnp.minimum(jnp.arange(nv) + skipped, jnp.maximum(last, 0)[:, None])]  # [R, nv]
+    return jnp.where(counts[:, None] > 0, columns, 0), counts
 
 
 def forced_pattern_sparsity(length: int) -> float:
