@@ -373,8 +373,9 @@ def test_mosaic_gpu_refuses_what_it_does_not_cover():
     with pytest.raises(ValueError, match="use implementation='triton'"):
         gpu_mosaic.paged_decode_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                                           table, lengths, scale=0.1, config=MosaicDecodeConfig())
-    with pytest.raises(ValueError, match="no interpreter"):
-        paged_decode_attention(q, k, v, table, lengths, scale=0.1, implementation="mosaic_gpu", interpret=True)
+    with pytest.raises(ValueError, match="'mosaic_gpu' takes a MosaicDecodeConfig; got a DecodeConfig"):
+        paged_decode_attention(q, k, v, table, lengths, scale=0.1, implementation="mosaic_gpu", interpret=True,
+                               config=DecodeConfig())
     with pytest.raises(ValueError, match="'triton' takes a DecodeConfig; got a MosaicDecodeConfig"):
         paged_decode_attention(q, k, v, table, lengths, scale=0.1, implementation="triton", interpret=True,
                                config=MosaicDecodeConfig())
@@ -423,8 +424,25 @@ def test_mosaic_gpu_unchecked_classes_on_hopper(batch, heads, kv_heads, per_quer
                      head_dim=head_dim)
 
 
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,per_query_head,pages_per_row,lengths,window,config,page,head_dim",
+    [
+        (2, 8, 2, False, 10, [[0, 150], [17, 160]], None, (4, 2, 2), 16, 64),  # empty row, partial last pages
+        (1, 8, 2, False, 12, [[150, 191]], 40, (4, 3, 3), 16, 64),  # sliding window, more splits than blocks
+        (1, 4, 2, True, 6, [[1, 33, 96, 70]], None, (2, 2, 2), 32, 128),  # per-query-head rows, 32-token pages
+        (1, 8, 2, False, 24, [[384, 300]], None, (4, 2, 1), 16, 64),  # one split of 6 blocks: the ring wraps
+    ],
+)
+def test_mosaic_gpu_interpreted_matches_reference(batch, heads, kv_heads, per_query_head, pages_per_row, lengths,
+                                                  window, config, page, head_dim):
+    """The Mosaic GPU kernel in Mosaic GPU's CPU interpreter (its two products as jnp.dot, the rest
+    as on the device), NaN past every row's length: finite, and within bf16 tolerance."""
+    check_mosaic_gpu(batch, heads, kv_heads, per_query_head, pages_per_row, lengths, window, config, page=page,
+                     head_dim=head_dim, interpret=True)
+
+
 def check_mosaic_gpu(batch, heads, kv_heads, per_query_head, pages_per_row, lengths, window, config, *, page=16,
-                     head_dim=128):
+                     head_dim=128, interpret=False):
     from pallas_kernels.paged_decode import MosaicDecodeConfig
 
     rng = np.random.default_rng(batch * 100 + heads + head_dim)
@@ -435,7 +453,8 @@ def check_mosaic_gpu(batch, heads, kv_heads, per_query_head, pages_per_row, leng
                                            scale=head_dim**-0.5, sliding_window=window)
     ppb, stages, splits = config
     out = paged_decode_attention(*args, scale=head_dim**-0.5, sliding_window=window, implementation="mosaic_gpu",
-                                 config=MosaicDecodeConfig(pages_per_block=ppb, stages=stages, num_splits=splits))
+                                 config=MosaicDecodeConfig(pages_per_block=ppb, stages=stages, num_splits=splits),
+                                 interpret=interpret)
     assert np.isfinite(np.asarray(out, np.float32)).all()
     assert rel_err(out, ref) < 1e-2
 

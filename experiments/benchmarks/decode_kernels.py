@@ -158,9 +158,15 @@ def decode_kernel(q, k, v, table, lengths, *, config: DecodeConfig | MosaicDecod
     """The Triton kernel for a :class:`DecodeConfig`, the Mosaic GPU one for a :class:`MosaicDecodeConfig`."""
     if isinstance(config, MosaicDecodeConfig):
         return gpu_mosaic.paged_decode_attention(q, k, v, table, lengths, scale=SCALE, config=config,
-                                                 max_row_pages=max_row_pages)
+                                                 max_row_pages=max_row_pages, interpret=INTERPRET)
     return gpu_triton.paged_decode_attention(q, k, v, table, lengths, scale=SCALE, config=config,
                                            max_row_pages=max_row_pages, interpret=INTERPRET)
+
+
+def mosaic_sweep() -> list[MosaicDecodeLaunch]:
+    """The Mosaic launches to time: all of :data:`MOSAIC_SWEEP`, or its first in a CPU smoke run
+    (the interpreter runs every program on the host)."""
+    return MOSAIC_SWEEP[:1] if INTERPRET else MOSAIC_SWEEP
 
 
 def config_for(launch: DecodeLaunch | MosaicDecodeLaunch, batch: int, pages_per_row: int, rows: int = G):
@@ -295,8 +301,7 @@ def quest_kernel_stages(c, batch: int, budget: int, dense: StepTime, record) -> 
                 for ppb, stages in [(2, 3), (2, 4), (4, 3), (4, 4), (8, 3), (16, 3)]]
     variants += [DecodeConfig(pages_per_block=ppb, num_splits=splits, num_stages=3)
                  for ppb, splits in [(8, 5), (4, 32), (8, 16)]]
-    if not INTERPRET:
-        variants += [config_for(launch, batch, sel_pages) for launch in MOSAIC_SWEEP]
+    variants += [config_for(launch, batch, sel_pages) for launch in mosaic_sweep()]
     dcfg = fastest(variants, run_decode)[1]
     qargs = (qs, c["k"], c["v"], table, lengths, k_min, k_max)
     want = reference_fn(qs[0], c["k"], c["v"], sel_table, sel_len)
@@ -362,8 +367,7 @@ def main():
     key = jax.random.key(0)
     sweep = [DecodeLaunch(pages_per_block=p, num_warps=w, num_stages=s)
              for p, w, s in [(4, 4, 3), (4, 4, 4), (4, 8, 3), (8, 4, 3), (8, 8, 2), (2, 4, 4)]]
-    if not INTERPRET:  # the Mosaic GPU kernel has no interpreter
-        sweep += MOSAIC_SWEEP
+    sweep += mosaic_sweep()
 
     def record(name, timing, tokens, dense: StepTime | None = None, **extra):
         """``timing``: seconds (serial) or a :class:`StepTime`; ``dense``: the dense step to compare with."""

@@ -44,11 +44,16 @@ def _check_config_type(config, want: type, implementation: str) -> None:
                          f"got a {type(config).__name__}")
 
 
+def _row_pages(page_table, max_row_pages) -> int:
+    """The most pages a row reads: the table's width, or the static bound when smaller."""
+    row_pages = page_table.shape[2] if max_row_pages is None else min(max_row_pages, page_table.shape[2])
+    return max(row_pages, 1)
+
+
 def _kernel_config(config, q, page_table, max_row_pages) -> DecodeConfig:
     if config is not None:
         return config
-    row_pages = page_table.shape[2] if max_row_pages is None else min(max_row_pages, page_table.shape[2])
-    return default_config(q.shape[0], page_table.shape[1], max(row_pages, 1))
+    return default_config(q.shape[0], page_table.shape[1], _row_pages(page_table, max_row_pages))
 
 
 def _triton_decode(q, k_pages, v_pages, page_table, lengths, *, scale, sliding_window, max_row_pages, config,
@@ -63,16 +68,13 @@ def _triton_decode(q, k_pages, v_pages, page_table, lengths, *, scale, sliding_w
 
 def _mosaic_gpu_decode(q, k_pages, v_pages, page_table, lengths, *, scale, sliding_window, max_row_pages, config,
                        interpret):
-    if interpret:
-        raise ValueError("paged_decode_attention: the 'mosaic_gpu' kernel has no interpreter; use 'triton' on CPU")
     _check_config_type(config, MosaicDecodeConfig, common.MOSAIC_GPU)
     if config is None:
-        row_pages = page_table.shape[2] if max_row_pages is None else min(max_row_pages, page_table.shape[2])
-        config = mosaic_config(q.shape[0], page_table.shape[1], max(row_pages, 1), page_size=k_pages.shape[2],
-                               head_dim=q.shape[2])
+        config = mosaic_config(q.shape[0], page_table.shape[1], _row_pages(page_table, max_row_pages),
+                               page_size=k_pages.shape[2], head_dim=q.shape[2])
     return gpu_mosaic.paged_decode_attention(
         q, k_pages, v_pages, page_table, lengths, scale=scale, sliding_window=sliding_window,
-        max_row_pages=max_row_pages, config=config,
+        max_row_pages=max_row_pages, config=config, interpret=interpret,
     )
 
 

@@ -20,10 +20,12 @@ Covered: 16-bit pools, ``d`` in {64, 128}, up to 64 query heads per row, pages o
 :func:`configs.mosaic_config`); ``implementation=None`` picks it only for the classes run
 against the reference on a device (:func:`checked_on_device`); :mod:`.gpu_triton` serves
 everything else.
-Mosaic GPU's CPU interpreter does not run wgmma here: the CPU tests lower the kernel for
-CUDA, and the device runs it against the reference (``tests/test_kernels_paged_decode.py
--k hopper`` with ``JAX_PLATFORMS=cuda``; ``experiments/benchmarks/decode_kernels.py`` checks
-every launch it times).
+Mosaic GPU's CPU interpreter runs the kernel (``interpret=True``: TMA copies, barriers, the
+slot ring, masks and the split merge) except wgmma, whose accumulator it cannot run; there
+the two products are ``jnp.dot`` on the same shared-memory tiles (:func:`_scores`,
+:func:`_add_pv`). The CPU tests run it so against the reference; the device runs the wgmma
+path (``tests/test_kernels_paged_decode.py -k hopper`` with ``JAX_PLATFORMS=cuda``;
+``experiments/benchmarks/decode_kernels.py`` checks every launch it times).
 """
 
 from __future__ import annotations
@@ -69,8 +71,31 @@ def _out_rows(queries_per_row: int) -> int:
     return -(-queries_per_row // OUT_ROWS) * OUT_ROWS
 
 
+def _scores(q_smem, k_tile, interpret: bool) -> jax.Array:
+    """``q . K^T``: ``[64, d]`` and ``[T, d]`` shared-memory tiles -> ``[64, T]`` fp32."""
+    if interpret:
+        return jnp.dot(q_smem[...], k_tile[...].T, preferred_element_type=jnp.float32)
+
+    def scope(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
+        return acc_ref[...]
+
+    return pl.run_scoped(scope, plgpu.ACC((ROWS, k_tile.shape[0]), jnp.float32))
+
+
+def _add_pv(acc: jax.Array, p: jax.Array, v_tile, interpret: bool) -> jax.Array:
+    """``acc + p . V``: ``acc [64, d]`` fp32, ``p [64, T]`` 16-bit, ``v_tile [T, d]`` in shared memory."""
+    if interpret:
+        return acc + jnp.dot(p, v_tile[...], preferred_element_type=jnp.float32)
+
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_tile)
+
+    return pl.run_state(pv)(plgpu.ACC.init(acc))
+
+
 def _forward(table, lengths, q, k, v, *, page_size: int, rows_per_kv: int, out_rows: int, config: MosaicDecodeConfig,
-             sliding_window: int | None):
+             sliding_window: int | None, interpret: bool):
     """table ``[B, R, P + ppb]``, lengths ``[B, R]``, q ``[B, R, 64, d]`` (pre-scaled),
     k/v ``[G, N * S, d]`` -> (out ``[B, R, splits, out_rows, d]`` f32, lse ``[B, R, splits, out_rows]`` f32)."""
     b, r, _, d = q.shape
@@ -102,17 +127,16 @@ def _forward(table, lengths, q, k, v, *, page_size: int, rows_per_kv: int, out_r
                 acc, m_i, l_i = carry
                 slot = lax.rem(j, jnp.array(stages, j.dtype))
                 slot0 = (start + j * ppb) * page_size  # Cache slot of the block's first token.
+
+                def readable(shape, axis):  # The block's slots along ``axis`` that may be read.
+                    offset = plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA) + slot0
+                    return (offset >= first_slot) & (offset < last_slot)
+
                 plgpu.barrier_wait(k_bars.at[slot])
-
-                def qk_scope(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk_scope, plgpu.ACC((ROWS, block_tokens), jnp.float32))
+                s = _scores(q_smem, k_smem.at[slot], interpret)
                 plgpu.barrier_arrive(k_used.at[slot])
                 if masked:
-                    cols = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_tokens), 1, layout=plgpu.Layout.WGMMA)
-                    s = jnp.where((cols + slot0 >= first_slot) & (cols + slot0 < last_slot), s, -jnp.inf)
+                    s = jnp.where(readable((ROWS, block_tokens), 1), s, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -121,15 +145,9 @@ def _forward(table, lengths, q, k, v, *, page_size: int, rows_per_kv: int, out_r
                 plgpu.barrier_wait(v_bars.at[slot])
                 if masked:  # Zero the V rows of masked slots: 0 * NaN would poison the sum.
                     v_tile = plgpu.load(v_smem.at[slot], layout=plgpu.Layout.WGMMA)
-                    rows = plgpu.broadcasted_iota(jnp.int32, (block_tokens, d), 0, layout=plgpu.Layout.WGMMA)
-                    readable = (rows + slot0 >= first_slot) & (rows + slot0 < last_slot)
-                    v_smem.at[slot][...] = jnp.where(readable, v_tile, jnp.zeros_like(v_tile))
+                    v_smem.at[slot][...] = jnp.where(readable((block_tokens, d), 0), v_tile, jnp.zeros_like(v_tile))
                     plgpu.commit_smem()
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
-
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                acc = _add_pv(acc, p.astype(dtype), v_smem.at[slot], interpret)
                 plgpu.barrier_arrive(v_used.at[slot])
                 return acc, m_new, l_i
 
@@ -177,6 +195,13 @@ def _forward(table, lengths, q, k, v, *, page_size: int, rows_per_kv: int, out_r
                 plgpu.barrier_wait(v_used.at[slot])
                 fetch(v_ref, v_smem, v_bars, j + stages, slot)
 
+            # Observe the last blocks' releases too, so every barrier phase is waited for once.
+            @pl.loop(jnp.maximum(num_blocks - stages, 0), num_blocks)
+            def _(j):
+                slot = lax.rem(j, jnp.array(stages, j.dtype))
+                plgpu.barrier_wait(k_used.at[slot])
+                plgpu.barrier_wait(v_used.at[slot])
+
     def entry(table_ref, len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref):
         layout = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         smem = (
@@ -208,10 +233,11 @@ def _forward(table, lengths, q, k, v, *, page_size: int, rows_per_kv: int, out_r
         num_threads=2,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(table, lengths, q, k, v)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "max_row_pages", "config"))
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "max_row_pages", "config", "interpret"))
 def paged_decode_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -223,9 +249,9 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     max_row_pages: int | None = None,
     config: MosaicDecodeConfig,
+    interpret: bool = False,
 ) -> jax.Array:
-    """Same contract as :func:`pallas_kernels.paged_decode.gpu_triton.paged_decode_attention`
-    (no ``interpret``: the kernel runs on Hopper GPUs only).
+    """Same contract as :func:`pallas_kernels.paged_decode.gpu_triton.paged_decode_attention`.
 
     Args:
       q: ``[B, H, d]``.
@@ -237,6 +263,7 @@ def paged_decode_attention(
       max_row_pages: static bound on the pages any row reads (the table is then read in
         place when it has ``pages_per_block`` spare columns).
       config: pages per block, pipeline stages, splits.
+      interpret: run in Mosaic GPU's CPU interpreter, the products as ``jnp.dot`` (CPU tests).
 
     Returns:
       ``[B, H, d]`` in ``q.dtype``.
@@ -263,5 +290,6 @@ def paged_decode_attention(
     out, lse = _forward(
         table, lengths, qr, k_pages.reshape(flat), v_pages.reshape(flat), page_size=page_size,
         rows_per_kv=rows // g, out_rows=_out_rows(h // rows), config=config, sliding_window=sliding_window,
+        interpret=interpret,
     )
     return split_pages.merge_splits(out, lse, h, q.dtype)
