@@ -363,6 +363,14 @@ def test_mosaic_gpu_coverage_and_config():
     assert configs.spare_table_columns(8, kind=h100) >= 64 // 8
 
 
+def test_mosaic_launch_override_must_give_whole_wgmma_slots(monkeypatch):
+    from pallas_kernels.paged_decode import configs, mosaic_config
+
+    monkeypatch.setenv("PALLAS_KERNELS_LAUNCH", '{"paged_decode_mosaic": {"block_tokens": 96}}')
+    with pytest.raises(ValueError, match="block_tokens must be a multiple of 64; got 96"):
+        mosaic_config(1, 8, 64, page_size=16, head_dim=128, kind=configs.H200)
+
+
 def test_mosaic_gpu_refuses_what_it_does_not_cover():
     from pallas_kernels.paged_decode import MosaicDecodeConfig, gpu_mosaic
 
