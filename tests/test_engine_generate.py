@@ -155,8 +155,9 @@ def test_decode_program_gets_the_platforms_compiler_options(model, monkeypatch):
     engine = Engine(model, "dense", EngineConfig(batch_size=4))
     engine.generate_batch(random_prompts(LENGTHS), max_new_tokens=MAX_NEW, stop_ids=[])
     keys = {key[0]: key for key in engine.programs}
-    assert keys["decode"][3] == tuple(sorted(options.items()))  # key: name, max_new_tokens, engine, options, arguments
-    assert keys["prefill"][2] == ()  # the prefill program keeps XLA's defaults
+    # key: name, static method, [max_new_tokens,] engine, options, arguments
+    assert keys["decode"][4] == tuple(sorted(options.items()))
+    assert keys["prefill"][3] == ()  # the prefill program keeps XLA's defaults
 
 
 def test_prefill_micro_batches_give_the_same_tokens(model, free_running):

@@ -395,28 +395,14 @@ ON_HOPPER = pytest.mark.skipif("not __import__('pallas_kernels.common').common.i
 
 @ON_HOPPER
 @pytest.mark.parametrize(
-    "batch,heads,kv_heads,per_query_head,pages_per_row,lengths,window,config",
-    [
-        (3, 32, 8, False, 40, [[0, 1, 15, 16, 17, 300, 639, 640]] * 3, None, (8, 2, 4)),  # ragged, empty row
-        (2, 32, 8, False, 64, [[1024] * 8] * 2, None, (4, 4, 3)),  # full rows, GQA 4
-        (2, 32, 8, False, 40, [[1, 63, 64, 65, 200, 511, 600, 640]] * 2, 100, (4, 3, 5)),  # sliding window
-        (2, 16, 4, True, 24, [list(range(0, 384, 24))] * 2, None, (4, 2, 2)),  # per-query-head rows
-        (1, 16, 2, False, 70, [[1111, 17]], None, (4, 4, 7)),  # GQA 8, more splits than a short row's blocks
-        (2, 8, 8, False, 8, [[1] * 8] * 2, None, (4, 5, 16)),  # one token, GQA 1
-    ],
-)
-def test_mosaic_gpu_matches_reference_on_hopper(batch, heads, kv_heads, per_query_head, pages_per_row, lengths, window,
-                                               config):
-    """The Mosaic GPU kernel on the device, bf16 pools of 16-token pages, head_dim 128 (the
-    classes ``gpu_mosaic.checked_on_device`` names), NaN past every row's length: finite, and
-    within bf16 tolerance of the fp32 reference on the clean pools."""
-    check_mosaic_gpu(batch, heads, kv_heads, per_query_head, pages_per_row, lengths, window, config)
-
-
-@ON_HOPPER
-@pytest.mark.parametrize(
     "batch,heads,kv_heads,per_query_head,pages_per_row,lengths,window,config,page,head_dim",
     [
+        (3, 32, 8, False, 40, [[0, 1, 15, 16, 17, 300, 639, 640]] * 3, None, (8, 2, 4), 16, 128),  # ragged, empty row
+        (2, 32, 8, False, 64, [[1024] * 8] * 2, None, (4, 4, 3), 16, 128),  # full rows, GQA 4
+        (2, 32, 8, False, 40, [[1, 63, 64, 65, 200, 511, 600, 640]] * 2, 100, (4, 3, 5), 16, 128),  # sliding window
+        (2, 16, 4, True, 24, [list(range(0, 384, 24))] * 2, None, (4, 2, 2), 16, 128),  # per-query-head rows
+        (1, 16, 2, False, 70, [[1111, 17]], None, (4, 4, 7), 16, 128),  # GQA 8, more splits than a short row's blocks
+        (2, 8, 8, False, 8, [[1] * 8] * 2, None, (4, 5, 16), 16, 128),  # one token, GQA 1
         (2, 9, 3, False, 40, [[0, 17, 639]] * 2, None, (4, 2, 3), 16, 64),  # SmolLM2's heads and head_dim
         (2, 9, 3, False, 40, [[5, 300, 639]] * 2, 200, (4, 3, 4), 16, 64),  # same, sliding window
         (2, 32, 8, False, 24, [[0, 1, 31, 32, 33, 400, 700, 768]] * 2, None, (2, 2, 3), 32, 128),  # 32-token pages
@@ -424,12 +410,21 @@ def test_mosaic_gpu_matches_reference_on_hopper(batch, heads, kv_heads, per_quer
         (1, 16, 2, True, 12, [list(range(1, 1536, 96))], None, (1, 2, 3), 128, 128),  # 128-token pages, per head
     ],
 )
-def test_mosaic_gpu_unchecked_classes_on_hopper(batch, heads, kv_heads, per_query_head, pages_per_row, lengths, window,
+def test_mosaic_gpu_matches_reference_on_hopper(batch, heads, kv_heads, per_query_head, pages_per_row, lengths, window,
                                                config, page, head_dim):
-    """Shape classes the kernel covers but ``implementation=None`` does not pick for it yet: run on
-    the next device session; when they pass, ``gpu_mosaic.DEVICE_CHECKED_*`` can grow."""
+    """The Mosaic GPU kernel on the device, bf16 pools, NaN past every row's length: finite, and
+    within bf16 tolerance of the fp32 reference on the clean pools. Every (page, head_dim) class
+    here is one ``gpu_mosaic.DEVICE_CHECKED`` names (test below)."""
     check_mosaic_gpu(batch, heads, kv_heads, per_query_head, pages_per_row, lengths, window, config, page=page,
                      head_dim=head_dim)
+
+
+def test_device_checked_classes_are_the_device_tests():
+    from pallas_kernels.paged_decode import gpu_mosaic
+
+    cases = next(m for m in test_mosaic_gpu_matches_reference_on_hopper.pytestmark if m.name == "parametrize")
+    assert {(case[-2], case[-1]) for case in cases.args[1]} == gpu_mosaic.DEVICE_CHECKED
+    assert gpu_mosaic.DEFAULT_CLASSES <= gpu_mosaic.DEVICE_CHECKED
 
 
 @pytest.mark.parametrize(

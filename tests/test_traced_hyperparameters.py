@@ -129,6 +129,21 @@ def test_second_sparsity_of_a_sweep_reuses_the_compiled_programs(model):
     assert PROGRAMS.misses == misses + 2  # prefill and decode
 
 
+@pytest.mark.parametrize("backend, bucket, traced", [
+    ("gpu", 1024, True), ("gpu", generate_module.TRACED_MAX_BUCKET, True),
+    ("gpu", 2 * generate_module.TRACED_MAX_BUCKET, False), ("tpu", 131072, False), ("cpu", 1024, False),
+])
+def test_default_traces_values_on_accelerators_up_to_the_bucket_limit(model, monkeypatch, backend, bucket, traced):
+    # Above the limit the dense bound's index (as wide as the prompt) costs more per prefill than a compile.
+    monkeypatch.setattr(generate_module.jax, "default_backend", lambda: backend)
+    method = get_method("vertical_and_slash", **VS, sparsity=0.9)
+    static, values = Engine(model, method).program_method(bucket)
+    want = method.split() if traced else (method, {})
+    assert static == want[0] and values == want[1]
+    assert Engine(model, method, EngineConfig(traced_hyperparameters=True)).program_method(bucket)[1] == method.split()[1]
+    assert Engine(model, method, EngineConfig(traced_hyperparameters=False)).program_method(bucket) == (method, {})
+
+
 def test_a_traced_prefill_too_big_for_memory_runs_with_the_values_baked_in(model, monkeypatch):
     # Traced, vertical-and-slash sizes its index to the dense bound: at 128K on 8B shapes 200+ GiB (the
     # H200 ran out of memory). When XLA's memory analysis says the traced program does not fit, the engine

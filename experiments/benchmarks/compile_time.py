@@ -22,6 +22,7 @@ Usage: ``PYTHONPATH=. python3 experiments/benchmarks/compile_time.py --model smo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import time
@@ -64,8 +65,8 @@ def _timed_compile(fn, args, options) -> dict:
 
 
 def engine_programs(engine: Engine, *, batch: int, bucket: int, new_tokens: int) -> dict[str, tuple]:
-    """``{("prefill",): (fn, args, options), ("decode", new_tokens): (...)}``: the engine's programs
-    on shape-only arguments, with their XLA options; compile with
+    """``{("prefill", static method): (fn, args, options), ("decode", static method, new_tokens): (...)}``:
+    the engine's programs (keyed as it keys them) on shape-only arguments, with their XLA options; compile with
     :func:`sparse_jax.engine.programs.compile_program` (the engine's own call).
     """
     shape = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
@@ -75,13 +76,15 @@ def engine_programs(engine: Engine, *, batch: int, bucket: int, new_tokens: int)
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     prefill_rows = min(engine.config.prefill_rows or batch, batch)
     tokens = jax.ShapeDtypeStruct((prefill_rows, bucket), jnp.int32)
-    values = engine.method_values
+    static_method, values = engine.program_method(bucket)
     prefill_args = (params, caches, tokens, jax.ShapeDtypeStruct((prefill_rows,), jnp.int32), np.int32(0), key,
                     values)
     decode_args = (params, caches, rows, rows, jax.ShapeDtypeStruct(_stop_array([0]).shape, jnp.int32), key, values)
     return {
-        ("prefill",): (engine._prefill_fn, prefill_args, {}),
-        ("decode", new_tokens): (lambda *a: engine._decode_fn(*a, max_new_tokens=new_tokens), decode_args,
+        ("prefill", static_method): (functools.partial(engine._prefill_fn, static_method=static_method),
+                                     prefill_args, {}),
+        ("decode", static_method, new_tokens): (functools.partial(engine._decode_fn, static_method=static_method,
+                                                   max_new_tokens=new_tokens), decode_args,
                                  decode_compiler_options(jax.default_backend())),
     }
 

@@ -12,6 +12,10 @@ Per method it also times one layer's prefill attention outside the engine, on ra
 or an eviction method's choice of kept tokens) and the whole attention call, so that the
 estimate's share is reported separately; and it names the kernels that ran (the prefill
 path and the decode kernel that ``implementation=None`` resolves to on this device).
+A method that runs out of device memory (in the standalone layer or in the engine, which
+says so before running) gets a row with the error's first line, and the next one runs.
+Each row says whether the engine passed the method's values to its programs as arguments
+(``traced_values``) or compiled them in (``EngineConfig.traced_hyperparameters``).
 ``--model-layers`` scales the per-layer figures to a deeper model than the one run
 (e.g. 8 of Llama-3.1-8B's 32 layers to fit a time budget). The model holds each layer's q/k/v
 projections as one weight (``ModelConfig.fused_qkv``, as runs do); ``--fused-qkv off`` runs the
@@ -40,6 +44,7 @@ from sparse_jax.attention.composed import prefill_source
 from sparse_jax.attention.registry import get_method
 from sparse_jax.diagnostics.capture import prefill_index
 from sparse_jax.engine.generate import Engine, EngineConfig
+from sparse_jax.engine.memory import InsufficientMemoryError
 from sparse_jax.engine.prefill_attention import prefill_attention, resolve_backend
 from sparse_jax.models.config import ModelConfig, RopeScaling
 
@@ -157,21 +162,29 @@ def main() -> None:
     layer = LayerSpec(index=0, scale=config.head_dim**-0.5, page_size=EngineConfig().page_size)
     for name, kwargs in runs:
         method = get_method(name, **kwargs)
-        costs = layer_costs(method, inputs, layer)
+        head = dict(method=name, target_sparsity=kwargs.get("sparsity"),
+                    method_args={k: v for k, v in kwargs.items() if k != "sparsity"})
         engine = Engine(model, method, EngineConfig(batch_size=args.batch))
         generate = dict(max_new_tokens=args.new_tokens, stop_ids=[0])
-        t0 = time.perf_counter()
-        engine.generate_batch(prompts, **generate)  # compiles
-        first = time.perf_counter() - t0
+        try:
+            costs = layer_costs(method, inputs, layer)
+            t0 = time.perf_counter()
+            engine.generate_batch(prompts, **generate)  # compiles
+            first = time.perf_counter() - t0
+        except (InsufficientMemoryError, jax.errors.JaxRuntimeError) as error:
+            if "RESOURCE_EXHAUSTED" not in str(error) and not isinstance(error, InsufficientMemoryError):
+                raise
+            rows.append(head | {"error": str(error).splitlines()[0]})  # the row says why; the next method runs
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         results = engine.generate_batch(prompts, **generate)
         timing = results[0].timing
         tokens = [r.token_ids for r in results]
         dense_tokens = tokens if name == "dense" else dense_tokens
         same = np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(tokens, dense_tokens)])
         row = dict(
-            method=name,
-            target_sparsity=kwargs.get("sparsity"),
-            method_args={k: v for k, v in kwargs.items() if k != "sparsity"},
+            **head,
+            traced_values=bool(engine.program_method(engine.bucket(args.prompt_len))[1]),
             prefill_sparsity=float(np.mean([r.sparsity.prefill_sparsity for r in results])),
             decode_sparsity=float(np.mean([r.sparsity.decode_sparsity for r in results])),
             prefill_s=timing.prefill_seconds,

@@ -13,6 +13,7 @@
 #                 with 16- and 128-token blocks, quest 0.9; (b) vertical_and_slash, snapkv at 0.9, block_sparse
 #                 0.5, flexprefill 0.9; (c) flexprefill 0.9 with max_budget 16384, vertical_and_slash 0.5;
 #                 estimation cost per layer and the kernels that ran
+#   e2e_128k_vs   the same shapes, vertical_and_slash at 0.6, 0.7 and 0.8 (its crossover with dense)
 #   decode_128k_b4  the same shapes at batch 4: dense, quest, snapkv decode steps
 #   vs_est_128k   vs_estimation.py at 128K (32/8 heads, d 128): the vertical-and-slash index fitted to 0.5 and 0.9,
 #                 each with the target baked in and traced, beside its stages (scores, top-k, walk, columns)
@@ -105,6 +106,9 @@ step e2e_128k_b 150 "$py" $bench/engine_methods.py "${e2e[@]}" --sparsity 0.9 --
 # 0.5, whose fitted counts make its index half the dense bound; then the batch-4 decode steps at 128K.
 step e2e_128k_c 150 "$py" $bench/engine_methods.py "${e2e[@]}" --methods dense \
   --method-sparsity flexprefill=0.9:max_budget=16384 --method-sparsity vertical_and_slash=0.5 --out "$OUT/e2e_128k_c"
+# Vertical-and-slash's crossover with dense at 128K: the targets between 0.5 (slower) and 0.9 (faster).
+step e2e_128k_vs 200 "$py" $bench/engine_methods.py "${e2e[@]}" --methods dense --method-sparsity vertical_and_slash=0.6 \
+  --method-sparsity vertical_and_slash=0.7 --method-sparsity vertical_and_slash=0.8 --out "$OUT/e2e_128k_vs"
 step decode_128k_b4 150 "$py" $bench/engine_methods.py "${e2e[@]}" --batch 4 --sparsity 0.9 --methods dense,quest,snapkv \
   --out "$OUT/decode_128k_b4"
 step vs_est_128k 300 "$py" $bench/vs_estimation.py "${vsest[@]}" --skip-e2e --sweep-length 0 --targets 0.5 0.9 \

@@ -97,14 +97,14 @@ IMPLEMENTATIONS = {
 
 def default_implementation(q: jax.Array, k_pages: jax.Array, page_table: jax.Array, interpret: bool) -> str:
     """What ``implementation=None`` runs for these inputs: the Mosaic GPU kernel on Hopper
-    GPUs where it covers the shapes and they have been checked on a device (faster there:
+    GPUs where it covers the shapes and was measured faster there (``gpu_mosaic.DEFAULT_CLASSES``;
     experiments/results/speed_h200.md), else the platform's kernel."""
     name = common.platform_default({"gpu": common.TRITON, "tpu": common.MOSAIC_TPU}, interpret=interpret)
     page_size, head_dim = k_pages.shape[2], q.shape[2]
     queries_per_row = q.shape[1] // page_table.shape[1]
     if name == common.TRITON and not interpret and common.is_hopper():
         if (gpu_mosaic.supports(page_size, head_dim, queries_per_row, k_pages.dtype)
-                and gpu_mosaic.checked_on_device(page_size, head_dim)):
+                and gpu_mosaic.is_default_for(page_size, head_dim)):
             return common.MOSAIC_GPU
     return name
 

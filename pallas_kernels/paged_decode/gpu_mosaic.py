@@ -17,8 +17,9 @@ on the tensor cores).
 
 Covered: 16-bit pools, ``d`` in {64, 128}, up to 64 query heads per row, pages of 8 to
 128 tokens (a power of two), slots of a multiple of 64 tokens (:func:`supports`,
-:func:`configs.mosaic_config`); ``implementation=None`` picks it only for the classes run
-against the reference on a device (:func:`checked_on_device`); :mod:`.gpu_triton` serves
+:func:`configs.mosaic_config`), all of them run against the reference on an H200
+(:data:`DEVICE_CHECKED`); ``implementation=None`` picks it where it was also measured faster
+than :mod:`.gpu_triton` (:data:`DEFAULT_CLASSES`: 16-token pages, ``d`` 128), which serves
 everything else.
 Mosaic GPU's CPU interpreter runs the kernel (``interpret=True``: TMA copies, barriers, the
 slot ring, masks and the split merge) except wgmma, whose accumulator it cannot run; there
@@ -51,13 +52,18 @@ OUT_ROWS = 8  # Smallest row count written back per program (one 8-row SMEM tile
 # -k hopper``): the ones ``implementation=None`` picks this kernel for. The rest of what
 # :func:`supports` covers runs when asked for by name; the same tests hold cases for them
 # (head_dim 64, other page sizes) that the next device run checks.
-DEVICE_CHECKED_PAGE_SIZES = (16,)
-DEVICE_CHECKED_HEAD_DIMS = (128,)
+DEVICE_CHECKED = frozenset({(16, 128), (16, 64), (8, 128), (32, 128), (128, 128)})
+"""``(page size, head dim)`` classes run against the reference on a device (an H200,
+2026-12-03: ``tests/test_kernels_paged_decode.py -k hopper``)."""
+DEFAULT_CLASSES = frozenset({(16, 128)})
+"""The checked classes where this kernel was also measured faster than the Triton one
+(experiments/results/speed_h200.md): what ``implementation=None`` picks it for. The other
+checked classes run it when asked for by name."""
 
 
-def checked_on_device(page_size: int, head_dim: int) -> bool:
-    """Whether this shape class has been run against the reference on a device."""
-    return page_size in DEVICE_CHECKED_PAGE_SIZES and head_dim in DEVICE_CHECKED_HEAD_DIMS
+def is_default_for(page_size: int, head_dim: int) -> bool:
+    """Whether ``implementation=None`` may pick this kernel for the class (:data:`DEFAULT_CLASSES`)."""
+    return (page_size, head_dim) in DEFAULT_CLASSES
 
 
 def supports(page_size: int, head_dim: int, queries_per_row: int, dtype) -> bool:

@@ -48,8 +48,8 @@ class DiagnosticsPass:
     def __init__(self, engine: Engine, max_new_tokens: int):
         self.engine = engine
         self.max_new_tokens = max_new_tokens
-        self._prefill = jax.jit(self._prefill_fn)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        self._prefill = jax.jit(self._prefill_fn, static_argnames="static_method")
+        self._step = jax.jit(self._step_fn, donate_argnums=(1,), static_argnames="static_method")
 
     def run(self, prompt: Sequence[int], generated: Sequence[int], needles: Sequence[int]) -> SampleDiagnostics:
         """Diagnostics of one sample.
@@ -66,13 +66,15 @@ class DiagnosticsPass:
         needle_ids = np.full((1, max(1, len(needles))), -1, np.int32)  # one unused slot when there are none
         needle_ids[0, : len(needles)] = needles
         caches = tuple(self.engine.allocate_caches(1, bucket, self.max_new_tokens) for _ in range(2))
-        values = self.engine.method_values
+        static_method, values = self.engine.program_method(bucket)
         state, (coverage, recall, kept) = self._prefill(self.engine.params, caches, jnp.asarray(tokens),
-                                                        jnp.asarray([n], jnp.int32), jnp.asarray(needle_ids), values)
+                                                        jnp.asarray([n], jnp.int32), jnp.asarray(needle_ids), values,
+                                                        static_method=static_method)
         steps = []
         for t, token in enumerate(list(generated)[:-1]):
             state, step = self._step(self.engine.params, state, jnp.asarray([token], jnp.int32),
-                                     jnp.asarray([n + t], jnp.int32), jnp.asarray(needle_ids), values)
+                                     jnp.asarray([n + t], jnp.int32), jnp.asarray(needle_ids), values,
+                                     static_method=static_method)
             steps.append(step)
         steps = jax.device_get(steps)  # one transfer after the loop, not a host round-trip per step
         num_layers, num_heads = coverage.shape[0], coverage.shape[2]
@@ -94,14 +96,15 @@ class DiagnosticsPass:
 
     # --- traced programs -------------------------------------------------------------
 
-    def _prefill_fn(self, params, caches, tokens, lengths, needles, method_values):
+    def _prefill_fn(self, params, caches, tokens, lengths, needles, method_values, *, static_method):
         """Prefill with diagnostics.
 
         Args:
           caches: ``(method cache, full cache)``, stacked ``[L, ...]``.
           tokens: ``[1, T]`` int32; lengths: ``[1]``; needles: ``[1, N]`` int32 (``-1`` unused).
-          method_values: the method's traced hyper-parameters (``AttentionMethod.split``), so
-            one program serves every sparsity of a method (as the engine's do).
+          method_values, static_method: the engine's for this bucket
+            (:meth:`Engine.program_method`): traced values let one program serve every
+            sparsity of a method, as the engine's do.
 
         Returns:
           ``((method cache, full cache, read-allowed [L, 1, G, T] bool: False at evicted
@@ -109,7 +112,7 @@ class DiagnosticsPass:
           needle recall [L, 1, H], needle kept [L, 1, G, N] bool))``.
         """
         engine = self.engine
-        model, method = nnx.merge(engine.graphdef, params), engine.static_method.bind(method_values)
+        model, method = nnx.merge(engine.graphdef, params), static_method.bind(method_values)
         b, t = tokens.shape
         mcfg = engine.model_config
 
@@ -137,14 +140,14 @@ class DiagnosticsPass:
                                           axis=3)
         return (cache, full, kept), (coverage, recall, needle_kept & (needles >= 0)[None, :, None, :])
 
-    def _step_fn(self, params, state, token, position, needles, method_values):
+    def _step_fn(self, params, state, token, position, needles, method_values, *, static_method):
         """One decode step fed ``token [1]`` at ``position [1]``.
 
         Returns:
           ``(state, (coverage [L, 1, H], needle read [L, 1, H, N] bool, needle mass [L, 1, H, N]))``.
         """
         engine = self.engine
-        model, method = nnx.merge(engine.graphdef, params), engine.static_method.bind(method_values)
+        model, method = nnx.merge(engine.graphdef, params), static_method.bind(method_values)
         mcfg = engine.model_config
 
         def attend(layer, q, k, v, st):

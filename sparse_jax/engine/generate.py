@@ -54,6 +54,14 @@ from sparse_jax.engine.sampling import SamplingParams, sample_tokens
 
 log = logging.getLogger(__name__)
 
+TRACED_MAX_BUCKET = 16_384
+"""Longest prompt bucket whose programs take the method's values as arguments by default
+(``EngineConfig.traced_hyperparameters=None`` on an accelerator). Above it the dense bound's
+shapes cost more per prefill than one compile per value: vertical-and-slash at 128K tokens,
+0.9, 8B shapes on an H200 prefilled 8 layers in 2.39 s traced (its index as wide as the
+prompt) against XXX s baked in, and a compile there takes about 12 s
+(experiments/results/speed_h200.md, "Traced or baked in")."""
+
 
 class Detokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -98,10 +106,13 @@ class EngineConfig:
         ``traced_fields``, e.g. ``sparsity``) to the compiled programs as arguments, so
         one program serves every value; shapes they would decide take their dense
         bound. ``False`` bakes them in as constants (one program per value, shapes
-        sized for the value). ``None`` (the default): traced on an accelerator, baked in
-        on CPU, where the jnp references' work follows those static sizes (a block-sparse
-        prefill at 0.9 costs as much as at 0: 100 s instead of 40 s per 4K sample) and
-        compiling is the smaller cost (experiments/results/compile_time.md).
+        sized for the value). ``None`` (the default): traced on an accelerator for
+        prompt buckets up to :data:`TRACED_MAX_BUCKET` tokens, baked in above it and on
+        CPU. On CPU the jnp references' work follows those static sizes (a block-sparse
+        prefill at 0.9 costs as much as at 0: 100 s instead of 40 s per 4K sample;
+        experiments/results/compile_time.md). On long prompts the dense bound costs an
+        accelerator too (index arrays as wide as the prompt): there a prefill costs more
+        than a compile (:meth:`Engine.program_method`).
     """
 
     page_size: int = 16
@@ -285,13 +296,9 @@ class Engine:
         self.cache_dtype = jnp.dtype(config.cache_dtype or model.dtype)
         self.weight_bytes = pytree_bytes(self.params)
         self.prefill_backend = resolve_backend(config.prefill_backend, self.method, self.cache_dtype)
-        traced = config.traced_hyperparameters
-        if traced if traced is not None else jax.default_backend() != "cpu":
-            self.static_method, self.method_values = self.method.split()
-        else:
-            self.static_method, self.method_values = self.method, {}
-        # What the programs read from this engine besides their arguments.
-        self._program_key = (self.graphdef, self.static_method, self.prefill_backend, config.sampling)
+        self.static_method, self.method_values = self.method.split()
+        # What the programs read from this engine besides their arguments and static method.
+        self._program_key = (self.graphdef, self.prefill_backend, config.sampling)
         self.programs: dict[tuple, Any] = {}  # the programs this engine ran, by key (name first)
 
     # --- public API ----------------------------------------------------------------
@@ -415,6 +422,15 @@ class Engine:
         ``max_new_tokens - 1`` tokens (the last generated token is never fed back)."""
         return pages_for(bucket + max_new_tokens - 1, self.config.page_size)
 
+    def program_method(self, bucket: int) -> tuple[AttentionMethod, dict[str, Any]]:
+        """``(static method, values)`` of the programs at prompt bucket ``bucket``: the split
+        method and its traced values (:meth:`AttentionMethod.split`), or the whole method and
+        no values where they are baked in (``EngineConfig.traced_hyperparameters``)."""
+        traced = self.config.traced_hyperparameters
+        if traced is None:
+            traced = jax.default_backend() != "cpu" and bucket <= TRACED_MAX_BUCKET
+        return (self.static_method, self.method_values) if traced and self.method_values else (self.method, {})
+
     def allocate_caches(self, batch: int, bucket: int, max_new_tokens: int) -> StackedPagedKVCache:
         """Every layer's empty cache for one batch (pools shared by the layers, tables ``[L, ...]``)."""
         mcfg = self.model_config
@@ -447,6 +463,7 @@ class Engine:
         caches = self.allocate_caches(b, bucket, max_new_tokens)
         prefill_key, decode_key = jax.random.split(rng)
 
+        static_method, method_values = self.program_method(bucket)
         compile_s = prefill_s = 0.0
         firsts, densities, reported, prefill_counts = [], [], [], []
         for start in range(0, b, rows):
@@ -458,9 +475,9 @@ class Engine:
                 jnp.asarray(lengths[start:stop]),
                 jnp.int32(start),
                 jax.random.fold_in(prefill_key, start),
-                self.method_values,
+                method_values,
             )
-            fn, seconds, args = self._prefill_program(args, plan)
+            fn, seconds, args = self._prefill_program(static_method, args, plan)
             compile_s += seconds
             t0 = time.perf_counter()
             caches, first, density, rep, counts = jax.block_until_ready(fn(*args))
@@ -483,10 +500,11 @@ class Engine:
                 jnp.asarray(lengths),
                 _stop_array(stop_ids),
                 decode_key,
-                self.method_values,
+                method_values,
             )
             fn, seconds = self._compile(
-                ("decode", max_new_tokens), lambda *a: self._decode_fn(*a, max_new_tokens=max_new_tokens), args,
+                ("decode", static_method, max_new_tokens),
+                functools.partial(self._decode_fn, static_method=static_method, max_new_tokens=max_new_tokens), args,
                 decode_compiler_options(jax.default_backend()),
             )
             compile_s += seconds
@@ -544,8 +562,10 @@ class Engine:
         self.programs[key] = program
         return program, seconds
 
-    def _prefill_program(self, args: tuple, plan: MemoryPlan) -> tuple[Any, float, tuple]:
-        """``(program, compile seconds, args)`` of one prefill call.
+    def _prefill_program(self, static_method: AttentionMethod, args: tuple, plan: MemoryPlan
+                         ) -> tuple[Any, float, tuple]:
+        """``(program, compile seconds, args)`` of one prefill call; ``static_method`` and the
+        values ending ``args``: :meth:`program_method`.
 
         With traced hyper-parameters a method's shapes take their dense bound
         (:meth:`AttentionMethod.shape_value`), which at long prompts can need far more
@@ -554,12 +574,13 @@ class Engine:
         temporaries do not fit beside the cache, the program with the method's values
         baked in runs instead (its own compile, logged once per program).
         """
-        fn, seconds = self._compile(("prefill",), self._prefill_fn, args)
-        if not self.method_values or _temporaries_fit(fn, plan):
+        fn, seconds = self._compile(("prefill", static_method),
+                                    functools.partial(self._prefill_fn, static_method=static_method), args)
+        if not args[-1] or _temporaries_fit(fn, plan):
             return fn, seconds, args
         baked_args = (*args[:-1], {})
-        baked, more = self._compile(("prefill", self.method), functools.partial(self._prefill_fn, method=self.method),
-                                    baked_args)
+        baked, more = self._compile(("prefill", self.method),
+                                    functools.partial(self._prefill_fn, static_method=self.method), baked_args)
         if not _temporaries_fit(baked, plan):
             raise InsufficientMemoryError(
                 f"{self.method.name}: the prefill program's working memory "
@@ -575,13 +596,14 @@ class Engine:
 
     # --- traced programs -------------------------------------------------------------
 
-    def _prefill_fn(self, params, caches, tokens, lengths, row_start, key, method_values, *, method=None):
+    def _prefill_fn(self, params, caches, tokens, lengths, row_start, key, method_values, *, static_method):
         """Prefill rows ``row_start ..`` of the caches.
 
         Args:
           tokens: ``[b, T]`` int32 right-padded prompts; lengths: ``[b]`` int32.
           method_values: the method's traced hyper-parameters (``AttentionMethod.split``).
-          method: the whole method, its values baked in (``method_values`` then empty).
+          static_method: the method without them (:meth:`program_method`); the whole
+            method when they are baked in (``method_values`` then empty).
 
         Returns:
           ``(caches, first_tokens [b], prefill_density [b, L, H], reported_sparsity [b, L],
@@ -589,7 +611,7 @@ class Engine:
         """
         model = nnx.merge(self.graphdef, params)
         b, t = tokens.shape
-        method = self.static_method.bind(method_values) if method is None else method
+        method = static_method.bind(method_values)
         backend = self.prefill_backend
         write, _ = _cache_updates(method)
         num_layers, num_heads = self.model_config.num_layers, self.model_config.num_heads
@@ -617,20 +639,21 @@ class Engine:
         first = sample_tokens(logits, key, self.config.sampling)
         return caches, first, jnp.swapaxes(density, 0, 1), jnp.swapaxes(reported, 0, 1), counts
 
-    def _decode_fn(self, params, caches, first, prompt_lengths, stop_ids, key, method_values, *, max_new_tokens):
+    def _decode_fn(self, params, caches, first, prompt_lengths, stop_ids, key, method_values, *, static_method,
+                   max_new_tokens):
         """The decode loop.
 
         Args:
           first: ``[B]`` int32 tokens chosen from the prefill logits.
           prompt_lengths: ``[B]`` int32.
           stop_ids: ``[S]`` int32.
-          method_values: the method's traced hyper-parameters (``AttentionMethod.split``).
+          method_values, static_method: as :meth:`_prefill_fn`.
 
         Returns:
           The final :class:`DecodeState`: ``tokens[b, :n_out[b]]`` are sample ``b``'s outputs.
         """
         model = nnx.merge(self.graphdef, params)
-        method, sampling = self.static_method.bind(method_values), self.config.sampling
+        method, sampling = static_method.bind(method_values), self.config.sampling
         b = first.shape[0]
         num_layers, num_heads = self.model_config.num_layers, self.model_config.num_heads
         _, append = _cache_updates(method)
