@@ -159,14 +159,18 @@ def test_a_traced_prefill_too_big_for_memory_runs_with_the_values_baked_in(model
     _assert_same_generation(got, _generate(model, method, traced=False, prompts=LONG_PROMPTS))
 
 
-def test_a_prefill_too_big_even_baked_in_fails_with_one_clear_line(model, monkeypatch):
+@pytest.mark.parametrize("traced", [True, False])
+def test_a_prefill_too_big_even_baked_in_fails_with_one_clear_line(model, monkeypatch, traced):
     # FlexPrefill sizes its index to max_budget (the bucket by default): at 128K on 8B shapes that is 200 GiB
-    # whatever the target. The engine says so before running instead of failing in the allocator.
+    # whatever the target. The engine says so before running instead of failing in the allocator, whether it
+    # tried the traced program first or baked the values in from the start (long prompts, CPU).
     method = get_method("vertical_and_slash", **VS, sparsity=0.9)
-    monkeypatch.setattr(generate_module, "_temporaries_fit", lambda program, plan: False)
-    engine = Engine(model, method, EngineConfig(batch_size=2, traced_hyperparameters=True))
+    asked = []
+    monkeypatch.setattr(generate_module, "_temporaries_fit", lambda program, plan: asked.append(program) and False)
+    engine = Engine(model, method, EngineConfig(batch_size=2, traced_hyperparameters=traced))
     with pytest.raises(generate_module.InsufficientMemoryError, match=r"vertical_and_slash: .* GiB.* max_budget"):
         engine.generate_batch(LONG_PROMPTS, max_new_tokens=MAX_NEW, stop_ids=[])
+    assert len(asked) == (2 if traced else 1)
 
 
 @pytest.mark.parametrize("temporaries, fits", [(9, True), (10, True), (11, False), (None, True)])

@@ -166,18 +166,18 @@ def main() -> None:
                     method_args={k: v for k, v in kwargs.items() if k != "sparsity"})
         engine = Engine(model, method, EngineConfig(batch_size=args.batch))
         generate = dict(max_new_tokens=args.new_tokens, stop_ids=[0])
-        try:
-            costs = layer_costs(method, inputs, layer)
+        try:  # the engine first: it checks memory before running, the standalone layer does not
             t0 = time.perf_counter()
             engine.generate_batch(prompts, **generate)  # compiles
             first = time.perf_counter() - t0
+            results = engine.generate_batch(prompts, **generate)
+            costs = layer_costs(method, inputs, layer)
         except (InsufficientMemoryError, jax.errors.JaxRuntimeError) as error:
             if "RESOURCE_EXHAUSTED" not in str(error) and not isinstance(error, InsufficientMemoryError):
                 raise
             rows.append(head | {"error": str(error).splitlines()[0]})  # the row says why; the next method runs
             print(json.dumps(rows[-1]), flush=True)
             continue
-        results = engine.generate_batch(prompts, **generate)
         timing = results[0].timing
         tokens = [r.token_ids for r in results]
         dense_tokens = tokens if name == "dense" else dense_tokens

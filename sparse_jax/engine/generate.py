@@ -572,27 +572,31 @@ class Engine:
         working memory than the method's own value (vertical-and-slash at 128K on 8B
         shapes: 200+ GiB for a 0.9 target, 5 GiB baked in). When the traced program's
         temporaries do not fit beside the cache, the program with the method's values
-        baked in runs instead (its own compile, logged once per program).
+        baked in runs instead (its own compile, logged once per program). When that
+        one does not fit either (FlexPrefill's index is sized by ``max_budget``, the
+        prompt length by default), :class:`InsufficientMemoryError` says so before running.
         """
         fn, seconds = self._compile(("prefill", static_method),
                                     functools.partial(self._prefill_fn, static_method=static_method), args)
-        if not args[-1] or _temporaries_fit(fn, plan):
+        if _temporaries_fit(fn, plan):
             return fn, seconds, args
-        baked_args = (*args[:-1], {})
-        baked, more = self._compile(("prefill", self.method),
-                                    functools.partial(self._prefill_fn, static_method=self.method), baked_args)
-        if not _temporaries_fit(baked, plan):
-            raise InsufficientMemoryError(
-                f"{self.method.name}: the prefill program's working memory "
-                f"({gib_text(baked.memory_analysis().temp_size_in_bytes)}) does not fit beside the KV cache "
-                f"({plan.describe()}), even with the method's values baked in. Its index grows with the budget "
-                "bound at this prompt length: lower the batch size or the prefill micro-batch, or bound the "
-                "budgets (e.g. flexprefill's max_budget)."
-            )
-        if more:
-            log.info("%s: the traced prefill program needs more memory than is free (%s); using one with the "
-                     "method's values baked in", self.method, plan.describe())
-        return baked, seconds + more, baked_args
+        if args[-1]:  # traced: the program with the values baked in sizes its shapes to them
+            args = (*args[:-1], {})
+            fn, more = self._compile(("prefill", self.method),
+                                     functools.partial(self._prefill_fn, static_method=self.method), args)
+            seconds += more
+            if _temporaries_fit(fn, plan):
+                if more:
+                    log.info("%s: the traced prefill program needs more memory than is free (%s); using one "
+                             "with the method's values baked in", self.method, plan.describe())
+                return fn, seconds, args
+        raise InsufficientMemoryError(
+            f"{self.method.name}: the prefill program's working memory "
+            f"({gib_text(fn.memory_analysis().temp_size_in_bytes)}) does not fit beside the KV cache "
+            f"({plan.describe()}), with the method's values baked in. A sparse method's index grows with its "
+            "budget bound at this prompt length: lower the batch size or the prefill micro-batch, or bound the "
+            "budgets (e.g. flexprefill's max_budget)."
+        )
 
     # --- traced programs -------------------------------------------------------------
 
